@@ -1,0 +1,139 @@
+"""What every encoder provides to the build: tokenize, forward a batch of windows, describe itself."""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ContextManager
+
+import numpy as np
+import torch
+
+from embedcache.alphabets import Alphabet
+from embedcache.errors import EncoderError
+
+
+@dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    """The user's choices that decide how an encoder is loaded and run."""
+
+    model: str  # hub id or local directory
+    revision: str | None = None  # hub revision (branch, tag or commit); None = the default branch
+    trust_remote_code: bool = False  # allow the checkpoint's own Python code (NT v2 needs it)
+    layer: int = -1  # hidden-state index: 0 = embeddings, 1..L = after block i, -1 = last
+    window: int | None = None  # tokens (bp for Enformer) per model call; None = the model's maximum
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    alphabet: str | None = None  # hf encoder only: validate against "dna" | "rna" | "protein"; None = any text
+
+
+@dataclass
+class WindowOutput:
+    hidden: torch.Tensor  # (n, d) float32 on CPU: one row per content token (Enformer: per output bin)
+    cls: torch.Tensor | None  # (d,) the leading special token's state, when the tokenizer adds one
+
+
+class Encoder(ABC):
+    """A loaded model, ready to embed windows of tokens."""
+
+    name: str  # registry name
+    alphabet: Alphabet | None  # residues accepted (upper case); None = any text, case kept
+    embed_dim: int  # width of one output row
+    window: int  # content tokens per model call (Enformer: the fixed input window in bp)
+    fixed_window: bool = False  # True: one window per sequence; longer sequences need an explicit crop
+    equal_length_batches: bool = False  # True when the model takes no attention mask
+    has_cls: bool = False  # the tokenizer adds a leading special token
+    layer_index: int  # resolved, non-negative hidden-state index
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @abstractmethod
+    def tokenize(self, seq: str) -> np.ndarray:
+        """Content token ids of the whole sequence, no special tokens: (n,) int."""
+
+    @abstractmethod
+    def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        """Run the model on a batch of windows (each a slice of `tokenize` output)."""
+
+    @abstractmethod
+    def cost(self, n_tokens: int) -> int:
+        """Positions one window of `n_tokens` content tokens occupies in a batch (for the token budget)."""
+
+    @abstractmethod
+    def provenance(self) -> dict:
+        """What identifies the computation: model id, weights identity, layer, window, ... (JSON-safe)."""
+
+    def autocast(self) -> ContextManager:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EncoderError(f"--device {device!r} asked for CUDA, but torch sees no CUDA device")
+    return dev
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """Return (name recorded in the store, autocast dtype or None for fp32)."""
+    if precision not in PRECISIONS:
+        raise EncoderError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision != "fp32" and device.type != "cuda":
+        raise EncoderError(f"precision {precision!r} needs a CUDA device; running on {device}")
+    return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def resolve_layer(layer: int, n_layers: int, model: str) -> int:
+    """Map a python-style hidden-state index to 0..n_layers (0 = embedding output)."""
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise EncoderError(
+            f"--layer {layer} is out of range for {model!r}, which has {n_layers} layers: "
+            f"use 0..{n_layers} (0 = embeddings) or -1..-{n_layers + 1}"
+        )
+    return layer % (n_layers + 1)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_identity(model: str, revision: str | None, commit_hash: str | None) -> dict:
+    """A stable identity of the weights: a content hash for a local directory, the commit for a hub id.
+
+    The path of a local directory is NOT part of the identity, so moving it keeps the fingerprint.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        h = hashlib.sha256()
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        if not files:
+            raise EncoderError(f"model directory {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        for p in files:
+            h.update(p.relative_to(path).as_posix().encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        return {"source": "local", "weights_sha256": h.hexdigest()}
+    return {"source": "hub", "hub_id": model, "revision": commit_hash or revision or "unknown"}
+
+
+def check_model_location(model: str) -> None:
+    """Fail early, with the path, when `model` is clearly meant as a directory and is not there."""
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/")
+    if looks_like_path and not path.is_dir():
+        raise EncoderError(f"model directory {model!r} does not exist")

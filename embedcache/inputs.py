@@ -1,0 +1,128 @@
+"""Reading sequence records from FASTA (plain or gzip), CSV, TSV and Parquet files."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from embedcache.errors import InputError
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".txt": "\t"}
+FASTA_SUFFIXES = {".fa", ".fasta", ".faa", ".fna", ".ffn", ".frn", ".fas"}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: str  # record id as written in the input (FASTA header up to the first whitespace, or the id column)
+    sequence: str  # residues as read (not yet upper-cased or validated)
+    source: str  # "file:line" (FASTA) or "file:row N" (tables), for error messages
+
+
+def _suffixes(path: Path) -> list[str]:
+    s = [x.lower() for x in path.suffixes]
+    return s[:-1] if s and s[-1] == ".gz" else s
+
+
+def read_records(path: str | Path, *, id_column: str = "id", sequence_column: str = "sequence") -> list[Record]:
+    """Read all records of one input file, checking that it exists, is not empty, and every record has a sequence."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise InputError(f"input {str(path)!r} is a directory, expected a FASTA, CSV, TSV or Parquet file")
+    if path.stat().st_size == 0:
+        raise InputError(f"input file {str(path)!r} is empty")
+    suffix = (_suffixes(path) or [""])[-1]
+    if suffix == ".parquet" or suffix == ".pq":
+        records = _read_table(path, id_column, sequence_column, None)
+    elif suffix in TABLE_SUFFIXES:
+        records = _read_table(path, id_column, sequence_column, TABLE_SUFFIXES[suffix])
+    else:  # FASTA by suffix, or by content for anything else
+        records = list(_read_fasta(path))
+    if not records:
+        raise InputError(f"input file {str(path)!r} holds no records")
+    return records
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt") if gzipped else open(path, "rt")
+
+
+def _read_fasta(path: Path) -> Iterator[Record]:
+    header: str | None = None
+    header_line = 0
+    chunks: list[str] = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith(";"):
+                continue
+            if line.startswith(">"):
+                if header is not None:
+                    yield _fasta_record(path, header, header_line, chunks)
+                header, header_line, chunks = line[1:].strip(), lineno, []
+            elif header is None:
+                raise InputError(
+                    f"{path}:{lineno}: expected a FASTA header line starting with '>', got {line[:40]!r} "
+                    f"(for CSV/TSV/Parquet input use a .csv/.tsv/.parquet suffix)"
+                )
+            else:
+                chunks.append("".join(line.split()))
+    if header is not None:
+        yield _fasta_record(path, header, header_line, chunks)
+
+
+def _fasta_record(path: Path, header: str, lineno: int, chunks: list[str]) -> Record:
+    if not header:
+        raise InputError(f"{path}:{lineno}: FASTA header has no id")
+    record_id = header.split()[0]
+    sequence = "".join(chunks)
+    if not sequence:
+        raise InputError(f"{path}:{lineno}: record {record_id!r} has no sequence")
+    return Record(record_id, sequence, f"{path}:{lineno}")
+
+
+def _read_table(path: Path, id_column: str, sequence_column: str, sep: str | None) -> list[Record]:
+    try:
+        df = pd.read_parquet(path) if sep is None else pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises many types; say which file failed and why
+        raise InputError(f"cannot read table {str(path)!r}: {e}") from e
+    for column, flag in ((id_column, "--id-column"), (sequence_column, "--sequence-column")):
+        if column not in df.columns:
+            raise InputError(
+                f"{path}: no column {column!r} (set it with {flag}); columns are {list(map(str, df.columns))}"
+            )
+    records = []
+    # Row numbers as a spreadsheet shows them: header is row 1.
+    for row, (rid, seq) in enumerate(zip(df[id_column], df[sequence_column]), start=2):
+        rid = "" if rid is None or (isinstance(rid, float) and pd.isna(rid)) else str(rid).strip()
+        seq = "" if seq is None or (isinstance(seq, float) and pd.isna(seq)) else "".join(str(seq).split())
+        if not rid:
+            raise InputError(f"{path}: row {row}: empty id in column {id_column!r}")
+        if not seq:
+            raise InputError(f"{path}: row {row}: record {rid!r} has no sequence in column {sequence_column!r}")
+        records.append(Record(rid, seq, f"{path}: row {row}"))
+    return records
+
+
+def unique_records(records: list[Record]) -> list[Record]:
+    """Drop exact repeats (same id, same sequence); refuse one id with two different sequences."""
+    seen: dict[str, Record] = {}
+    out = []
+    for r in records:
+        first = seen.get(r.id)
+        if first is None:
+            seen[r.id] = r
+            out.append(r)
+        elif first.sequence.upper() != r.sequence.upper():
+            raise InputError(
+                f"record id {r.id!r} appears twice with different sequences: at {first.source} "
+                f"(length {len(first.sequence)}) and at {r.source} (length {len(r.sequence)})"
+            )
+    return out

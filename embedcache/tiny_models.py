@@ -1,0 +1,146 @@
+"""Tiny random-initialised models of the real architectures, saved like any checkpoint.
+
+For the offline demo, the tests and benchmarks: each maker builds a model from the library's real
+config class with small sizes, saves it with `save_pretrained` (weights, config and tokenizer) to a
+directory, and returns that directory, which then loads through exactly the path a user's hub id
+or checkpoint directory takes (`--model DIR`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# ESM2's vocabulary, in the order of facebook/esm2_* (vocab.txt).
+ESM2_VOCAB = [
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-", "<null_1>", "<mask>",
+]  # fmt: skip
+
+# Nucleotide Transformer's vocabulary: specials, every 6-mer (A, T, C, G order), then single letters.
+NT_SPECIALS = ["<unk>", "<pad>", "<mask>", "<cls>", "<eos>", "<bos>"]
+NT_VOCAB = NT_SPECIALS + ["".join(k) for k in itertools.product("ATCG", repeat=6)] + ["A", "T", "C", "G", "N"]
+
+
+def _write_vocab(directory: Path, vocab: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return path
+
+
+def make_tiny_esm2(directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """ESM2 architecture (rotary, token dropout, 33-token vocab) at toy size."""
+    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = EsmConfig(
+        vocab_size=len(ESM2_VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=1026,
+        position_embedding_type="rotary",
+        token_dropout=True,
+        emb_layer_norm_before=False,
+        pad_token_id=ESM2_VOCAB.index("<pad>"),
+        mask_token_id=ESM2_VOCAB.index("<mask>"),
+    )
+    # Saved as the masked-LM checkpoint, as facebook/esm2_* are; the encoder loads its base model.
+    EsmForMaskedLM(config).save_pretrained(directory)
+    EsmTokenizer(str(_write_vocab(directory, ESM2_VOCAB))).save_pretrained(directory)
+    return directory
+
+
+def make_tiny_nucleotide_transformer(
+    directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, max_positions: int = 1002, seed: int = 0
+) -> Path:
+    """Nucleotide Transformer v1 architecture (an ESM model, learned positions, 6-mer vocab, CLS only)."""
+    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = EsmConfig(
+        vocab_size=len(NT_VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=max_positions,
+        position_embedding_type="absolute",
+        token_dropout=False,
+        emb_layer_norm_before=False,
+        pad_token_id=NT_VOCAB.index("<pad>"),
+        mask_token_id=NT_VOCAB.index("<mask>"),
+    )
+    EsmForMaskedLM(config).save_pretrained(directory)
+    # NT's tokenizer adds <cls> but no <eos>.
+    tokenizer = EsmTokenizer(str(_write_vocab(directory, NT_VOCAB)), eos_token=None)
+    tokenizer.model_max_length = max_positions - config.pad_token_id - 1
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_enformer(
+    directory: str | Path, *, dim: int = 48, depth: int = 1, heads: int = 2, target_length: int = 8, seed: int = 0
+) -> Path:
+    """Enformer architecture (conv stem, 7 halvings to 128-bp bins, transformer trunk) at toy size.
+
+    Its input window must be a multiple of 128 bp giving at least `target_length` bins. Enformer's
+    relative positional features need dim // heads divisible by 6 (official: 1536 // 8 = 192).
+    """
+    from enformer_pytorch import Enformer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    model = Enformer.from_hparams(
+        dim=dim,
+        depth=depth,
+        heads=heads,
+        output_heads=dict(human=4),
+        target_length=target_length,
+        attn_dim_key=8,
+        dim_divisible_by=dim // 4,
+    )
+    # The trunk shares its tensors with named submodules (stem, conv_tower, ...), which safetensors
+    # refuses; enformer-pytorch checkpoints are torch pickles (pytorch_model.bin) for that reason.
+    model.save_pretrained(directory, safe_serialization=False)
+    return directory
+
+
+def make_tiny_gpt2(directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """A causal model (GPT-2) with a character tokenizer that pads on the LEFT, as causal tokenizers do."""
+    from tokenizers import Tokenizer, models
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    letters = sorted(set("ACDEFGHIKLMNPQRSTVWYXBZUO"))
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<unk>", *letters])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per letter
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = 256
+    tokenizer.save_pretrained(directory)
+    config = GPT2Config(
+        vocab_size=len(vocab), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+TINY_MODELS: dict[str, Callable[..., Path]] = {
+    "esm2": make_tiny_esm2,
+    "nucleotide-transformer": make_tiny_nucleotide_transformer,
+    "enformer": make_tiny_enformer,
+    "hf": make_tiny_gpt2,
+}
