@@ -1,0 +1,310 @@
+"""Plots and a markdown report of one run, and the ablation table over runs.
+
+matplotlib with the Agg backend (no display needed); numpy/pandas only, no torch.
+
+write_report(run_dir, ...) writes into run_dir:
+    pred_vs_observed.png   observed vs predicted over all valid (sample, target) pairs, diagonal, R^2 in the title
+    per_target_r2.png      horizontal bars of R^2 per target (tissue), sorted, mean line
+    learning_curves.png    train/val loss per epoch, val mean R^2 on a second axis, best epoch marked
+    report.md              headline metrics per split, per-target table, configuration, links to the plots
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fusion.metrics import Predictions  # noqa: E402
+
+HEXBIN_ABOVE = 5000  # pairs above which the pred-vs-observed plot is a hexbin density instead of a scatter
+CANONICAL_MODALITY_ORDER = ("dna", "rna", "protein")  # how modality sets are written in ablation tables
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{float(x):.{digits}f}"
+
+
+def _none_to_nan(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table; cells are str() of the values (format them first)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _splits_of(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Accept metrics.json content ({"splits": {...}}), {split: regression_metrics}, or one regression_metrics dict."""
+    if "splits" in metrics:
+        return metrics["splits"]
+    if "per_target" in metrics:
+        return {"eval": metrics}
+    return metrics
+
+
+def _history_frame(history: list[dict[str, Any]] | str | Path | pd.DataFrame | None) -> pd.DataFrame | None:
+    if history is None:
+        return None
+    if isinstance(history, pd.DataFrame):
+        return history
+    if isinstance(history, (str, Path)):
+        return pd.read_csv(history)
+    return pd.DataFrame(history)
+
+
+# ---------------------------------------------------------------- plots of one run
+
+
+def plot_pred_vs_observed(path: str | Path, predictions: Predictions, title: str = "") -> Path:
+    """Observed (x) vs predicted (y) over all valid pairs; hexbin above HEXBIN_ABOVE pairs."""
+    y = predictions.target[predictions.mask].astype(np.float64)
+    p = predictions.pred[predictions.mask].astype(np.float64)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if y.size == 0:
+        ax.text(0.5, 0.5, "no valid targets", ha="center", va="center", transform=ax.transAxes)
+    else:
+        if y.size > HEXBIN_ABOVE:
+            hb = ax.hexbin(y, p, gridsize=80, bins="log", mincnt=1, cmap="viridis")
+            fig.colorbar(hb, ax=ax, label="pairs (log scale)")
+        else:
+            ax.scatter(y, p, s=6, alpha=0.5, linewidths=0)
+        lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
+        ax.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--", label="y = x")
+        ax.legend(loc="upper left")
+    ax.set_xlabel("observed")
+    ax.set_ylabel("predicted")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_per_target_r2(path: str | Path, split_metrics: dict[str, Any], title: str = "") -> Path:
+    """Horizontal bars of per-target R^2, sorted, with the mean over targets as a vertical line.
+    Height grows with the number of targets so 30 tissue names stay readable."""
+    items = [(name, _none_to_nan(v["r2"])) for name, v in split_metrics["per_target"].items()]
+    items.sort(key=lambda kv: (-math.inf if math.isnan(kv[1]) else kv[1]))
+    names = [k + (" (n/a)" if math.isnan(v) else "") for k, v in items]
+    values = [0.0 if math.isnan(v) else v for _, v in items]
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * len(items)))
+    ax.barh(np.arange(len(items)), values, color=["tab:blue" if v >= 0 else "tab:red" for v in values])
+    ax.set_yticks(np.arange(len(items)), labels=names, fontsize=8)
+    ax.set_ylim(-0.6, len(items) - 0.4)
+    mean = _none_to_nan(split_metrics.get("mean_r2"))
+    if not math.isnan(mean):
+        ax.axvline(mean, color="black", ls="--", lw=1, label=f"mean R² = {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("R² (coefficient of determination)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_learning_curves(path: str | Path, history: pd.DataFrame, title: str = "") -> Path:
+    """Train and validation loss per epoch (left axis), validation mean R^2 (right axis)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(history["epoch"], history["train_loss"], marker="o", ms=3, label="train loss")
+    ax.plot(history["epoch"], history["val_loss"], marker="o", ms=3, label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked MSE")
+    handles, labels = ax.get_legend_handles_labels()
+    if "val_mean_r2" in history:
+        ax2 = ax.twinx()
+        (h,) = ax2.plot(history["epoch"], history["val_mean_r2"], color="tab:green", ls=":", marker="s", ms=3, label="validation mean R²")
+        ax2.set_ylabel("validation mean R²")
+        handles.append(h)
+        labels.append(h.get_label())
+    if len(history):
+        best = history.loc[history["val_loss"].idxmin()]
+        ax.axvline(best["epoch"], color="grey", lw=0.8, ls="--")
+        title = title or f"best epoch {int(best['epoch'])}: val loss {best['val_loss']:.4f}"
+    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------- report of one run
+
+HEADLINE = (
+    ("mean_r2", "mean R²"),
+    ("mean_spearman", "mean Spearman"),
+    ("mean_pearson", "mean Pearson"),
+    ("all_pairs_r2", "all-pairs R²"),
+    ("all_pairs_spearman", "all-pairs Spearman"),
+    ("all_pairs_pearson", "all-pairs Pearson"),
+)
+
+
+def write_report(
+    run_dir: str | Path,
+    metrics: dict[str, Any],
+    predictions: Predictions,
+    history: list[dict[str, Any]] | str | Path | pd.DataFrame | None,
+    *,
+    split: str | None = None,
+) -> list[Path]:
+    """Write the three plots and report.md into run_dir; return their paths.
+
+    metrics: metrics.json content, {split: regression_metrics}, or one regression_metrics dict.
+    predictions: the predictions of `split` (default: "test" if present, else the last split).
+    history: rows of history.csv, its path, a DataFrame, or None (no learning curves).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = _splits_of(metrics)
+    if split is None:
+        split = "test" if "test" in splits else list(splits)[-1]
+    if split not in splits:
+        raise KeyError(f"split {split!r} not in metrics; splits there: {list(splits)}")
+    m = splits[split]
+    hist = _history_frame(history)
+    paths = []
+
+    r2 = _none_to_nan(m.get("all_pairs_r2"))
+    paths.append(plot_pred_vs_observed(
+        run_dir / "pred_vs_observed.png", predictions,
+        title=f"{split}: all-pairs R² = {_fmt(r2)}, mean per-target R² = {_fmt(m.get('mean_r2'))}\n"
+              f"{int(predictions.mask.sum()):,} pairs, {len(predictions):,} samples",
+    ))
+    paths.append(plot_per_target_r2(run_dir / "per_target_r2.png", m, title=f"{split}: R² per target"))
+    if hist is not None and len(hist):
+        paths.append(plot_learning_curves(run_dir / "learning_curves.png", hist))
+
+    lines = [f"# Run report: {run_dir.name}", "", f"Run directory: `{run_dir}`", ""]
+    lines += ["## Headline metrics", ""]
+    header = ["split", "samples"] + [label for _, label in HEADLINE] + ["targets used (R²)"]
+    rows = []
+    for s, sm in splits.items():
+        used = sm.get("n_targets_used", {})
+        used_r2 = used.get("r2") if isinstance(used, dict) else used
+        rows.append([s, _fmt(sm.get("n_samples"))] + [_fmt(sm.get(k)) for k, _ in HEADLINE] + [f"{used_r2}/{sm.get('n_targets')}"])
+    lines += [markdown_table(header, rows), ""]
+    lines += ["Definitions: R² = 1 − SS_res/SS_tot per target around that target's mean of the evaluated samples "
+              "(can be negative); Spearman = Pearson of average ranks; 'mean' = mean over targets (undefined targets "
+              "excluded); 'all-pairs' = over all valid (sample, target) pairs pooled.", ""]
+    if hist is not None and len(hist):
+        best = hist.loc[hist["val_loss"].idxmin()]
+        lines += [f"Best epoch {int(best['epoch'])} of {len(hist)} run: validation loss {best['val_loss']:.4f}.", ""]
+
+    lines += [f"## Per target ({split})", ""]
+    per = sorted(m["per_target"].items(), key=lambda kv: math.inf if math.isnan(_none_to_nan(kv[1]["r2"])) else -kv[1]["r2"])  # best first, n/a last
+    lines += [markdown_table(["target", "R²", "Spearman", "Pearson", "n"],
+                             [[name, _fmt(v["r2"]), _fmt(v["spearman"]), _fmt(v["pearson"]), v["n"]] for name, v in per]), ""]
+    if m.get("excluded_targets"):
+        lines += [f"Excluded from means (fewer than 2 values or zero variance): {', '.join(m['excluded_targets'])}", ""]
+
+    lines += ["## Plots", ""]
+    for p in paths:
+        lines += [f"![{p.stem}]({p.name})", ""]
+
+    config_path = run_dir / "train_config.json"
+    if config_path.is_file():
+        cfg = json.loads(config_path.read_text())
+        values, comments = cfg.get("train_config", {}), cfg.get("comments", {})
+        lines += ["## Training configuration", "", markdown_table(["field", "value", "meaning"],
+                  [[k, f"`{v}`", comments.get(k, "")] for k, v in values.items()]), ""]
+        if cfg.get("model_config"):
+            lines += ["Model configuration:", "", "```json", json.dumps(cfg["model_config"], indent=2), "```", ""]
+        if cfg.get("fingerprints"):
+            lines += ["Feature fingerprints:", ""] + [f"- {k}: `{v}`" for k, v in cfg["fingerprints"].items()] + [""]
+
+    report_path = run_dir / "report.md"
+    report_path.write_text("\n".join(lines))
+    paths.append(report_path)
+    return paths
+
+
+# ---------------------------------------------------------------- ablations over runs
+
+ABLATION_METRICS = ("test_mean_r2", "test_mean_spearman")
+
+
+def _modality_key(modalities: str | Sequence[str]) -> str:
+    """'dna+rna' from ['rna', 'dna'] or 'rna+dna': canonical order dna, rna, protein, then others sorted."""
+    parts = modalities.split("+") if isinstance(modalities, str) else list(modalities)
+    parts = [p.strip() for p in parts if p.strip()]
+    order = {m: i for i, m in enumerate(CANONICAL_MODALITY_ORDER)}
+    return "+".join(sorted(parts, key=lambda m: (order.get(m, len(order)), m)))
+
+
+def ablation_table(rows: list[dict[str, Any]], metrics: Sequence[str] = ABLATION_METRICS) -> tuple[str, pd.DataFrame]:
+    """Mean ± std over seeds of each metric, per (modalities, aggregator), sorted by the first metric (best first).
+
+    rows: one dict per run with "modalities" (list or 'dna+rna'), "aggregator", "seed" and
+    the metric values (None/NaN ignored). std is the sample standard deviation (ddof=1) over
+    seeds; with one seed it is undefined (n/a). Returns (markdown, DataFrame with columns
+    modalities, aggregator, n_seeds, <metric>_mean, <metric>_std for each metric).
+    """
+    if not rows:
+        raise ValueError("ablation_table got no rows")
+    for i, r in enumerate(rows):
+        missing = [k for k in ("modalities", "aggregator", "seed", *metrics) if k not in r]
+        if missing:
+            raise KeyError(f"ablation row {i} ({ {k: r.get(k) for k in ('modalities', 'aggregator', 'seed')} }) lacks {missing}")
+    df = pd.DataFrame(
+        [{"modalities": _modality_key(r["modalities"]), "aggregator": str(r["aggregator"]), "seed": r["seed"],
+          **{m: _none_to_nan(r[m]) for m in metrics}} for r in rows]
+    )
+    dupes = df[df.duplicated(["modalities", "aggregator", "seed"], keep=False)]
+    if len(dupes):
+        raise ValueError(f"several runs share (modalities, aggregator, seed): {dupes[['modalities', 'aggregator', 'seed']].drop_duplicates().values.tolist()}")
+    grouped = df.groupby(["modalities", "aggregator"], sort=False)
+    out = grouped.size().rename("n_seeds").to_frame()
+    for m in metrics:
+        out[f"{m}_mean"] = grouped[m].mean()
+        out[f"{m}_std"] = grouped[m].std(ddof=1)
+    out = out.reset_index().sort_values(f"{metrics[0]}_mean", ascending=False, na_position="last").reset_index(drop=True)
+
+    def pm(mean: float, std: float) -> str:
+        if math.isnan(mean):
+            return "n/a"
+        return f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f} ± n/a"
+
+    header = ["modalities", "aggregator", "seeds"] + [m.replace("_", " ") for m in metrics]
+    body = [[r.modalities, r.aggregator, int(r.n_seeds)] + [pm(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std")) for m in metrics]
+            for r in out.itertuples()]
+    md = markdown_table(header, body) + "\n\nmean ± sample standard deviation (ddof=1) over seeds.\n"
+    return md, out
+
+
+def ablation_plot(rows_or_table: list[dict[str, Any]] | pd.DataFrame, path: str | Path, *, metric: str = "test_mean_r2",
+                  title: str = "") -> Path:
+    """Bar per (modalities, aggregator), height = mean of `metric` over seeds, error bar = std."""
+    table = rows_or_table if isinstance(rows_or_table, pd.DataFrame) else ablation_table(rows_or_table, metrics=(metric,))[1]
+    if f"{metric}_mean" not in table:
+        raise KeyError(f"metric {metric!r} not in the ablation table; columns: {list(table.columns)}")
+    labels = [f"{r.modalities}\n{r.aggregator}" for r in table.itertuples()]
+    means = table[f"{metric}_mean"].to_numpy(dtype=float)
+    stds = np.nan_to_num(table[f"{metric}_std"].to_numpy(dtype=float))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 1.5), 4.5))
+    ax.bar(np.arange(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
+    ax.set_xticks(np.arange(len(labels)), labels=labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
