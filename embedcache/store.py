@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,10 +75,15 @@ class Committed:
 
 
 def token_chunking(embed_dim: int, itemsize: int, shard_mb: float) -> tuple[int, int]:
-    """(tokens per inner chunk, tokens per shard) for ~1 MiB chunks and ~shard_mb shards."""
+    """(tokens per inner chunk, tokens per shard) for ~1 MiB chunks and ~shard_mb shards.
+
+    A shard smaller than a chunk makes the chunk the whole shard (tests use tiny shards to get
+    many commit groups from little data).
+    """
     row = embed_dim * itemsize
-    chunk = max(1, CHUNK_BYTES // row)
-    per_shard = max(1, round(shard_mb * (1 << 20) / (chunk * row)))
+    shard_bytes = shard_mb * (1 << 20)
+    chunk = max(1, int(min(CHUNK_BYTES, shard_bytes) // row))
+    per_shard = max(1, round(shard_bytes / (chunk * row)))
     return chunk, chunk * per_shard
 
 
@@ -92,8 +99,27 @@ def _array(group: zarr.Group, name: str, dims: tuple[str, ...], dtype, width: in
 
 def create_store(
     path: str | Path, *, attrs: dict, embed_dim: int, pooled: bool, tokens: bool, token_dtype: str, shard_mb: float
-) -> zarr.Group:
-    """Create an empty store with all arrays at length 0 and an empty commit log."""
+) -> None:
+    """Create an empty store with all arrays at length 0 and an empty commit log.
+
+    It is made in a sibling temp directory and renamed into place (atomic on POSIX), so a build
+    killed while creating leaves either no store or a whole empty one, never a half-made group.
+    """
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a build killed while creating
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+    _create_arrays(tmp, attrs=attrs, embed_dim=embed_dim, pooled=pooled, tokens=tokens, token_dtype=token_dtype, shard_mb=shard_mb)
+    try:
+        os.rename(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"cannot create store {str(path)!r}: {e}") from e
+
+
+def _create_arrays(
+    path: Path, *, attrs: dict, embed_dim: int, pooled: bool, tokens: bool, token_dtype: str, shard_mb: float
+) -> None:
     root = zarr.open_group(str(path), mode="w-", zarr_format=3)
     _array(root, "sequence", ("sequence",), str, compressors=_TEXT_CODEC)
     _array(root, "content_index", ("sequence",), "int64")
@@ -120,7 +146,6 @@ def create_store(
     root.attrs.update({"embedcache": attrs})
     build = root.create_group(BUILD_GROUP)
     build.attrs.update({"status": "empty", "committed": Committed().__dict__, "groups": [], "builds": []})
-    return root
 
 
 def _open_root(path: str | Path, mode: str) -> zarr.Group:

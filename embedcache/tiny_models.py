@@ -125,10 +125,15 @@ def make_tiny_gpt2(directory: str | Path, *, hidden: int = 32, layers: int = 2, 
     vocab = {tok: i for i, tok in enumerate(["<pad>", "<bos>", "<unk>", *letters])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per letter
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<bos>", unk_token="<unk>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=256,
+        model_input_names=["input_ids", "attention_mask"],  # as GPT-2's own tokenizer declares
     )
-    tokenizer.padding_side = "left"
-    tokenizer.model_max_length = 256
     tokenizer.save_pretrained(directory)
     config = GPT2Config(
         vocab_size=len(vocab), n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,

@@ -161,6 +161,9 @@ class HFTokenEncoder(Encoder):
             )
         params = inspect.signature(self.model.forward).parameters
         self.takes_mask = "attention_mask" in params
+        # Feed what `model(**tokenizer(seq))` feeds: some tokenizers also return token_type_ids, and
+        # some models (GPT-2) add an embedding for them, so leaving them out would change the output.
+        self.takes_token_types = "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names
         self.equal_length_batches = not self.takes_mask
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
@@ -190,6 +193,8 @@ class HFTokenEncoder(Encoder):
         kwargs = {"input_ids": input_ids.to(self.device)}
         if self.takes_mask:
             kwargs["attention_mask"] = mask.to(self.device)
+        if self.takes_token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])  # one segment
         # Base models give last_hidden_state; task-head models (MaskedLM / CausalLM heads, which some
         # remote-code checkpoints map exclusively) give the same states only through hidden_states.
         use_last = self.layer_index == self.n_layers and self.model.base_model is self.model

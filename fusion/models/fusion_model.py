@@ -1,0 +1,78 @@
+"""The fusion model: project each modality, aggregate into h_multi, predict every target."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from fusion.batch import ModalityBatch
+from fusion.models import get_aggregator
+from fusion.models.config import FusionModelConfig
+
+
+class FusionModel(nn.Module):
+    """features {modality: ModalityBatch (x (b, n_m, d_m), mask (b, n_m), present (b,))} -> (b, n_targets).
+
+    Per modality: Linear(d_m -> d_model) + LayerNorm, plus a learned modality embedding;
+    then the configured aggregator -> h_multi (b, out_dim); then the head: an MLP
+    (Linear -> GELU -> Dropout -> Linear), or a single Linear for the 'linear' aggregator.
+
+    A token counts only where `mask & present`; values of x elsewhere never enter (they
+    may be anything, NaN included). An absent modality contributes zeros to h_multi.
+    """
+
+    def __init__(self, config: FusionModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.input_proj = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d)) for m, d_in in config.input_dims}
+        )
+        self.modality_embedding = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in config.modalities})
+        self.aggregator = get_aggregator(config.aggregator).from_config(config)
+        h = self.aggregator.out_dim
+        if self.aggregator.mlp_head:
+            self.head: nn.Module = nn.Sequential(
+                nn.Linear(h, config.head_hidden),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.head_hidden, config.n_targets),
+            )
+        else:
+            self.head = nn.Linear(h, config.n_targets)
+
+    def forward(self, features: dict[str, ModalityBatch]) -> torch.Tensor:
+        """features keyed by exactly the configured modalities -> predictions (b, n_targets)."""
+        self._check_features(features)
+        tokens: dict[str, torch.Tensor] = {}
+        masks: dict[str, torch.Tensor] = {}
+        for m in self.config.modalities:
+            f = features[m]
+            mask = f.mask & rearrange(f.present, "b -> b 1")  # (b, n): absent means no real token
+            keep = rearrange(mask, "b n -> b n 1")  # (b, n, 1)
+            x = torch.where(keep, f.x, 0.0)  # (b, n, d_m): garbage under the mask (even NaN) never enters
+            h = self.input_proj[m](x) + self.modality_embedding[m]  # (b, n, d)
+            tokens[m] = torch.where(keep, h, 0.0)  # (b, n, d): zero where masked, as ModalityBatch promises
+            masks[m] = mask
+        h_multi = self.aggregator(tokens, masks)  # (b, out_dim)
+        return self.head(h_multi)  # (b, n_targets)
+
+    def _check_features(self, features: dict[str, ModalityBatch]) -> None:
+        expected = set(self.config.modalities)
+        unknown = sorted(set(features) - expected)
+        if unknown:
+            raise ValueError(f"features for modalities {unknown} that the model does not use; configured: {list(self.config.modalities)}")
+        missing = [m for m in self.config.modalities if m not in features]
+        if missing:
+            raise ValueError(
+                f"features are missing modalities {missing} (got {sorted(features)}); "
+                "pass an absent modality as a ModalityBatch with present=False and an all-False mask"
+            )
+        sizes = {m: f.x.shape[0] for m, f in features.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch sizes differ between modalities: {sizes}")
+        for m, d_in in self.config.input_dims:
+            got = features[m].x.shape[-1]
+            if got != d_in:
+                raise ValueError(f"modality {m!r}: features have width {got} but the model was configured with input dim {d_in}")

@@ -1,0 +1,595 @@
+"""A small synthetic IsoFormer data set with planted, independent signal in each modality.
+
+`generate_synthetic` writes, into one directory:
+    GTEx_final.csv  the IsoFormer CSV schema (fixed columns + the 30 GTEx tissues), TPM values
+    genome.fa       a few chromosomes of random background holding the genes' promoters
+    synthetic.json  the config, the planted features and weights, the noise std and the R^2 ceilings
+The real adapter (`fusion.prepare.isoformer.prepare_isoformer`, with `dna_window` from the config)
+then turns these into the prepared files, exactly as for the real data.
+
+The planted model (in log1p(TPM) space, per tissue t):
+    y_t = offset_t + dna_t(gene) + rna_t(isoform) + protein_t(isoform; 0 if non-coding) + noise_t
+Each term is a linear map (random loadings over the 30 tissues) of a few sequence-COMPOSITION
+features, computed on the realised sequences, so a model that sees the sequences can recover
+it exactly; noise is Gaussian with known std, so the best achievable R^2 is known:
+  - DNA (gene level): GC content, CpG density and A-T skew of the promoter = the upstream half of
+    the adapter's window (which the RNA does not contain).
+  - RNA (isoform level): A+T content, G-C skew and A-T skew of the whole transcript, driven by the
+    composition of each isoform's own UTRs (the CDS composition hardly varies, see below).
+  - protein (coding isoforms): His-vs-Gln and Asn-vs-Lys shares. These two contrasts are chosen so
+    that the CDS does NOT show them in its mono- or dinucleotide composition: His/Gln (CAY/CAR),
+    Asn/Lys (AAY/AAR) and Asp/Glu (GAY/GAR) differ only in the codon's third base (pyrimidine vs
+    purine), the three boxes keep a fixed mass, and the shares are drawn with
+    s_his + s_asn + s_asp = 1.5, so the expected count of every base and every dinucleotide is
+    the same for every protein; codons are drawn uniformly among synonyms. Only in-frame codon
+    (3-mer) counts carry them, diluted by the out-of-frame 3-mers and the UTRs.
+The features of different modalities come from independently drawn sequences, so the three terms
+are statistically independent and their variance shares add up.
+
+Sizes (defaults): 400 genes, ~1200 transcripts (1-8 isoforms per gene, ~25% non-coding), DNA
+windows of 2 kb, RNA 300-1500 nt, proteins 80-300 aa. Everything is seeded.
+
+Caveat: synthetic transcripts are NOT spliced out of the synthetic genome; only each gene's TSS
+and promoter live in it (the adapter needs nothing else).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fusion.prepare.fasta import reverse_complement, write_fasta
+from fusion.prepare.manifest import GroupSplit, PrepareError, assign_group_splits, load_prepared
+
+# The 30 tissue columns of GTEx_final.csv, in the file's order (GTEx v8 SMTS tissue types without Bone Marrow).
+GTEX_TISSUES = (
+    "Adipose Tissue", "Adrenal Gland", "Bladder", "Blood", "Blood Vessel", "Brain", "Breast",
+    "Cervix Uteri", "Colon", "Esophagus", "Fallopian Tube", "Heart", "Kidney", "Liver", "Lung",
+    "Muscle", "Nerve", "Ovary", "Pancreas", "Pituitary", "Prostate", "Salivary Gland", "Skin",
+    "Small Intestine", "Spleen", "Stomach", "Testis", "Thyroid", "Uterus", "Vagina",
+)  # fmt: skip
+CSV_COLUMNS = (
+    "transcript_id_gtex", "gene_id_gtex", "split", "chr", "strand", "start", "end",
+    "RNA", "5UTR", "CDS", "3UTR", "Protein",
+)  # fmt: skip
+# Split values as written in the CSV. [?] The real file's validation spelling is unverified
+# ("valid" assumed); the adapter accepts train/valid/val/validation/eval/test alike.
+CSV_SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
+
+DNA_FEATURES = ("promoter_gc", "promoter_cpg", "promoter_at_skew")
+RNA_FEATURES = ("rna_at", "rna_g_minus_c", "rna_a_minus_t")
+PROTEIN_FEATURES = ("his_minus_gln", "asn_minus_lys")
+MODALITIES = ("dna", "rna", "protein")
+SPLIT_ORDER = ("train", "validation", "test")
+
+_BASES = np.array(list("ACGT"))
+_AMINO = "ACDEFGHIKLMNPQRSTVWY"
+_CODONS = {
+    "A": ["GCT", "GCC", "GCA", "GCG"], "C": ["TGT", "TGC"], "D": ["GAT", "GAC"], "E": ["GAA", "GAG"],
+    "F": ["TTT", "TTC"], "G": ["GGT", "GGC", "GGA", "GGG"], "H": ["CAT", "CAC"], "I": ["ATT", "ATC", "ATA"],
+    "K": ["AAA", "AAG"], "L": ["TTA", "TTG", "CTT", "CTC", "CTA", "CTG"], "M": ["ATG"], "N": ["AAT", "AAC"],
+    "P": ["CCT", "CCC", "CCA", "CCG"], "Q": ["CAA", "CAG"], "R": ["CGT", "CGC", "CGA", "CGG", "AGA", "AGG"],
+    "S": ["TCT", "TCC", "TCA", "TCG", "AGT", "AGC"], "T": ["ACT", "ACC", "ACA", "ACG"],
+    "V": ["GTT", "GTC", "GTA", "GTG"], "W": ["TGG"], "Y": ["TAT", "TAC"],
+}  # fmt: skip
+_STOPS = ("TAA", "TAG", "TGA")
+# Background amino-acid frequencies (roughly UniProt) for the residues outside the three planted boxes.
+_BACKGROUND_AA = {
+    "A": 8.3, "C": 1.4, "F": 3.9, "G": 7.1, "I": 5.9, "L": 9.7, "M": 2.4, "P": 4.7, "R": 5.5, "S": 6.6,
+    "T": 5.3, "V": 6.9, "W": 1.1, "Y": 2.9,
+}  # fmt: skip
+_BOXES = (
+    ("H", "Q"),
+    ("N", "K"),
+    ("D", "E"),
+)  # (pyrimidine-ending, purine-ending) amino acid of each CA_/AA_/GA_ codon box
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticConfig:
+    """Size, sequence lengths and variance shares of the synthetic data set (written into synthetic.json)."""
+
+    n_genes: int = 400  # genes; with 1-8 isoforms each (fewer more likely) ~3.1 transcripts per gene, ~1200 in all
+    n_chromosomes: int = 4  # chromosomes the genes are laid out on (chr1..chrN)
+    max_isoforms: int = 8  # isoforms per gene are 1..max_isoforms with P(k) ~ 0.75^k
+    noncoding_fraction: float = 0.25  # share of isoforms with no CDS/protein
+    max_proteins_per_gene: int = 3  # distinct CDS per gene; each coding isoform uses one of them
+    dna_window: int = 2048  # prepare with this dna_window; the planted promoter is its upstream half
+    utr5_length: tuple[int, int] = (60, 200)  # 5'UTR length range (nt, inclusive)
+    utr3_length: tuple[int, int] = (150, 500)  # 3'UTR length range
+    protein_length: tuple[int, int] = (80, 300)  # protein length range (aa, including the initial Met)
+    noncoding_length: tuple[int, int] = (300, 1200)  # non-coding transcript length range
+    gene_body_length: tuple[int, int] = (500, 4000)  # genomic span (start..end) of a gene's transcripts
+    share_dna: float = 0.25  # variance share of the promoter term in every tissue
+    share_rna: float = 0.30  # variance share of the RNA (UTR composition) term
+    share_protein: float = 0.20  # variance share of the protein term (over all transcripts; 0 for non-coding)
+    share_noise: float = 0.25  # variance share of Gaussian noise; the four shares sum to 1
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/validation/test shares of GENES
+    missing_target_fraction: float = 0.01  # share of target cells left empty (NaN) to exercise masking
+    seed: int = 0  # every random draw derives from this
+
+    def __post_init__(self) -> None:
+        total = self.share_dna + self.share_rna + self.share_protein + self.share_noise
+        if abs(total - 1.0) > 1e-6 or min(self.share_dna, self.share_rna, self.share_protein, self.share_noise) < 0:
+            raise PrepareError(
+                f"variance shares dna={self.share_dna}, rna={self.share_rna}, protein={self.share_protein}, "
+                f"noise={self.share_noise} must be >= 0 and sum to 1 (they sum to {total})"
+            )
+        if self.share_noise <= 0:
+            raise PrepareError("share_noise must be > 0 (the ceiling is defined against a noisy target)")
+        if self.n_genes < 10 or self.n_chromosomes < 1 or self.n_genes < 2 * self.n_chromosomes:
+            raise PrepareError(
+                f"need n_genes >= 10 and >= 2 per chromosome, "
+                f"got n_genes={self.n_genes}, n_chromosomes={self.n_chromosomes}"
+            )
+        if self.dna_window < 640:
+            raise PrepareError(f"dna_window {self.dna_window} is too short for the genome layout (need >= 640)")
+        if not 0 <= self.missing_target_fraction < 0.5:
+            raise PrepareError(f"missing_target_fraction {self.missing_target_fraction} must be in [0, 0.5)")
+        if not 0 <= self.noncoding_fraction < 1:
+            raise PrepareError(f"noncoding_fraction {self.noncoding_fraction} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SyntheticInfo:
+    """What generate_synthetic wrote (all of it, and more, is in synthetic.json)."""
+
+    out_dir: Path  # directory holding the three files
+    csv_path: Path  # out_dir / GTEx_final.csv
+    genome_path: Path  # out_dir / genome.fa
+    json_path: Path  # out_dir / synthetic.json
+    dna_window: int  # pass this as IsoformerPrepareConfig.dna_window
+    n_genes: int
+    n_transcripts: int
+    ceiling_r2: float  # best achievable R^2 averaged over tissues (log1p target space)
+    ceiling_r2_per_tissue: dict[str, float]
+    subset_ceiling_r2: dict[str, float]  # best R^2 from the true signal of a subset of modalities, e.g. "dna+rna"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted features: the same functions score the generator's sequences and the adapter's outputs.
+
+
+def dna_features(window: str) -> np.ndarray:
+    """(3,) promoter features of a strand-oriented DNA window: the promoter is its upstream half."""
+    promoter = window[: len(window) // 2]
+    n = max(len(promoter), 1)
+    counts = {b: promoter.count(b) for b in "ACGT"}
+    return np.array(
+        [(counts["G"] + counts["C"]) / n, promoter.count("CG") / max(n - 1, 1), (counts["A"] - counts["T"]) / n]
+    )
+
+
+def rna_features(rna: str) -> np.ndarray:
+    """(3,) whole-transcript composition features."""
+    n = max(len(rna), 1)
+    a, c, g, t = (rna.count(b) for b in "ACGT")
+    return np.array([(a + t) / n, (g - c) / n, (a - t) / n])
+
+
+def protein_features(protein: str) -> np.ndarray:
+    """(2,) residue-share contrasts His-Gln and Asn-Lys."""
+    n = max(len(protein), 1)
+    return np.array([(protein.count("H") - protein.count("Q")) / n, (protein.count("N") - protein.count("K")) / n])
+
+
+def true_signal(
+    meta: dict,
+    dna_by_gene: dict[str, str],
+    rna_by_tx: dict[str, str],
+    protein_by_tx: dict[str, str],
+    genes: Sequence[str],
+    transcripts: Sequence[str],
+) -> dict[str, np.ndarray]:
+    """Per modality, the (n, 30) planted term for each transcript, recomputed from sequences.
+
+    `meta` is synthetic.json; `genes[i]` / `transcripts[i]` name transcript i's gene and id.
+    A transcript missing from `protein_by_tx` is non-coding (protein term 0).
+    """
+    feats = {
+        "dna": np.stack([dna_features(dna_by_gene[g]) for g in genes]),
+        "rna": np.stack([rna_features(rna_by_tx[t]) for t in transcripts]),
+        "protein": np.stack([protein_features(protein_by_tx.get(t, "")) for t in transcripts]),
+    }
+    coding = np.array([t in protein_by_tx for t in transcripts])
+    out = {}
+    for m in MODALITIES:
+        p = meta["planted"][m]
+        z = (feats[m] - np.array(p["feature_mean"])) / np.array(p["feature_std"])
+        if m == "protein":
+            z[~coding] = 0.0
+        out[m] = z @ np.array(p["weights"])  # (n, k) @ (k, 30)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def generate_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> SyntheticInfo:
+    """Write GTEx_final.csv, genome.fa and synthetic.json into `out_dir` (see module docstring)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    genes = _draw_genes(rng, config)
+    chromosomes = _layout_genome(rng, config, genes)
+    transcripts = _draw_transcripts(rng, config, genes)
+
+    # Splits by gene, as IsoFormer does.
+    gene_ids = pd.Series([g["id"] for g in genes])
+    split_of = dict(
+        zip(gene_ids, assign_group_splits(gene_ids, GroupSplit("gene", config.split_fractions, config.seed)))
+    )
+
+    # Planted terms from the realised sequences.
+    gene_index = {g["id"]: i for i, g in enumerate(genes)}
+    feats = {
+        "dna": np.stack([genes[gene_index[t["gene"]]]["dna_features"] for t in transcripts]),
+        "rna": np.stack([rna_features(t["rna"]) for t in transcripts]),
+        "protein": np.stack([protein_features(t["protein"] or "") for t in transcripts]),
+    }
+    coding = np.array([t["protein"] is not None for t in transcripts])
+    n, n_t = len(transcripts), len(GTEX_TISSUES)
+    shares = {"dna": config.share_dna, "rna": config.share_rna, "protein": config.share_protein}
+    terms, planted = {}, {}
+    for m, names in zip(MODALITIES, (DNA_FEATURES, RNA_FEATURES, PROTEIN_FEATURES)):
+        rows = coding if m == "protein" else np.ones(n, bool)  # protein features are centred over coding isoforms
+        mean, std = feats[m][rows].mean(axis=0), feats[m][rows].std(axis=0)
+        z = (feats[m] - mean) / std
+        z[~rows] = 0.0
+        loadings = rng.standard_normal((len(names), n_t))
+        raw = z @ loadings  # (n, 30)
+        scale = np.sqrt(shares[m]) / raw.std(axis=0)  # exact share of variance over all transcripts
+        weights = loadings * scale
+        terms[m] = z @ weights
+        planted[m] = {
+            "features": list(names),
+            "feature_mean": mean.tolist(),
+            "feature_std": std.tolist(),
+            "weights": weights.tolist(),  # (k, 30): term = ((features - mean) / std) @ weights
+            "variance_share": shares[m],
+        }
+    noise_std = float(np.sqrt(config.share_noise))
+    noise = rng.standard_normal((n, n_t)) * noise_std
+    signal = terms["dna"] + terms["rna"] + terms["protein"]
+    offset = rng.uniform(2.0, 4.0, n_t)
+    offset = np.maximum(offset, -(signal + noise).min(axis=0) + 0.05)  # keep log1p(TPM) >= 0, i.e. TPM >= 0
+    y = offset + signal + noise  # (n, 30) log1p(TPM)
+    missing = rng.random((n, n_t)) < config.missing_target_fraction
+    y_obs = np.where(missing, np.nan, y)
+
+    # Files.
+    write_fasta(out_dir / "genome.fa", ((name, seq) for name, seq in chromosomes), line_width=60)
+    table = pd.DataFrame(
+        {
+            "transcript_id_gtex": [t["id"] for t in transcripts],
+            "gene_id_gtex": [t["gene"] for t in transcripts],
+            "split": [CSV_SPLIT_NAMES[split_of[t["gene"]]] for t in transcripts],
+            "chr": [genes[gene_index[t["gene"]]]["chrom"] for t in transcripts],
+            "strand": [genes[gene_index[t["gene"]]]["strand"] for t in transcripts],
+            "start": [t["start"] for t in transcripts],
+            "end": [t["end"] for t in transcripts],
+            "RNA": [t["rna"] for t in transcripts],
+            "5UTR": [t["utr5"] for t in transcripts],
+            "CDS": [t["cds"] for t in transcripts],
+            "3UTR": [t["utr3"] for t in transcripts],
+            "Protein": [t["protein"] for t in transcripts],
+        }
+    )
+    table = pd.concat([table, pd.DataFrame(np.expm1(y_obs), columns=list(GTEX_TISSUES))], axis=1)
+    table.to_csv(out_dir / "GTEx_final.csv", index=False, na_rep="")
+
+    splits = np.array([split_of[t["gene"]] for t in transcripts])
+    ceilings = _ceilings(terms, noise_std, y_obs, offset, splits)
+    meta = {
+        "kind": "isoformer-synthetic",
+        "config": asdict(config),
+        "files": {"csv": "GTEx_final.csv", "genome": "genome.fa"},
+        "prepare_with": {"dna_window": config.dna_window, "target_transform": "log1p"},
+        "target_space": "log1p",
+        "target_space_note": (
+            "targets are log1p(TPM) = offset + dna + rna + protein + noise; the ceilings hold for the adapter's "
+            "'log1p' transform and, R^2 being invariant to a per-tissue affine map, for 'log1p-standardize' too"
+        ),
+        "tissues": list(GTEX_TISSUES),
+        "planted": planted,
+        "offset": offset.tolist(),
+        "noise_std": noise_std,
+        **ceilings,
+        "counts": {
+            "genes": len(genes),
+            "transcripts": n,
+            "coding_transcripts": int(coding.sum()),
+            "noncoding_transcripts": int((~coding).sum()),
+            "by_split": {s: int((splits == s).sum()) for s in SPLIT_ORDER},
+            "missing_target_values": int(missing.sum()),
+        },
+    }
+    (out_dir / "synthetic.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return SyntheticInfo(
+        out_dir=out_dir,
+        csv_path=out_dir / "GTEx_final.csv",
+        genome_path=out_dir / "genome.fa",
+        json_path=out_dir / "synthetic.json",
+        dna_window=config.dna_window,
+        n_genes=len(genes),
+        n_transcripts=n,
+        ceiling_r2=meta["ceiling_r2"],
+        ceiling_r2_per_tissue=dict(zip(GTEX_TISSUES, meta["ceiling_r2_per_tissue"])),
+        subset_ceiling_r2=meta["subset_ceiling_r2"],
+    )
+
+
+def _ceilings(
+    terms: dict[str, np.ndarray], noise_std: float, y: np.ndarray, offset: np.ndarray, splits: np.ndarray
+) -> dict:
+    """Best achievable R^2 per tissue, Var(signal) / (Var(signal) + noise variance), for each modality subset.
+
+    Also measured: the R^2 of the oracle prediction offset + signal on the observed targets,
+    over all transcripts and per split (a split's own value is the reference for a model scored on it).
+    """
+    total = terms["dna"] + terms["rna"] + terms["protein"]
+    var_y = total.var(axis=0) + noise_std**2  # terms are independent of each other and of the noise
+    subsets = {}
+    for r in range(1, 4):
+        for combo in itertools.combinations(MODALITIES, r):
+            # Given only this subset, the other terms act like noise for the best predictor.
+            subsets["+".join(combo)] = float(np.mean(sum(terms[m] for m in combo).var(axis=0) / var_y))
+    per_tissue = total.var(axis=0) / var_y
+    oracle = offset + total
+    by_split = {s: float(np.mean(r2_per_target(y[splits == s], oracle[splits == s]))) for s in SPLIT_ORDER}
+    return {
+        "ceiling_r2": float(per_tissue.mean()),
+        "ceiling_r2_per_tissue": per_tissue.tolist(),
+        "ceiling_definition": (
+            "Var(dna + rna + protein) / (Var(dna + rna + protein) + noise_std^2) per tissue, over all transcripts"
+        ),
+        "empirical_r2_of_true_signal": float(np.mean(r2_per_target(y, oracle))),
+        "empirical_r2_of_true_signal_by_split": by_split,
+        "subset_ceiling_r2": subsets,
+        "realised_variance_share": {m: float(np.mean(terms[m].var(axis=0) / var_y)) for m in MODALITIES},
+    }
+
+
+def _letters(rng: np.random.Generator, n: int, p: Sequence[float]) -> str:
+    return "".join(_BASES[rng.choice(4, size=n, p=np.asarray(p) / np.sum(p))])
+
+
+def _draw_genes(rng: np.random.Generator, config: SyntheticConfig) -> list[dict]:
+    """Gene ids, strands, promoters (oriented, with their features) and isoform counts."""
+    k = np.arange(1, config.max_isoforms + 1)
+    p_iso = 0.75 ** (k - 1)
+    p_iso /= p_iso.sum()
+    promoter_len = config.dna_window // 2
+    genes = []
+    for i in range(config.n_genes):
+        gc = rng.uniform(0.3, 0.7)
+        at_skew = rng.uniform(-0.5, 0.5)
+        cpg_rate = rng.uniform(0.0, 0.06)
+        p = [(1 - gc) / 2 * (1 + at_skew), gc / 2, gc / 2, (1 - gc) / 2 * (1 - at_skew)]
+        promoter = np.array(list(_letters(rng, promoter_len, p)))
+        sites = np.flatnonzero(rng.random(promoter_len - 1) < cpg_rate)
+        promoter[sites], promoter[sites + 1] = "C", "G"
+        promoter = "".join(promoter)
+        genes.append(
+            dict(
+                id=f"ENSGSYN{i + 1:05d}",
+                strand="+" if rng.random() < 0.5 else "-",
+                promoter=promoter,
+                dna_features=dna_features(promoter + "N" * promoter_len),
+                n_isoforms=int(rng.choice(k, p=p_iso)),
+                body=int(rng.integers(config.gene_body_length[0], config.gene_body_length[1] + 1)),
+            )
+        )
+    return genes
+
+
+def _layout_genome(rng: np.random.Generator, config: SyntheticConfig, genes: list[dict]) -> list[tuple[str, str]]:
+    """Place genes on chromosomes (filling chrom/tss0 of each) and return (name, sequence) pairs.
+
+    Each gene owns a footprint of its whole adapter window (promoter upstream, background
+    downstream) plus its body, separated by background gaps, so no window sees another gene's
+    promoter. The first gene of every chromosome is put on '-' and the last on '+', both with a
+    short body close to the chromosome end, so their windows run off the end and get N padding
+    (on the downstream side; the promoter always lies inside the chromosome).
+    """
+    half = config.dna_window // 2
+    background = [0.295, 0.205, 0.205, 0.295]
+    per_chrom = np.array_split(np.arange(len(genes)), config.n_chromosomes)
+    chromosomes = []
+    for c, members in enumerate(per_chrom):
+        name = f"chr{c + 1}"
+        parts: list[str] = []
+        cursor = 0
+        for j, gi in enumerate(members):
+            g = genes[gi]
+            g["chrom"] = name
+            first, last = j == 0, j == len(members) - 1
+            if first or last:
+                g["strand"] = "-" if first else "+"
+                g["body"] = int(rng.integers(200, half - 100))
+            up = g["promoter"] if g["strand"] == "+" else reverse_complement(g["promoter"])
+            if first:
+                # '-' gene whose downstream half runs off the chromosome start.
+                tss0 = g["body"] - 1 + int(rng.integers(0, 50))
+                parts.append(_letters(rng, tss0 + 1, background) + up)
+                cursor = tss0 + 1 + half
+            else:
+                gap = _letters(rng, int(rng.integers(300, 1200)), background)
+                parts.append(gap)
+                cursor += len(gap)
+                down_len = max(half, g["body"]) if not last else g["body"] + int(rng.integers(0, 50))
+                down = _letters(rng, down_len, background)
+                if g["strand"] == "+":
+                    tss0 = cursor + half
+                    parts.append(up + down)
+                else:
+                    tss0 = cursor + down_len - 1
+                    parts.append(down + up)
+                cursor += half + down_len
+            g["tss0"] = tss0
+        chromosomes.append((name, "".join(parts)))
+        assert cursor == len(chromosomes[-1][1])
+    return chromosomes
+
+
+def _draw_protein(rng: np.random.Generator, config: SyntheticConfig) -> tuple[str, str]:
+    """A protein (starting with M, no stop) and its CDS (with a stop codon), codons uniform among synonyms."""
+    while True:  # box shares with s_his + s_asn + s_asp = 1.5 keep every base and dinucleotide count unchanged
+        s = rng.uniform(0.1, 0.9, 2)
+        s3 = 1.5 - s.sum()
+        if 0.1 <= s3 <= 0.9:
+            break
+    box_mass = 0.1
+    probs = {a: w for a, w in _BACKGROUND_AA.items()}
+    norm = sum(probs.values()) / (1 - box_mass * len(_BOXES))
+    probs = {a: w / norm for a, w in probs.items()}
+    for (pyr, pur), share in zip(_BOXES, (s[0], s[1], s3)):
+        probs[pyr], probs[pur] = box_mass * share, box_mass * (1 - share)
+    letters = np.array(list(probs))
+    p = np.array(list(probs.values()))
+    length = int(rng.integers(config.protein_length[0], config.protein_length[1] + 1))
+    protein = "M" + "".join(letters[rng.choice(len(letters), size=length - 1, p=p / p.sum())])
+    cds = "".join(_CODONS[a][rng.integers(len(_CODONS[a]))] for a in protein) + _STOPS[rng.integers(3)]
+    return protein, cds
+
+
+def _draw_transcripts(rng: np.random.Generator, config: SyntheticConfig, genes: list[dict]) -> list[dict]:
+    """Isoforms per gene: shared TSS, own UTRs (own composition), one of the gene's CDS or non-coding."""
+    transcripts = []
+    for g in genes:
+        n_prot = int(rng.integers(1, config.max_proteins_per_gene + 1))
+        proteins = [_draw_protein(rng, config) for _ in range(n_prot)]
+        for _ in range(g["n_isoforms"]):
+            at = rng.uniform(0.25, 0.8)
+            g_skew = rng.uniform(-0.6, 0.6)
+            a_skew = rng.uniform(-0.5, 0.5)
+            p = [at / 2 * (1 + a_skew), (1 - at) / 2 * (1 - g_skew), (1 - at) / 2 * (1 + g_skew), at / 2 * (1 - a_skew)]
+            if rng.random() < config.noncoding_fraction:
+                rna = _letters(rng, int(rng.integers(*config.noncoding_length, endpoint=True)), p)
+                utr5 = cds = utr3 = protein = None
+            else:
+                protein, cds = proteins[int(rng.integers(n_prot))]
+                utr5 = _letters(rng, int(rng.integers(*config.utr5_length, endpoint=True)), p)
+                utr3 = _letters(rng, int(rng.integers(*config.utr3_length, endpoint=True)), p)
+                rna = utr5 + cds + utr3
+            # Every isoform starts at the gene's TSS; its other end lies within the gene body.
+            span = int(rng.integers(min(200, g["body"]), g["body"] + 1))
+            if g["strand"] == "+":
+                start, end = g["tss0"] + 1, g["tss0"] + span
+            else:
+                start, end = g["tss0"] + 2 - span, g["tss0"] + 1
+            transcripts.append(
+                dict(id=f"ENSTSYN{len(transcripts) + 1:06d}", gene=g["id"], start=start, end=end,
+                     rna=rna, utr5=utr5, cds=cds, utr3=utr3, protein=protein)
+            )  # fmt: skip
+    return transcripts
+
+
+# ---------------------------------------------------------------------------------------------
+# A composition baseline: ridge regression on k-mer frequencies, per modality subset.
+
+
+def kmer_frequencies(seqs: Sequence[str], ks: Sequence[int], alphabet: str = "ACGT") -> np.ndarray:
+    """(n, sum(len(alphabet)**k)) overlapping k-mer frequencies; k-mers with a letter outside `alphabet` are skipped."""
+    lut = np.full(256, -1, dtype=np.int64)
+    for i, a in enumerate(alphabet):
+        lut[ord(a)] = i
+    a = len(alphabet)
+    out = np.zeros((len(seqs), sum(a**k for k in ks)))
+    for row, s in enumerate(seqs):
+        codes = lut[np.frombuffer(s.encode(), dtype=np.uint8)]
+        col = 0
+        for k in ks:
+            if len(codes) >= k:
+                windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+                ok = (windows >= 0).all(axis=1)
+                idx = (windows[ok] * (a ** np.arange(k - 1, -1, -1))).sum(axis=1)
+                counts = np.bincount(idx, minlength=a**k)
+                out[row, col : col + a**k] = counts / max(counts.sum(), 1)
+            col += a**k
+    return out
+
+
+def ridge_predict(x_tr: np.ndarray, y_tr: np.ndarray, x_ev: np.ndarray, alphas: Sequence[float]) -> np.ndarray:
+    """(len(alphas), n_ev, t) predictions of per-target ridge (unpenalised intercept) on standardised features.
+
+    A NaN target cell is left out of that target's fit, never filled: we iterate "impute the
+    missing cells with the current fit, refit" (EM), whose fixed point is exactly the ridge fit
+    on the observed cells. One eigendecomposition serves every target and alpha.
+    """
+    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
+    sd[sd == 0] = 1.0
+    xt, xe = (x_tr - mu) / sd, (x_ev - mu) / sd  # train columns now have mean 0
+    lam, vec = np.linalg.eigh(xt.T @ xt)
+    observed = ~np.isnan(y_tr)
+    start = np.where(observed, y_tr, np.nanmean(y_tr, axis=0))
+    pred = np.empty((len(alphas), len(x_ev), y_tr.shape[1]))
+    for a, alpha in enumerate(alphas):
+        y = start
+        for _ in range(200):
+            ym = y.mean(axis=0)
+            w = vec @ ((vec.T @ (xt.T @ (y - ym))) / (lam + alpha)[:, None])  # (d, t)
+            filled = np.where(observed, y_tr, xt @ w + ym)
+            done = np.max(np.abs(filled - y)) < 1e-10
+            y = filled
+            if done:
+                break
+        pred[a] = xe @ w + y.mean(axis=0)
+    return pred
+
+
+def r2_per_target(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(t,) R^2 = 1 - SSE/SST per target over the non-missing values."""
+    ok = ~np.isnan(y)
+    yc = np.where(ok, y, np.nan)
+    sse = np.nansum(np.where(ok, (y - pred) ** 2, np.nan), axis=0)
+    sst = np.nansum((yc - np.nanmean(yc, axis=0)) ** 2, axis=0)
+    return 1 - sse / sst
+
+
+def composition_baseline(
+    prepared_dir: str | Path, *, alphas: Sequence[float] = (1.0, 10.0, 100.0, 1000.0), evaluate_on: str = "test"
+) -> dict[str, float]:
+    """R^2 (mean over targets) of ridge on composition features for each of the 7 modality subsets.
+
+    Features: DNA window 1-2-mer frequencies; RNA 1-3-mer frequencies; protein amino-acid
+    frequencies plus a has-protein flag (all zero for non-coding). Fit on train, ridge alpha
+    picked on validation, scored on `evaluate_on`.
+    """
+    from fusion.prepare.fasta import read_fasta
+
+    manifest = load_prepared(prepared_dir)
+    files = manifest.sequence_files
+    frame = manifest.frame
+    dna = read_fasta(files["dna"])
+    rna = read_fasta(files["rna"])
+    prot = read_fasta(files["protein"])
+    has_prot = frame["protein_id"].notna().to_numpy()
+    feats = {
+        "dna": kmer_frequencies([dna[k] for k in frame["dna_id"]], (1, 2)),
+        "rna": kmer_frequencies([rna[k] for k in frame["rna_id"]], (1, 2, 3)),
+        "protein": np.hstack(
+            [
+                kmer_frequencies([prot[k] if ok else "" for k, ok in zip(frame["protein_id"], has_prot)], (1,), _AMINO),
+                has_prot[:, None].astype(float),
+            ]
+        ),
+    }
+    y = manifest.targets().astype(np.float64)
+    split = frame[manifest.split_column].to_numpy()
+    tr, va, ev = split == "train", split == "validation", split == evaluate_on
+    out = {}
+    for r in range(1, 4):
+        for combo in itertools.combinations(MODALITIES, r):
+            x = np.hstack([feats[m] for m in combo])
+            pred = ridge_predict(x[tr], y[tr], np.vstack([x[va], x[ev]]), alphas)
+            best = int(np.argmax([np.mean(r2_per_target(y[va], p[: va.sum()])) for p in pred]))
+            out["+".join(combo)] = float(np.mean(r2_per_target(y[ev], pred[best, va.sum() :])))
+    return out

@@ -1,0 +1,186 @@
+"""Stored embeddings equal a direct, single-sequence forward pass of the same model, whatever the batching.
+
+The reference side calls transformers / enformer-pytorch directly, never embedcache code.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, EsmModel
+
+from embedcache import open_store
+from embedcache.build import build
+from embedcache.config import BuildConfig
+
+from .conftest import write_fasta
+
+FP16 = dict(rtol=2e-3, atol=2e-3)  # per-token rows are stored in float16
+FP32 = dict(rtol=1e-4, atol=1e-5)  # pooled vectors are float32; batched vs single matmuls differ slightly
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def random_seqs(alphabet: str, lengths: list[int], seed: int = 0) -> dict[str, str]:
+    rng = random.Random(seed)
+    return {f"s{i}_{n}": "".join(rng.choice(alphabet) for _ in range(n)) for i, n in enumerate(lengths)}
+
+
+def build_store(tmp_path, name, encoder, model, records, **config):
+    fasta = write_fasta(tmp_path / f"{name}.fa", records)
+    store = tmp_path / f"{name}.zarr"
+    build(BuildConfig.create(encoder, str(model), **config), [fasta], store, progress=False, log=lambda s: None)
+    return open_store(store)
+
+
+def assert_store_matches(store, expected: dict[str, torch.Tensor], pooled_fn=lambda h: h.mean(0)) -> None:
+    for rid, ref in expected.items():
+        np.testing.assert_allclose(store.tokens(rid).astype(np.float32), ref.numpy(), **FP16, err_msg=rid)
+        np.testing.assert_allclose(store.pooled([rid])[0], pooled_fn(ref).numpy(), **FP32, err_msg=rid)
+
+
+@pytest.fixture(params=[64, 100_000], ids=["small-batches", "one-batch"])
+def max_tokens(request) -> int:
+    return request.param
+
+
+@torch.inference_mode()
+def test_esm2_matches_transformers(tmp_path, models, max_tokens):
+    records = random_seqs(AA, [5, 17, 33, 33, 60, 8, 120])
+    store = build_store(tmp_path, "p", "esm2", models["esm2"], records, max_tokens=max_tokens)
+    tok = AutoTokenizer.from_pretrained(models["esm2"])
+    model = EsmModel.from_pretrained(models["esm2"], add_pooling_layer=False).eval()
+    expected = {
+        rid: model(**tok(seq, return_tensors="pt")).last_hidden_state[0, 1:-1]  # strip <cls> ... <eos>
+        for rid, seq in records.items()
+    }
+    assert_store_matches(store, expected)
+
+
+@torch.inference_mode()
+def test_esm2_layer_and_cls_pooling(tmp_path, models):
+    records = random_seqs(AA, [12, 40])
+    store = build_store(tmp_path, "p", "esm2", models["esm2"], records, layer=1, pooling="cls")
+    tok = AutoTokenizer.from_pretrained(models["esm2"])
+    model = EsmModel.from_pretrained(models["esm2"], add_pooling_layer=False).eval()
+    for rid, seq in records.items():
+        hidden = model(**tok(seq, return_tensors="pt"), output_hidden_states=True).hidden_states[1][0]
+        np.testing.assert_allclose(store.tokens(rid).astype(np.float32), hidden[1:-1].numpy(), **FP16)
+        np.testing.assert_allclose(store.pooled([rid])[0], hidden[0].numpy(), **FP32)
+    assert store.attrs["provenance"]["layer"] == 1
+
+
+@torch.inference_mode()
+def test_nucleotide_transformer_matches_transformers(tmp_path, models, max_tokens):
+    # Lengths not multiples of 6 and an N: the tokenizer's own 6-mer rules decide the tokens.
+    records = random_seqs("ACGT", [6, 13, 100, 150, 222])
+    records["with_n"] = "ACGTACNNACGTTTGACCA" * 3
+    store = build_store(tmp_path, "d", "nucleotide-transformer", models["nucleotide-transformer"], records, max_tokens=max_tokens)
+    tok = AutoTokenizer.from_pretrained(models["nucleotide-transformer"])
+    model = EsmModel.from_pretrained(models["nucleotide-transformer"], add_pooling_layer=False).eval()
+    expected = {}
+    for rid, seq in records.items():
+        enc = tok(seq, return_tensors="pt")
+        assert enc["input_ids"].shape[1] <= 38, "test sequences must fit one window"
+        expected[rid] = model(**enc).last_hidden_state[0, 1:]  # NT adds <cls> only
+    assert_store_matches(store, expected)
+
+
+@torch.inference_mode()
+def test_long_sequence_windows_are_stitched(tmp_path, models):
+    """300 bp = 50 six-mer tokens > the 37-token window: two windows, tokens 0-24 from the first, 25-49 from the second."""
+    seq = random_seqs("ACGT", [300], seed=3)["s0_300"]
+    store = build_store(tmp_path, "d", "nucleotide-transformer", models["nucleotide-transformer"], {"long": seq})
+    tok = AutoTokenizer.from_pretrained(models["nucleotide-transformer"])
+    model = EsmModel.from_pretrained(models["nucleotide-transformer"], add_pooling_layer=False).eval()
+    ids = tok(seq, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 50
+    cls = tok.cls_token_id
+
+    def run(window_ids):
+        return model(input_ids=torch.tensor([[cls, *window_ids]])).last_hidden_state[0, 1:]
+
+    # window 37, overlap 37 // 4 = 9 -> starts 0 and 13 (last window aligned to the end); cut at (13 + 37) // 2
+    first, second = run(ids[0:37]), run(ids[13:50])
+    expected = torch.cat([first[:25], second[25 - 13 :]])
+    assert_store_matches(store, {"long": expected})
+    info = store.record_info("long")
+    assert (info["n_windows"], info["n_input_tokens"], info["n_cropped"]) == (2, 50, 0)
+
+
+@torch.inference_mode()
+def test_crop_left_keeps_the_three_prime_end_and_is_recorded(tmp_path, models):
+    seq = random_seqs("ACGT", [300], seed=4)["s0_300"]
+    store = build_store(
+        tmp_path, "d", "nucleotide-transformer", models["nucleotide-transformer"], {"rna": seq}, crop="left", max_length=10
+    )
+    tok = AutoTokenizer.from_pretrained(models["nucleotide-transformer"])
+    model = EsmModel.from_pretrained(models["nucleotide-transformer"], add_pooling_layer=False).eval()
+    ids = tok(seq, add_special_tokens=False)["input_ids"][-10:]
+    expected = model(input_ids=torch.tensor([[tok.cls_token_id, *ids]])).last_hidden_state[0, 1:]
+    assert_store_matches(store, {"rna": expected})
+    assert store.record_info("rna")["n_cropped"] == 40
+    assert store.attrs["windowing"]["crop"] == "left"
+
+
+@torch.inference_mode()
+def test_enformer_matches_enformer_pytorch(tmp_path, models, max_tokens):
+    from enformer_pytorch import from_pretrained, str_to_one_hot
+
+    records = random_seqs("ACGTN", [1024, 700, 333, 1000])
+    store = build_store(tmp_path, "g", "enformer", models["enformer"], records, window=1024, max_tokens=max_tokens // 4 + 8)
+    model = from_pretrained(str(models["enformer"])).eval()
+    expected = {}
+    for rid, seq in records.items():
+        left = (1024 - len(seq)) // 2
+        padded = "N" * left + seq + "N" * (1024 - len(seq) - left)  # centred in the fixed window
+        expected[rid] = model(str_to_one_hot(padded), return_only_embeddings=True)  # (target_length, 2 * dim)
+    assert_store_matches(store, expected)
+    assert store.tokens("s0_1024").shape == (8, 96)
+
+
+@torch.inference_mode()
+def test_enformer_central_bins(tmp_path, models):
+    from enformer_pytorch import from_pretrained, str_to_one_hot
+
+    seq = random_seqs("ACGT", [1024], seed=5)["s0_1024"]
+    store = build_store(tmp_path, "g", "enformer", models["enformer"], {"g": seq}, window=1024, token_bins=4, pooling="center", pool_bins=2)
+    full = from_pretrained(str(models["enformer"])).eval()(str_to_one_hot(seq), return_only_embeddings=True)
+    np.testing.assert_allclose(store.tokens("g").astype(np.float32), full[2:6].numpy(), **FP16)
+    np.testing.assert_allclose(store.pooled(["g"])[0], full[3:5].mean(0).numpy(), **FP32)
+
+
+@torch.inference_mode()
+def test_hf_causal_model_with_left_padding_tokenizer(tmp_path, models, max_tokens):
+    tok = AutoTokenizer.from_pretrained(models["gpt2"])
+    assert tok.padding_side == "left"
+    records = random_seqs(AA, [3, 9, 30, 31, 100])
+    store = build_store(tmp_path, "p", "hf", models["gpt2"], records, max_tokens=max_tokens)
+    model = AutoModel.from_pretrained(models["gpt2"]).eval()
+    expected = {rid: model(**tok(seq, return_tensors="pt")).last_hidden_state[0] for rid, seq in records.items()}
+    assert_store_matches(store, expected)
+    assert store.attrs["provenance"]["architecture"] == "GPT2Model"
+
+
+@torch.inference_mode()
+def test_hf_remote_code_model_without_attention_mask(tmp_path, models, max_tokens):
+    tok = AutoTokenizer.from_pretrained(models["remote"])
+    # Several lengths, some repeated: same-length sequences may share a batch, others never do.
+    records = random_seqs(AA, [4, 4, 9, 20, 20, 20, 50])
+    store = build_store(tmp_path, "p", "hf", models["remote"], records, trust_remote_code=True, max_tokens=max_tokens)
+    model = AutoModel.from_pretrained(models["remote"], trust_remote_code=True).eval()
+    expected = {rid: model(input_ids=tok(seq, return_tensors="pt")["input_ids"]).last_hidden_state[0] for rid, seq in records.items()}
+    assert_store_matches(store, expected)
+
+
+def test_batch_composition_does_not_change_results(tmp_path, models):
+    records = random_seqs(AA, [7, 50, 51, 90, 200, 11, 11, 300], seed=9)
+    a = build_store(tmp_path, "a", "esm2", models["esm2"], records, max_tokens=40)
+    b = build_store(tmp_path, "b", "esm2", models["esm2"], records, max_tokens=1_000_000)
+    for rid in records:
+        np.testing.assert_allclose(a.tokens(rid).astype(np.float32), b.tokens(rid).astype(np.float32), **FP16)
+        np.testing.assert_allclose(a.pooled([rid]), b.pooled([rid]), **FP32)
+    assert a.fingerprint == b.fingerprint  # the batch budget is not part of the fingerprint

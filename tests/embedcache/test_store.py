@@ -1,0 +1,173 @@
+"""Content addressing, incremental builds, fingerprints, verify, and resuming after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from embedcache import open_store
+from embedcache.build import build
+from embedcache.config import BuildConfig
+from embedcache.errors import FingerprintMismatch, InputError
+
+from .conftest import write_fasta
+from .test_parity import AA, random_seqs
+
+
+def esm2_config(models, **kw) -> BuildConfig:
+    return BuildConfig.create("esm2", str(models["esm2"]), **kw)
+
+
+def run_build(config, inputs, store, logs=None):
+    return build(config, inputs, store, progress=False, log=(logs.append if logs is not None else lambda s: None))
+
+
+def read_all(store_path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    s = open_store(store_path)
+    return {rid: (s.tokens(rid), s.pooled([rid])[0], s.sequence(rid)) for rid in s.ids}
+
+
+def test_duplicates_are_embedded_once(tmp_path, models):
+    seqs = random_seqs(AA, [10, 20, 30])
+    records = {**seqs, "alias_of_s0": seqs["s0_10"], "lower_alias": seqs["s1_20"].lower()}
+    report = run_build(esm2_config(models), [write_fasta(tmp_path / "in.fa", records)], tmp_path / "s.zarr")
+    assert len(report.plan.new_keys) == 3
+    s = open_store(tmp_path / "s.zarr")
+    assert len(s) == 5 and s.committed.content == 3
+    np.testing.assert_array_equal(s.tokens("alias_of_s0"), s.tokens("s0_10"))
+    np.testing.assert_array_equal(s.pooled(["lower_alias"]), s.pooled(["s1_20"]))
+    assert s.sequence("lower_alias") == seqs["s1_20"]  # stored upper-cased
+
+
+def test_superset_build_computes_only_new_sequences(tmp_path, models):
+    first = random_seqs(AA, [10, 20, 30], seed=1)
+    more = random_seqs(AA, [15, 25], seed=2)
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models), [write_fasta(tmp_path / "a.fa", first)], store)
+    before = read_all(store)
+    # The superset also holds a known sequence under a new id: reused, not recomputed.
+    superset = {**first, **{f"new_{k}": v for k, v in more.items()}, "renamed": first["s0_10"]}
+    logs: list[str] = []
+    report = run_build(esm2_config(models), [write_fasta(tmp_path / "b.fa", superset)], store, logs)
+    assert len(report.plan.new_keys) == 2
+    assert (report.plan.already_stored, report.plan.reused) == (3, 1)
+    assert logs[-1].startswith("2 new, 4 already stored")
+    after = read_all(store)
+    assert set(after) == set(superset)
+    for rid, (tokens, pooled, seq) in before.items():  # earlier rows untouched
+        np.testing.assert_array_equal(after[rid][0], tokens)
+        np.testing.assert_array_equal(after[rid][1], pooled)
+    np.testing.assert_array_equal(after["renamed"][0], after["s0_10"][0])
+    assert open_store(store).verify() == []
+    assert len(open_store(store).builds) == 2
+
+
+def test_other_fingerprint_is_refused_naming_both(tmp_path, models):
+    fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [10]))
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models), [fasta], store)
+    fp = open_store(store).fingerprint
+    with pytest.raises(FingerprintMismatch) as e:
+        run_build(esm2_config(models, pooling="cls"), [fasta], store)
+    other = BuildConfig.create("esm2", str(models["esm2"]), pooling="cls")
+    assert fp in str(e.value) and "pooling: store has 'mean', this build has 'cls'" in str(e.value)
+    assert other.pooling == "cls"
+    # Settings that do not change the numbers do not change the fingerprint.
+    run_build(esm2_config(models, max_tokens=17, shard_mb=1.0), [fasta], store)
+
+
+def test_same_id_with_another_sequence_in_the_store_is_refused(tmp_path, models):
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models), [write_fasta(tmp_path / "a.fa", {"p1": "MKTAYIAK"})], store)
+    with pytest.raises(InputError, match=r"b\.fa:1: record 'p1' is already in store .* with a different sequence"):
+        run_build(esm2_config(models), [write_fasta(tmp_path / "b.fa", {"p1": "MKTAYIAKQ"})], store)
+    assert open_store(store).verify() == []
+
+
+def test_xarray_opens_the_store(tmp_path, models):
+    records = random_seqs(AA, [10, 20])
+    run_build(esm2_config(models), [write_fasta(tmp_path / "a.fa", records)], tmp_path / "s.zarr")
+    ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
+    assert ds.pooled.dims == ("sequence", "feature")
+    assert set(ds.sequence.values.tolist()) == set(records)
+    np.testing.assert_array_equal(ds.pooled.sel(sequence="s1_20").values, open_store(tmp_path / "s.zarr").pooled(["s1_20"])[0])
+    assert ds.attrs["embedcache"]["provenance"]["encoder"] == "esm2"
+    assert ds.attrs["embedcache"]["source_dtype"] == "float32"
+
+
+def test_verify_names_a_missing_shard(tmp_path, models):
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models, shard_mb=0.01), [write_fasta(tmp_path / "a.fa", random_seqs(AA, [100] * 6))], store)
+    s = open_store(store)
+    assert s.verify() == [] and len(s.groups) > 1
+    shard = sorted((store / "tokens" / "c").rglob("*"))[-1]
+    shard.write_bytes(b"garbage")
+    faults = open_store(store).verify()
+    assert any("cannot be read" in f for f in faults), faults
+
+
+def test_interrupted_build_does_not_look_complete(tmp_path, models):
+    store = tmp_path / "s.zarr"
+    fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [30] * 4))
+    run_build(esm2_config(models), [fasta], store)
+    meta = store / "_build" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["status"] = "incomplete"  # as a killed build leaves it
+    meta.write_text(json.dumps(doc))
+    s = open_store(store)
+    assert not s.complete and any("not 'complete'" in f for f in s.verify())
+
+
+CLI = [sys.executable, "-m", "cli.embedcache_cli"]
+
+
+def _committed_groups(store: Path) -> int:
+    try:
+        return len(json.loads((store / "_build" / "zarr.json").read_text())["attributes"]["groups"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("kill_after_groups", [0, 2], ids=["before-first-commit", "mid-build"])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, kill_after_groups):
+    records = random_seqs(AA, [40 + (i * 37) % 200 for i in range(120)], seed=11)
+    records["dup"] = records["s0_40"]
+    fasta = write_fasta(tmp_path / "in.fa", records)
+    args = ["build", str(fasta), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--max-tokens", "300", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+    reference = tmp_path / "ref.zarr"
+    subprocess.run([*CLI, *args, "-o", str(reference)], check=True, env=env, capture_output=True)
+
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([*CLI, *args, "-o", str(store)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _committed_groups(store) < kill_after_groups and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    if kill_after_groups == 0:
+        while not (store / "zarr.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be killed; make the input larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (store / "zarr.json").exists():
+        assert not open_store(store).complete
+
+    done = subprocess.run([*CLI, *args, "-o", str(store)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed, ref = open_store(store), open_store(reference)
+    assert resumed.complete and resumed.verify() == []
+    assert sorted(resumed.ids) == sorted(ref.ids) and len(resumed.ids) == len(set(resumed.ids))
+    assert resumed.committed.content == ref.committed.content == 120
+    for rid in ref.ids:
+        np.testing.assert_array_equal(resumed.tokens(rid), ref.tokens(rid))
+        np.testing.assert_allclose(resumed.pooled([rid]), ref.pooled([rid]), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,341 @@
+"""Tiny-config tests of the fusion models: one suite that every aggregator must pass."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion.batch import ModalityBatch
+from fusion.models import (
+    AGGREGATORS,
+    FusionModel,
+    FusionModelConfig,
+    get_aggregator,
+    input_dims_from_dict,
+    masked_mean,
+)
+from fusion.models.c_abstractor import masked_adaptive_avg_pool
+from fusion.models.cross_attention import CrossAttentionAggregator, MaskedAttention
+
+ALL = ("dna", "rna", "protein")
+DIMS = {"dna": 12, "rna": 8, "protein": 6}
+MAX_LEN = {"dna": 5, "rna": 7, "protein": 4}
+AGGS = sorted(AGGREGATORS)
+SUBSETS = [s for k in (1, 2, 3) for s in itertools.combinations(ALL, k)]
+# Aggregators whose h_multi is one d_model slice per modality, in config order.
+PER_MODALITY = ["c-abstractor", "cross-attention", "linear", "mean-concat"]
+
+
+def make_config(aggregator: str, modalities: tuple[str, ...] = ALL, **overrides) -> FusionModelConfig:
+    kwargs = dict(d_model=16, n_layers=2, n_heads=2, n_latents=3, dropout=0.0, head_hidden=16)
+    kwargs.update(overrides)
+    return FusionModelConfig(
+        modalities=modalities,
+        input_dims=input_dims_from_dict(DIMS, modalities),
+        n_targets=3,
+        target_names=("t0", "t1", "t2"),
+        aggregator=aggregator,
+        **kwargs,
+    )
+
+
+def make_model(aggregator: str, modalities: tuple[str, ...] = ALL, **overrides) -> FusionModel:
+    """A model in eval mode whose every parameter is nudged off its init: zero-initialised
+    biases (LayerNorm, Linear) would otherwise keep padded positions at zero and hide a leak."""
+    torch.manual_seed(0)
+    model = FusionModel(make_config(aggregator, modalities, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def make_features(modalities: tuple[str, ...] = ALL, b: int = 4, pooled: bool = False, seed: int = 1) -> dict[str, ModalityBatch]:
+    """Random features with random lengths >= 1 (padding at the end, zero there), all present."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m in modalities:
+        n = 1 if pooled else MAX_LEN[m]
+        lengths = torch.randint(1, n + 1, (b,), generator=g)
+        mask = torch.arange(n)[None, :] < lengths[:, None]  # (b, n)
+        x = torch.randn(b, n, DIMS[m], generator=g) * mask[..., None]
+        out[m] = ModalityBatch(x=x, mask=mask, present=torch.ones(b, dtype=torch.bool))
+    return out
+
+
+def with_garbage_padding(features: dict[str, ModalityBatch], extra: int = 3) -> dict[str, ModalityBatch]:
+    """Append `extra` padded positions holding garbage (large values, NaN, inf) under a False mask."""
+    g = torch.Generator().manual_seed(99)
+    out = {}
+    for m, f in features.items():
+        b, _, d = f.x.shape
+        junk = torch.randn(b, extra, d, generator=g) * 1e3
+        junk[:, 0, 0] = float("nan")
+        junk[:, -1, -1] = float("inf")
+        x = torch.cat([f.x, junk], dim=1)
+        mask = torch.cat([f.mask, torch.zeros(b, extra, dtype=torch.bool)], dim=1)
+        out[m] = ModalityBatch(x=x, mask=mask, present=f.present)
+    return out
+
+
+def make_absent(features: dict[str, ModalityBatch], modality: str, sample: int, fill: float) -> dict[str, ModalityBatch]:
+    """Mark `modality` absent for `sample` (present False, mask all False) with x filled by `fill` there."""
+    out = dict(features)
+    f = features[modality]
+    x, mask, present = f.x.clone(), f.mask.clone(), f.present.clone()
+    x[sample] = fill
+    mask[sample] = False
+    present[sample] = False
+    out[modality] = ModalityBatch(x=x, mask=mask, present=present)
+    return out
+
+
+def select(features: dict[str, ModalityBatch], i: int, trim: bool) -> dict[str, ModalityBatch]:
+    """Sample i alone; with `trim`, cut to its own longest real token (at least one position)."""
+    out = {}
+    for m, f in features.items():
+        n = max(int(f.mask[i].sum()), 1) if trim else f.x.shape[1]
+        out[m] = ModalityBatch(x=f.x[i : i + 1, :n], mask=f.mask[i : i + 1, :n], present=f.present[i : i + 1])
+    return out
+
+
+def capture_h_multi(model: FusionModel, features: dict[str, ModalityBatch]) -> torch.Tensor:
+    captured = []
+    handle = model.aggregator.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
+    with torch.no_grad():
+        model(features)
+    handle.remove()
+    return captured[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine thread
+    contention made the overfit test 10x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- shape, subsets, pooled inputs, gradients -------------------------------------------
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["per-token", "pooled"])
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_output_shape(aggregator: str, pooled: bool) -> None:
+    model = make_model(aggregator)
+    out = model(make_features(b=5, pooled=pooled))
+    assert out.shape == (5, 3)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("modalities", SUBSETS, ids=["+".join(s) for s in SUBSETS])
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_any_subset_of_modalities(aggregator: str, modalities: tuple[str, ...]) -> None:
+    model = make_model(aggregator, modalities)
+    for pooled in (False, True):
+        out = model(make_features(modalities, b=3, pooled=pooled))
+        assert out.shape == (3, 3)
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("modalities", [ALL, ("rna",)], ids=["all", "rna-only"])
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_gradient_reaches_every_parameter(aggregator: str, modalities: tuple[str, ...]) -> None:
+    model = make_model(aggregator, modalities).train()
+    # Garbage (NaN, inf) under the masks must not reach the gradients either.
+    features = make_absent(with_garbage_padding(make_features(modalities)), modalities[-1], sample=0, fill=float("nan"))
+    model(features).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+# --- masking --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["per-token", "pooled"])
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_padding_invariance(aggregator: str, pooled: bool) -> None:
+    model = make_model(aggregator)
+    features = make_features(pooled=pooled)
+    with torch.no_grad():
+        ref = model(features)
+        padded = model(with_garbage_padding(features))
+    torch.testing.assert_close(padded, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_absent_modality_is_masked_not_read(aggregator: str) -> None:
+    model = make_model(aggregator)
+    features = make_features()
+    features = make_absent(features, "protein", sample=0, fill=0.0)
+    # Sample 1 has only DNA: its cross-attention keys (RNA + protein) are all masked.
+    features = make_absent(make_absent(features, "protein", sample=1, fill=0.0), "rna", sample=1, fill=0.0)
+    with torch.no_grad():
+        ref = model(features)
+        garbage = make_absent(make_absent(features, "protein", 0, float("nan")), "rna", 1, 1e6)
+        garbage = make_absent(garbage, "protein", 1, -float("inf"))
+        out = model(garbage)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("aggregator", PER_MODALITY)
+def test_absent_modality_contributes_zeros_to_h_multi(aggregator: str) -> None:
+    model = make_model(aggregator)
+    features = make_absent(make_features(), "rna", sample=2, fill=3.0)
+    h_multi = capture_h_multi(model, features)  # (b, 3 * d)
+    d = model.config.d_model
+    rna = ALL.index("rna")
+    assert torch.equal(h_multi[2, rna * d : (rna + 1) * d], torch.zeros(d))
+    assert h_multi[2].abs().sum() > 0 and h_multi[0, rna * d : (rna + 1) * d].abs().sum() > 0
+
+
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_every_modality_absent_is_finite(aggregator: str) -> None:
+    model = make_model(aggregator)
+    features = make_features(b=2)
+    for m in ALL:
+        features = make_absent(features, m, sample=0, fill=float("nan"))
+    with torch.no_grad():
+        assert torch.isfinite(model(features)).all()
+
+
+@pytest.mark.parametrize("aggregator", AGGS)
+def test_batch_independence(aggregator: str) -> None:
+    model = make_model(aggregator)
+    features = make_absent(make_features(b=5), "protein", sample=3, fill=0.0)
+    with torch.no_grad():
+        batched = model(features)
+        for i in range(5):
+            for trim in (False, True):
+                alone = model(select(features, i, trim))
+                torch.testing.assert_close(alone[0], batched[i], atol=1e-5, rtol=1e-5)
+
+
+def test_attention_update_is_zero_without_keys_and_ignores_masked_keys() -> None:
+    torch.manual_seed(0)
+    attn = MaskedAttention(d_model=8, n_heads=2, dropout=0.0).eval()
+    queries = torch.randn(2, 3, 8)
+    context = torch.randn(2, 5, 8) * 100
+    mask = torch.tensor([[True, True, False, False, False], [False] * 5])
+    out = attn(queries, context, mask)  # (2, 3, 8)
+    assert torch.equal(out[1], torch.zeros(3, 8))  # no real key: zero update, not NaN
+    torch.testing.assert_close(out[0], attn(queries[:1], context[:1, :2], mask[:1, :2])[0])
+
+
+def test_cross_attention_with_one_modality_is_mean_pooling() -> None:
+    aggregator = CrossAttentionAggregator(modalities=("rna",), d_model=4, n_layers=2, n_heads=2, dropout=0.0)
+    assert len(list(aggregator.parameters())) == 0
+    tokens = {"rna": torch.randn(3, 5, 4)}
+    masks = {"rna": torch.rand(3, 5) > 0.5}
+    torch.testing.assert_close(aggregator(tokens, masks), masked_mean(tokens["rna"], masks["rna"]))
+
+
+def test_masked_mean_ignores_masked_values_and_gives_zeros_when_empty() -> None:
+    x = torch.tensor([[[1.0], [3.0], [float("nan")]], [[5.0], [7.0], [9.0]]])  # (2, 3, 1)
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_mean(x, mask), torch.tensor([[2.0], [0.0]]))
+
+
+@pytest.mark.parametrize("n_out", [1, 3, 4, 7])
+def test_masked_adaptive_pool_matches_torch_on_real_tokens(n_out: int) -> None:
+    torch.manual_seed(0)
+    n, d = 9, 2
+    lengths = [9, 5, 3, 1, 0]
+    x = torch.randn(len(lengths), n, d)
+    mask = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    x[~mask] = float("nan")  # padding must not leak
+    pooled, out_mask = masked_adaptive_avg_pool(x, mask, n_out)
+    for i, length in enumerate(lengths):
+        if length == 0:
+            assert not out_mask[i].any() and torch.equal(pooled[i], torch.zeros(n_out, d))
+            continue
+        expected = F.adaptive_avg_pool1d(x[i, :length].T[None], n_out)[0].T  # (n_out, d)
+        assert out_mask[i].all()
+        torch.testing.assert_close(pooled[i], expected)
+
+
+# --- errors, registry, config -----------------------------------------------------------
+
+
+def test_unknown_aggregator_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="unknown aggregator 'transformer'") as e:
+        make_config("transformer")
+    for name in AGGREGATORS:
+        assert name in str(e.value)
+    with pytest.raises(ValueError, match="valid names"):
+        get_aggregator("nope")
+
+
+def test_features_must_match_configured_modalities() -> None:
+    model = make_model("mean-concat", ("dna", "rna"))
+    with pytest.raises(ValueError, match=r"\['protein'\]"):
+        model(make_features(ALL))
+    with pytest.raises(ValueError, match=r"missing modalities \['rna'\]"):
+        model(make_features(("dna",)))
+    bad = make_features(("dna", "rna"))
+    bad["rna"] = ModalityBatch(x=torch.zeros(4, 2, 5), mask=torch.ones(4, 2, dtype=torch.bool), present=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="width 5 .* input dim 8"):
+        model(bad)
+
+
+def test_config_round_trip_through_json() -> None:
+    config = make_config("perceiver", ("rna", "dna"), n_latents=5)
+    d = json.loads(json.dumps(config.to_dict()))
+    assert d["input_dims"] == {"rna": 8, "dna": 12}
+    restored = FusionModelConfig.from_dict(d)
+    assert restored == config
+    assert restored.input_dim("dna") == 12
+    FusionModel(restored)  # rebuilds
+
+
+def test_config_errors_name_the_values() -> None:
+    with pytest.raises(ValueError, match="unknown FusionModelConfig keys \\['colour'\\]"):
+        FusionModelConfig.from_dict({**make_config("linear").to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="input_dims are for \\['dna'\\] but modalities are \\['dna', 'rna'\\]"):
+        FusionModelConfig(modalities=("dna", "rna"), input_dims=(("dna", 4),), n_targets=1, target_names=("a",), aggregator="linear")
+    with pytest.raises(ValueError, match="no input dim for modalities \\['protein'\\]"):
+        input_dims_from_dict({"dna": 4}, ("dna", "protein"))
+    with pytest.raises(ValueError, match="d_model \\(10\\) is not a multiple of n_heads \\(4\\)"):
+        make_config("cross-attention", d_model=10, n_heads=4)
+    with pytest.raises(ValueError, match="target_names has 3 names but n_targets is 2"):
+        FusionModelConfig(modalities=("dna",), input_dims=(("dna", 4),), n_targets=2, target_names=("a", "b", "c"), aggregator="linear")
+
+
+def test_linear_head_is_a_single_linear() -> None:
+    assert isinstance(make_model("linear").head, torch.nn.Linear)
+    assert isinstance(make_model("mean-concat").head, torch.nn.Sequential)
+
+
+# --- learning ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregator", ["cross-attention", "mean-concat"])
+def test_overfits_a_small_learnable_target(aggregator: str) -> None:
+    torch.manual_seed(0)
+    features = make_features(b=16, seed=3)
+    features = make_absent(features, "protein", sample=5, fill=0.0)
+    # A learnable target: a fixed random function of the per-modality mean features.
+    pooled = torch.cat([masked_mean(f.x, f.mask) for f in features.values()], dim=-1)  # (16, 26)
+    target = torch.tanh(pooled @ torch.randn(pooled.shape[-1], 3))  # (16, 3)
+    model = FusionModel(make_config(aggregator)).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    with torch.no_grad():
+        start = F.mse_loss(model(features), target).item()
+    for _ in range(100):
+        opt.zero_grad()
+        loss = F.mse_loss(model(features), target)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        end = F.mse_loss(model(features), target).item()
+    assert end < 0.1 * start, f"MSE went from {start:.4f} to {end:.4f}"
