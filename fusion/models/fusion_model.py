@@ -2,19 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from einops import rearrange
 from torch import nn
 
-from fusion.batch import ModalityBatch
+from fusion.batch import Batch, ModalityBatch
 from fusion.models import get_aggregator
 from fusion.models.config import FusionModelConfig
+
+
+class FeatureStandardizer(nn.Module):
+    """(x - mean) / std per feature, with statistics fitted on the training split (buffers, not learned).
+
+    Pooled embeddings of different sequences share a large common component (mean pooling over
+    hundreds of tokens averages the differences down); without centring, Linear + LayerNorm sees a
+    near-constant input and the between-sequence signal is lost. Fitted statistics live in the
+    state dict, so a checkpoint standardises new data exactly as it did its training data.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std  # (b, n, d)
 
 
 class FusionModel(nn.Module):
     """features {modality: ModalityBatch (x (b, n_m, d_m), mask (b, n_m), present (b,))} -> (b, n_targets).
 
-    Per modality: Linear(d_m -> d_model) + LayerNorm, plus a learned modality embedding;
+    Per modality: standardisation (fitted on the training split by `fit_feature_stats_`), then
+    Linear(d_m -> d_model) + LayerNorm, plus a learned modality embedding;
     then the configured aggregator -> h_multi (b, out_dim); then the head: an MLP
     (Linear -> GELU -> Dropout -> Linear), or a single Linear for the 'linear' aggregator.
 
@@ -26,6 +47,7 @@ class FusionModel(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
+        self.standardize = nn.ModuleDict({m: FeatureStandardizer(d_in) for m, d_in in config.input_dims})
         self.input_proj = nn.ModuleDict(
             {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d)) for m, d_in in config.input_dims}
         )
@@ -52,7 +74,7 @@ class FusionModel(nn.Module):
             mask = f.mask & rearrange(f.present, "b -> b 1")  # (b, n): absent means no real token
             keep = rearrange(mask, "b n -> b n 1")  # (b, n, 1)
             x = torch.where(keep, f.x, 0.0)  # (b, n, d_m): garbage under the mask (even NaN) never enters
-            h = self.input_proj[m](x) + self.modality_embedding[m]  # (b, n, d)
+            h = self.input_proj[m](self.standardize[m](x)) + self.modality_embedding[m]  # (b, n, d)
             tokens[m] = torch.where(keep, h, 0.0)  # (b, n, d): zero where masked, as ModalityBatch promises
             masks[m] = mask
         h_multi = self.aggregator(tokens, masks)  # (b, out_dim)
@@ -76,3 +98,32 @@ class FusionModel(nn.Module):
             got = features[m].x.shape[-1]
             if got != d_in:
                 raise ValueError(f"modality {m!r}: features have width {got} but the model was configured with input dim {d_in}")
+
+
+@torch.no_grad()
+def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str, int]:
+    """Set each modality's standardisation from the real tokens of `batches` (pass the training split).
+
+    Returns the number of tokens each modality's statistics were computed from.
+    """
+    total: dict[str, torch.Tensor] = {}
+    total_sq: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    for batch in batches:
+        for m, f in batch.features.items():
+            if m not in model.standardize:
+                continue
+            keep = f.mask & rearrange(f.present, "b -> b 1")  # (b, n)
+            x = f.x[keep].double()  # (k, d): real tokens only
+            total[m] = total.get(m, 0) + x.sum(0)
+            total_sq[m] = total_sq.get(m, 0) + (x * x).sum(0)
+            count[m] = count.get(m, 0) + len(x)
+    for m, n in count.items():
+        if n < 2:
+            continue
+        mean = total[m] / n
+        var = (total_sq[m] / n - mean * mean).clamp_min(0)
+        norm = model.standardize[m]
+        norm.mean.copy_(mean.float())
+        norm.std.copy_(var.sqrt().float().clamp_min(1e-6))
+    return count

@@ -1,0 +1,228 @@
+"""`fusion`: prepare IsoFormer data, train the fusion model on cached stores, evaluate, predict, ablate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+
+from cli.common import run_main
+from fusion.data import FEATURES, LOADINGS, DataConfig
+from fusion.models import AGGREGATORS
+from fusion.train import TrainConfig
+
+MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden")
+TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "warmup_fraction", "min_lr_ratio", "grad_clip", "early_stopping_patience", "amp", "device")
+
+
+def parse_stores(items: list[str]) -> dict[str, str]:
+    """MODALITY=PATH pairs, e.g. dna=stores/dna.zarr."""
+    stores = {}
+    for item in items or []:
+        modality, sep, path = item.partition("=")
+        if not sep or not modality or not path:
+            raise argparse.ArgumentTypeError(f"--store {item!r}: expected MODALITY=PATH, e.g. rna=stores/rna.zarr")
+        stores[modality] = path
+    return stores
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table (CSV/TSV/Parquet with prepare.json beside it)")
+    p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
+    p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
+    p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    p.add_argument("--loading", choices=LOADINGS, default="auto", help="per-token data: auto = RAM when under --memory-gb, else streamed from the store")
+    p.add_argument("--memory-gb", type=float, default=8.0, help="per-token data above this is streamed under --loading auto")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d-model", type=int, default=128, help="width every modality is projected to")
+    p.add_argument("--n-layers", type=int, default=2, help="attention layers / conv blocks of the aggregator")
+    p.add_argument("--n-heads", type=int, default=4, help="attention heads (must divide --d-model)")
+    p.add_argument("--n-latents", type=int, default=16, help="perceiver latents / c-abstractor queries")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the aggregator and head")
+    p.add_argument("--head-hidden", type=int, default=256, help="hidden width of the MLP head")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (not on biases / norms)")
+    p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction, help="share of steps with linear warmup")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine decays to lr x this")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0 = off)")
+    p.add_argument("--early-stopping-patience", type=int, default=d.early_stopping_patience, help="epochs without validation improvement before stopping (0 = off)")
+    p.add_argument("--amp", default=d.amp, choices=("auto", "off", "bf16", "fp16"), help="autocast: auto = bf16 on CUDA, off on CPU")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion", description="Train and evaluate IsoFormer-style fusion models on cached embedding stores.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    prep = sub.add_parser("prepare", help="make FASTAs + a manifest from the IsoFormer CSV, or synthetic data", description="Data preparation.")
+    psub = prep.add_subparsers(dest="source", required=True)
+    iso = psub.add_parser("isoformer", formatter_class=fmt, help="the IsoFormer CSV (GTEx_final.csv) + a genome FASTA",
+                          description="Write dna.fa (one TSS-centred window per gene), rna.fa, protein.fa, manifest.csv and prepare.json.")
+    iso.add_argument("--csv", required=True, help="GTEx_final.csv of InstaDeepAI/multi_omics_transcript_expression (or the same schema)")
+    iso.add_argument("--genome", required=True, help="genome FASTA (hg38); chromosome names must match the CSV's chr column")
+    iso.add_argument("--out", required=True, help="output directory")
+    iso.add_argument("--dna-window", type=int, default=196_608, help="bp of DNA around each gene's TSS (Enformer: 196608)")
+    iso.add_argument("--target-transform", default="log1p", choices=("log1p", "standardize", "log1p-standardize", "none"), help="target transform (standardisation fitted on train)")
+    iso.add_argument("--protein-coding-only", action="store_true", help="keep coding transcripts only")
+    iso.set_defaults(func=run_prepare_isoformer)
+    syn = psub.add_parser("synthetic", formatter_class=fmt, help="synthetic data in the IsoFormer schema with planted signal per modality",
+                          description="Write GTEx_final.csv + genome.fa + synthetic.json (known best R^2); then run `fusion prepare isoformer` on them.")
+    syn.add_argument("--out", required=True, help="output directory")
+    syn.add_argument("--n-genes", type=int, default=400, help="genes (1-8 isoforms each)")
+    syn.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    syn.set_defaults(func=run_prepare_synthetic)
+
+    tr = sub.add_parser("train", formatter_class=fmt, help="train on cached stores", description="Train a fusion model on cached embeddings; writes a run directory with checkpoint, metrics, predictions and plots. A TOML --config may give any option (same names, with underscores).")
+    tr.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
+    tr.add_argument("--out", required=False, help="run directory")
+    tr.add_argument("--aggregator", choices=list(AGGREGATORS), default="cross-attention", help="how modality tokens are fused")
+    tr.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
+    _add_data_args(tr)
+    _add_model_args(tr)
+    _add_train_args(tr)
+    tr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    tr.set_defaults(func=run_train_cmd)
+
+    ev = sub.add_parser("evaluate", formatter_class=fmt, help="metrics of a run (on its data or a new manifest / stores)", description="Evaluate a trained run; stores must have the fingerprints it was trained on.")
+    ev.add_argument("run", help="run directory of `fusion train`")
+    ev.add_argument("--manifest", help="another manifest (default: the run's)")
+    ev.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
+    ev.add_argument("--out", help="where to write metrics and report (default: the run directory)")
+    ev.set_defaults(func=run_evaluate_cmd)
+
+    pr = sub.add_parser("predict", formatter_class=fmt, help="predictions for a manifest", description="Predict every sample of a manifest with a trained run.")
+    pr.add_argument("run", help="run directory of `fusion train`")
+    pr.add_argument("--out", required=True, help="predictions CSV to write")
+    pr.add_argument("--manifest", help="manifest to predict (default: the run's)")
+    pr.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
+    pr.set_defaults(func=run_predict_cmd)
+
+    ab = sub.add_parser("ablate", formatter_class=fmt, help="modality subsets x aggregators x seeds", description="Train every modality subset with each aggregator and seed on features loaded once; writes ablation.md, ablation.csv and ablation.png (mean +- std over seeds).")
+    ab.add_argument("--config", help="TOML file with any of these options")
+    ab.add_argument("--out", required=False, help="output directory")
+    ab.add_argument("--aggregators", default="cross-attention,mean-concat", help=f"comma-separated, from: {', '.join(AGGREGATORS)}")
+    ab.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _add_data_args(ab)
+    _add_model_args(ab)
+    _add_train_args(ab)
+    ab.set_defaults(func=run_ablate_cmd)
+    return parser
+
+
+def apply_toml(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str] | None:
+    """Use a --config TOML's values as defaults of the subcommand, so command-line flags still win."""
+    args, _ = parser.parse_known_args(argv)
+    if not getattr(args, "config", None):
+        return argv
+    values = tomllib.loads(Path(args.config).read_text())
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    known = {a.dest for a in sub._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"fusion: error: {args.config}: unknown options {unknown}; valid: {sorted(known - {'help', 'func'})}")
+    if isinstance(values.get("store"), dict):  # [store] table: dna = "..."
+        values["store"] = [f"{k}={v}" for k, v in values["store"].items()]
+    sub.set_defaults(**values)
+    return argv
+
+
+def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
+    if not args.manifest or not args.store:
+        raise ValueError("--manifest and at least one --store MODALITY=STORE are required (on the command line or in --config)")
+    return DataConfig(
+        manifest=args.manifest,
+        stores=parse_stores(args.store),
+        modalities=tuple(m for m in (args.modalities or "").split(",") if m),
+        features=args.features,
+        batch_size=args.batch_size,
+        loading=args.loading,
+        memory_gb=args.memory_gb,
+        seed=seed,
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in MODEL_OPTIONS}
+
+
+def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
+    return TrainConfig(**{k: getattr(args, k) for k in TRAIN_OPTIONS}, batch_size=args.batch_size, seed=seed)
+
+
+def _require_out(args: argparse.Namespace) -> str:
+    if not args.out:
+        raise ValueError("--out is required (on the command line or in --config)")
+    return args.out
+
+
+def run_prepare_isoformer(args: argparse.Namespace) -> int:
+    from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
+
+    config = IsoformerPrepareConfig(dna_window=args.dna_window, target_transform=args.target_transform, protein_coding_only=args.protein_coding_only)
+    prepared = prepare_isoformer(args.csv, args.genome, args.out, config)
+    print(f"wrote {prepared.out_dir}: {prepared.counts}")
+    return 0
+
+
+def run_prepare_synthetic(args: argparse.Namespace) -> int:
+    from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
+
+    info = generate_synthetic(args.out, SyntheticConfig(n_genes=args.n_genes, seed=args.seed))
+    print(f"wrote {info.csv_path} and {info.genome_path}: {info.n_genes} genes, {info.n_transcripts} transcripts; "
+          f"best achievable mean R^2 {info.ceiling_r2:.3f}; prepare with --dna-window {info.dna_window}")
+    return 0
+
+
+def run_train_cmd(args: argparse.Namespace) -> int:
+    from fusion.experiment import run_train
+
+    result = run_train(data_config(args, args.seed), args.aggregator, model_options(args), train_config(args, args.seed), _require_out(args), progress=args.progress)
+    test = result.metrics["test"]
+    print(f"test: mean R^2 {test['mean_r2']:.4f}, mean Spearman {test['mean_spearman']:.4f}; report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def run_evaluate_cmd(args: argparse.Namespace) -> int:
+    from fusion.experiment import run_evaluate
+
+    metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out)
+    for split, m in metrics.items():
+        print(f"{split}: mean R^2 {m['mean_r2']:.4f}, mean Spearman {m['mean_spearman']:.4f}, n {m['n_samples']}")
+    return 0
+
+
+def run_predict_cmd(args: argparse.Namespace) -> int:
+    from fusion.experiment import run_predict
+
+    print(run_predict(args.run, args.out, manifest=args.manifest, stores=parse_stores(args.store)))
+    return 0
+
+
+def run_ablate_cmd(args: argparse.Namespace) -> int:
+    from fusion.experiment import run_ablation
+
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    aggregators = [a for a in args.aggregators.split(",") if a]
+    markdown, _ = run_ablation(data_config(args), aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args))
+    print(markdown)
+    print(f"written: {Path(args.out) / 'ablation.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = create_parser()
+    return run_main(parser, apply_toml(parser, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""From embedding stores and a manifest to `Batch`es: the only place where fusion touches files.
+
+Per modality, features come from one store, either pooled vectors (n = 1) or per-token rows.
+Per-token data is loaded into RAM when it fits (one sequential read of the flat `tokens` array)
+and otherwise streamed: each batch reads its sequences with concurrent per-sequence reads, and
+a background thread prepares the next batches while the model trains (store-design.md: never
+xarray or sharded oindex in the training loop).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from embedcache import EmbeddingStore, open_store
+from fusion.batch import Batch, ModalityBatch
+from fusion.prepare.manifest import Manifest
+
+FEATURES = ("tokens", "pooled")
+LOADINGS = ("auto", "memory", "stream")
+
+
+class DataError(ValueError):
+    """Manifest and stores do not fit together."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the features and targets come from. Written into every run directory."""
+
+    manifest: str  # prepared directory (with prepare.json) or a manifest table
+    stores: dict[str, str]  # modality -> embedding store path
+    modalities: tuple[str, ...] = ()  # modalities fed to the model; () = every store given
+    features: str = "tokens"  # tokens (per-token rows + mask) | pooled (one vector per modality)
+    batch_size: int = 32  # samples per batch
+    loading: str = "auto"  # auto (RAM when it fits memory_gb) | memory | stream
+    memory_gb: float = 8.0  # per-token data larger than this is streamed under loading=auto
+    prefetch: int = 4  # batches prepared ahead by the streaming loader
+    seed: int = 0  # shuffling seed (the epoch number is mixed in)
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURES:
+            raise DataError(f"unknown features {self.features!r}; expected one of {list(FEATURES)}")
+        if self.loading not in LOADINGS:
+            raise DataError(f"unknown loading {self.loading!r}; expected one of {list(LOADINGS)}")
+        if not self.stores:
+            raise DataError("no stores given: pass at least one MODALITY=STORE")
+        unknown = [m for m in self.modalities if m not in self.stores]
+        if unknown:
+            raise DataError(f"modalities {unknown} have no store; stores were given for {sorted(self.stores)}")
+
+    @property
+    def used_modalities(self) -> tuple[str, ...]:
+        return self.modalities or tuple(self.stores)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataConfig":
+        return cls(**{**d, "modalities": tuple(d.get("modalities", ()))})
+
+
+# -- features of one modality ---------------------------------------------------------------------
+
+
+class ModalityFeatures:
+    """Features of one modality for any list of record keys (None = the sample lacks this modality)."""
+
+    dim: int
+
+    def gather(self, keys: list[str | None]) -> ModalityBatch:
+        raise NotImplementedError
+
+
+class PooledFeatures(ModalityFeatures):
+    def __init__(self, store: EmbeddingStore, keys: list[str]):
+        self.dim = store.embed_dim
+        self.row = {k: i for i, k in enumerate(keys)}
+        self.table = torch.from_numpy(store.pooled(keys))  # (k, d)
+
+    def gather(self, keys: list[str | None]) -> ModalityBatch:
+        present = torch.tensor([k is not None for k in keys])
+        rows = torch.tensor([self.row[k] if k is not None else 0 for k in keys])
+        x = self.table[rows] * present[:, None]  # (b, d); zero for absent samples
+        return ModalityBatch(x=x[:, None, :], mask=present[:, None].clone(), present=present)
+
+
+def _pad(pieces: list[torch.Tensor | None], dim: int) -> ModalityBatch:
+    """Right-pad per-sample (L_i, d) rows into (b, max L, d) with an explicit mask."""
+    lengths = [0 if p is None else len(p) for p in pieces]
+    width = max(max(lengths), 1)
+    x = torch.zeros(len(pieces), width, dim)
+    mask = torch.zeros(len(pieces), width, dtype=torch.bool)
+    for i, p in enumerate(pieces):
+        if p is not None:
+            x[i, : len(p)] = p
+            mask[i, : len(p)] = True
+    return ModalityBatch(x=x, mask=mask, present=torch.tensor([n > 0 for n in lengths]))
+
+
+class InMemoryTokens(ModalityFeatures):
+    """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16)."""
+
+    def __init__(self, store: EmbeddingStore, keys: list[str]):
+        self.dim = store.embed_dim
+        flat, offsets, lengths = store.token_arrays()
+        rows = store.rows(keys)
+        self.flat = torch.from_numpy(flat)  # (T, d)
+        self.span = {k: (int(offsets[r]), int(lengths[r])) for k, r in zip(keys, rows)}
+
+    def gather(self, keys: list[str | None]) -> ModalityBatch:
+        pieces = []
+        for k in keys:
+            if k is None:
+                pieces.append(None)
+            else:
+                o, n = self.span[k]
+                pieces.append(self.flat[o : o + n].float())
+        return _pad(pieces, self.dim)
+
+
+class StreamedTokens(ModalityFeatures):
+    """Per-token rows read from the store per batch, one concurrent read per sequence."""
+
+    def __init__(self, store: EmbeddingStore, keys: list[str], threads: int = 8):
+        self.dim = store.embed_dim
+        self.store = store
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusion-read")
+
+    def gather(self, keys: list[str | None]) -> ModalityBatch:
+        arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
+        return _pad([None if a is None else torch.from_numpy(a).float() for a in arrays], self.dim)
+
+
+def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
+    """Bytes of per-token rows the keys occupy in the store's dtype (to decide RAM vs streaming)."""
+    itemsize = np.dtype(store.attrs["stored_dtype"]["tokens"]).itemsize
+    return sum(store.token_span(k)[1] for k in keys) * store.embed_dim * itemsize
+
+
+# -- the batch source -----------------------------------------------------------------------------
+
+
+@dataclass
+class StoreBatches:
+    """`BatchSource` over a manifest and stores: `batches(split, shuffle=..., epoch=...)` yields `Batch`es."""
+
+    config: DataConfig
+    manifest: Manifest
+    features: dict[str, ModalityFeatures]
+    stores: dict[str, EmbeddingStore]
+    loading: dict[str, str] = field(default_factory=dict)  # modality -> memory | stream | pooled
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return {m: self.stores[m].fingerprint for m in self.modalities}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def input_dims(self) -> dict[str, int]:
+        return {m: f.dim for m, f in self.features.items()}
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.manifest.target_columns)
+
+    def with_modalities(self, modalities: tuple[str, ...]) -> "StoreBatches":
+        """A view feeding only `modalities` (ablations reuse the loaded features)."""
+        missing = [m for m in modalities if m not in self.features]
+        if missing:
+            raise DataError(f"modalities {missing} are not loaded; loaded: {list(self.features)}")
+        return StoreBatches(
+            config=self.config,
+            manifest=self.manifest,
+            features={m: self.features[m] for m in modalities},
+            stores={m: self.stores[m] for m in modalities},
+            loading={m: self.loading[m] for m in modalities},
+        )
+
+    def split_manifest(self, split: str) -> Manifest:
+        return self.manifest.split(split)
+
+    def n_batches(self, split: str) -> int:
+        return -(-len(self.split_manifest(split)) // self.config.batch_size)
+
+    def __call__(self, split: str, *, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
+        part = self.split_manifest(split)
+        order = np.arange(len(part))
+        if shuffle:
+            np.random.default_rng([self.config.seed, epoch]).shuffle(order)
+        starts = range(0, len(order), self.config.batch_size)
+        make = lambda s: self._batch(part, order[s : s + self.config.batch_size])  # noqa: E731
+        if any(v == "stream" for v in self.loading.values()):
+            return _prefetch(map(make, starts), self.config.prefetch)
+        return map(make, starts)
+
+    def _batch(self, part: Manifest, rows: np.ndarray) -> Batch:
+        frame = part.frame.iloc[rows]
+        features = {}
+        for m, feats in self.features.items():
+            column = frame[part.key_columns[m]]
+            features[m] = feats.gather([None if _is_missing(k) else str(k) for k in column])
+        targets = torch.from_numpy(part.frame[list(part.target_columns)].to_numpy(np.float32, na_value=np.nan)[rows])
+        mask = ~torch.isnan(targets)
+        return Batch(
+            features=features,
+            targets=torch.nan_to_num(targets, nan=0.0),
+            target_mask=mask,
+            sample_ids=frame[part.sample_id_column].astype(str).tolist(),
+        )
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value == ""
+
+
+def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Prepare up to `depth` batches ahead in a background thread (reads overlap the training step)."""
+    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    done = object()
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for b in batches:
+                q.put(b)
+        except BaseException as e:  # re-raised in the consumer
+            error.append(e)
+        finally:
+            q.put(done)
+
+    threading.Thread(target=work, daemon=True, name="fusion-prefetch").start()
+    while (item := q.get()) is not done:
+        yield item
+    if error:
+        raise error[0]
+
+
+# -- opening ---------------------------------------------------------------------------------------
+
+
+def check_keys(manifest: Manifest, modality: str, store: EmbeddingStore) -> list[str]:
+    """The modality's keys in the manifest, all of which must be in the store (else: examples and counts)."""
+    keys = list(dict.fromkeys(manifest.keys(modality)))
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(keys)} {modality} keys of manifest {manifest.path} are not in store "
+            f"{str(store.path)!r}, e.g. {missing[:5]}; build the store from the manifest's {modality} sequences"
+        )
+    return keys
+
+
+def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreBatches:
+    """Open the stores, check them against the manifest, and load or prepare features per modality."""
+    features, stores, loading = {}, {}, {}
+    for m in config.used_modalities:
+        path = config.stores[m]
+        store = open_store(path)
+        if not store.complete:
+            raise DataError(
+                f"store {path!r} ({m}) is {store.status!r}, not complete: run its embedcache build again to finish it"
+            )
+        keys = check_keys(manifest, m, store)
+        if config.features == "pooled":
+            features[m], loading[m] = PooledFeatures(store, keys), "pooled"
+        else:
+            if not store.has_tokens:
+                raise DataError(f"store {path!r} ({m}) holds no per-token embeddings (--no-tokens); use features='pooled'")
+            size = token_bytes(store, keys)
+            in_memory = config.loading == "memory" or (config.loading == "auto" and size <= config.memory_gb * 1e9)
+            features[m] = InMemoryTokens(store, keys) if in_memory else StreamedTokens(store, keys)
+            loading[m] = "memory" if in_memory else "stream"
+            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]})")
+        stores[m] = store
+    return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)

@@ -1,0 +1,234 @@
+"""One function per `fusion` command: train, evaluate, predict, ablate.
+
+A run directory describes itself: `run.json` holds the data config, the model config (with
+dimensions read from the stores) and the training config; `checkpoint.pt` carries the stores'
+fingerprints, so evaluating or predicting against other features is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fusion.checkpoint import check_fingerprints, load_checkpoint
+from fusion.data import DataConfig, StoreBatches, open_batches
+from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
+from fusion.models.fusion_model import fit_feature_stats_
+from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
+from fusion.report import ablation_plot, ablation_table, write_report
+from fusion.train import TrainConfig, TrainResult, evaluate_run, predict, seed_everything, train, write_predictions_csv
+
+Log = Callable[[str], None]
+RUN_FILE = "run.json"
+SPLITS = ("train", "validation", "test")
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """A prepared directory (prepare.json inside) or a manifest table with prepare.json beside it."""
+    path = Path(path)
+    return load_prepared(path) if path.is_dir() else load_manifest(path)
+
+
+def build_model(batches: StoreBatches, aggregator: str, model_options: dict) -> FusionModel:
+    """A fusion model whose input dimensions come from the stores, never from flags."""
+    config = FusionModelConfig(
+        modalities=batches.modalities,
+        input_dims=input_dims_from_dict(batches.input_dims, batches.modalities),
+        n_targets=len(batches.target_names),
+        target_names=tuple(batches.target_names),
+        aggregator=aggregator,
+        **model_options,
+    )
+    return FusionModel(config)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    train: TrainResult
+    metrics: dict  # split -> regression metrics
+
+
+def run_train(
+    data: DataConfig,
+    aggregator: str,
+    model_options: dict,
+    train_config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    batches: StoreBatches | None = None,
+    progress: bool = True,
+    log: Log = print,
+) -> RunResult:
+    """Train a fusion model on cached features, evaluate every split, write the report.
+
+    `batches` lets an ablation reuse features already loaded (a view with the run's modalities).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    batches = batches or open_batches(data, read_manifest(data.manifest), log=log)
+    seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
+    model = build_model(batches, aggregator, model_options)
+    fit_feature_stats_(model, batches("train", shuffle=False, epoch=0))
+    (run_dir / RUN_FILE).write_text(
+        json.dumps(
+            {
+                "format": "fusion-run",
+                "mode": "cached",
+                "data": data.to_dict(),
+                "model": model.config.to_dict(),
+                "train": train_config.to_dict(),
+                "fingerprints": batches.fingerprints,
+                "loading": batches.loading,
+            },
+            indent=2,
+        )
+    )
+    result = train(
+        model,
+        batches,
+        train_config,
+        run_dir,
+        target_names=batches.target_names,
+        fingerprints=batches.fingerprints,
+        model_config=model.config.to_dict(),
+        progress=progress,
+        log=log,
+    )
+    evaluation = evaluate_run(model, batches, run_dir, target_names=batches.target_names, splits=SPLITS, log=log)
+    write_report(run_dir, evaluation.metrics, evaluation.predictions["test"], run_dir / "history.csv")
+    return RunResult(run_dir=run_dir, train=result, metrics=evaluation.metrics)
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, FusionModel, dict]:
+    """(run.json, model with the best weights, checkpoint) of a finished run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists():
+        raise FileNotFoundError(f"{run_dir} is not a fusion run directory (no {RUN_FILE})")
+    run = json.loads((run_dir / RUN_FILE).read_text())
+    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+    model = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model_state"])
+    return run, model.eval(), checkpoint
+
+
+def _batches_for(run: dict, checkpoint: dict, manifest: str | None, stores: dict[str, str] | None, log: Log) -> StoreBatches:
+    """Open the run's data (or new manifest / stores) and refuse features with other fingerprints."""
+    data = DataConfig.from_dict(run["data"])
+    overrides = {}
+    if manifest:
+        overrides["manifest"] = manifest
+    if stores:
+        overrides["stores"] = {**data.stores, **stores}
+    data = DataConfig.from_dict({**data.to_dict(), **overrides})
+    batches = open_batches(data, read_manifest(data.manifest), log=log)
+    model_targets = list(checkpoint["target_names"])
+    if batches.target_names != model_targets:
+        raise ValueError(
+            f"targets of manifest {data.manifest} {batches.target_names[:5]}... differ from the model's "
+            f"{model_targets[:5]}... ({len(batches.target_names)} vs {len(model_targets)})"
+        )
+    check_fingerprints(
+        checkpoint["fingerprints"],
+        batches.fingerprints,
+        source="evaluation data",
+        checkpoint_path=str(checkpoint.get("path", "")),
+        store_path=", ".join(f"{m}={p}" for m, p in data.stores.items()),
+    )
+    return batches
+
+
+def run_evaluate(
+    run_dir: str | Path, *, manifest: str | None = None, stores: dict[str, str] | None = None, out: str | Path | None = None, log: Log = print
+) -> dict:
+    """Metrics of a trained run on its splits (or on a new manifest / stores); writes metrics and report."""
+    run, model, checkpoint = load_run(run_dir)
+    batches = _batches_for(run, checkpoint, manifest, stores, log)
+    out_dir = Path(out or run_dir)
+    present = [s for s in SPLITS if (batches.manifest.frame[batches.manifest.split_column] == s).any()]
+    evaluation = evaluate_run(model, batches, out_dir, target_names=batches.target_names, splits=present, log=log)
+    last = "test" if "test" in present else present[-1]
+    history = Path(run_dir) / "history.csv"
+    write_report(out_dir, evaluation.metrics, evaluation.predictions[last], history if history.exists() else None)
+    return evaluation.metrics
+
+
+def run_predict(
+    run_dir: str | Path, out: str | Path, *, manifest: str | None = None, stores: dict[str, str] | None = None, log: Log = print
+) -> Path:
+    """Predictions for every sample of a manifest (targets not needed), as CSV."""
+    run, model, checkpoint = load_run(run_dir)
+    batches = _batches_for(run, checkpoint, manifest, stores, log)
+    splits = batches.manifest.frame[batches.manifest.split_column].unique().tolist() if batches.manifest.split_column else []
+    preds = {s: predict(model, batches(s), target_names=batches.target_names) for s in splits}
+    return write_predictions_csv(out, preds)
+
+
+# -- ablation --------------------------------------------------------------------------------------
+
+
+def modality_subsets(modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every non-empty subset, singles first, in the given modality order."""
+    return [c for r in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, r)]
+
+
+def run_ablation(
+    data: DataConfig,
+    aggregators: list[str],
+    seeds: list[int],
+    model_options: dict,
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    subsets: list[tuple[str, ...]] | None = None,
+    log: Log = print,
+) -> tuple[str, pd.DataFrame]:
+    """Train every (modality subset, aggregator, seed) on features loaded once; write ablation.md/.csv/.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    everything = open_batches(data, read_manifest(data.manifest), log=log)
+    subsets = subsets or modality_subsets(everything.modalities)
+    rows = []
+    for subset, aggregator, seed in itertools.product(subsets, aggregators, seeds):
+        name = f"{'+'.join(subset)}__{aggregator}__seed{seed}"
+        quiet: list[str] = []
+        result = run_train(
+            DataConfig.from_dict({**data.to_dict(), "modalities": list(subset)}),
+            aggregator,
+            model_options,
+            TrainConfig.from_dict({**train_config.to_dict(), "seed": seed}),
+            out_dir / "runs" / name,
+            batches=everything.with_modalities(subset),
+            progress=False,
+            log=quiet.append,
+        )
+        test = result.metrics["test"]
+        rows.append(
+            {
+                "modalities": "+".join(subset),
+                "aggregator": aggregator,
+                "seed": seed,
+                "test_mean_r2": test["mean_r2"],
+                "test_mean_spearman": test["mean_spearman"],
+                "test_all_pairs_r2": test["all_pairs_r2"],
+                "best_epoch": result.train.best_epoch,
+            }
+        )
+        log(f"{name}: test mean R2 {test['mean_r2']:.3f}, Spearman {test['mean_spearman']:.3f} (best epoch {result.train.best_epoch})")
+    pd.DataFrame(rows).to_csv(out_dir / "ablation_runs.csv", index=False)
+    markdown, table = ablation_table(rows)
+    table.to_csv(out_dir / "ablation.csv", index=False)
+    (out_dir / "ablation.md").write_text(markdown + "\n")
+    ablation_plot(table, out_dir / "ablation.png", title="Modality ablation (test split)")
+    return markdown, table
+
+
+__all__ = ["RunResult", "build_model", "load_run", "modality_subsets", "read_manifest", "run_ablation", "run_evaluate", "run_predict", "run_train"]
+
