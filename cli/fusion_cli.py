@@ -32,6 +32,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
+    p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--loading", choices=LOADINGS, default="auto", help="per-token data: auto = RAM when under --memory-gb, else streamed from the store")
     p.add_argument("--memory-gb", type=float, default=8.0, help="per-token data above this is streamed under --loading auto")
@@ -144,6 +145,7 @@ def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
         stores=parse_stores(args.store),
         modalities=tuple(m for m in (args.modalities or "").split(",") if m),
         features=args.features,
+        max_tokens=args.max_tokens,
         batch_size=args.batch_size,
         loading=args.loading,
         memory_gb=args.memory_gb,

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from embedcache import EmbeddingStore, open_store
 from fusion.batch import Batch, ModalityBatch
@@ -39,6 +41,7 @@ class DataConfig:
     stores: dict[str, str]  # modality -> embedding store path
     modalities: tuple[str, ...] = ()  # modalities fed to the model; () = every store given
     features: str = "tokens"  # tokens (per-token rows + mask) | pooled (one vector per modality)
+    max_tokens: int | None = None  # longer per-token inputs are averaged in consecutive equal groups down to this many rows
     batch_size: int = 32  # samples per batch
     loading: str = "auto"  # auto (RAM when it fits memory_gb) | memory | stream
     memory_gb: float = 8.0  # per-token data larger than this is streamed under loading=auto
@@ -52,6 +55,8 @@ class DataConfig:
             raise DataError(f"unknown loading {self.loading!r}; expected one of {list(LOADINGS)}")
         if not self.stores:
             raise DataError("no stores given: pass at least one MODALITY=STORE")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise DataError(f"max_tokens must be positive, got {self.max_tokens}")
         unknown = [m for m in self.modalities if m not in self.stores]
         if unknown:
             raise DataError(f"modalities {unknown} have no store; stores were given for {sorted(self.stores)}")
@@ -95,8 +100,21 @@ class PooledFeatures(ModalityFeatures):
         return ModalityBatch(x=x[:, None, :], mask=present[:, None].clone(), present=present)
 
 
-def _pad(pieces: list[torch.Tensor | None], dim: int) -> ModalityBatch:
+def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
+    """(L, d) -> (min(L, max_rows), d): the mean of consecutive, near-equal groups of rows.
+
+    An explicit, recorded reduction (DataConfig.max_tokens) for fusion inputs too long for the
+    compute at hand; every input row still counts, none is dropped.
+    """
+    if max_rows is None or len(x) <= max_rows:
+        return x
+    pooled = F.adaptive_avg_pool1d(rearrange(x, "l d -> 1 d l"), max_rows)  # (1, d, max_rows)
+    return rearrange(pooled, "1 d l -> l d")
+
+
+def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = None) -> ModalityBatch:
     """Right-pad per-sample (L_i, d) rows into (b, max L, d) with an explicit mask."""
+    pieces = [None if p is None else group_mean(p, max_rows) for p in pieces]
     lengths = [0 if p is None else len(p) for p in pieces]
     width = max(max(lengths), 1)
     x = torch.zeros(len(pieces), width, dim)
@@ -111,8 +129,8 @@ def _pad(pieces: list[torch.Tensor | None], dim: int) -> ModalityBatch:
 class InMemoryTokens(ModalityFeatures):
     """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16)."""
 
-    def __init__(self, store: EmbeddingStore, keys: list[str]):
-        self.dim = store.embed_dim
+    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
+        self.dim, self.max_rows = store.embed_dim, max_rows
         flat, offsets, lengths = store.token_arrays()
         rows = store.rows(keys)
         self.flat = torch.from_numpy(flat)  # (T, d)
@@ -126,20 +144,20 @@ class InMemoryTokens(ModalityFeatures):
             else:
                 o, n = self.span[k]
                 pieces.append(self.flat[o : o + n].float())
-        return _pad(pieces, self.dim)
+        return _pad(pieces, self.dim, self.max_rows)
 
 
 class StreamedTokens(ModalityFeatures):
     """Per-token rows read from the store per batch, one concurrent read per sequence."""
 
-    def __init__(self, store: EmbeddingStore, keys: list[str], threads: int = 8):
-        self.dim = store.embed_dim
+    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None, threads: int = 8):
+        self.dim, self.max_rows = store.embed_dim, max_rows
         self.store = store
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusion-read")
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
-        return _pad([None if a is None else torch.from_numpy(a).float() for a in arrays], self.dim)
+        return _pad([None if a is None else torch.from_numpy(a).float() for a in arrays], self.dim, self.max_rows)
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
@@ -282,7 +300,8 @@ def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreB
                 raise DataError(f"store {path!r} ({m}) holds no per-token embeddings (--no-tokens); use features='pooled'")
             size = token_bytes(store, keys)
             in_memory = config.loading == "memory" or (config.loading == "auto" and size <= config.memory_gb * 1e9)
-            features[m] = InMemoryTokens(store, keys) if in_memory else StreamedTokens(store, keys)
+            kind = InMemoryTokens if in_memory else StreamedTokens
+            features[m] = kind(store, keys, max_rows=config.max_tokens)
             loading[m] = "memory" if in_memory else "stream"
             log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]})")
         stores[m] = store

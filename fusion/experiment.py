@@ -74,6 +74,8 @@ def run_train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     batches = batches or open_batches(data, read_manifest(data.manifest), log=log)
+    for split in SPLITS:  # an empty split is an error now, not after an epoch of training
+        batches.split_manifest(split)
     seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
     model = build_model(batches, aggregator, model_options)
     fit_feature_stats_(model, batches("train", shuffle=False, epoch=0))

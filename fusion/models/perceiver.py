@@ -36,7 +36,7 @@ class PerceiverResampler(Aggregator):
                 {
                     "norm_latents": nn.LayerNorm(d_model),
                     "norm_context": nn.LayerNorm(d_model),
-                    "attn": MaskedAttention(d_model=d_model, n_heads=n_heads, dropout=dropout),
+                    "attn": MaskedAttention(d_model=d_model, n_heads=n_heads),
                     "norm_ff": nn.LayerNorm(d_model),
                     "ffn": FeedForward(d_model=d_model, dropout=dropout),
                 }

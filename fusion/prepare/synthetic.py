@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,12 +64,18 @@ CSV_COLUMNS = (
 CSV_SPLIT_NAMES = {"train": "train", "validation": "valid", "test": "test"}
 
 DNA_FEATURES = ("promoter_gc", "promoter_cpg", "promoter_at_skew")
-RNA_FEATURES = ("rna_at", "rna_g_minus_c", "rna_a_minus_t")
+RNA_FEATURES = ("poly_u_tracts", "poly_c_tracts")
+# RNA tracts: the base of each RNA feature (DNA alphabet, T = U) and the shortest run that counts.
+# A run of >= 11 letters holds one whole 6-mer token of that base in every 6-mer reading frame.
+TRACT_BASES = ("T", "C")
+TRACT_MIN = 12
 PROTEIN_FEATURES = ("his_minus_gln", "asn_minus_lys")
 MODALITIES = ("dna", "rna", "protein")
 SPLIT_ORDER = ("train", "validation", "test")
 
 _BASES = np.array(list("ACGT"))
+_TRACT_RE = {b: re.compile(f"{b}{{{TRACT_MIN},}}") for b in TRACT_BASES}
+_UTR_BACKGROUND = (0.27, 0.23, 0.23, 0.27)  # A, C, G, T of UTRs and non-coding RNA outside the tracts
 _AMINO = "ACDEFGHIKLMNPQRSTVWY"
 _CODONS = {
     "A": ["GCT", "GCC", "GCA", "GCG"], "C": ["TGT", "TGC"], "D": ["GAT", "GAC"], "E": ["GAA", "GAG"],
@@ -104,7 +111,9 @@ class SyntheticConfig:
     utr5_length: tuple[int, int] = (60, 200)  # 5'UTR length range (nt, inclusive)
     utr3_length: tuple[int, int] = (150, 500)  # 3'UTR length range
     protein_length: tuple[int, int] = (80, 300)  # protein length range (aa, including the initial Met)
-    noncoding_length: tuple[int, int] = (300, 1200)  # non-coding transcript length range
+    noncoding_length: tuple[int, int] = (300, 1200)  # non-coding transcript length range (before tracts)
+    tract_length: tuple[int, int] = (12, 24)  # length range of one planted poly-U / poly-C tract (nt)
+    tract_share_max: float = 0.1  # per isoform and tract base, the tracts' target share of the transcript ~ U(0, this)
     gene_body_length: tuple[int, int] = (500, 4000)  # genomic span (start..end) of a gene's transcripts
     share_dna: float = 0.25  # variance share of the promoter term in every tissue
     share_rna: float = 0.30  # variance share of the RNA (UTR composition) term
@@ -167,10 +176,9 @@ def dna_features(window: str) -> np.ndarray:
 
 
 def rna_features(rna: str) -> np.ndarray:
-    """(3,) whole-transcript composition features."""
+    """(2,) shares of the transcript's letters that lie in poly-U and in poly-C tracts (runs >= TRACT_MIN)."""
     n = max(len(rna), 1)
-    a, c, g, t = (rna.count(b) for b in "ACGT")
-    return np.array([(a + t) / n, (g - c) / n, (a - t) / n])
+    return np.array([sum(len(m) for m in _TRACT_RE[b].findall(rna)) / n for b in TRACT_BASES])
 
 
 def protein_features(protein: str) -> np.ndarray:
@@ -461,23 +469,24 @@ def _draw_protein(rng: np.random.Generator, config: SyntheticConfig) -> tuple[st
 
 
 def _draw_transcripts(rng: np.random.Generator, config: SyntheticConfig, genes: list[dict]) -> list[dict]:
-    """Isoforms per gene: shared TSS, own UTRs (own composition), one of the gene's CDS or non-coding."""
+    """Isoforms per gene: shared TSS, own UTRs with own poly-U/poly-C tracts, one of the gene's CDS or non-coding."""
     transcripts = []
     for g in genes:
         n_prot = int(rng.integers(1, config.max_proteins_per_gene + 1))
         proteins = [_draw_protein(rng, config) for _ in range(n_prot)]
         for _ in range(g["n_isoforms"]):
-            at = rng.uniform(0.25, 0.8)
-            g_skew = rng.uniform(-0.6, 0.6)
-            a_skew = rng.uniform(-0.5, 0.5)
-            p = [at / 2 * (1 + a_skew), (1 - at) / 2 * (1 - g_skew), (1 - at) / 2 * (1 + g_skew), at / 2 * (1 - a_skew)]
+            shares = rng.uniform(0.0, config.tract_share_max, len(TRACT_BASES))
             if rng.random() < config.noncoding_fraction:
-                rna = _letters(rng, int(rng.integers(*config.noncoding_length, endpoint=True)), p)
+                rna = _letters(rng, int(rng.integers(*config.noncoding_length, endpoint=True)), _UTR_BACKGROUND)
+                rna = _insert_tracts(rng, config, rna, shares, len(rna))
                 utr5 = cds = utr3 = protein = None
             else:
                 protein, cds = proteins[int(rng.integers(n_prot))]
-                utr5 = _letters(rng, int(rng.integers(*config.utr5_length, endpoint=True)), p)
-                utr3 = _letters(rng, int(rng.integers(*config.utr3_length, endpoint=True)), p)
+                utr5 = _letters(rng, int(rng.integers(*config.utr5_length, endpoint=True)), _UTR_BACKGROUND)
+                utr3 = _letters(rng, int(rng.integers(*config.utr3_length, endpoint=True)), _UTR_BACKGROUND)
+                # The tracts go into the 3'UTR (where AREs and C-rich elements sit) but their share is of the
+                # whole transcript: mean pooling over tokens reads a share, not a count.
+                utr3 = _insert_tracts(rng, config, utr3, shares, len(utr5) + len(cds) + len(utr3))
                 rna = utr5 + cds + utr3
             # Every isoform starts at the gene's TSS; its other end lies within the gene body.
             span = int(rng.integers(min(200, g["body"]), g["body"] + 1))
@@ -490,6 +499,34 @@ def _draw_transcripts(rng: np.random.Generator, config: SyntheticConfig, genes: 
                      rna=rna, utr5=utr5, cds=cds, utr3=utr3, protein=protein)
             )  # fmt: skip
     return transcripts
+
+
+def _insert_tracts(
+    rng: np.random.Generator, config: SyntheticConfig, region: str, shares: np.ndarray, n_rest: int
+) -> str:
+    """`region` with homopolymer tracts of each TRACT_BASES letter inserted at random places.
+
+    Tract lengths are drawn until base b's tracts make up about shares[b] of the final transcript,
+    whose other letters number `n_rest` (the region included): x_b / (n_rest + sum(x)) = shares[b].
+    """
+    lo, hi = config.tract_length
+    wanted = shares * n_rest / (1.0 - float(np.sum(shares)))  # tract letters per base
+    tracts = []
+    for base, n_letters in zip(TRACT_BASES, wanted):
+        placed = 0
+        while n_letters - placed > (lo + hi) / 4:  # stop nearest to the wanted amount, on average
+            k = int(rng.integers(lo, hi + 1))
+            tracts.append(base * k)
+            placed += k
+    if not tracts:
+        return region
+    tracts = [tracts[i] for i in rng.permutation(len(tracts))]
+    cuts = np.sort(rng.integers(0, len(region) + 1, len(tracts)))
+    pieces, prev = [], 0
+    for cut, tract in zip(cuts, tracts):
+        pieces += [region[prev:cut], tract]
+        prev = cut
+    return "".join(pieces) + region[prev:]
 
 
 # ---------------------------------------------------------------------------------------------

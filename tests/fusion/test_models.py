@@ -222,7 +222,7 @@ def test_batch_independence(aggregator: str) -> None:
 
 def test_attention_update_is_zero_without_keys_and_ignores_masked_keys() -> None:
     torch.manual_seed(0)
-    attn = MaskedAttention(d_model=8, n_heads=2, dropout=0.0).eval()
+    attn = MaskedAttention(d_model=8, n_heads=2).eval()
     queries = torch.randn(2, 3, 8)
     context = torch.randn(2, 5, 8) * 100
     mask = torch.tensor([[True, True, False, False, False], [False] * 5])

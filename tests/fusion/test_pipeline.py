@@ -1,0 +1,144 @@
+"""The fusion stage end to end on real stores: synthetic data -> adapter -> embedcache -> train / evaluate / predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli.fusion_cli import main as fusion_main
+from embedcache.build import build
+from embedcache.config import BuildConfig
+from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
+from fusion.checkpoint import FingerprintMismatch
+from fusion.data import DataConfig, DataError, open_batches
+from fusion.experiment import read_manifest
+from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
+from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fusion")
+    info = generate_synthetic(root / "syn", SyntheticConfig(n_genes=24, seed=3))
+    prepared = prepare_isoformer(info.csv_path, info.genome_path, root / "prep", IsoformerPrepareConfig(dna_window=info.dna_window))
+    models = {
+        "protein": ("esm2", make_tiny_esm2(root / "m" / "esm", hidden=16), {}),
+        "rna": ("nucleotide-transformer", make_tiny_nucleotide_transformer(root / "m" / "nt", hidden=16), {}),
+        "dna": ("enformer", make_tiny_enformer(root / "m" / "enf", dim=24, target_length=info.dna_window // 128), {"window": info.dna_window}),
+    }
+    stores = {}
+    for modality, (encoder, model_dir, extra) in models.items():
+        stores[modality] = str(root / f"{modality}.zarr")
+        build(BuildConfig.create(encoder, str(model_dir), **extra), [prepared.out_dir / f"{modality}.fa"], stores[modality], progress=False, log=lambda s: None)
+    return {"root": root, "prep": str(prepared.out_dir), "stores": stores, "models": models}
+
+
+def store_args(stores: dict[str, str]) -> list[str]:
+    return [a for m, p in stores.items() for a in ("--store", f"{m}={p}")]
+
+
+FAST = ["--epochs", "2", "--d-model", "16", "--head-hidden", "16", "--no-progress"]
+
+
+@pytest.mark.parametrize("features", ["tokens", "pooled"])
+def test_train_evaluate_predict(demo_data, tmp_path, features, capsys):
+    run = tmp_path / "run"
+    code = fusion_main(["train", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", features, "--out", str(run), *FAST])
+    assert code == 0, capsys.readouterr().err
+    for name in ("run.json", "checkpoint.pt", "metrics.json", "predictions.csv", "history.csv", "log.txt", "report.md",
+                 "pred_vs_observed.png", "per_target_r2.png", "learning_curves.png"):  # fmt: skip
+        assert (run / name).stat().st_size > 0, name
+    metrics = json.loads((run / "metrics.json").read_text())["splits"]
+    assert set(metrics) == {"train", "validation", "test"} and len(metrics["test"]["per_target"]) == 30
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["model"]["input_dims"] == {"dna": 48, "rna": 16, "protein": 16}  # from the stores' attrs
+    assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["test"] == metrics["test"]
+    assert fusion_main(["predict", str(run), "--out", str(tmp_path / "pred.csv")]) == 0
+    pred = pd.read_csv(tmp_path / "pred.csv")
+    assert len(pred) == len(read_manifest(demo_data["prep"]))
+
+
+def test_missing_protein_is_masked_and_missing_targets_are_masked(demo_data):
+    batches = open_batches(DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"]), read_manifest(demo_data["prep"]), log=lambda s: None)
+    seen_absent = seen_missing_target = False
+    for batch in batches("train"):
+        protein = batch.features["protein"]
+        absent = ~protein.present
+        if absent.any():
+            seen_absent = True
+            assert not protein.mask[absent].any() and (protein.x[absent] == 0).all()
+        if (~batch.target_mask).any():
+            seen_missing_target = True
+            assert (batch.targets[~batch.target_mask] == 0).all()
+    assert seen_absent, "the fixture has non-coding transcripts"
+    assert seen_missing_target, "the fixture has missing targets"
+
+
+def test_manifest_keys_absent_from_a_store(demo_data, tmp_path):
+    partial = tmp_path / "rna_partial.zarr"
+    rna_fa = Path(demo_data["prep"]) / "rna.fa"
+    records = rna_fa.read_text().split(">")[1:]
+    (tmp_path / "few.fa").write_text("".join(">" + r for r in records[:5]))
+    encoder, model_dir, _ = demo_data["models"]["rna"]
+    build(BuildConfig.create(encoder, str(model_dir)), [tmp_path / "few.fa"], partial, progress=False, log=lambda s: None)
+    stores = {**demo_data["stores"], "rna": str(partial)}
+    with pytest.raises(DataError, match=r"of \d+ rna keys of manifest .* are not in store .*rna_partial\.zarr.*e\.g\. \["):
+        open_batches(DataConfig(manifest=demo_data["prep"], stores=stores), read_manifest(demo_data["prep"]), log=lambda s: None)
+
+
+def test_checkpoint_refuses_stores_with_other_fingerprints(demo_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert fusion_main(["train", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled", "--out", str(run), *FAST]) == 0
+    other = tmp_path / "protein_layer1.zarr"
+    encoder, model_dir, _ = demo_data["models"]["protein"]
+    build(BuildConfig.create(encoder, str(model_dir), layer=1), [Path(demo_data["prep"]) / "protein.fa"], other, progress=False, log=lambda s: None)
+    capsys.readouterr()
+    code = fusion_main(["evaluate", str(run), "--store", f"protein={other}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "protein" in err and "fingerprint" in err.lower()
+    with pytest.raises(FingerprintMismatch):
+        from fusion.experiment import run_evaluate
+
+        run_evaluate(run, stores={"protein": str(other)}, log=lambda s: None)
+
+
+def test_empty_split_and_unknown_targets(demo_data, tmp_path, capsys):
+    prep = tmp_path / "prep"
+    shutil.copytree(demo_data["prep"], prep)
+    manifest = pd.read_csv(prep / "manifest.csv")
+    manifest["split"] = manifest["split"].replace({"validation": "train"})
+    manifest.to_csv(prep / "manifest.csv", index=False)
+    code = fusion_main(["train", "--manifest", str(prep), *store_args(demo_data["stores"]), "--out", str(tmp_path / "r"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "split 'validation' is empty" in err
+    from fusion.prepare.manifest import load_manifest
+
+    with pytest.raises(ValueError, match="Brain_Nowhere"):
+        load_manifest(prep / "manifest.csv", key_columns={"rna": "rna_id"}, target_columns=["Brain_Nowhere"])
+
+
+def test_toml_config_gives_options(demo_data, tmp_path):
+    config = tmp_path / "run.toml"
+    stores = "\n".join(f'{m} = "{p}"' for m, p in demo_data["stores"].items())
+    config.write_text(f'manifest = "{demo_data["prep"]}"\nfeatures = "pooled"\naggregator = "mean-concat"\nepochs = 1\nd_model = 16\nout = "{tmp_path / "run"}"\n[store]\n{stores}\n')
+    assert fusion_main(["train", "--config", str(config), "--no-progress"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["model"]["aggregator"] == "mean-concat" and run["train"]["epochs"] == 1
+
+
+def test_ablation_writes_a_table(demo_data, tmp_path):
+    out = tmp_path / "abl"
+    args = ["ablate", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled",
+            "--aggregators", "mean-concat", "--seeds", "0,1", "--epochs", "1", "--d-model", "16", "--out", str(out)]  # fmt: skip
+    assert fusion_main(args) == 0
+    table = pd.read_csv(out / "ablation.csv")
+    assert len(table) == 7 and set(table["n_seeds"]) == {2}
+    assert (out / "ablation.md").read_text().count("\n") >= 9 and (out / "ablation.png").stat().st_size > 0
+    runs = pd.read_csv(out / "ablation_runs.csv")
+    assert np.isfinite(runs["test_mean_r2"]).all()
