@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from embedcache import __version__
@@ -29,7 +28,8 @@ from embedcache.store import (
     read_store_index,
     token_chunking,
 )
-from embedcache.windows import SequencePlan, central, plan_sequence, stitch
+from embedcache.embed import assemble, plan_windows, resolve_overlap, to_numpy
+from embedcache.windows import SequencePlan
 
 Log = Callable[[str], None]
 
@@ -111,7 +111,7 @@ def plan_build(
     Returns the plan, the store attrs, the records to add as (id, key), residues by key, and
     content tokens by new key.
     """
-    overlap = config.overlap if config.overlap is not None else encoder.window // 4
+    overlap = resolve_overlap(config, encoder)
     if not encoder.fixed_window and not 0 <= overlap < encoder.window:
         raise InputError(f"--overlap {overlap} must be in 0..{encoder.window - 1} for a window of {encoder.window}")
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
@@ -160,14 +160,7 @@ def plan_build(
                 f"into no tokens (characters outside its vocabulary?)"
             )
         try:
-            plans[key] = plan_sequence(
-                len(ids),
-                window=encoder.window,
-                overlap=overlap,
-                crop=config.crop,
-                max_length=config.max_length,
-                fixed_window=encoder.fixed_window,
-            )
+            plans[key] = plan_windows(encoder, len(ids), config)
         except ValueError as e:
             rid, source = first_source[key]
             raise InputError(f"{source}: record {rid!r}: {e}") from e
@@ -225,26 +218,6 @@ def make_batches(
     if current:
         batches.append(current)
     return batches
-
-
-def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePlan, config: BuildConfig) -> torch.Tensor | None:
-    """The pooled vector of one sequence from its stitched (n, d) output."""
-    if config.pooling == "none":
-        return None
-    if config.pooling == "mean":
-        return hidden.mean(0)  # special tokens were stripped in the encoder; no padding is left
-    if config.pooling == "center":
-        return central(hidden, config.pool_bins).mean(0)
-    if config.pooling == "cls":
-        if any(c is None for c in cls):
-            raise InputError(
-                f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
-                f"model {config.model!r} adds none. Use --pooling mean."
-            )
-        # A windowed sequence has one CLS per window: average them, weighted by the tokens each saw.
-        weights = torch.tensor([float(e - s) for s, e in plan.windows])
-        return (torch.stack(cls) * weights[:, None]).sum(0) / weights.sum()
-    raise AssertionError(config.pooling)
 
 
 class BackgroundWriter:
@@ -410,14 +383,12 @@ def _embed(
 
 
 def _assemble(key: str, residues: str, plan: SequencePlan, outs: list, config: BuildConfig) -> ContentResult:
-    hidden = stitch(plan.windows, [o.hidden for o in outs])  # (n, d)
-    pooled = pool(hidden, [o.cls for o in outs], plan, config)
-    tokens = central(hidden, config.token_bins).numpy().astype(config.dtype) if config.tokens else None
+    tokens, pooled = assemble(plan, outs, config)
     return ContentResult(
         key=key,
         residues=residues,
-        tokens=tokens,
-        pooled=None if pooled is None else pooled.numpy().astype(np.float32),
+        tokens=to_numpy(tokens, config.dtype) if config.tokens else None,
+        pooled=None if pooled is None else to_numpy(pooled, "float32"),
         n_input_tokens=plan.n_input_tokens,
         n_cropped=plan.n_cropped,
         n_windows=len(plan.windows),

@@ -32,7 +32,7 @@ class EncoderSettings:
 
 @dataclass
 class WindowOutput:
-    hidden: torch.Tensor  # (n, d) float32 on CPU: one row per content token (Enformer: per output bin)
+    hidden: torch.Tensor  # (n, d): one row per content token (Enformer: per output bin)
     cls: torch.Tensor | None  # (d,) the leading special token's state, when the tokenizer adds one
 
 
@@ -54,9 +54,23 @@ class Encoder(ABC):
     def tokenize(self, seq: str) -> np.ndarray:
         """Content token ids of the whole sequence, no special tokens: (n,) int."""
 
+    model: torch.nn.Module
+
     @abstractmethod
+    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        """Run the model on a batch of windows (each a slice of `tokenize` output), under autocast.
+
+        Outputs stay on the device in the compute dtype, and gradients flow when enabled: the
+        end-to-end finetune mode trains through this exact function.
+        """
+
     def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
-        """Run the model on a batch of windows (each a slice of `tokenize` output)."""
+        """`encode_windows` for building stores: no autograd, float32 outputs on the CPU."""
+        with torch.inference_mode():
+            outs = self.encode_windows(windows)
+        return [
+            WindowOutput(hidden=o.hidden.float().cpu(), cls=None if o.cls is None else o.cls.float().cpu()) for o in outs
+        ]
 
     @abstractmethod
     def cost(self, n_tokens: int) -> int:

@@ -83,15 +83,13 @@ class EnformerEncoder(Encoder):
         # Every window is padded to the full input; count its 128-bp bins, the transformer's tokens.
         return self.window // self.bin_size
 
-    @torch.inference_mode()
-    def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         from enformer_pytorch import str_to_one_hot
 
         padded = [centre_pad(w.tobytes().decode("ascii"), self.window) for w in windows]
         one_hot = str_to_one_hot(padded).to(self.device)  # (b, window, 4)
         with self.autocast():
             emb = self.model(one_hot, return_only_embeddings=True)  # (b, target_length, 2 * dim)
-        emb = emb.float().cpu()
         return [WindowOutput(hidden=emb[i], cls=None) for i in range(len(windows))]
 
     def provenance(self) -> dict:

@@ -176,8 +176,7 @@ class HFTokenEncoder(Encoder):
     def cost(self, n_tokens: int) -> int:
         return n_tokens + self.layout.n_special
 
-    @torch.inference_mode()
-    def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         # Always pad on the right, whatever the tokenizer's padding_side: with an attention mask the
         # padding is invisible to real tokens, and for causal models right padding never reaches real
         # tokens at all, so positions stay 0..n-1 without passing position_ids.
@@ -201,7 +200,6 @@ class HFTokenEncoder(Encoder):
         with self.autocast():
             out = self.model(**kwargs, output_hidden_states=not use_last, return_dict=True)
         hidden = out.last_hidden_state if use_last else out.hidden_states[self.layer_index]  # (b, n, d)
-        hidden = hidden.float().cpu()
         p = len(self.layout.prefix)
         return [
             WindowOutput(hidden=hidden[i, p : p + len(w)], cls=hidden[i, 0] if self.has_cls else None)
