@@ -33,58 +33,47 @@ def _write_vocab(directory: Path, vocab: list[str]) -> Path:
     return path
 
 
-def make_tiny_esm2(directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
-    """ESM2 architecture (rotary, token dropout, 33-token vocab) at toy size."""
+def _save_esm(directory: Path, vocab: list[str], *, hidden: int, layers: int, heads: int, seed: int, tokenizer_kwargs: dict, **config) -> Path:
+    """An ESM-architecture masked LM at toy size, saved as the public ESM / NT checkpoints are."""
     from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
-    directory = Path(directory)
     torch.manual_seed(seed)
-    config = EsmConfig(
-        vocab_size=len(ESM2_VOCAB),
+    esm_config = EsmConfig(
+        vocab_size=len(vocab),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         intermediate_size=hidden * 4,
-        max_position_embeddings=1026,
-        position_embedding_type="rotary",
-        token_dropout=True,
         emb_layer_norm_before=False,
-        pad_token_id=ESM2_VOCAB.index("<pad>"),
-        mask_token_id=ESM2_VOCAB.index("<mask>"),
+        pad_token_id=vocab.index("<pad>"),
+        mask_token_id=vocab.index("<mask>"),
+        **config,
     )
-    # Saved as the masked-LM checkpoint, as facebook/esm2_* are; the encoder loads its base model.
-    EsmForMaskedLM(config).save_pretrained(directory)
-    EsmTokenizer(str(_write_vocab(directory, ESM2_VOCAB))).save_pretrained(directory)
+    # Saved with the MLM head, as facebook/esm2_* and InstaDeepAI/nucleotide-transformer-* are; the
+    # encoder loads the base model from it.
+    EsmForMaskedLM(esm_config).save_pretrained(directory)
+    EsmTokenizer(str(_write_vocab(directory, vocab)), **tokenizer_kwargs).save_pretrained(directory)
     return directory
+
+
+def make_tiny_esm2(directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
+    """ESM2 architecture (rotary, token dropout, 33-token vocab) at toy size."""
+    return _save_esm(
+        Path(directory), ESM2_VOCAB, hidden=hidden, layers=layers, heads=heads, seed=seed, tokenizer_kwargs={},
+        max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=True,
+    )  # fmt: skip
 
 
 def make_tiny_nucleotide_transformer(
     directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, max_positions: int = 1002, seed: int = 0
 ) -> Path:
     """Nucleotide Transformer v1 architecture (an ESM model, learned positions, 6-mer vocab, CLS only)."""
-    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    config = EsmConfig(
-        vocab_size=len(NT_VOCAB),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=hidden * 4,
-        max_position_embeddings=max_positions,
-        position_embedding_type="absolute",
-        token_dropout=False,
-        emb_layer_norm_before=False,
-        pad_token_id=NT_VOCAB.index("<pad>"),
-        mask_token_id=NT_VOCAB.index("<mask>"),
-    )
-    EsmForMaskedLM(config).save_pretrained(directory)
-    # NT's tokenizer adds <cls> but no <eos>.
-    tokenizer = EsmTokenizer(str(_write_vocab(directory, NT_VOCAB)), eos_token=None)
-    tokenizer.model_max_length = max_positions - config.pad_token_id - 1
-    tokenizer.save_pretrained(directory)
-    return directory
+    # NT's tokenizer adds <cls> but no <eos>; learned positions start at padding_idx + 1.
+    tokenizer_kwargs = {"eos_token": None, "model_max_length": max_positions - NT_VOCAB.index("<pad>") - 1}
+    return _save_esm(
+        Path(directory), NT_VOCAB, hidden=hidden, layers=layers, heads=heads, seed=seed, tokenizer_kwargs=tokenizer_kwargs,
+        max_position_embeddings=max_positions, position_embedding_type="absolute", token_dropout=False,
+    )  # fmt: skip
 
 
 def make_tiny_enformer(
