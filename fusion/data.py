@@ -113,15 +113,16 @@ def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
 
 
 def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = None) -> ModalityBatch:
-    """Right-pad per-sample (L_i, d) rows into (b, max L, d) with an explicit mask."""
-    pieces = [None if p is None else group_mean(p, max_rows) for p in pieces]
+    """Right-pad per-sample (L_i, d) rows (any float dtype) into float32 (b, max L, d) with an explicit mask."""
+    if max_rows is not None:
+        pieces = [None if p is None else group_mean(p.float(), max_rows) for p in pieces]
     lengths = [0 if p is None else len(p) for p in pieces]
     width = max(max(lengths), 1)
     x = torch.zeros(len(pieces), width, dim)
     mask = torch.zeros(len(pieces), width, dtype=torch.bool)
     for i, p in enumerate(pieces):
         if p is not None:
-            x[i, : len(p)] = p
+            x[i, : len(p)].copy_(p)  # casts fp16 rows straight into the float32 batch: one copy
             mask[i, : len(p)] = True
     return ModalityBatch(x=x, mask=mask, present=torch.tensor([n > 0 for n in lengths]))
 
@@ -143,7 +144,7 @@ class InMemoryTokens(ModalityFeatures):
                 pieces.append(None)
             else:
                 o, n = self.span[k]
-                pieces.append(self.flat[o : o + n].float())
+                pieces.append(self.flat[o : o + n])
         return _pad(pieces, self.dim, self.max_rows)
 
 
@@ -157,7 +158,7 @@ class StreamedTokens(ModalityFeatures):
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
-        return _pad([None if a is None else torch.from_numpy(a).float() for a in arrays], self.dim, self.max_rows)
+        return _pad([None if a is None else torch.from_numpy(a) for a in arrays], self.dim, self.max_rows)
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
@@ -178,6 +179,7 @@ class StoreBatches:
     features: dict[str, ModalityFeatures]
     stores: dict[str, EmbeddingStore]
     loading: dict[str, str] = field(default_factory=dict)  # modality -> memory | stream | pooled
+    _splits: dict[str, "SplitArrays"] = field(default_factory=dict, repr=False)  # split -> arrays, made on first use
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -211,33 +213,52 @@ class StoreBatches:
     def split_manifest(self, split: str) -> Manifest:
         return self.manifest.split(split)
 
+    def split_arrays(self, split: str) -> "SplitArrays":
+        """The split's ids, keys per modality and targets as plain arrays, made once per split."""
+        if split not in self._splits:
+            self._splits[split] = SplitArrays.of(self.split_manifest(split), self.features)
+        return self._splits[split]
+
     def n_batches(self, split: str) -> int:
-        return -(-len(self.split_manifest(split)) // self.config.batch_size)
+        return -(-len(self.split_arrays(split).sample_ids) // self.config.batch_size)
 
     def __call__(self, split: str, *, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
-        part = self.split_manifest(split)
-        order = np.arange(len(part))
+        arrays = self.split_arrays(split)
+        order = np.arange(len(arrays.sample_ids))
         if shuffle:
             np.random.default_rng([self.config.seed, epoch]).shuffle(order)
         starts = range(0, len(order), self.config.batch_size)
-        make = lambda s: self._batch(part, order[s : s + self.config.batch_size])  # noqa: E731
-        if any(v == "stream" for v in self.loading.values()):
-            return _prefetch(map(make, starts), self.config.prefetch)
-        return map(make, starts)
+        make = lambda s: self._batch(arrays, order[s : s + self.config.batch_size])  # noqa: E731
+        # Batches are assembled in a background thread in every mode, overlapping the training step.
+        return _prefetch(map(make, starts), self.config.prefetch)
 
-    def _batch(self, part: Manifest, rows: np.ndarray) -> Batch:
-        frame = part.frame.iloc[rows]
-        features = {}
-        for m, feats in self.features.items():
-            column = frame[part.key_columns[m]]
-            features[m] = feats.gather([None if _is_missing(k) else str(k) for k in column])
-        targets = torch.from_numpy(part.frame[list(part.target_columns)].to_numpy(np.float32, na_value=np.nan)[rows])
+    def _batch(self, arrays: "SplitArrays", rows: np.ndarray) -> Batch:
+        features = {m: feats.gather([arrays.keys[m][r] for r in rows]) for m, feats in self.features.items()}
+        targets = arrays.targets[rows]  # (b, t), NaN = missing
         mask = ~torch.isnan(targets)
         return Batch(
             features=features,
             targets=torch.nan_to_num(targets, nan=0.0),
             target_mask=mask,
+            sample_ids=[arrays.sample_ids[r] for r in rows],
+        )
+
+
+@dataclass
+class SplitArrays:
+    """One split of the manifest as plain lists and a tensor (pandas stays out of the batch loop)."""
+
+    sample_ids: list[str]
+    keys: dict[str, list[str | None]]  # modality -> record key per sample (None: the sample lacks it)
+    targets: torch.Tensor  # (n, t) float32, NaN = missing
+
+    @classmethod
+    def of(cls, part: Manifest, modalities) -> "SplitArrays":
+        frame = part.frame
+        return cls(
             sample_ids=frame[part.sample_id_column].astype(str).tolist(),
+            keys={m: [None if _is_missing(k) else str(k) for k in frame[part.key_columns[m]]] for m in modalities},
+            targets=torch.from_numpy(part.targets()),
         )
 
 

@@ -171,3 +171,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, kill_after_gr
     for rid in ref.ids:
         np.testing.assert_array_equal(resumed.tokens(rid), ref.tokens(rid))
         np.testing.assert_allclose(resumed.pooled([rid]), ref.pooled([rid]), rtol=1e-5, atol=1e-6)
+
+
+def test_token_arrays_skip_the_gaps_between_groups(tmp_path, models):
+    store = tmp_path / "s.zarr"
+    records = random_seqs(AA, [100, 3, 250, 40, 100, 7], seed=5)
+    records["alias"] = records["s0_100"]
+    run_build(esm2_config(models, shard_mb=0.01), [write_fasta(tmp_path / "a.fa", records)], store)
+    s = open_store(store)
+    assert len(s.groups) > 2
+    flat, offsets, lengths = s.token_arrays()
+    assert len(flat) == sum(len(v) for k, v in records.items() if k != "alias")  # no unused rows loaded
+    for rid, o, n in zip(s.ids, offsets, lengths):
+        np.testing.assert_array_equal(flat[o : o + n], s.tokens(rid))
