@@ -22,7 +22,7 @@ def parse_stores(items: list[str]) -> dict[str, str]:
     for item in items or []:
         modality, sep, path = item.partition("=")
         if not sep or not modality or not path:
-            raise argparse.ArgumentTypeError(f"--store {item!r}: expected MODALITY=PATH, e.g. rna=stores/rna.zarr")
+            raise ValueError(f"--store {item!r}: expected MODALITY=PATH, e.g. rna=stores/rna.zarr")
         stores[modality] = path
     return stores
 
@@ -108,6 +108,30 @@ def create_parser() -> argparse.ArgumentParser:
     pr.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
     pr.set_defaults(func=run_predict_cmd)
 
+    ft = sub.add_parser("finetune", formatter_class=fmt, help="train with live encoders (frozen, full, LoRA or last-n blocks)",
+                        description="The fusion model of `fusion train`, fed by the stores' encoders run live on the sequences kept in the stores "
+                                    "(rebuilt from each store's provenance; other weights are refused). Writes the same run directory as `fusion train`. "
+                                    "A TOML --config may give any option (same names, with underscores; encoder_mode as a table).")
+    ft.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
+    ft.add_argument("--out", required=False, help="run directory")
+    ft.add_argument("--aggregator", choices=list(AGGREGATORS), default="cross-attention", help="how modality tokens are fused (ignored with --init-from: the run's model is used)")
+    ft.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
+    _add_data_args(ft)
+    _add_model_args(ft)
+    _add_train_args(ft)
+    ft.add_argument("--encoder-mode", action="append", metavar="MODALITY=MODE",
+                    help="how a modality's encoder trains: frozen, full, lora (adapters on the attention projections) or last-n (the last --last-n blocks); repeat per modality; unnamed modalities are frozen")
+    ft.add_argument("--last-n", type=int, default=1, help="blocks that train under --encoder-mode M=last-n, counted back from the block whose output the store used")
+    ft.add_argument("--encoder-lr", type=float, default=1e-5, help="peak learning rate of encoder parameters (--lr is the fusion model's); same warmup and cosine decay")
+    ft.add_argument("--grad-accum", type=int, default=1, help="batches whose gradients are summed into one optimiser step")
+    ft.add_argument("--gradient-checkpointing", action="store_true", help="recompute trained encoders' activations in backward (less memory, more compute)")
+    ft.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters")
+    ft.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling: the update is multiplied by alpha / rank")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA adapters' input")
+    ft.add_argument("--init-from", metavar="RUN", help="start the fusion model (weights and feature standardisation) from a `fusion train` run on the same stores (fingerprints must match)")
+    ft.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ft.set_defaults(func=run_finetune_cmd)
+
     ab = sub.add_parser("ablate", formatter_class=fmt, help="modality subsets x aggregators x seeds", description="Train every modality subset with each aggregator and seed on features loaded once; writes ablation.md, ablation.csv and ablation.png (mean +- std over seeds).")
     ab.add_argument("--config", help="TOML file with any of these options")
     ab.add_argument("--out", required=False, help="output directory")
@@ -189,6 +213,41 @@ def run_train_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_train
 
     result = run_train(data_config(args, args.seed), args.aggregator, model_options(args), train_config(args, args.seed), _require_out(args), progress=args.progress)
+    test = result.metrics["test"]
+    print(f"test: mean R^2 {test['mean_r2']:.4f}, mean Spearman {test['mean_spearman']:.4f}; report: {result.run_dir / 'report.md'}")
+    return 0
+
+
+def parse_encoder_modes(items: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """MODALITY=MODE pairs (or a TOML table), e.g. rna=lora."""
+    if isinstance(items, dict):
+        return dict(items)
+    modes = {}
+    for item in items or []:
+        modality, sep, mode = item.partition("=")
+        if not sep or not modality or not mode:
+            raise ValueError(f"--encoder-mode {item!r}: expected MODALITY=MODE, e.g. rna=lora")
+        modes[modality] = mode
+    return modes
+
+
+def run_finetune_cmd(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fusion.finetune import FinetuneConfig, run_finetune
+
+    finetune = FinetuneConfig(
+        encoder_modes=parse_encoder_modes(args.encoder_mode),
+        last_n=args.last_n,
+        encoder_lr=args.encoder_lr,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        init_from=args.init_from,
+    )
+    train = replace(train_config(args, args.seed), grad_accum=args.grad_accum)
+    result = run_finetune(data_config(args, args.seed), args.aggregator, model_options(args), train, finetune, _require_out(args), progress=args.progress)
     test = result.metrics["test"]
     print(f"test: mean R^2 {test['mean_r2']:.4f}, mean Spearman {test['mean_spearman']:.4f}; report: {result.run_dir / 'report.md'}")
     return 0

@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0  # seeds python, numpy and torch at the start of train()
     amp: str = "auto"  # autocast: auto (bf16 on CUDA if supported, else off), off, bf16, fp16 (CUDA, with GradScaler)
     device: str = "auto"  # auto (cuda if available, else cpu) or a torch device string like cuda:1
+    grad_accum: int = 1  # batches whose gradients are summed into one optimiser step (loss / batches in the step)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -114,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"early_stopping_patience must be >= 0 (0 disables), got {self.early_stopping_patience}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +300,7 @@ def train(
     fingerprints: dict[str, str] | None = None,
     model_config: dict[str, Any] | None = None,
     extra_checkpoint_info: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
     train_split: str = "train",
     val_split: str = "validation",
     progress: bool = True,
@@ -309,6 +313,8 @@ def train(
       consumer can refuse different features (fusion.checkpoint.check_fingerprints).
     model_config: stored in the checkpoint; default model.config.to_dict() if the model has one.
     extra_checkpoint_info: JSON-safe dict merged into the checkpoint's `extra`.
+    optimizer: used instead of make_optimizer(model, config), e.g. parameter groups with their own
+      learning rates: every step sets a group's lr to the schedule's lr times its "lr_scale" (default 1).
     log: called with every log line (also written to run_dir/log.txt).
     Returns a TrainResult; afterwards `model` holds the best (lowest validation loss) weights.
     """
@@ -328,17 +334,19 @@ def train(
         amp_dtype = resolve_amp(config.amp, device)
         amp_name = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
         model.to(device)
-        optimizer = make_optimizer(model, config)
+        optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         model_config = dict(model_config) if model_config is not None else _model_config_dict(model)
         fingerprints = dict(fingerprints or {})
-        steps_per_epoch = count_batches(batches, train_split)
-        if steps_per_epoch == 0:
+        batches_per_epoch = count_batches(batches, train_split)
+        if batches_per_epoch == 0:
             raise ValueError(f"the batch source yields no batches for split {train_split!r}")
+        steps_per_epoch = -(-batches_per_epoch // config.grad_accum)  # optimiser steps; a short last group still steps
         total_steps = steps_per_epoch * config.epochs
         resolved = {
             "device": str(device),
             "amp": amp_name,
+            "batches_per_epoch": batches_per_epoch,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
             "warmup_steps": int(round(config.warmup_fraction * total_steps)),
@@ -376,23 +384,40 @@ def train(
         stopped_early = False
         history: list[dict[str, Any]] = []
         checkpoint_path = run_dir / "checkpoint.pt"
+
+        def apply_step() -> None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # so clipping sees true gradient norms
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+
         for epoch in range(config.epochs):
             t0 = time.perf_counter()
 
             # train one epoch
             model.train()
             sse, n_valid = 0.0, 0  # sum of squared errors and count of valid targets, for the epoch's train loss
-            bar = tqdm(batches(train_split, shuffle=True, epoch=epoch), total=steps_per_epoch,
+            bar = tqdm(batches(train_split, shuffle=True, epoch=epoch), total=batches_per_epoch,
                        desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
-            for batch in bar:
+            pending = 0  # batches whose gradients are summed but not applied yet
+            for i, batch in enumerate(bar):
                 if target_names is None:
                     target_names = [f"target_{j}" for j in range(batch.targets.shape[1])]
                 if len(target_names) != batch.targets.shape[1]:
                     raise ValueError(f"{len(target_names)} target_names {list(target_names)[:5]}... but batch targets have "
                                      f"{batch.targets.shape[1]} columns (epoch {epoch}, step {step})")
-                lr = lr_at_step(step, total_steps, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                if pending == 0:  # first batch of an optimiser step
+                    lr = lr_at_step(step, total_steps, config)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    optimizer.zero_grad(set_to_none=True)
+                    # The step's loss is the mean of its batches' losses, as if they were one batch.
+                    in_step = max(1, min(config.grad_accum, batches_per_epoch - i))
                 batch = batch.to(device)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                     pred = model(batch.features)  # (b, t)
@@ -404,24 +429,20 @@ def train(
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch}, step {step}, lr {lr:.3g}; "
                                              f"first sample ids of the batch: {batch.sample_ids[:5]}")
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)  # so clipping sees true gradient norms
-                else:
-                    loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                scaled = loss / in_step
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                pending += 1
+                if pending == in_step:
+                    apply_step()
+                    step += 1
+                    pending = 0
                 n = int(batch.target_mask.sum())
                 sse += loss_value * n
                 n_valid += n
-                step += 1
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)  # redraw at tqdm's own pace
+            if pending:  # the source yielded fewer batches than it counted: apply what was summed
+                apply_step()
+                step += 1
             bar.close()
             train_loss = sse / n_valid if n_valid else math.nan
 

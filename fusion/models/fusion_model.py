@@ -125,5 +125,8 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
         var = (total_sq[m] / n - mean * mean).clamp_min(0)
         norm = model.standardize[m]
         norm.mean.copy_(mean.float())
-        norm.std.copy_(var.sqrt().float().clamp_min(1e-6))
+        # A feature that barely varies (std far below the others') carries no signal but would turn
+        # float16 rounding of stored features into visible noise once divided by its std: floor it.
+        std = var.sqrt().float()
+        norm.std.copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.median()))))
     return count
