@@ -17,12 +17,15 @@ from fusion.prepare.synthetic import (
     CSV_COLUMNS,
     GTEX_TISSUES,
     MODALITIES,
+    TRACT_MIN,
     SyntheticConfig,
     composition_baseline,
+    embedding_baseline,
     generate_synthetic,
     kmer_frequencies,
     r2_per_target,
     ridge_predict,
+    rna_features,
     true_signal,
 )
 
@@ -108,6 +111,33 @@ def test_config_is_checked():
         SyntheticConfig(share_dna=0.5)
     with pytest.raises(PrepareError, match=r"dna_window 300 is too short"):
         SyntheticConfig(dna_window=300)
+    with pytest.raises(PrepareError, match=r"tract_length \(8, 20\) must satisfy 12 \(TRACT_MIN\)"):
+        SyntheticConfig(tract_length=(8, 20))
+    with pytest.raises(PrepareError, match=r"tract_share_max 0.6 must be > 0 and < 1/2"):
+        SyntheticConfig(tract_share_max=0.6)
+
+
+def test_rna_features_are_the_shares_of_poly_u_and_poly_c_tracts():
+    rna = "A" * 10 + "T" * 12 + "G" * 8 + "C" * 11 + "T" * 5 + "C" * 14  # 60 nt; the 11-C and 5-T runs are too short
+    assert rna_features(rna) == pytest.approx([12 / 60, 14 / 60])
+    assert rna_features("ACGT" * 10).tolist() == [0.0, 0.0]
+    assert rna_features("").tolist() == [0.0, 0.0]
+
+
+def test_tracts_sit_in_the_3utr_and_hold_a_whole_token_in_every_6mer_frame(tmp_path):
+    generate_synthetic(tmp_path, SMALL)
+    csv = pd.read_csv(tmp_path / "GTEx_final.csv")
+    coding = csv[csv["CDS"].notna()]
+    noncoding = csv[csv["CDS"].isna()]
+    # Coding isoforms: no tract in 5'UTR + CDS (the protein term stays out of the RNA term), only in the 3'UTR.
+    assert all(rna_features(u5 + cds).sum() == 0 for u5, cds in zip(coding["5UTR"], coding["CDS"]))
+    shares = np.stack([rna_features(r) for r in csv["RNA"]])  # (n, 2)
+    assert shares.max() < SMALL.tract_share_max + 0.05 and shares.std(axis=0).min() > 0.04
+    assert (np.stack([rna_features(r) for r in noncoding["RNA"]]).sum(axis=1) > 0).mean() > 0.8
+    # A run of >= TRACT_MIN letters contains a whole homopolymer 6-mer token whatever the token frame.
+    for frame in range(6):
+        seq = "A" * frame + "T" * TRACT_MIN + "A" * 6
+        assert "TTTTTT" in [seq[i : i + 6] for i in range(0, len(seq) - 5, 6)], frame
 
 
 def test_composition_ridge_orders_modality_subsets(tmp_path):
@@ -146,4 +176,63 @@ def test_composition_ridge_orders_modality_subsets(tmp_path):
     y = terms["protein"][coding]
     train = (f["split"] == "train").to_numpy()[coding]
     pred = ridge_predict(x[train], y[train], x[~train], [1.0, 10.0, 100.0])
+    assert max(np.mean(r2_per_target(y[~train], p)) for p in pred) < 0.05
+
+
+@pytest.mark.slow
+def test_demo_encoders_see_every_modality_and_order_the_subsets(tmp_path):
+    """The demo's acceptance property on the demo's own tiny random encoders, through the real build.
+
+    Ridge on standardised pooled embeddings (~1 min on 2 CPU cores): all three > every pair > each
+    of its singles, every single well above zero (RNA at least half its ceiling: its tract shares are
+    single-token frequencies the 6-mer encoder keeps), and the protein term not readable from RNA.
+    """
+    pytest.importorskip("enformer_pytorch")
+    from embedcache import open_store
+    from embedcache.build import build
+    from embedcache.config import BuildConfig
+    from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
+
+    meta, out = generate_and_prepare(tmp_path, SyntheticConfig())
+    models = tmp_path / "models"
+    configs = {
+        "protein": BuildConfig.create("esm2", str(make_tiny_esm2(models / "esm", hidden=64, layers=2))),
+        "rna": BuildConfig.create(
+            "nucleotide-transformer", str(make_tiny_nucleotide_transformer(models / "nt", hidden=64, layers=2))
+        ),
+        "dna": BuildConfig.create(
+            "enformer", str(make_tiny_enformer(models / "enf", dim=48, target_length=16)), window=2048
+        ),
+    }
+    stores = {mod: tmp_path / f"{mod}.zarr" for mod in MODALITIES}
+    for mod, config in configs.items():
+        build(config, [out / f"{mod}.fa"], stores[mod], progress=False)
+    r2 = embedding_baseline(out, stores)
+    ceiling = meta["subset_ceiling_r2"]
+    margin = 0.03
+    for pair in ["dna+rna", "dna+protein", "rna+protein"]:
+        assert r2["dna+rna+protein"] > r2[pair] + margin, (pair, r2)
+        for single in pair.split("+"):
+            assert r2[pair] > r2[single] + margin, (pair, single, r2)
+    for single in MODALITIES:
+        assert r2[single] > 0.4 * ceiling[single], (single, r2, ceiling)
+    assert r2["rna"] > 0.5 * ceiling["rna"], (r2, ceiling)
+    assert r2["dna+rna+protein"] < meta["ceiling_r2"] + 0.03
+
+    # The protein term from the RNA's pooled NT embedding (coding isoforms): nothing to read.
+    m = load_prepared(out)
+    f = m.frame
+    terms = true_signal(
+        meta,
+        read_fasta(out / "dna.fa"),
+        read_fasta(out / "rna.fa"),
+        read_fasta(out / "protein.fa"),
+        f["gene_id"].tolist(),
+        f["sample_id"].tolist(),
+    )
+    coding = m.present("protein")
+    x = open_store(stores["rna"]).pooled(f["rna_id"][coding].tolist()).astype(np.float64)
+    y = terms["protein"][coding]
+    train = (f["split"] == "train").to_numpy()[coding]
+    pred = ridge_predict(x[train], y[train], x[~train], [1.0, 10.0, 100.0, 1000.0])
     assert max(np.mean(r2_per_target(y[~train], p)) for p in pred) < 0.05
