@@ -19,7 +19,8 @@ def create_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo-out", help="output directory")
     p.add_argument("--n-genes", type=int, default=d.n_genes, help="synthetic genes")
-    p.add_argument("--features", choices=("tokens", "pooled"), default=d.features, help="fusion inputs")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="per-token rows per modality in the headline cross-attention run (group-averaged)")
+    p.add_argument("--ablation-features", choices=("tokens", "pooled"), default=d.ablation_features, help="inputs of the ablation grid")
     p.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="ablation training seeds")
     p.add_argument("--epochs", type=int, default=d.epochs, help="maximum training epochs")
     return p
@@ -28,7 +29,13 @@ def create_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = create_parser().parse_args(argv)
-    config = DemoConfig(n_genes=args.n_genes, features=args.features, seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs)
+    config = DemoConfig(
+        n_genes=args.n_genes,
+        max_tokens=args.max_tokens,
+        ablation_features=args.ablation_features,
+        seeds=tuple(int(s) for s in args.seeds.split(",")),
+        epochs=args.epochs,
+    )
     run_demo(args.out, config)
     return 0
 

@@ -35,7 +35,8 @@ class DemoConfig:
     n_genes: int = 400  # synthetic genes (1-8 isoforms each)
     seed: int = 0  # synthetic data seed
     encoder_hidden: int = 64  # width of the tiny ESM2 / NT models (Enformer: dim 48 -> 96-wide embeddings)
-    features: str = "tokens"  # fusion inputs: per-token rows (IsoFormer) or pooled vectors
+    max_tokens: int = 32  # the headline run's per-token inputs are group-averaged to this many rows (CPU budget)
+    ablation_features: str = "pooled"  # the ablation grid's inputs: pooled vectors keep 42 runs within minutes on a CPU
     aggregators: tuple[str, ...] = ("cross-attention", "mean-concat")  # compared in the ablation
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the ablation
     epochs: int = 40  # maximum epochs (early stopping usually ends runs sooner)
@@ -84,22 +85,32 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log: Log = prin
     stores = build_demo_stores(prepared.out_dir, out, config.encoder_hidden, info.dna_window, log)
     log(describe(open_store(stores["rna"]).info()))
 
-    data = DataConfig(manifest=str(prepared.out_dir), stores=stores, features=config.features, batch_size=config.batch_size)
+    data = DataConfig(
+        manifest=str(prepared.out_dir), stores=stores, features="tokens", max_tokens=config.max_tokens, batch_size=config.batch_size
+    )
     model_options = {"d_model": config.d_model, "n_heads": 4, "head_hidden": 2 * config.d_model}
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, early_stopping_patience=8)
 
-    log("[4/5] fusion train: cross-attention over DNA + RNA + protein")
+    log(f"[4/5] fusion train: cross-attention over DNA + RNA + protein tokens (group-averaged to <= {config.max_tokens} rows)")
     run = run_train(data, "cross-attention", model_options, train_config, out / "run", log=log)
 
     log(f"[5/5] ablation: every modality subset x {list(config.aggregators)} x seeds {list(config.seeds)}")
-    markdown, _ = run_ablation(data, list(config.aggregators), list(config.seeds), model_options, train_config, out / "ablation", log=log)
+    ablation_data = DataConfig.from_dict({**data.to_dict(), "features": config.ablation_features, "max_tokens": None})
+    markdown, table = run_ablation(ablation_data, list(config.aggregators), list(config.seeds), model_options, train_config, out / "ablation", log=log)
+    best = table.iloc[0]  # the table is sorted best first
 
     summary = {
         "config": asdict(config),
         "ceiling_mean_r2": info.ceiling_r2,
         "subset_ceiling_r2": info.subset_ceiling_r2,
-        "test_mean_r2": run.metrics["test"]["mean_r2"],
-        "test_mean_spearman": run.metrics["test"]["mean_spearman"],
+        "tokens_run_test_mean_r2": run.metrics["test"]["mean_r2"],
+        "tokens_run_test_mean_spearman": run.metrics["test"]["mean_spearman"],
+        "best_ablation": {
+            "modalities": best["modalities"],
+            "aggregator": best["aggregator"],
+            "test_mean_r2": float(best["test_mean_r2_mean"]),
+            "test_mean_r2_std": float(best["test_mean_r2_std"]),
+        },
         "report": str(run.run_dir / "report.md"),
         "ablation": str(out / "ablation" / "ablation.md"),
         "stores": stores,
@@ -107,9 +118,15 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log: Log = prin
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log("\n" + markdown)
+    b = summary["best_ablation"]
     log(
-        f"\ncross-attention, all three modalities: test mean R^2 {summary['test_mean_r2']:.3f} "
-        f"(ceiling {info.ceiling_r2:.3f}), Spearman {summary['test_mean_spearman']:.3f}"
+        f"\nbest model: {b['modalities']} with {b['aggregator']} ({config.ablation_features} features): test mean R^2 "
+        f"{b['test_mean_r2']:.3f} ± {b['test_mean_r2_std']:.3f} over seeds; best achievable (ceiling) {info.ceiling_r2:.3f}"
+    )
+    log(
+        f"per-token cross-attention run: test mean R^2 {summary['tokens_run_test_mean_r2']:.3f}, Spearman "
+        f"{summary['tokens_run_test_mean_spearman']:.3f} (the planted signals are sequence composition, which pooled "
+        f"vectors already summarise; per-token models overfit ~1,000 training samples)"
     )
     log(f"report: {summary['report']}\nablation: {summary['ablation']}\ntook {summary['seconds']} s")
     return summary
