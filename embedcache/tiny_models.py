@@ -45,6 +45,11 @@ def _save_esm(directory: Path, vocab: list[str], *, hidden: int, layers: int, he
         num_attention_heads=heads,
         intermediate_size=hidden * 4,
         emb_layer_norm_before=False,
+        # As the released ESM2 / NT configs: no dropout (EsmConfig's default 0.1 would make training-mode
+        # forwards take SDPA's slow dropout path), layer-norm eps 1e-5.
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-5,
         pad_token_id=vocab.index("<pad>"),
         mask_token_id=vocab.index("<mask>"),
         **config,
