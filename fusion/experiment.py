@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -79,20 +78,7 @@ def run_train(
     seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
     model = build_model(batches, aggregator, model_options)
     fit_feature_stats_(model, batches("train", shuffle=False, epoch=0))
-    (run_dir / RUN_FILE).write_text(
-        json.dumps(
-            {
-                "format": "fusion-run",
-                "mode": "cached",
-                "data": data.to_dict(),
-                "model": model.config.to_dict(),
-                "train": train_config.to_dict(),
-                "fingerprints": batches.fingerprints,
-                "loading": batches.loading,
-            },
-            indent=2,
-        )
-    )
+    write_run_json(run_dir, "cached", data, model.config, train_config, batches)
     result = train(
         model,
         batches,
@@ -104,9 +90,31 @@ def run_train(
         progress=progress,
         log=log,
     )
+    return RunResult(run_dir=run_dir, train=result, metrics=evaluate_and_report(model, batches, run_dir, log))
+
+
+def write_run_json(
+    run_dir: Path, mode: str, data: DataConfig, model_config: FusionModelConfig, train_config: TrainConfig, batches: StoreBatches, **extra
+) -> None:
+    """run.json: what a run was trained on and how (cached or finetune mode), written before training starts."""
+    run = {
+        "format": "fusion-run",
+        "mode": mode,
+        "data": data.to_dict(),
+        "model": model_config.to_dict(),
+        "train": train_config.to_dict(),
+        **extra,
+        "fingerprints": batches.fingerprints,
+        "loading": batches.loading,
+    }
+    (run_dir / RUN_FILE).write_text(json.dumps(run, indent=2))
+
+
+def evaluate_and_report(model: torch.nn.Module, batches: StoreBatches, run_dir: Path, log: Log) -> dict:
+    """Metrics of every split, predictions.csv, and the report with plots; returns split -> metrics."""
     evaluation = evaluate_run(model, batches, run_dir, target_names=batches.target_names, splits=SPLITS, log=log)
     write_report(run_dir, evaluation.metrics, evaluation.predictions["test"], run_dir / "history.csv")
-    return RunResult(run_dir=run_dir, train=result, metrics=evaluation.metrics)
+    return evaluation.metrics
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, FusionModel, dict]:

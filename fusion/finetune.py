@@ -60,12 +60,11 @@ from embedcache.errors import EmbedcacheError
 from fusion.batch import Batch, ModalityBatch
 from fusion.checkpoint import check_fingerprints, load_checkpoint
 from fusion.data import DataConfig, DataError, ModalityFeatures, StoreBatches, _pad, check_keys
-from fusion.experiment import RUN_FILE, SPLITS, build_model, load_run, read_manifest
+from fusion.experiment import RUN_FILE, SPLITS, build_model, evaluate_and_report, load_run, read_manifest, write_run_json
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.report import write_report
-from fusion.train import TrainConfig, TrainResult, evaluate_run, make_optimizer, resolve_amp, resolve_device, seed_everything, train
+from fusion.train import TrainConfig, TrainResult, make_optimizer, resolve_amp, resolve_device, seed_everything, train
 
 Log = Callable[[str], None]
 
@@ -631,21 +630,7 @@ def run_finetune(
         stats = f"fitted on live train features of the pretrained encoders ({counts} rows)"
     model.configure_(finetune, log=log)
     info = {"encoder_modes": model.modes, "encoders": model.describe(), "finetune": finetune.to_dict(), "feature_stats": stats}
-    (run_dir / RUN_FILE).write_text(
-        json.dumps(
-            {
-                "format": "fusion-run",
-                "mode": "finetune",
-                "data": data.to_dict(),
-                "model": fusion.config.to_dict(),
-                "train": train_config.to_dict(),
-                **info,
-                "fingerprints": batches.fingerprints,
-                "loading": batches.loading,
-            },
-            indent=2,
-        )
-    )
+    write_run_json(run_dir, "finetune", data, fusion.config, train_config, batches, **info)
     result = train(
         model,
         batches,
@@ -659,9 +644,7 @@ def run_finetune(
         progress=progress,
         log=log,
     )
-    evaluation = evaluate_run(model, batches, run_dir, target_names=batches.target_names, splits=SPLITS, log=log)
-    write_report(run_dir, evaluation.metrics, evaluation.predictions["test"], run_dir / "history.csv")
-    return FinetuneResult(run_dir=run_dir, train=result, metrics=evaluation.metrics, model=model)
+    return FinetuneResult(run_dir=run_dir, train=result, metrics=evaluate_and_report(model, batches, run_dir, log), model=model)
 
 
 def load_finetune_run(run_dir: str | Path, *, device: str | None = None, log: Log = print) -> tuple[dict, EndToEndModel, StoreBatches]:
