@@ -10,7 +10,6 @@ error unless the user asked for a crop.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from embedcache.alphabets import DNA
 from embedcache.encoders.base import (

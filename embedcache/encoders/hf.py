@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from einops import rearrange
 
 from embedcache.alphabets import ALPHABETS, DNA, PROTEIN, Alphabet
 from embedcache.encoders.base import (
