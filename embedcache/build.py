@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -72,7 +72,6 @@ class BuildReport:
     tokens_per_second: float = 0.0
     committed_groups: int = 0
     summary: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def read_inputs(inputs: list[str | Path], id_column: str, sequence_column: str) -> list[Record]:
@@ -189,7 +188,7 @@ def plan_build(
 
 
 def _n_output_rows(plan: SequencePlan, encoder: Encoder, config: BuildConfig) -> int:
-    n = encoder.target_length if encoder.fixed_window else plan.n_tokens  # Enformer: one row per output bin
+    n = encoder.n_output_rows(plan.n_tokens)
     return min(n, config.token_bins) if config.token_bins else n
 
 

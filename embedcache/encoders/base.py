@@ -76,6 +76,10 @@ class Encoder(ABC):
     def cost(self, n_tokens: int) -> int:
         """Positions one window of `n_tokens` content tokens occupies in a batch (for the token budget)."""
 
+    def n_output_rows(self, n_tokens: int) -> int:
+        """Rows one sequence of `n_tokens` content tokens yields (one per token; Enformer: per output bin)."""
+        return n_tokens
+
     @abstractmethod
     def provenance(self) -> dict:
         """What identifies the computation: model id, weights identity, layer, window, ... (JSON-safe)."""

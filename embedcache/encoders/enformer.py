@@ -91,6 +91,9 @@ class EnformerEncoder(Encoder):
             emb = self.model(one_hot, return_only_embeddings=True)  # (b, target_length, 2 * dim)
         return [WindowOutput(hidden=emb[i], cls=None) for i in range(len(windows))]
 
+    def n_output_rows(self, n_tokens: int) -> int:
+        return self.target_length  # one row per output bin, whatever the sequence length
+
     def provenance(self) -> dict:
         return {
             "encoder": self.name,
