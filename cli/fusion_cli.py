@@ -16,15 +16,21 @@ MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head
 TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "warmup_fraction", "min_lr_ratio", "grad_clip", "early_stopping_patience", "amp", "device")
 
 
-def parse_stores(items: list[str]) -> dict[str, str]:
-    """MODALITY=PATH pairs, e.g. dna=stores/dna.zarr."""
-    stores = {}
+def parse_pairs(items: list[str] | dict[str, str] | None, flag: str, value: str, example: str) -> dict[str, str]:
+    """MODALITY=VALUE flags (repeated), or a TOML table, as a dict; e.g. --store dna=stores/dna.zarr."""
+    if isinstance(items, dict):
+        return dict(items)
+    pairs = {}
     for item in items or []:
-        modality, sep, path = item.partition("=")
-        if not sep or not modality or not path:
-            raise ValueError(f"--store {item!r}: expected MODALITY=PATH, e.g. rna=stores/rna.zarr")
-        stores[modality] = path
-    return stores
+        modality, sep, given = item.partition("=")
+        if not sep or not modality or not given:
+            raise ValueError(f"{flag} {item!r}: expected MODALITY={value}, e.g. {example}")
+        pairs[modality] = given
+    return pairs
+
+
+def parse_stores(items: list[str] | None) -> dict[str, str]:
+    return parse_pairs(items, "--store", "PATH", "rna=stores/rna.zarr")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -219,16 +225,7 @@ def run_train_cmd(args: argparse.Namespace) -> int:
 
 
 def parse_encoder_modes(items: list[str] | dict[str, str] | None) -> dict[str, str]:
-    """MODALITY=MODE pairs (or a TOML table), e.g. rna=lora."""
-    if isinstance(items, dict):
-        return dict(items)
-    modes = {}
-    for item in items or []:
-        modality, sep, mode = item.partition("=")
-        if not sep or not modality or not mode:
-            raise ValueError(f"--encoder-mode {item!r}: expected MODALITY=MODE, e.g. rna=lora")
-        modes[modality] = mode
-    return modes
+    return parse_pairs(items, "--encoder-mode", "MODE", "rna=lora")
 
 
 def run_finetune_cmd(args: argparse.Namespace) -> int:
