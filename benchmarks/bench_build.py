@@ -30,7 +30,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the model is made locally; never reach for
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchlib import gpu_peak_tflops, machine_info
+
 # Natural amino-acid frequencies (UniProtKB/Swiss-Prot release statistics, percent).
 AA_FREQUENCIES = {
     "A": 8.25, "R": 5.53, "N": 4.06, "D": 5.45, "C": 1.37, "Q": 3.93, "E": 6.75, "G": 7.07, "H": 2.27, "I": 5.96,
@@ -51,18 +52,6 @@ AA_FREQUENCIES = {
 ESM2_WINDOW = 1022  # content tokens of one ESM2 call: 1024 positions minus <cls> and <eos>
 NAIVE_MAX_LENGTH = 1024  # what the naive loop passes to the tokenizer (specials included)
 N_SPECIAL = 2  # ESM2 wraps every window in <cls> ... <eos>
-
-# Dense (no sparsity: half the data sheets' headline) bf16 tensor-core peaks in TFLOP/s. Matched in
-# order against the CUDA device name, so the more specific names come first; other GPUs: --peak-tflops.
-GPU_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),  # SXM: "NVIDIA H200"; also matches "NVIDIA GH200 ..." (same peak)
-    ("A100", 312.0),
-)
-
 
 # -- input ----------------------------------------------------------------------------------------
 
@@ -248,40 +237,6 @@ def cross_check(naive: NaiveRun, store_path: Path, *, atol: float, n_token_check
 # -- machine, model, FLOPs ------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    from embedcache import __version__
-
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "embedcache": __version__,
-        "device": str(device),
-        "gpu": None,
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
-    return info
-
-
 def model_info(model_dir: Path) -> dict:
     from transformers import EsmModel
 
@@ -309,16 +264,6 @@ FLOP_FORMULA = (
 def model_flops(windows: list[int], model: dict) -> float:
     n = np.asarray(windows, dtype=np.float64) + N_SPECIAL
     return float((2 * model["params_non_embedding"] * n + 4 * model["layers"] * model["hidden"] * n**2).sum())
-
-
-def gpu_peak_tflops(name: str) -> float | None:
-    for pattern, peak in GPU_BF16_PEAK_TFLOPS:
-        if pattern in name:
-            return peak
-    return None
-
-
-# -- report ---------------------------------------------------------------------------------------
 
 
 def contended(cpu_seconds: float, seconds: float, device: torch.device) -> bool:
@@ -400,7 +345,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
     from embedcache.tiny_models import make_tiny_esm2
 
-    machine = machine_info(device)
+    machine = machine_info(device=str(device))
     print("== machine")
     print(f"  {machine['platform']}  {machine['cpu_model']}")
     print(

@@ -33,14 +33,18 @@ tracemalloc does not see torch's allocations and is not used. CUDA: `torch.cuda.
 glibc keeps freed blocks, so the table compares the peak over setup + the same first training steps.
 
 Sizes.
-    tiny       (default; CPU, ~1-2 min) fusion.demo's data and encoders: the synthetic IsoFormer-schema
+    tiny       (default; CPU, ~1.5 min) fusion.demo's data and encoders: the synthetic IsoFormer-schema
                data set (400 genes, ~1,200 transcripts), tiny random ESM2 / NT (hidden 64, 2 layers) and
-               Enformer (dim 48, the whole 2-kb window as 16 bins), the demo's cross-attention model.
-    isoformer  (CUDA only, bf16 autocast) random weights at the released IsoFormer encoders' shapes:
-               ESM2-150M, an NT-v2-250M-like ESM model (see ISOFORMER_NOTES) and the official Enformer
-               on its 196,608-bp window, on a handful of synthetic genes with longer transcripts.
+               Enformer (dim 48, the whole 2-kb window as 16 bins), the demo's cross-attention model. It runs
+               both fusion inputs the demo trains: per-token rows group-averaged to 32 (its headline run)
+               and pooled vectors (its ablation grid).
+    isoformer  random weights at the released IsoFormer encoders' shapes: ESM2-150M, an NT-v2-250M-like
+               ESM model (see ISOFORMER_NOTES) and the official Enformer on its 196,608-bp window, on a
+               handful of synthetic genes with longer transcripts, every per-token row. Made for a GPU
+               (bf16 autocast); on a CPU it runs cached and frozen only, in full precision, at about
+               30 s per Enformer window on 2 cores (use --n-genes 10 --steps 3 --warmup-steps 1).
 
-    .venv/bin/python benchmarks/bench_fusion.py [--size tiny|isoformer] [--steps N] [--max-tokens K] [--json out.json]
+    .venv/bin/python benchmarks/bench_fusion.py [--size tiny|isoformer] [--features tokens|pooled] [--max-tokens K] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import argparse
 import itertools
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -62,7 +65,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,30 +76,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the library is the checkout's
     sys.path.insert(0, str(REPO))
 
+from benchlib import load_average, machine_info, reuse_or_clear  # noqa: E402  (after the path line above)
+from fusion.demo import MODALITY_ENCODERS, DemoConfig, build_modality_stores, make_demo_encoders  # noqa: E402
+
 MODES = ("cached", "frozen", "full")
-MODALITY_ENCODERS = {"dna": "enformer", "rna": "nucleotide-transformer", "protein": "esm2"}  # as fusion.demo
 SPLITS = ("train", "validation", "test")
 SETUP_FILE = "bench_setup.json"
 CRITERION = 10.0  # the cached epoch must be at least this many times faster than the frozen-finetune epoch
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in order
-# against torch.cuda.get_device_name() (the more specific names first); as in benchmarks/bench_build.py.
-GPU_BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("L4", 121.0),
-)
-
 TINY_NOTES = (
-    "tiny ESM2 / NT come from embedcache.tiny_models, which keep EsmConfig's default dropout 0.1 (the released "
-    "checkpoints have 0.0): in full mode their training-mode forward takes SDPA's slow path with dropout "
-    "(~5x on CPU); cached and frozen are unaffected (no dropout in eval mode)",
+    "tiny ESM2 / NT come from embedcache.tiny_models (dropout 0.0 as in the released checkpoints); they are "
+    "smaller than the fusion model (about 0.1M parameters each vs 0.34M), the reverse of IsoFormer's proportions",
 )
 ISOFORMER_NOTES = (
     "ESM2-150M: EsmConfig as facebook/esm2_t30_150M_UR50D's (hidden 640, 30 layers, 20 heads, "
@@ -126,12 +116,21 @@ class Size:
     d_model: int  # fusion width
     n_heads: int  # fusion attention heads
     head_hidden: int  # fusion MLP head width
+    configurations: tuple[dict, ...]  # the fusion inputs run by default: {"label", "features", "max_tokens"}
     synthetic: dict = field(default_factory=dict)  # SyntheticConfig overrides
-    needs_cuda: bool = False
+    cpu_modes: tuple[str, ...] = MODES  # the default --modes without a GPU
 
 
 SIZES = {
-    "tiny": Size("tiny", n_genes=400, batch_size=32, d_model=64, n_heads=4, head_hidden=128),
+    "tiny": Size(
+        "tiny", n_genes=400, batch_size=32, d_model=64, n_heads=4, head_hidden=128,
+        # The two fusion inputs the demo trains (fusion.demo.DemoConfig): its per-token headline run
+        # and the pooled vectors of its ablation grid.
+        configurations=(
+            {"label": "demo headline run", "features": "tokens", "max_tokens": DemoConfig.max_tokens},
+            {"label": "demo ablation grid", "features": DemoConfig.ablation_features, "max_tokens": None},
+        ),
+    ),  # fmt: skip
     "isoformer": Size(
         "isoformer",
         n_genes=24,
@@ -141,13 +140,16 @@ SIZES = {
         d_model=256,
         n_heads=8,
         head_hidden=512,
+        configurations=({"label": "IsoFormer, every per-token row", "features": "tokens", "max_tokens": None},),
         synthetic={
             "dna_window": 196_608,
             "utr3_length": (500, 3000),
             "noncoding_length": (1000, 6000),
             "protein_length": (200, 1000),
         },
-        needs_cuda=True,
+        # Full finetuning backpropagates through Enformer's conv tower on 196,608-bp windows: hours and
+        # tens of GB per step on a CPU. Cached and frozen run there (frozen: ~30 s per window on 2 cores).
+        cpu_modes=("cached", "frozen"),
     ),
 }
 
@@ -155,46 +157,25 @@ SIZES = {
 # -- setup: data, encoders, stores ------------------------------------------------------------------
 
 
-def save_esm_like(directory: Path, vocab: list[str], *, seed: int, tokenizer_kwargs: dict, **config) -> Path:
-    """An ESM-architecture masked LM with random weights and the released checkpoints' dropout (0.0),
-    saved with its tokenizer as facebook/esm2_* and InstaDeepAI/nucleotide-transformer-* are."""
-    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
-
-    torch.manual_seed(seed)
-    esm_config = EsmConfig(
-        vocab_size=len(vocab), pad_token_id=vocab.index("<pad>"), mask_token_id=vocab.index("<mask>"),
-        emb_layer_norm_before=False, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config,
-    )  # fmt: skip
-    EsmForMaskedLM(esm_config).save_pretrained(directory)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    EsmTokenizer(str(directory / "vocab.txt"), **tokenizer_kwargs).save_pretrained(directory)
-    return directory
-
-
 def make_isoformer_encoders(models: Path, seed: int, log: Callable[[str], None]) -> dict[str, Path]:
-    """Random weights at the released IsoFormer encoders' shapes, saved like checkpoints (ISOFORMER_NOTES).
-
-    Not embedcache.tiny_models' makers for ESM2 / NT: they keep EsmConfig's default dropout (0.1),
-    which the released checkpoints do not have and which slows every training-mode forward.
-    """
+    """Random weights at the released IsoFormer encoders' shapes, saved like checkpoints (ISOFORMER_NOTES)."""
     from enformer_pytorch import Enformer
 
-    from embedcache.tiny_models import ESM2_VOCAB, NT_VOCAB
+    from embedcache.tiny_models import ESM2_VOCAB, NT_VOCAB, save_esm_model
 
     t0 = time.perf_counter()
-    esm2 = save_esm_like(
-        models / "esm2-150m", ESM2_VOCAB, seed=seed, tokenizer_kwargs={},
-        hidden_size=640, num_hidden_layers=30, num_attention_heads=20, intermediate_size=2560,
-        max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=True, layer_norm_eps=1e-5,
+    esm2 = save_esm_model(
+        models / "esm2-150m", ESM2_VOCAB, hidden=640, layers=30, heads=20, seed=seed, tokenizer_kwargs={},
+        max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=True,
     )  # fmt: skip
     log(f"  ESM2-150M shape saved ({time.perf_counter() - t0:.0f} s)")
 
     t0 = time.perf_counter()
     # NT's tokenizer adds <cls> only; 2,048 positions of rotary context as in v2.
-    nt = save_esm_like(
-        models / "nt-v2-250m-like", NT_VOCAB, seed=seed, tokenizer_kwargs={"eos_token": None, "model_max_length": 2048},
-        hidden_size=768, num_hidden_layers=24, num_attention_heads=16, intermediate_size=3072,
-        max_position_embeddings=2050, position_embedding_type="rotary", token_dropout=False, layer_norm_eps=1e-12,
+    nt = save_esm_model(
+        models / "nt-v2-250m-like", NT_VOCAB, hidden=768, layers=24, heads=16, seed=seed,
+        tokenizer_kwargs={"eos_token": None, "model_max_length": 2048}, layer_norm_eps=1e-12,
+        max_position_embeddings=2050, position_embedding_type="rotary", token_dropout=False,
     )  # fmt: skip
     log(f"  NT-v2-250M-like saved ({time.perf_counter() - t0:.0f} s)")
 
@@ -206,39 +187,19 @@ def make_isoformer_encoders(models: Path, seed: int, log: Callable[[str], None])
     return {"protein": esm2, "rna": nt, "dna": enformer}
 
 
-def make_tiny_encoders(models: Path, dna_window: int, seed: int) -> dict[str, Path]:
-    """fusion.demo.build_demo_stores' recipe: tiny random models of the real architectures."""
-    from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
-
-    return {
-        "protein": make_tiny_esm2(models / "esm2", hidden=64, layers=2, seed=seed),
-        "rna": make_tiny_nucleotide_transformer(models / "nucleotide-transformer", hidden=64, layers=2, seed=seed),
-        "dna": make_tiny_enformer(models / "enformer", dim=48, target_length=dna_window // 128, seed=seed),
-    }
-
-
 def make_data(work: Path, size: Size, n_genes: int, seed: int, log: Callable[[str], None]) -> tuple[Path, dict[str, str], float]:
     """(prepared dir, modality -> store, seconds): synthetic data -> IsoFormer adapter -> embedcache stores.
 
     A --workdir whose bench_setup.json matches is reused as it is.
     """
-    from embedcache.build import build
-    from embedcache.config import BuildConfig
     from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
     from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
 
     stamp_value = {"size": size.name, "n_genes": n_genes, "seed": seed, "synthetic": size.synthetic}
-    stamp, prepared = work / SETUP_FILE, work / "prepared"
-    stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITY_ENCODERS}
-    if stamp.exists() and json.loads(stamp.read_text()) == json.loads(json.dumps(stamp_value)):
+    prepared, stores = work / "prepared", {m: str(work / "stores" / f"{m}.zarr") for m in MODALITY_ENCODERS}
+    if reuse_or_clear(work, SETUP_FILE, stamp_value, made=("synthetic", "prepared", "models", "stores", "runs")):
         log(f"  reusing the data set and stores in {work} ({SETUP_FILE} matches)")
         return prepared, stores, 0.0
-    for stale in ("synthetic", "prepared", "models", "stores", "runs", SETUP_FILE):
-        target = work / stale
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
     started = time.perf_counter()
     info = generate_synthetic(work / "synthetic", SyntheticConfig(n_genes=n_genes, seed=seed, **size.synthetic))
@@ -246,15 +207,12 @@ def make_data(work: Path, size: Size, n_genes: int, seed: int, log: Callable[[st
     log(f"  synthetic {n_genes} genes -> prepared {done.counts['transcripts']} transcripts")
     if size.name == "isoformer":
         model_dirs = make_isoformer_encoders(work / "models", seed, log)
-    else:
-        model_dirs = make_tiny_encoders(work / "models", info.dna_window, seed)
-    for modality, encoder in MODALITY_ENCODERS.items():
-        extra = {"window": info.dna_window} if encoder == "enformer" else {}  # the whole window as bins
-        config = BuildConfig.create(encoder, str(model_dirs[modality]), **extra)
-        t0 = time.perf_counter()
-        build(config, [prepared / f"{modality}.fa"], stores[modality], progress=False, log=lambda s: None)
-        log(f"  built the {modality} store ({encoder}) in {time.perf_counter() - t0:.1f} s")
-    stamp.write_text(json.dumps(stamp_value))  # last: its presence marks a whole data set
+    else:  # the demo's recipe
+        model_dirs = make_demo_encoders(work / "models", hidden=DemoConfig.encoder_hidden, dna_window=info.dna_window, seed=seed)
+    t0 = time.perf_counter()
+    build_modality_stores(prepared, model_dirs, work / "stores", info.dna_window, progress=False, log=lambda s: None)
+    log(f"  built the stores in {time.perf_counter() - t0:.1f} s")
+    (work / SETUP_FILE).write_text(json.dumps(stamp_value))  # last: its presence marks a whole data set
     return prepared, stores, time.perf_counter() - started
 
 
@@ -519,7 +477,7 @@ def run_child(plan: dict, mode: str) -> dict:
     result["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["setup_seconds"] = setup
 
-    run_dir = Path(plan["workdir"]) / "runs" / mode
+    run_dir = Path(plan["workdir"]) / "runs" / plan["tag"] / mode
     if run_dir.exists():
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
@@ -568,7 +526,8 @@ def epoch_figures(batches: TimedBatches, history: list[dict], full_train_batches
     steps = [list(np.diff(p["stamps"])) for p in train_passes]
     timed = [s for e, per_epoch in enumerate(steps) for i, s in enumerate(per_epoch) if e > 0 or i >= warmup]
     if not timed:
-        raise ValueError(f"no timed step: {sum(map(len, steps))} steps ran, {warmup} of them warm-up; raise --steps")
+        raise ValueError(f"no timed step: {sum(map(len, steps))} steps ran ({full_train_batches} train batches per epoch), "
+                         f"{warmup} of them warm-up; raise --steps, or lower --warmup-steps or --batch-size")
     train_seconds = [p["stamps"][-1] - p["stamps"][0] for p in train_passes]
     val_seconds = [p["stamps"][-1] - p["stamps"][0] for p in val_passes]
     epoch_seconds = [row["seconds"] for row in history]
@@ -653,45 +612,10 @@ def encoder_call_padding(batches: TimedBatches, model) -> dict:
 # -- the parent: setup, children, report ----------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "gpu": None,
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        peak = next((p for pattern, p in GPU_BF16_PEAK_TFLOPS if pattern in props.name), None)
-        info["gpu"] = {
-            "name": props.name,
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "bf16_supported": torch.cuda.is_bf16_supported(),
-            "bf16_dense_peak_tflops": peak,
-            "cuda": torch.version.cuda,
-        }
-    return info
-
-
-def run_mode_process(mode: str, plan_path: Path, work: Path, threads: int | None, verbose: bool) -> dict:
+def run_mode_process(mode: str, plan_path: Path, work: Path, tag: str, threads: int | None, verbose: bool) -> dict:
     """This script with --child MODE in a fresh interpreter; its result JSON, or the failure and log tail."""
-    result_path = work / f"result_{mode}.json"
-    log_path = work / f"child_{mode}.log"
+    result_path = work / f"result_{tag}_{mode}.json"
+    log_path = work / f"child_{tag}_{mode}.log"
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
@@ -732,8 +656,9 @@ def memory_whole_run(r: dict) -> str:
     return f"whole run peak RSS +{fmt_bytes(mem['peak_rss_increase_bytes'])} ({fmt_bytes(mem['peak_rss_bytes'])})"
 
 
-def print_report(report: dict) -> None:
-    m, d, cfg, results = report["machine"], report["data"], report["config"], report["results"]
+def print_setup(report: dict) -> None:
+    """Machine and data: shared by every configuration of a run."""
+    m, d, cfg = report["machine"], report["data"], report["config"]
     print("\n== machine")
     print(f"  {m['platform']}")
     print(f"  CPU: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_cores_usable']} usable); "
@@ -759,7 +684,13 @@ def print_report(report: dict) -> None:
     for note in cfg["notes"]:
         print(f"  note: {note}")
 
-    print("\n== config")
+
+def print_configuration(report: dict, run: dict) -> None:
+    """Config, per-mode results, finetune step breakdown and verdict of one fusion-input configuration."""
+    m, d = report["machine"], report["data"]
+    cfg = {**report["config"], **run["config"]}
+    results = run["results"]
+    print(f"\n== configuration: {run['label']}")
     rows = cfg["data"]["max_tokens"]
     print(f"  fusion model: {cfg['aggregator']} {cfg['model_options']}; features {cfg['data']['features']}, "
           + (f"group-averaged to <= {rows} rows per modality (max_tokens)" if rows else "every per-token row (max_tokens None)"))
@@ -833,8 +764,8 @@ def print_report(report: dict) -> None:
             )
             print(f"  per step, each encoder gets one padded call: {shares}")
 
-    v = report["verdict"]
-    print("\n== verdict")
+    v = run["verdict"]
+    print(f"\n== verdict ({run['label']})")
     if v["ratio"] is None:
         print(f"  no ratio: {v['why']}")
     else:
@@ -842,6 +773,20 @@ def print_report(report: dict) -> None:
               f"cached is {v['ratio']:.1f}x faster -> {'PASS' if v['pass'] else 'FAIL'} (criterion: >= {CRITERION:g}x)")
         if "full_ratio" in v:
             print(f"  full finetune epoch: {v['full_ratio']:.1f}x the cached epoch")
+
+
+def print_summary(report: dict) -> None:
+    """One line per configuration: the figures the criterion is about."""
+    print(f"\n== summary: frozen-finetune epoch / cached epoch (criterion >= {CRITERION:g}x), torch threads "
+          f"{report['config']['threads_effective']}")
+    for run in report["runs"]:
+        v = run["verdict"]
+        if v["ratio"] is None:
+            print(f"  {run['label']:32s} no ratio ({v['why']})")
+            continue
+        full = f"; full / cached {v['full_ratio']:.1f}x" if "full_ratio" in v else ""
+        print(f"  {run['label']:32s} cached {v['cached_s']:7.2f} s, frozen {v['frozen_s']:8.2f} s{'' if v['frozen_measured'] else '*'}"
+              f" -> {v['ratio']:6.1f}x {'PASS' if v['pass'] else 'FAIL'}{full}")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -859,19 +804,24 @@ def create_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--size", choices=list(SIZES), default="tiny",
-                   help="tiny: the demo's data and tiny encoders on CPU; isoformer: the released encoders' shapes (CUDA only)")
+                   help="tiny: the demo's data and tiny encoders (CPU, minutes); isoformer: the released encoders' shapes "
+                   "(made for a GPU; on a CPU only cached and frozen run by default, at minutes per step)")
     p.add_argument("--n-genes", type=int, default=None, help="synthetic genes, ~3 samples each (default: 400 tiny, 24 isoformer)")
     p.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: 32 tiny, 2 isoformer)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes to run, in this order")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="modes to run, in this order (default: all three; isoformer on a CPU: cached frozen)")
     p.add_argument("--steps", type=int, default=10,
                    help="timed training steps of frozen / full (their s/epoch is extrapolated); 0 = a whole epoch")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps before the timed ones (every mode)")
     p.add_argument("--cached-epochs", type=int, default=3, help="whole epochs of the cached mode (the first is not counted)")
     p.add_argument("--aggregator", default="cross-attention", help="fusion aggregator (fusion.models.AGGREGATORS)")
-    p.add_argument("--features", choices=("tokens", "pooled"), default="tokens",
-                   help="fusion inputs: per-token rows (the demo's cross-attention run) or pooled vectors (the demo's ablation grid)")
+    p.add_argument("--features", choices=("tokens", "pooled"), default=None,
+                   help="run only this fusion input: per-token rows or pooled vectors (default: the size's configurations: "
+                   "tiny runs both of the demo's, its per-token headline run with max_tokens 32 and its pooled ablation "
+                   "grid; isoformer runs every per-token row)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="DataConfig.max_tokens: per-token inputs group-averaged to at most this many rows (default: all rows)")
+                   help="with --features tokens (implied): DataConfig.max_tokens, per-token inputs group-averaged to at "
+                   "most this many rows (default: all rows)")
     p.add_argument("--d-model", type=int, default=None, help="fusion width (default: 64 tiny, 256 isoformer)")
     p.add_argument("--n-heads", type=int, default=None, help="fusion attention heads (default: 4 tiny, 8 isoformer)")
     p.add_argument("--head-hidden", type=int, default=None, help="fusion MLP head width (default: 128 tiny, 512 isoformer)")
@@ -906,16 +856,56 @@ def child_main(args: argparse.Namespace) -> int:
     return 0 if "error" not in result else 1
 
 
+def fusion_inputs(args: argparse.Namespace, size: Size) -> list[dict]:
+    """The configurations to run: the one --features / --max-tokens ask for, else the size's defaults."""
+    if args.features is None and args.max_tokens is None:
+        return [dict(c) for c in size.configurations]
+    features = args.features or "tokens"
+    if features == "pooled" and args.max_tokens is not None:
+        raise SystemExit(f"--max-tokens {args.max_tokens} applies to --features tokens only")
+    label = "pooled vectors" if features == "pooled" else f"per-token, max_tokens {args.max_tokens}"
+    return [{"label": label, "features": features, "max_tokens": args.max_tokens}]
+
+
+def run_configuration(base_plan: dict, work: Path, configuration: dict, tag: str, modes: list[str], verbose: bool) -> dict:
+    """Every mode of one fusion-input configuration, each in a fresh process; its results and verdict."""
+    plan = {**base_plan, "tag": tag, "data": {**base_plan["data"], "features": configuration["features"],
+                                              "max_tokens": configuration["max_tokens"]}}  # fmt: skip
+    plan_path = work / f"plan_{tag}.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    print(f"== {configuration['label']}: features {configuration['features']}, max_tokens {configuration['max_tokens']}")
+    results = {}
+    for mode in modes:
+        print(f"   {mode}: running in a fresh process ...", flush=True)
+        results[mode] = r = run_mode_process(mode, plan_path, work, tag, plan["threads"], verbose)
+        if "error" in r:
+            print(f"   {mode} failed: {r['error']}")
+        else:
+            print(f"   {mode}: {r['epoch_seconds']:.2f} s/epoch ({r['epoch_method']}), {r['process_seconds']:.0f} s in all")
+
+    verdict: dict[str, Any] = {"criterion": CRITERION, "ratio": None}
+    ok = lambda m: m in results and "error" not in results[m]  # noqa: E731
+    if ok("cached") and ok("frozen"):
+        c, f = results["cached"], results["frozen"]
+        ratio = f["epoch_seconds"] / c["epoch_seconds"]
+        verdict.update(ratio=ratio, cached_s=c["epoch_seconds"], frozen_s=f["epoch_seconds"],
+                       frozen_measured=f["epoch_seconds_measured"] is not None, **{"pass": ratio >= CRITERION})
+        if ok("full"):
+            verdict["full_ratio"] = results["full"]["epoch_seconds"] / c["epoch_seconds"]
+    else:
+        verdict["why"] = "the cached and frozen modes must both run and succeed"
+    return {"label": configuration["label"], "config": {"data": plan["data"]}, "results": results, "verdict": verdict}
+
+
 def run(args: argparse.Namespace) -> dict:
     size = SIZES[args.size]
-    if size.needs_cuda and not torch.cuda.is_available():
-        raise SystemExit(
-            f"--size {args.size} needs a CUDA GPU (ESM2-150M, a 250M NT and the 250M Enformer on 196,608-bp windows, bf16): "
-            f"torch {torch.__version__} sees none here. Use --size tiny on a CPU."
-        )
+    cuda = torch.cuda.is_available()
+    modes = args.modes or list(MODES if cuda else size.cpu_modes)
+    if args.size == "isoformer" and not cuda:
+        print(f"note: no CUDA GPU: --size isoformer runs on the CPU in full precision (modes {modes}); expect minutes per step")
     if args.steps < 0 or args.warmup_steps < 0 or args.cached_epochs < 1:
         raise SystemExit(f"--steps ({args.steps}) and --warmup-steps ({args.warmup_steps}) must be >= 0, --cached-epochs ({args.cached_epochs}) >= 1")
-    cuda = torch.cuda.is_available()
+    configurations = fusion_inputs(args, size)
     threads = args.threads if args.threads is not None else (None if cuda else 1)
     n_genes = args.n_genes or size.n_genes
     batch_size = args.batch_size or size.batch_size
@@ -934,16 +924,14 @@ def run(args: argparse.Namespace) -> dict:
         from fusion.data import DataConfig
         from fusion.train import TrainConfig
 
-        data = DataConfig(
-            manifest=str(prepared), stores=stores, features=args.features, max_tokens=args.max_tokens, batch_size=batch_size, seed=args.seed
-        )
+        data = DataConfig(manifest=str(prepared), stores=stores, batch_size=batch_size, seed=args.seed)
         train_config = TrainConfig(batch_size=batch_size, seed=args.seed)  # amp auto: bf16 on CUDA, off on CPU
         model_options = {
             "d_model": args.d_model or size.d_model,
             "n_heads": args.n_heads or size.n_heads,
             "head_hidden": args.head_hidden or size.head_hidden,
         }
-        plan = {
+        base_plan = {
             "workdir": str(work),
             "data": data.to_dict(),
             "train": train_config.to_dict(),
@@ -957,48 +945,28 @@ def run(args: argparse.Namespace) -> dict:
             "threads": threads,
             "breakdown": not args.no_breakdown,
         }
-        plan_path = work / "plan.json"
-        plan_path.write_text(json.dumps(plan, indent=1))
         summary = data_summary(prepared, stores, batch_size)
-
-        results = {}
-        for mode in args.modes:
-            print(f"== {mode}: running in a fresh process ...", flush=True)
-            results[mode] = r = run_mode_process(mode, plan_path, work, threads, args.verbose)
-            if "error" in r:
-                print(f"   {mode} failed: {r['error']}")
-            else:
-                print(f"   {mode}: {r['epoch_seconds']:.2f} s/epoch ({r['epoch_method']}), {r['process_seconds']:.0f} s in all")
-
-        verdict: dict[str, Any] = {"criterion": CRITERION, "ratio": None}
-        ok = lambda m: m in results and "error" not in results[m]  # noqa: E731
-        if ok("cached") and ok("frozen"):
-            c, f = results["cached"], results["frozen"]
-            ratio = f["epoch_seconds"] / c["epoch_seconds"]
-            verdict.update(ratio=ratio, cached_s=c["epoch_seconds"], frozen_s=f["epoch_seconds"],
-                           frozen_measured=f["epoch_seconds_measured"] is not None, **{"pass": ratio >= CRITERION})
-            if ok("full"):
-                verdict["full_ratio"] = results["full"]["epoch_seconds"] / c["epoch_seconds"]
-        else:
-            verdict["why"] = "the cached and frozen modes must both run and succeed"
+        runs = [run_configuration(base_plan, work, c, f"config{i}", modes, args.verbose) for i, c in enumerate(configurations)]
         report = {
             "format": "bench-fusion",
             "machine": machine,
-            "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "load_average_at_end": load_average(),
             "setup_seconds": setup_seconds,
             "data": summary,
             "config": {
-                "size": args.size, "n_genes": n_genes, "seed": args.seed, "modes": args.modes, "aggregator": args.aggregator,
-                "model_options": model_options, "data": data.to_dict(), "train": train_config.to_dict(), "steps": args.steps,
+                "size": args.size, "n_genes": n_genes, "seed": args.seed, "modes": modes, "aggregator": args.aggregator,
+                "model_options": model_options, "train": train_config.to_dict(), "steps": args.steps,
                 "warmup_steps": args.warmup_steps, "cached_epochs": args.cached_epochs, "encoder_lr": args.encoder_lr,
                 "gradient_checkpointing": args.gradient_checkpointing, "threads": threads,
                 "threads_effective": threads or torch.get_num_threads(),
                 "notes": list(ISOFORMER_NOTES if args.size == "isoformer" else TINY_NOTES),
             },  # fmt: skip
-            "results": results,
-            "verdict": verdict,
+            "runs": runs,
         }
-        print_report(report)
+        print_setup(report)
+        for r in runs:
+            print_configuration(report, r)
+        print_summary(report)
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1, default=float))
             print(f"\nwrote {args.json}")

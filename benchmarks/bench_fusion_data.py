@@ -39,7 +39,6 @@ import argparse
 import ctypes
 import json
 import mmap
-import platform
 import shutil
 import statistics
 import tempfile
@@ -51,7 +50,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-MODALITY_ENCODERS = {"dna": "enformer", "rna": "nucleotide-transformer", "protein": "esm2"}  # as fusion.demo
+from benchlib import machine_info, reuse_or_clear
+from fusion.demo import MODALITY_ENCODERS
+
 SETUP_FILE = "bench_setup.json"
 COLD_MODES = ("drop-caches", "fadvise", "none")
 
@@ -67,54 +68,31 @@ class Setup:
     hidden: int  # width of the tiny ESM2 / NT encoders = per-token row width of the RNA and protein stores
     seed: int  # synthetic data and model seed
     encoder_layers: int = 1  # layers of the tiny ESM2 / NT: only their output width matters here
-    enformer_dim: int = 48  # tiny Enformer trunk width (embeddings are 2x this)
 
 
 def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Path, dict[str, str], float]:
     """(prepared dir, modality -> store path, seconds): synthetic data, prepared, embedded with tiny models."""
-    from embedcache.build import build
-    from embedcache.config import BuildConfig
-    from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
+    from fusion.demo import build_modality_stores, make_demo_encoders
     from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
     from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
 
-    stamp = work / SETUP_FILE
     prepared = work / "prepared"
     stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITY_ENCODERS}
-    if stamp.exists() and json.loads(stamp.read_text()) == asdict(setup):
+    if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=("synthetic", "prepared", "models", "stores")):
         log(f"  reusing the data set in {work} ({SETUP_FILE} matches)")
         return prepared, stores, 0.0
-    for stale in ("synthetic", "prepared", "models", "stores", SETUP_FILE):
-        target = work / stale
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
 
     started = time.perf_counter()
     info = generate_synthetic(work / "synthetic", SyntheticConfig(n_genes=setup.n_genes, seed=setup.seed))
-    done = prepare_isoformer(
-        info.csv_path, info.genome_path, prepared, IsoformerPrepareConfig(dna_window=info.dna_window)
-    )
+    done = prepare_isoformer(info.csv_path, info.genome_path, prepared, IsoformerPrepareConfig(dna_window=info.dna_window))
     log(f"  synthetic {setup.n_genes} genes -> prepared {done.counts}")
-    models = work / "models"
-    model_dirs = {
-        "protein": make_tiny_esm2(models / "esm2", hidden=setup.hidden, layers=setup.encoder_layers, seed=setup.seed),
-        "rna": make_tiny_nucleotide_transformer(
-            models / "nucleotide-transformer", hidden=setup.hidden, layers=setup.encoder_layers, seed=setup.seed
-        ),
-        # the whole DNA window as bins: target_length = window / 128 (fusion.demo's recipe)
-        "dna": make_tiny_enformer(
-            models / "enformer", dim=setup.enformer_dim, target_length=info.dna_window // 128, seed=setup.seed
-        ),
-    }
-    for modality, encoder in MODALITY_ENCODERS.items():
-        extra = {"window": info.dna_window} if encoder == "enformer" else {}
-        config = BuildConfig.create(encoder, str(model_dirs[modality]), **extra)
-        t0 = time.perf_counter()
-        build(config, [prepared / f"{modality}.fa"], stores[modality], progress=False, log=lambda s: None)
-        log(f"  built {modality} store ({encoder}) in {time.perf_counter() - t0:.1f} s")
-    stamp.write_text(json.dumps(asdict(setup)))  # last: its presence marks a whole data set
+    model_dirs = make_demo_encoders(
+        work / "models", hidden=setup.hidden, layers=setup.encoder_layers, dna_window=info.dna_window, seed=setup.seed
+    )
+    t0 = time.perf_counter()
+    build_modality_stores(prepared, model_dirs, work / "stores", info.dna_window, progress=False, log=lambda s: None)
+    log(f"  built the stores in {time.perf_counter() - t0:.1f} s")
+    (work / SETUP_FILE).write_text(json.dumps(asdict(setup)))  # last: its presence marks a whole data set
     return prepared, stores, time.perf_counter() - started
 
 
@@ -258,7 +236,7 @@ def model_step_rate(batches, train_list: list, aggregator: str, args, threads: i
     Every step is timed on its own; the rate is samples / seconds summed over the timed steps.
     """
     from fusion.experiment import build_model
-    from fusion.train import TrainConfig, make_optimizer, masked_mse, seed_everything
+    from fusion.train import TrainConfig, clip_gradients_, make_optimizer, masked_mse, seed_everything
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -275,7 +253,7 @@ def model_step_rate(batches, train_list: list, aggregator: str, args, threads: i
             loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            clip_gradients_(model, config.grad_clip)
             optimizer.step()
 
         for batch in train_list[: args.warmup_steps]:  # allocator, first-call costs
@@ -590,37 +568,12 @@ def disk_note(path: Path) -> dict:
     return {"mount": mnt, "device": dev, "fstype": fstype, "rotational": rotational, "kind": kind}
 
 
-def machine_info(work: Path) -> dict:
-    cpu = platform.processor() or "unknown"
-    mem_kb = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_kb = int(line.split()[1])
-    except OSError:
-        pass
+def library_versions(work: Path) -> dict:
+    """What this benchmark adds to benchlib.machine_info: the data libraries and the disk under `work`."""
     import pandas
     import zarr
 
-    return {
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_cores": os.cpu_count(),
-        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "ram_gib": round(mem_kb / 2**20, 1) if mem_kb else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "pandas": pandas.__version__,
-        "disk": disk_note(work),
-        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    return {"zarr": zarr.__version__, "numpy": np.__version__, "pandas": pandas.__version__, "disk": disk_note(work)}
 
 
 # -- run --------------------------------------------------------------------------------------------
@@ -698,7 +651,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     from fusion.experiment import read_manifest
 
     started = time.perf_counter()
-    machine = machine_info(work)
+    machine = machine_info(**library_versions(work))
     threads = torch.get_num_threads()
     print("== machine")
     print(f"  {machine['platform']}  {machine['cpu_model']}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchlib import machine_info
 from embedcache.store import ContentResult, EmbeddingStore, create_store, open_writer
 
 ATTRS = {"format": "embedcache-store", "fingerprint": "bench", "config": {"encoder": "bench", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
@@ -29,13 +28,6 @@ ATTRS = {"format": "embedcache-store", "fingerprint": "bench", "config": {"encod
 def proteome_lengths(n: int, rng: np.random.Generator, cap: int) -> np.ndarray:
     """Log-normal lengths with the human proteome's median (~415 aa) and long tail, capped."""
     return np.clip(rng.lognormal(mean=np.log(415), sigma=0.75, size=n), 30, cap).astype(int)
-
-
-def cpu_model() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def write_store(path: Path, rows: list[np.ndarray], dim: int, chunk_kb: int, shard_mb: float, group_rows: int) -> float:
@@ -71,7 +63,9 @@ def main() -> None:
     lengths = proteome_lengths(args.n_sequences, rng, args.max_length)
     rows = [rng.standard_normal((n, args.dim), dtype=np.float32).astype(np.float16) for n in lengths]
     mb = sum(r.nbytes for r in rows) / 1e6
-    print(f"machine: {platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {platform.python_version()}")
+    machine = machine_info()
+    print(f"machine: {machine['machine']} {machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM, "
+          f"python {machine['python']}; load average {machine['load_average_at_start']}")
     print(f"data: {args.n_sequences} sequences, median length {int(np.median(lengths))}, {lengths.sum():,} rows x {args.dim} fp16 = {mb:,.0f} MB\n")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_store_"))
     results = []
@@ -100,7 +94,7 @@ def main() -> None:
         shutil.rmtree(path, ignore_errors=True)
     print("\nreads are warm (the OS page cache holds what was just written); random data does not compress, as real fp16 embeddings barely do")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": cpu_model(), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ def _write_vocab(directory: Path, vocab: list[str]) -> Path:
     return path
 
 
-def _save_esm(directory: Path, vocab: list[str], *, hidden: int, layers: int, heads: int, seed: int, tokenizer_kwargs: dict, **config) -> Path:
-    """An ESM-architecture masked LM at toy size, saved as the public ESM / NT checkpoints are."""
+def save_esm_model(
+    directory: Path, vocab: list[str], *, hidden: int, layers: int, heads: int, seed: int, tokenizer_kwargs: dict,
+    layer_norm_eps: float = 1e-5, **config,
+) -> Path:
+    """An ESM-architecture masked LM with random weights (any size; FFN 4x hidden), saved as the public
+    ESM / NT checkpoints are. `config`: further EsmConfig fields (positions, token dropout, ...)."""
     from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
     torch.manual_seed(seed)
@@ -49,7 +53,7 @@ def _save_esm(directory: Path, vocab: list[str], *, hidden: int, layers: int, he
         # forwards take SDPA's slow dropout path), layer-norm eps 1e-5.
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-5,
+        layer_norm_eps=layer_norm_eps,
         pad_token_id=vocab.index("<pad>"),
         mask_token_id=vocab.index("<mask>"),
         **config,
@@ -63,7 +67,7 @@ def _save_esm(directory: Path, vocab: list[str], *, hidden: int, layers: int, he
 
 def make_tiny_esm2(directory: str | Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0) -> Path:
     """ESM2 architecture (rotary, token dropout, 33-token vocab) at toy size."""
-    return _save_esm(
+    return save_esm_model(
         Path(directory), ESM2_VOCAB, hidden=hidden, layers=layers, heads=heads, seed=seed, tokenizer_kwargs={},
         max_position_embeddings=1026, position_embedding_type="rotary", token_dropout=True,
     )  # fmt: skip
@@ -75,7 +79,7 @@ def make_tiny_nucleotide_transformer(
     """Nucleotide Transformer v1 architecture (an ESM model, learned positions, 6-mer vocab, CLS only)."""
     # NT's tokenizer adds <cls> but no <eos>; learned positions start at padding_idx + 1.
     tokenizer_kwargs = {"eos_token": None, "model_max_length": max_positions - NT_VOCAB.index("<pad>") - 1}
-    return _save_esm(
+    return save_esm_model(
         Path(directory), NT_VOCAB, hidden=hidden, layers=layers, heads=heads, seed=seed, tokenizer_kwargs=tokenizer_kwargs,
         max_position_embeddings=max_positions, position_embedding_type="absolute", token_dropout=False,
     )  # fmt: skip

@@ -130,11 +130,25 @@ class InMemoryTokens(ModalityFeatures):
     """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16)."""
 
     def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
-        self.dim, self.max_rows = store.embed_dim, max_rows
+        self.dim = store.embed_dim
         flat, offsets, lengths = store.token_arrays()
         rows = store.rows(keys)
         self.flat = torch.from_numpy(flat)  # (T, d)
         self.span = {k: (int(offsets[r]), int(lengths[r])) for k, r in zip(keys, rows)}
+        if max_rows is not None:
+            self._reduce_once(max_rows)
+
+    def _reduce_once(self, max_rows: int) -> None:
+        """Apply `group_mean` to every record now, not in every batch of every epoch.
+
+        The reduction is fixed per record, and redoing it in the prefetch thread during training
+        cost as much as a small fusion model's step on the CPU (the two threads contend). Rows are
+        kept in float32, exactly as `_pad` would have made them.
+        """
+        reduced = {k: group_mean(self.flat[o : o + n].float(), max_rows) for k, (o, n) in self.span.items()}  # (<= max_rows, d) each
+        starts = np.cumsum([0] + [len(r) for r in reduced.values()])
+        self.span = {k: (int(o), len(r)) for (k, r), o in zip(reduced.items(), starts)}
+        self.flat = torch.cat(list(reduced.values())) if reduced else torch.zeros(0, self.dim)  # (T', d) float32
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         pieces = []
@@ -144,7 +158,7 @@ class InMemoryTokens(ModalityFeatures):
             else:
                 o, n = self.span[k]
                 pieces.append(self.flat[o : o + n])
-        return _pad(pieces, self.dim, self.max_rows)
+        return _pad(pieces, self.dim)
 
 
 class StreamedTokens(ModalityFeatures):

@@ -47,22 +47,30 @@ class DemoConfig:
 MODALITY_ENCODERS = {"dna": "enformer", "rna": "nucleotide-transformer", "protein": "esm2"}
 
 
-def build_demo_stores(prepared: Path, out: Path, hidden: int, dna_window: int, log: Log) -> dict[str, str]:
-    """Tiny models of the real architectures, saved and loaded like checkpoints, then one store per modality."""
-    models = out / "models"
-    model_dirs = {
-        "protein": make_tiny_esm2(models / "esm2", hidden=hidden, layers=2),
-        "rna": make_tiny_nucleotide_transformer(models / "nucleotide-transformer", hidden=hidden, layers=2),
+def make_demo_encoders(models: Path, *, hidden: int, dna_window: int, layers: int = 2, seed: int = 0) -> dict[str, Path]:
+    """Tiny random models of the real architectures, saved like checkpoints: modality -> model directory."""
+    return {
+        "protein": make_tiny_esm2(models / "esm2", hidden=hidden, layers=layers, seed=seed),
+        "rna": make_tiny_nucleotide_transformer(models / "nucleotide-transformer", hidden=hidden, layers=layers, seed=seed),
         # the whole DNA window as bins: target_length = window / 128
-        "dna": make_tiny_enformer(models / "enformer", dim=48, target_length=dna_window // 128),
+        "dna": make_tiny_enformer(models / "enformer", dim=48, target_length=dna_window // 128, seed=seed),
     }
+
+
+def build_modality_stores(
+    prepared: Path, model_dirs: dict[str, Path], stores_dir: Path, dna_window: int, *, progress: bool = True, log: Log = print
+) -> dict[str, str]:
+    """One embedcache store per modality from the prepared FASTAs: modality -> store path.
+
+    Enformer embeds the whole DNA window (`window` = the prepared window, every 128-bp bin kept).
+    """
     stores = {}
     for modality, encoder in MODALITY_ENCODERS.items():
         extra = {"window": dna_window} if encoder == "enformer" else {}
         config = BuildConfig.create(encoder, str(model_dirs[modality]), **extra)
-        store = out / "stores" / f"{modality}.zarr"
+        store = stores_dir / f"{modality}.zarr"
         log(f"[embedcache] {modality}: {encoder} -> {store}")
-        build(config, [prepared / f"{modality}.fa"], store, log=log)
+        build(config, [prepared / f"{modality}.fa"], store, progress=progress, log=log)
         stores[modality] = str(store)
     return stores
 
@@ -82,7 +90,8 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), log: Log = prin
     log(f"      {prepared.counts}")
 
     log("[3/5] embed each modality once with embedcache")
-    stores = build_demo_stores(prepared.out_dir, out, config.encoder_hidden, info.dna_window, log)
+    model_dirs = make_demo_encoders(out / "models", hidden=config.encoder_hidden, dna_window=info.dna_window)
+    stores = build_modality_stores(prepared.out_dir, model_dirs, out / "stores", info.dna_window, log=log)
     log(describe(open_store(stores["rna"]).info()))
 
     data = DataConfig(

@@ -64,7 +64,7 @@ from fusion.experiment import RUN_FILE, SPLITS, build_model, evaluate_and_report
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.train import TrainConfig, TrainResult, make_optimizer, resolve_amp, resolve_device, seed_everything, train
+from fusion.train import TrainConfig, TrainResult, adamw, make_optimizer, resolve_amp, resolve_device, seed_everything, train
 
 Log = Callable[[str], None]
 
@@ -574,7 +574,7 @@ def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, con
             continue
         for g in make_optimizer(part, train_config).param_groups:
             groups.append({"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": scale})
-    return torch.optim.AdamW(groups, lr=train_config.lr)
+    return adamw(groups, lr=train_config.lr)
 
 
 # -- runs ----------------------------------------------------------------------------------------------

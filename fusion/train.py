@@ -224,7 +224,26 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             continue
         (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return adamw([g for g in groups if g["params"]], lr=config.lr)
+
+
+def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:
+    """torch's AdamW, with its fused kernel where every parameter allows it (float tensors on CPU or CUDA).
+
+    torch picks the per-parameter Python loop by default on the CPU; the fused kernel is the same
+    update in one call per group (about 5% of a small fusion model's CPU training step).
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def clip_gradients_(model: nn.Module, max_norm: float) -> None:
+    """Clip the global gradient norm; foreach (a few calls, not a few per parameter) on every device,
+    since torch's default takes it only on accelerators."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def count_batches(batches: BatchSource, split: str) -> int:
@@ -389,7 +408,7 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)  # so clipping sees true gradient norms
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                clip_gradients_(model, config.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

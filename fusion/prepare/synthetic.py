@@ -614,12 +614,14 @@ def ridge_predict(x_tr: np.ndarray, y_tr: np.ndarray, x_ev: np.ndarray, alphas: 
 
 
 def r2_per_target(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """(t,) R^2 = 1 - SSE/SST per target over the non-missing values."""
+    """(t,) R^2 = 1 - SSE/SST per target over the non-missing values; NaN where the values do not vary
+    (e.g. a split of one sample), since R^2 is undefined there."""
     ok = ~np.isnan(y)
     yc = np.where(ok, y, np.nan)
     sse = np.nansum(np.where(ok, (y - pred) ** 2, np.nan), axis=0)
     sst = np.nansum((yc - np.nanmean(yc, axis=0)) ** 2, axis=0)
-    return 1 - sse / sst
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1 - sse / sst, np.nan)
 
 
 def composition_baseline(

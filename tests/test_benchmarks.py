@@ -1,0 +1,73 @@
+"""Every benchmark script runs end to end at a toy size and writes the figures it promises.
+
+The figures themselves are not asserted (speed is measured in benchmarks, not tests); what is
+checked is that each script still works against the library and that its cross-checks hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, f"{name} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_bench_build_cross_checks_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "build.json"
+    run_script("bench_build.py", "--n-sequences", "24", "--max-length", "200", "--hidden", "32", "--layers", "1",
+               "--repeats", "1", "--warmup-sequences", "2", "--threads", "1", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["cross_check"]["pooled_ok"] and result["cross_check"]["token_ok"]
+    assert result["ratio_best"] > 0
+    assert result["machine"]["cpu_cores"] >= 1
+
+
+def test_bench_store_layout_reports_every_chunk_size(tmp_path: Path) -> None:
+    out = tmp_path / "layout.json"
+    run_script("bench_store_layout.py", "--n-sequences", "40", "--dim", "16", "--chunks-kb", "64,256", "--reads", "5",
+               "--workdir", str(tmp_path / "stores"), "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert [r["chunk_kb"] for r in result["results"]] == [64, 256]
+    assert all(r["write_mb_s"] > 0 and r["read_all_mb_s"] > 0 for r in result["results"])
+
+
+def test_bench_fusion_data_runs_every_loading(tmp_path: Path) -> None:
+    out = tmp_path / "data.json"
+    run_script("bench_fusion_data.py", "--n-genes", "10", "--hidden", "16", "--repeats", "1", "--aggregators", "mean-concat",
+               "--model-batches", "2", "--warmup-steps", "1", "--e2e-samples", "8", "--e2e-repeats", "1", "--cold", "none",
+               "--no-breakdown", "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["model_only"] and result["end_to_end"]["runs"]
+
+
+def test_bench_fusion_compares_cached_and_frozen(tmp_path: Path) -> None:
+    out = tmp_path / "fusion.json"
+    proc = run_script("bench_fusion.py", "--n-genes", "10", "--batch-size", "4", "--features", "pooled", "--modes", "cached", "frozen",
+                      "--steps", "1", "--warmup-steps", "1", "--cached-epochs", "2", "--threads", "1",
+                      "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    (run,) = report["runs"]
+    assert set(run["results"]) == {"cached", "frozen"}
+    errors = {m: (r["error"], r.get("log_tail")) for m, r in run["results"].items() if "error" in r}
+    assert not errors, errors
+    assert run["verdict"]["ratio"] > 0
+    assert "== summary" in proc.stdout
+
+
+def test_bench_fusion_refuses_contradictory_inputs() -> None:
+    flags = ["--features", "pooled", "--max-tokens", "4"]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fusion.py"), *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--max-tokens 4 applies to --features tokens only" in proc.stderr
