@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the library is t
     sys.path.insert(0, str(REPO))
 
 from benchlib import load_average, machine_info, reuse_or_clear  # noqa: E402  (after the path line above)
+from cli.common import HelpFormatter  # noqa: E402
 from fusion.demo import MODALITY_ENCODERS, DemoConfig, build_modality_stores, make_demo_encoders  # noqa: E402
 
 MODES = ("cached", "frozen", "full")
@@ -793,19 +794,10 @@ def print_summary(report: dict) -> None:
               f" -> {v['ratio']:6.1f}x {'PASS' if v['pass'] else 'FAIL'}{full}")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless its help already says it, or it is None / False."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if "default:" in (action.help or "") or action.default in (None, False):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def create_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Seconds per training epoch and peak memory of fusion on cached stores vs frozen and full finetuning.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--size", choices=list(SIZES), default="tiny",
                    help="tiny: the demo's data and tiny encoders (CPU, minutes); isoformer: the released encoders' shapes "

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from benchlib import machine_info, reuse_or_clear
+from cli.common import HelpFormatter
 from fusion.demo import MODALITY_ENCODERS
 
 SETUP_FILE = "bench_setup.json"
@@ -582,7 +583,7 @@ def library_versions(work: Path) -> dict:
 def create_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Samples/s of the fusion input pipeline (stores in RAM vs streamed) beside the model's step rate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--n-genes", type=int, default=400, help="synthetic genes (~3 transcripts = samples each)")
     p.add_argument("--hidden", type=int, default=256, help="width of the tiny ESM2/NT = per-token row width (fp16)")

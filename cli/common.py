@@ -7,6 +7,16 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" on every flag, except where the help already says its default or
+    there is none to say (None, or False for on/off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default:" in (action.help or "") or action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def quiet_libraries() -> None:
     """Keep transformers' load-time chatter out of the terminal; real errors still raise."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli.common import quiet_libraries
+from cli.common import HelpFormatter, quiet_libraries
 from fusion.demo import DemoConfig, run_demo
 
 
@@ -15,7 +15,7 @@ def create_parser() -> argparse.ArgumentParser:
         prog="python -m cli.demo",
         description="Synthetic IsoFormer data -> adapter -> embedcache stores (tiny Enformer / NT / ESM2) -> "
         "fusion training -> modality ablation -> report with plots. Offline; a few minutes on 2 CPU cores.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="demo-out", help="output directory")
     p.add_argument("--n-genes", type=int, default=d.n_genes, help="synthetic genes")

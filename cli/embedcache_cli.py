@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cli.common import run_main
+from cli.common import HelpFormatter, run_main
 from embedcache.build import build
 from embedcache.config import POOLINGS, TOKEN_DTYPES, BuildConfig
 from embedcache.encoders import ENCODERS
@@ -34,7 +34,7 @@ def create_parser() -> argparse.ArgumentParser:
         help="embed sequences into a store (only those it does not hold yet)",
         description="Embed the records of INPUT files into STORE. Sequences the store already holds are "
         "not computed again; an interrupted build resumes when run again. Encoders: " + _encoders_help(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA (plain or .gz), CSV, TSV or Parquet files")
     b.add_argument("-o", "--out", required=True, metavar="STORE", help="store directory (created if missing)")

@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from cli.common import run_main
+from cli.common import HelpFormatter, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
 from fusion.models import AGGREGATORS
 from fusion.train import TrainConfig
@@ -69,7 +69,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def create_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusion", description="Train and evaluate IsoFormer-style fusion models on cached embedding stores.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     prep = sub.add_parser("prepare", help="make FASTAs + a manifest from the IsoFormer CSV, or synthetic data", description="Data preparation.")
     psub = prep.add_subparsers(dest="source", required=True)
