@@ -184,7 +184,8 @@ class EmbedcacheRun:
 def run_embedcache(
     fasta: Path, model_dir: Path, store: Path, *, max_tokens: int, precision: str, device: torch.device
 ) -> EmbedcacheRun:
-    from embedcache.build import build, make_batches
+    from embedcache.build import build
+    from embedcache.embed import make_batches
     from embedcache.config import BuildConfig
 
     config = BuildConfig.create(

@@ -583,31 +583,32 @@ def step_breakdown(batches: TimedBatches, probe: Probe, warmup: int) -> dict:
 
 
 def encoder_call_padding(batches: TimedBatches, model) -> dict:
-    """Per modality, over the timed epoch's train batches: distinct sequences per step and the share of
-    real tokens in the padded encoder call (`embed_sequences` puts every window of a batch in one call)."""
-    from embedcache.embed import plan_windows
+    """Per modality, over the timed epoch's train batches: distinct sequences and encoder calls per step,
+    and the share of real tokens in the padded calls (`embed_sequences` batches a step's windows as the
+    build does: length-sorted, under the store's token budget)."""
+    from embedcache.embed import make_batches, plan_windows
 
     out = {}
     for m, live in model.live.items():
         encoder = live.encoder
-        fixed = getattr(encoder, "fixed_window", False)
+        fixed = getattr(encoder, "fixed_window", False)  # Enformer: every window is N-padded to the full input
         n_special = 0 if fixed else encoder.layout.n_special
-        distinct, real, padded = [], 0, 0
+        distinct, calls, real, padded = [], [], 0, 0
         for p in batches.passes:
             for features in p["batches"]:
                 unique = list(dict.fromkeys(s for s in features[m].sequences if s is not None))
                 distinct.append(len(unique))
-                lengths = []
+                items = []
                 for s in unique:
                     plan = plan_windows(encoder, len(encoder.tokenize(s)), live.build)
-                    lengths += [e - b for b, e in plan.windows]
-                if not lengths:
-                    continue
-                width = encoder.window if fixed else max(lengths) + n_special
-                real += sum(lengths) + n_special * len(lengths)
-                padded += width * len(lengths)
+                    items += [(encoder.cost(e - b), e - b, e - b + n_special) for b, e in plan.windows]  # payload: real positions
+                step_calls = make_batches(items, live.build.max_tokens, encoder.equal_length_batches)
+                calls.append(len(step_calls))
+                real += sum(sum(call) for call in step_calls)
+                padded += sum(len(call) * (encoder.window if fixed else max(call)) for call in step_calls)
         out[m] = {
             "distinct_sequences_per_step": statistics.mean(distinct) if distinct else 0.0,
+            "calls_per_step": statistics.mean(calls) if calls else 0.0,
             "real_token_share": real / padded if padded else None,
             "unit": "bp" if fixed else "tokens",
         }
@@ -764,10 +765,11 @@ def print_configuration(report: dict, run: dict) -> None:
         calls = results[finetune[0]].get("encoder_calls", {})
         if calls:
             shares = "; ".join(
-                f"{k} {v['distinct_sequences_per_step']:.1f} distinct sequences, {v['real_token_share']:.0%} real {v['unit']}"
+                f"{k} {v['distinct_sequences_per_step']:.1f} distinct sequences in {v['calls_per_step']:.1f} calls, "
+                f"{v['real_token_share']:.0%} real {v['unit']}"
                 for k, v in calls.items() if v["real_token_share"] is not None
             )
-            print(f"  per step, each encoder gets one padded call: {shares}")
+            print(f"  per step, each encoder's length-sorted calls under the store's token budget: {shares}")
 
     v = run["verdict"]
     print(f"\n== verdict ({run['label']})")

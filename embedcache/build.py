@@ -28,7 +28,7 @@ from embedcache.store import (
     read_store_index,
     token_chunking,
 )
-from embedcache.embed import assemble, plan_windows, resolve_overlap, to_numpy
+from embedcache.embed import assemble, make_batches, plan_windows, resolve_overlap, to_numpy
 from embedcache.windows import SequencePlan
 
 Log = Callable[[str], None]
@@ -190,33 +190,6 @@ def plan_build(
 def _n_output_rows(plan: SequencePlan, encoder: Encoder, config: BuildConfig) -> int:
     n = encoder.n_output_rows(plan.n_tokens)
     return min(n, config.token_bins) if config.token_bins else n
-
-
-def make_batches(
-    items: list[tuple[int, int, object]], max_tokens: int, equal_lengths: bool
-) -> list[list[object]]:
-    """Length-sorted batches under a token budget: (cost, length, payload) -> lists of payloads.
-
-    Sorting by length makes padding small; a batch holds as many windows as fit in
-    `max_tokens` padded positions (a window larger than the budget runs alone). Models without an
-    attention mask get batches of one length only, so no padding ever reaches them.
-    """
-    batches: list[list[object]] = []
-    current: list[object] = []
-    width = length0 = 0
-    for cost, length, payload in sorted(items, key=lambda t: (-t[0], -t[1])):
-        fits = (len(current) + 1) * max(width, cost) <= max_tokens
-        same = not equal_lengths or length == length0
-        if current and fits and same:
-            current.append(payload)
-            width = max(width, cost)
-        else:
-            if current:
-                batches.append(current)
-            current, width, length0 = [payload], cost, length
-    if current:
-        batches.append(current)
-    return batches
 
 
 class BackgroundWriter:

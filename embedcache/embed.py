@@ -1,4 +1,5 @@
-"""From window outputs to what a store holds: stitched per-token rows and a pooled vector.
+"""Windows, their length-sorted batches, and from window outputs to what a store holds: stitched
+per-token rows and a pooled vector.
 
 Shared by `embedcache build` (which batches windows across many sequences and writes numpy)
 and by the end-to-end finetune mode (which embeds a training batch live, gradients flowing),
@@ -59,8 +60,36 @@ def assemble(plan: SequencePlan, outs: list[WindowOutput], config: BuildConfig) 
     return central(hidden, config.token_bins), pooled
 
 
+def make_batches(
+    items: list[tuple[int, int, object]], max_tokens: int, equal_lengths: bool
+) -> list[list[object]]:
+    """Length-sorted batches under a token budget: (cost, length, payload) -> lists of payloads.
+
+    Sorting by length makes padding small; a batch holds as many windows as fit in
+    `max_tokens` padded positions (a window larger than the budget runs alone). Models without an
+    attention mask get batches of one length only, so no padding ever reaches them.
+    """
+    batches: list[list[object]] = []
+    current: list[object] = []
+    width = length0 = 0
+    for cost, length, payload in sorted(items, key=lambda t: (-t[0], -t[1])):
+        fits = (len(current) + 1) * max(width, cost) <= max_tokens
+        same = not equal_lengths or length == length0
+        if current and fits and same:
+            current.append(payload)
+            width = max(width, cost)
+        else:
+            if current:
+                batches.append(current)
+            current, width, length0 = [payload], cost, length
+    if current:
+        batches.append(current)
+    return batches
+
+
 def embed_sequences(encoder: Encoder, sequences: list[str], config: BuildConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Embed `sequences` live: every window of every sequence in one model call, outputs on the device.
+    """Embed `sequences` live, outputs on the device: their windows in length-sorted model calls under
+    the store's token budget (`config.max_tokens`), batched exactly as `embedcache build` batches them.
 
     Gradients flow when enabled (finetune mode); the result equals what `embedcache build` stores
     for the same sequences and config, up to the store's float16 rounding.
@@ -72,16 +101,16 @@ def embed_sequences(encoder: Encoder, sequences: list[str], config: BuildConfig)
             plans.append(plan_windows(encoder, len(ids), config))
         except ValueError as e:
             raise InputError(f"sequence {seq[:20]!r}... ({len(seq)} letters): {e}") from e
-    windows, owner = [], []
-    for i, (ids, p) in enumerate(zip(token_ids, plans)):
-        for s, e in p.windows:
-            windows.append(ids[p.keep_start + s : p.keep_start + e])
-            owner.append(i)
-    outs = encoder.encode_windows(windows)
-    per_seq: list[list[WindowOutput]] = [[] for _ in sequences]
-    for i, o in zip(owner, outs):
-        per_seq[i].append(o)
-    return [assemble(p, o, config) for p, o in zip(plans, per_seq)]
+    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) for w, (s, e) in enumerate(p.windows)]
+    outs: list[list[WindowOutput | None]] = [[None] * len(p.windows) for p in plans]
+    for batch in make_batches(items, config.max_tokens, encoder.equal_length_batches):
+        windows = []
+        for i, w in batch:
+            s, e = plans[i].windows[w]
+            windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
+        for (i, w), out in zip(batch, encoder.encode_windows(windows)):
+            outs[i][w] = out
+    return [assemble(p, o, config) for p, o in zip(plans, outs)]  # type: ignore[arg-type]
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:

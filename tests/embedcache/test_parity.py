@@ -15,6 +15,8 @@ from transformers import AutoModel, AutoTokenizer, EsmModel
 from embedcache import open_store
 from embedcache.build import build
 from embedcache.config import BuildConfig
+from embedcache.embed import embed_sequences
+from embedcache.encoders import load_encoder
 
 from .conftest import write_fasta
 
@@ -184,3 +186,17 @@ def test_batch_composition_does_not_change_results(tmp_path, models):
         np.testing.assert_allclose(a.tokens(rid).astype(np.float32), b.tokens(rid).astype(np.float32), **FP16)
         np.testing.assert_allclose(a.pooled([rid]), b.pooled([rid]), **FP32)
     assert a.fingerprint == b.fingerprint  # the batch budget is not part of the fingerprint
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("name,encoder,options", [("esm2", "esm2", {}), ("remote", "hf", {"trust_remote_code": True})])
+def test_live_embedding_equals_the_store(tmp_path, models, name, encoder, options):
+    """embed_sequences (the finetune path) batches windows as the build does: length-sorted calls under
+    the token budget, unpadded for a model without an attention mask, the same rows as the store."""
+    records = random_seqs(AA, [4, 4, 9, 20, 20, 33, 50], seed=3)
+    store = build_store(tmp_path, name, encoder, models[name], records, max_tokens=48, **options)
+    config = BuildConfig.create(encoder, str(models[name]), max_tokens=48, **options)
+    live = embed_sequences(load_encoder(encoder, config.encoder_settings()), list(records.values()), config)
+    assert_store_matches(store, {rid: tokens for rid, (tokens, _) in zip(records, live)})
+    for rid, (_, pooled) in zip(records, live):
+        np.testing.assert_allclose(store.pooled([rid])[0], pooled.numpy(), **FP32, err_msg=rid)

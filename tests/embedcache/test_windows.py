@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embedcache.build import make_batches
+from embedcache.embed import make_batches
 from embedcache.windows import central, crop_range, plan_sequence, stitch, window_starts
 
 
