@@ -86,8 +86,9 @@ SETUP_FILE = "bench_setup.json"
 CRITERION = 10.0  # the cached epoch must be at least this many times faster than the frozen-finetune epoch
 
 TINY_NOTES = (
-    "tiny ESM2 / NT come from embedcache.tiny_models (dropout 0.0 as in the released checkpoints); they are "
-    "smaller than the fusion model (about 0.1M parameters each vs 0.34M), the reverse of IsoFormer's proportions",
+    "tiny ESM2 / NT come from embedcache.tiny_models (dropout 0.0 as in the released checkpoints); the tiny "
+    "encoders (0.07-0.16M parameters each outside embedding tables) do about as much arithmetic as the fusion "
+    "model (0.34M), unlike IsoFormer's 150M-250M encoders",
 )
 ISOFORMER_NOTES = (
     "ESM2-150M: EsmConfig as facebook/esm2_t30_150M_UR50D's (hidden 640, 30 layers, 20 heads, "
@@ -583,7 +584,7 @@ def step_breakdown(batches: TimedBatches, probe: Probe, warmup: int) -> dict:
 
 
 def encoder_call_padding(batches: TimedBatches, model) -> dict:
-    """Per modality, over the timed epoch's train batches: distinct sequences and encoder calls per step,
+    """Per modality, over the train batches of the finetune epoch (warm-up included): distinct sequences and encoder calls per step,
     and the share of real tokens in the padded calls (`embed_sequences` batches a step's windows as the
     build does: length-sorted, under the store's token budget)."""
     from embedcache.embed import make_batches, plan_windows

@@ -21,7 +21,7 @@ One run builds a small but realistically wide data set, then measures, on the tr
 
 Setup (or reused from --workdir): synthetic IsoFormer-schema data -> the IsoFormer adapter -> DNA /
 RNA / protein stores built by embedcache with tiny random models (the recipe of
-fusion.demo.build_demo_stores), except that the tiny ESM2 / NT are --hidden wide (default 256:
+fusion.demo.make_demo_encoders and build_modality_stores), except that the tiny ESM2 / NT are --hidden wide (default 256:
 512 B per fp16 token row) so the per-token data is sized like real inputs. The encoders do not
 matter here; only the bytes and the collation do.
 
@@ -237,7 +237,7 @@ def model_step_rate(batches, train_list: list, aggregator: str, args, threads: i
     Every step is timed on its own; the rate is samples / seconds summed over the timed steps.
     """
     from fusion.experiment import build_model
-    from fusion.train import TrainConfig, clip_gradients_, make_optimizer, masked_mse, seed_everything
+    from fusion.train import TrainConfig, make_optimizer, masked_mse, seed_everything
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -254,7 +254,7 @@ def model_step_rate(batches, train_list: list, aggregator: str, args, threads: i
             loss.item()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            clip_gradients_(model, config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
 
         for batch in train_list[: args.warmup_steps]:  # allocator, first-call costs
@@ -569,7 +569,7 @@ def disk_note(path: Path) -> dict:
     return {"mount": mnt, "device": dev, "fstype": fstype, "rotational": rotational, "kind": kind}
 
 
-def library_versions(work: Path) -> dict:
+def data_libraries_and_disk(work: Path) -> dict:
     """What this benchmark adds to benchlib.machine_info: the data libraries and the disk under `work`."""
     import pandas
     import zarr
@@ -652,7 +652,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     from fusion.experiment import read_manifest
 
     started = time.perf_counter()
-    machine = machine_info(**library_versions(work))
+    machine = machine_info(**data_libraries_and_disk(work))
     threads = torch.get_num_threads()
     print("== machine")
     print(f"  {machine['platform']}  {machine['cpu_model']}")

@@ -89,7 +89,7 @@ def make_batches(
 
 def embed_sequences(encoder: Encoder, sequences: list[str], config: BuildConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Embed `sequences` live, outputs on the device: their windows in length-sorted model calls under
-    the store's token budget (`config.max_tokens`), batched exactly as `embedcache build` batches them.
+    the store's token budget (`config.max_tokens`), by the build's batching rule (`make_batches`).
 
     Gradients flow when enabled (finetune mode); the result equals what `embedcache build` stores
     for the same sequences and config, up to the store's float16 rounding.

@@ -50,7 +50,7 @@ def save_esm_model(
         intermediate_size=hidden * 4,
         emb_layer_norm_before=False,
         # As the released ESM2 / NT configs: no dropout (EsmConfig's default 0.1 would make training-mode
-        # forwards take SDPA's slow dropout path), layer-norm eps 1e-5.
+        # forwards take SDPA's slow dropout path); layer-norm eps 1e-5 as ESM2 (NT-v2: 1e-12).
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         layer_norm_eps=layer_norm_eps,

@@ -127,7 +127,8 @@ def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = Non
 
 
 class InMemoryTokens(ModalityFeatures):
-    """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16)."""
+    """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16), plus,
+    with `max_rows`, the group-averaged rows of the records longer than that (float32)."""
 
     def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
         self.dim = store.embed_dim
@@ -135,26 +136,33 @@ class InMemoryTokens(ModalityFeatures):
         rows = store.rows(keys)
         self.flat = torch.from_numpy(flat)  # (T, d)
         self.span = {k: (int(offsets[r]), int(lengths[r])) for k, r in zip(keys, rows)}
+        self.reduced = torch.zeros(0, self.dim)  # (R, d) float32
+        self.reduced_at: dict[str, int] = {}  # key -> first row in `reduced` (its max_rows rows)
         if max_rows is not None:
             self._reduce_once(max_rows)
 
     def _reduce_once(self, max_rows: int) -> None:
-        """Apply `group_mean` to every record now, not in every batch of every epoch.
+        """Apply `group_mean` to every longer record now, not in every batch of every epoch.
 
-        The reduction is fixed per record, and redoing it in the prefetch thread during training
-        cost as much as a small fusion model's step on the CPU (the two threads contend). Rows are
-        kept in float32, exactly as `_pad` would have made them.
+        The reduction is fixed per record; redone in the prefetch thread it took 5-7 ms a batch and
+        slowed the training step by about as much again (the threads contend). The results are
+        kept in float32, exactly as `_pad` computed them; shorter records stay in `flat`.
         """
-        reduced = {k: group_mean(self.flat[o : o + n].float(), max_rows) for k, (o, n) in self.span.items()}  # (<= max_rows, d) each
-        starts = np.cumsum([0] + [len(r) for r in reduced.values()])
-        self.span = {k: (int(o), len(r)) for (k, r), o in zip(reduced.items(), starts)}
-        self.flat = torch.cat(list(reduced.values())) if reduced else torch.zeros(0, self.dim)  # (T', d) float32
+        longer = [(k, o, n) for k, (o, n) in self.span.items() if n > max_rows]
+        self.reduced = torch.empty(len(longer) * max_rows, self.dim)  # (R, d) float32, filled in place
+        for j, (k, o, n) in enumerate(longer):
+            self.reduced[j * max_rows : (j + 1) * max_rows] = group_mean(self.flat[o : o + n].float(), max_rows)
+            self.reduced_at[k] = j * max_rows
+        self.max_rows = max_rows
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
-        pieces = []
+        pieces: list[torch.Tensor | None] = []
         for k in keys:
             if k is None:
                 pieces.append(None)
+            elif k in self.reduced_at:
+                r = self.reduced_at[k]
+                pieces.append(self.reduced[r : r + self.max_rows])
             else:
                 o, n = self.span[k]
                 pieces.append(self.flat[o : o + n])

@@ -303,8 +303,8 @@ def load_live_encoders(batches: StoreBatches, *, device: torch.device, precision
 class EndToEndModel(nn.Module):
     """features {modality: SequenceBatch} -> (b, n_targets): live encoders, then the fusion model.
 
-    Per modality: `embed_sequences` on the present samples' sequences (all their windows in one
-    encoder call), per-token rows (L_i, d) rounded to the store's token dtype, or the pooled (d,)
+    Per modality: `embed_sequences` on the present samples' distinct sequences (their windows in
+    length-sorted encoder calls under the store's token budget), per-token rows (L_i, d) rounded to the store's token dtype, or the pooled (d,)
     vector as n = 1; `fusion.data._pad` (with the data config's `max_tokens` group mean) makes the
     ModalityBatch (x (b, n, d), mask (b, n), present (b,)) that cached mode would have loaded.
     """

@@ -235,15 +235,8 @@ def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:
     """
     params = [p for g in groups for p in g["params"]]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    # None, not False, where fused cannot run: fused=False would also turn off torch's foreach default.
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
-
-
-def clip_gradients_(model: nn.Module, max_norm: float) -> None:
-    """Clip the global gradient norm; foreach (a few calls, not a few per parameter) on every device,
-    since torch's default takes it only on accelerators."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if params:
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def count_batches(batches: BatchSource, split: str) -> int:
@@ -408,7 +401,7 @@ def train(
             if scaler is not None:
                 scaler.unscale_(optimizer)  # so clipping sees true gradient norms
             if config.grad_clip > 0:
-                clip_gradients_(model, config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

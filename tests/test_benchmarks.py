@@ -52,17 +52,19 @@ def test_bench_fusion_data_runs_every_loading(tmp_path: Path) -> None:
     assert result["model_only"] and result["end_to_end"]["runs"]
 
 
-def test_bench_fusion_compares_cached_and_frozen(tmp_path: Path) -> None:
+def test_bench_fusion_runs_both_demo_inputs_in_every_mode(tmp_path: Path) -> None:
     out = tmp_path / "fusion.json"
-    proc = run_script("bench_fusion.py", "--n-genes", "10", "--batch-size", "4", "--features", "pooled", "--modes", "cached", "frozen",
-                      "--steps", "1", "--warmup-steps", "1", "--cached-epochs", "2", "--threads", "1",
-                      "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    proc = run_script("bench_fusion.py", "--n-genes", "10", "--batch-size", "4", "--steps", "1", "--warmup-steps", "1",
+                      "--cached-epochs", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     report = json.loads(out.read_text())
-    (run,) = report["runs"]
-    assert set(run["results"]) == {"cached", "frozen"}
-    errors = {m: (r["error"], r.get("log_tail")) for m, r in run["results"].items() if "error" in r}
-    assert not errors, errors
-    assert run["verdict"]["ratio"] > 0
+    assert [(r["config"]["data"]["features"], r["config"]["data"]["max_tokens"]) for r in report["runs"]] == [("tokens", 32), ("pooled", None)]
+    for run in report["runs"]:
+        assert set(run["results"]) == {"cached", "frozen", "full"}
+        errors = {m: (r["error"], r.get("log_tail")) for m, r in run["results"].items() if "error" in r}
+        assert not errors, errors
+        assert run["verdict"]["ratio"] > 0 and run["verdict"]["full_ratio"] > 0
+        breakdown = run["results"]["frozen"]["breakdown"]
+        assert breakdown["features"] >= sum(v for k, v in breakdown.items() if k.startswith("encoder:"))  # means add up
     assert "== summary" in proc.stdout
 
 

@@ -86,8 +86,9 @@ class CharLookup:
         for t, i in plain.items():
             table[ord(t)] = i
         lookup = cls(table)
-        probe = "".join(sorted(plain)) * 2
-        if lookup(probe) is None or lookup(probe).tolist() != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        probe = "".join(sorted(plain)) * 2  # every character, each next to two different neighbours
+        ids = lookup(probe)
+        if ids is None or ids.tolist() != tokenizer(probe, add_special_tokens=False)["input_ids"]:
             return None
         return lookup
 

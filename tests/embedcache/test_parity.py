@@ -200,3 +200,27 @@ def test_live_embedding_equals_the_store(tmp_path, models, name, encoder, option
     assert_store_matches(store, {rid: tokens for rid, (tokens, _) in zip(records, live)})
     for rid, (_, pooled) in zip(records, live):
         np.testing.assert_allclose(store.pooled([rid])[0], pooled.numpy(), **FP32, err_msg=rid)
+
+
+def test_live_gradients_equal_one_sequence_at_a_time(models):
+    """Finetune mode: gradients flow through every length-sorted call, and equal those of embedding each
+    sequence alone (a model without an attention mask, whose calls must never be padded)."""
+    config = BuildConfig.create("hf", str(models["remote"]), max_tokens=48, trust_remote_code=True)
+    encoder = load_encoder("hf", config.encoder_settings())
+    encoder.model.requires_grad_(True)
+    calls, encode = [], encoder.encode_windows
+    encoder.encode_windows = lambda windows: calls.append(len(windows)) or encode(windows)
+    sequences = list(random_seqs(AA, [4, 9, 9, 20, 33, 50], seed=4).values())
+
+    def grads(groups: list[list[str]]) -> list[torch.Tensor]:
+        encoder.model.zero_grad(set_to_none=True)
+        for group in groups:
+            sum((tokens * 1.5).sum() + pooled.sum() for tokens, pooled in embed_sequences(encoder, group, config)).backward()
+        return [p.grad.clone() for p in encoder.model.parameters()]
+
+    together = grads([sequences])
+    assert len(calls) > 1  # the budget split the batch
+    alone = grads([[s] for s in sequences])
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(g.abs().sum() > 0 for g in together)

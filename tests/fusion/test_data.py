@@ -1,0 +1,50 @@
+"""Per-token loading: RAM and streamed features give the same batches, with and without max_tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedcache import open_store
+from embedcache.store import ContentResult, create_store, open_writer
+from fusion.data import InMemoryTokens, StreamedTokens, _pad
+
+DIM = 8
+LENGTHS = {"a": 1, "b": 3, "c": 5, "d": 8, "e": 40}
+ATTRS = {
+    "format": "embedcache-store", "fingerprint": "test", "embed_dim": DIM,
+    "config": {"encoder": "test", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
+    "provenance": {}, "stored_dtype": {"tokens": "float16", "pooled": "float32"},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tokens.zarr"
+    create_store(path, attrs=ATTRS, embed_dim=DIM, pooled=True, tokens=True, token_dtype="float16", shard_mb=1.0)
+    writer = open_writer(path)
+    rng = np.random.default_rng(0)
+    results = []
+    for key, n in LENGTHS.items():
+        rows = rng.standard_normal((n, DIM)).astype(np.float16)
+        results.append(ContentResult(key=f"k{key}", residues="A" * n, tokens=rows, pooled=rows.mean(0).astype(np.float32),
+                                     n_input_tokens=n, n_cropped=0, n_windows=1))  # fmt: skip
+    writer.commit(results, [(key, f"k{key}") for key in LENGTHS])
+    writer.set_status("complete")
+    return open_store(path)
+
+
+@pytest.mark.parametrize("max_rows", [None, 1, 3, 5, 100])
+def test_memory_and_stream_batches_are_identical(store, max_rows):
+    keys = list(LENGTHS)
+    batch = ["e", None, "a", "d", "b", "e", "c"]  # an absent sample, a repeated record, every length
+    memory = InMemoryTokens(store, keys, max_rows=max_rows).gather(batch)
+    stream = StreamedTokens(store, keys, max_rows=max_rows).gather(batch)
+    # What the batch was before InMemoryTokens reduced records at load: _pad on the stored rows.
+    per_batch = _pad([None if k is None else torch.from_numpy(store.tokens(k)) for k in batch], DIM, max_rows)
+    for got in (memory, stream):
+        assert torch.equal(got.x, per_batch.x) and torch.equal(got.mask, per_batch.mask)
+        assert torch.equal(got.present, per_batch.present)
+    expected_rows = [0 if k is None else min(LENGTHS[k], max_rows or 10**9) for k in batch]
+    assert memory.mask.sum(1).tolist() == expected_rows
