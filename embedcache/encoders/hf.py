@@ -25,6 +25,7 @@ from embedcache.encoders.base import (
     resolve_precision,
     weights_identity,
 )
+from embedcache.encoders.lookup import VocabLookup
 from embedcache.errors import EncoderError
 
 _HUGE = 10**8  # tokenizers without a limit report model_max_length ~1e30
@@ -57,47 +58,6 @@ class SpecialTokenLayout:
     @property
     def n_special(self) -> int:
         return len(self.prefix) + len(self.suffix)
-
-
-@dataclass(frozen=True)
-class CharLookup:
-    """Token ids of a one-character-per-token vocabulary (ESM2's residues) in one numpy lookup.
-
-    ESM's tokenizer splits text with a pure-Python trie: about 350k residues/s, which serialises
-    before the first batch of a build and re-runs on every finetune batch. Where every plain
-    (non-<...>) token is a single character, that split is one token per character, which a
-    table reproduces; `of` checks it against the tokenizer itself before it is used, and a
-    sequence with any character outside the table still goes through the tokenizer.
-    """
-
-    table: np.ndarray  # (256,) int64: token id per ASCII code, -1 = not a token
-
-    @classmethod
-    def of(cls, tokenizer) -> "CharLookup | None":
-        """A lookup that provably equals `tokenizer` on the characters it covers, or None."""
-        from transformers import EsmTokenizer
-
-        if not isinstance(tokenizer, EsmTokenizer) or getattr(tokenizer, "do_lower_case", False):
-            return None
-        plain = {t: i for t, i in tokenizer.get_vocab().items() if not (t.startswith("<") and t.endswith(">"))}
-        if not plain or any(len(t) != 1 or not t.isascii() or t.isspace() for t in plain):
-            return None  # multi-character tokens (NT's 6-mers): the trie's longest-match split stays the tokenizer's
-        table = np.full(256, -1, dtype=np.int64)
-        for t, i in plain.items():
-            table[ord(t)] = i
-        lookup = cls(table)
-        probe = "".join(sorted(plain)) * 2  # every character, each next to two different neighbours
-        ids = lookup(probe)
-        if ids is None or ids.tolist() != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-            return None
-        return lookup
-
-    def __call__(self, seq: str) -> np.ndarray | None:
-        """(n,) int64 ids, or None when `seq` has a character the table does not cover."""
-        if not seq.isascii():
-            return None
-        ids = self.table[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]
-        return None if (ids < 0).any() else ids
 
 
 def _load_auto_model(settings: EncoderSettings, extra: dict):
@@ -184,7 +144,7 @@ class HFTokenEncoder(Encoder):
         self.name, self.settings, self.alphabet = name, settings, alphabet
         self.tokenizer = tokenizer
         self.layout = SpecialTokenLayout.of(tokenizer)
-        self.char_lookup = CharLookup.of(tokenizer)
+        self.lookup = VocabLookup.of(tokenizer)  # numpy tokenisation where it provably equals the tokenizer's
         self.has_cls = len(self.layout.prefix) > 0
         self.device = resolve_device(settings.device)
         self.precision, self.autocast_dtype = resolve_precision(settings.precision, self.device)
@@ -210,7 +170,7 @@ class HFTokenEncoder(Encoder):
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
 
     def tokenize(self, seq: str) -> np.ndarray:
-        if self.char_lookup is not None and (ids := self.char_lookup(seq)) is not None:
+        if self.lookup is not None and (ids := self.lookup(seq)) is not None:
             return ids
         # verbose=False: a sequence longer than the model's context is expected here; it gets windows.
         ids = self.tokenizer(seq, add_special_tokens=False, verbose=False)["input_ids"]
