@@ -29,7 +29,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # the model is made locally; never reach for the hub
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import gpu_peak_tflops, machine_info
+from benchlib import gpu_peak_tflops, machine_info, write_json
 
 # Natural amino-acid frequencies (UniProtKB/Swiss-Prot release statistics, percent).
 AA_FREQUENCIES = {
@@ -514,10 +513,7 @@ def _run(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
         "gpu_bf16": gpu,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"== wrote {args.json}")
+    write_json(args.json, results)
     if not (check["pooled_ok"] and check["token_ok"]):
         print("ERROR: the two sides computed different embeddings; the figures compare different work", file=sys.stderr)
         raise SystemExit(1)

@@ -76,7 +76,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the library is the checkout's
     sys.path.insert(0, str(REPO))
 
-from benchlib import load_average, machine_info, reuse_or_clear  # noqa: E402  (after the path line above)
+from benchlib import load_average, machine_info, reuse_or_clear, write_json  # noqa: E402  (after the path line above)
 from cli.common import HelpFormatter  # noqa: E402
 from fusion.demo import MODALITY_ENCODERS, DemoConfig, build_modality_stores, make_demo_encoders  # noqa: E402
 
@@ -966,9 +966,7 @@ def run(args: argparse.Namespace) -> dict:
         for r in runs:
             print_configuration(report, r)
         print_summary(report)
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1, default=float))
-            print(f"\nwrote {args.json}")
+        write_json(args.json, report)
         return report
     finally:
         if temp is not None:

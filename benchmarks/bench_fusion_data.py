@@ -50,7 +50,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from benchlib import machine_info, reuse_or_clear
+from benchlib import machine_info, reuse_or_clear, write_json
 from cli.common import HelpFormatter
 from fusion.demo import MODALITY_ENCODERS
 
@@ -880,10 +880,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         "seconds": total_s,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"== wrote {args.json}")
+    write_json(args.json, results)
     return results
 
 

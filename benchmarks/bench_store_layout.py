@@ -10,7 +10,6 @@ defaults (1 MiB inner chunks in 32 MiB shards) are checked on this machine, side
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import machine_info
+from benchlib import machine_info, write_json
 from embedcache.store import ContentResult, EmbeddingStore, create_store, open_writer
 
 ATTRS = {"format": "embedcache-store", "fingerprint": "bench", "config": {"encoder": "bench", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
@@ -93,8 +92,7 @@ def main() -> None:
               f"{r['read_one_ms_median']:>15.2f}, {r['read_one_ms_p95']:>10.2f} | {r['size_ratio']:>8.3f}")  # fmt: skip
         shutil.rmtree(path, ignore_errors=True)
     print("\nreads are warm (the OS page cache holds what was just written); random data does not compress, as real fp16 embeddings barely do")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+    write_json(args.json, {"machine": machine, "results": results})
 
 
 if __name__ == "__main__":

@@ -83,6 +83,17 @@ def machine_info(**extra: Any) -> dict[str, Any]:
     return {**info, **extra}
 
 
+def write_json(path: str | Path | None, figures: dict[str, Any]) -> None:
+    """Write a benchmark's figures to `path` (its --json), if one was given; say where."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # numpy scalars as numbers, anything else unusual (paths, dtypes) as its text
+    path.write_text(json.dumps(figures, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
+    print(f"== wrote {path}")
+
+
 def reuse_or_clear(work: Path, stamp_name: str, stamp_value: dict, made: tuple[str, ...]) -> bool:
     """True when `work` holds a data set made from `stamp_value` (its stamp file matches); otherwise
     remove the entries `made` (and the stamp) so the caller can make it afresh, and return False.

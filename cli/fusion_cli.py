@@ -33,6 +33,17 @@ def parse_stores(items: list[str] | None) -> dict[str, str]:
     return parse_pairs(items, "--store", "PATH", "rna=stores/rna.zarr")
 
 
+def _add_run_args(p: argparse.ArgumentParser, *, aggregator_help: str) -> None:
+    """What `train` and `finetune` share: config file, run directory, aggregator, seed, data, model, training."""
+    p.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
+    p.add_argument("--out", required=False, help="run directory")
+    p.add_argument("--aggregator", choices=list(AGGREGATORS), default="cross-attention", help=aggregator_help)
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
+    _add_data_args(p)
+    _add_model_args(p)
+    _add_train_args(p)
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table (CSV/TSV/Parquet with prepare.json beside it)")
     p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
@@ -90,13 +101,7 @@ def create_parser() -> argparse.ArgumentParser:
     syn.set_defaults(func=run_prepare_synthetic)
 
     tr = sub.add_parser("train", formatter_class=fmt, help="train on cached stores", description="Train a fusion model on cached embeddings; writes a run directory with checkpoint, metrics, predictions and plots. A TOML --config may give any option (same names, with underscores).")
-    tr.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
-    tr.add_argument("--out", required=False, help="run directory")
-    tr.add_argument("--aggregator", choices=list(AGGREGATORS), default="cross-attention", help="how modality tokens are fused")
-    tr.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
-    _add_data_args(tr)
-    _add_model_args(tr)
-    _add_train_args(tr)
+    _add_run_args(tr, aggregator_help="how modality tokens are fused")
     tr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     tr.set_defaults(func=run_train_cmd)
 
@@ -118,13 +123,7 @@ def create_parser() -> argparse.ArgumentParser:
                         description="The fusion model of `fusion train`, fed by the stores' encoders run live on the sequences kept in the stores "
                                     "(rebuilt from each store's provenance; other weights are refused). Writes the same run directory as `fusion train`. "
                                     "A TOML --config may give any option (same names, with underscores; encoder_mode as a table).")
-    ft.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
-    ft.add_argument("--out", required=False, help="run directory")
-    ft.add_argument("--aggregator", choices=list(AGGREGATORS), default="cross-attention", help="how modality tokens are fused (ignored with --init-from: the run's model is used)")
-    ft.add_argument("--seed", type=int, default=0, help="seed for weights and shuffling")
-    _add_data_args(ft)
-    _add_model_args(ft)
-    _add_train_args(ft)
+    _add_run_args(ft, aggregator_help="how modality tokens are fused (ignored with --init-from: the run's model is used)")
     ft.add_argument("--encoder-mode", action="append", metavar="MODALITY=MODE",
                     help="how a modality's encoder trains: frozen, full, lora (adapters on the attention projections) or last-n (the last --last-n blocks); repeat per modality; unnamed modalities are frozen")
     ft.add_argument("--last-n", type=int, default=1, help="blocks that train under --encoder-mode M=last-n, counted back from the block whose output the store used")

@@ -64,7 +64,7 @@ from fusion.experiment import RUN_FILE, SPLITS, build_model, evaluate_and_report
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.train import TrainConfig, TrainResult, adamw, make_optimizer, resolve_amp, resolve_device, seed_everything, train
+from fusion.train import TrainConfig, TrainResult, adamw, decay_groups, resolve_amp, resolve_device, seed_everything, train
 
 Log = Callable[[str], None]
 
@@ -566,14 +566,11 @@ def warm_start_fusion(run_dir: str | Path, batches: StoreBatches, data: DataConf
 
 
 def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, config: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW with `make_optimizer`'s decay rule per part; encoder groups carry lr_scale = encoder_lr / lr,
+    """AdamW over `decay_groups` of each part; encoder groups carry lr_scale = encoder_lr / lr,
     which train() applies on top of its warmup + cosine schedule."""
     groups = []
     for part, scale in ((model.fusion, 1.0), (model.encoders, config.encoder_lr / train_config.lr)):
-        if not any(p.requires_grad for p in part.parameters()):
-            continue
-        for g in make_optimizer(part, train_config).param_groups:
-            groups.append({"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": scale})
+        groups += [{**g, "lr_scale": scale} for g in decay_groups(part, train_config)]
     return adamw(groups, lr=train_config.lr)
 
 

@@ -215,8 +215,13 @@ def lr_at_step(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay only on >= 2-d weights that are not embedding tables
-    (biases and LayerNorm/other norm scales are 1-d)."""
+    """AdamW over `decay_groups(model, config)`."""
+    return adamw(decay_groups(model, config), lr=config.lr)
+
+
+def decay_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as AdamW groups: weight decay only on >= 2-d weights that are not
+    embedding tables (biases and LayerNorm/other norm scales are 1-d); empty groups left out."""
     embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, no_decay = [], []
     for p in model.parameters():
@@ -224,7 +229,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
             continue
         (decay if p.ndim >= 2 and id(p) not in embedding_params else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return adamw([g for g in groups if g["params"]], lr=config.lr)
+    return [g for g in groups if g["params"]]
 
 
 def adamw(groups: list[dict[str, Any]], *, lr: float) -> torch.optim.AdamW:

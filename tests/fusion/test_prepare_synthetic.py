@@ -70,19 +70,18 @@ def test_deterministic_for_a_seed(tmp_path):
     assert (c.out_dir / "GTEx_final.csv").read_bytes() != (a.out_dir / "GTEx_final.csv").read_bytes()
 
 
+def planted_terms(meta: dict, out, frame) -> dict:
+    """The generator's per-modality signal terms, recomputed from the prepared FASTAs and manifest."""
+    fastas = [read_fasta(out / f"{m}.fa") for m in ("dna", "rna", "protein")]
+    return true_signal(meta, *fastas, frame["gene_id"].tolist(), frame["sample_id"].tolist())
+
+
 def test_ceiling_matches_the_planted_signal_recomputed_from_prepared_files(tmp_path):
     config = SyntheticConfig(n_genes=150, n_chromosomes=3, seed=1)
     meta, out = generate_and_prepare(tmp_path, config)
     m = load_prepared(out)
     f = m.frame
-    terms = true_signal(
-        meta,
-        read_fasta(out / "dna.fa"),
-        read_fasta(out / "rna.fa"),
-        read_fasta(out / "protein.fa"),
-        f["gene_id"].tolist(),
-        f["sample_id"].tolist(),
-    )
+    terms = planted_terms(meta, out, f)
     signal = sum(terms[mod] for mod in MODALITIES)
     y = m.targets().astype(np.float64)  # log1p(TPM), the adapter's default transform
     residual = y - np.array(meta["offset"]) - signal
@@ -222,14 +221,7 @@ def test_demo_encoders_see_every_modality_and_order_the_subsets(tmp_path):
     # The protein term from the RNA's pooled NT embedding (coding isoforms): nothing to read.
     m = load_prepared(out)
     f = m.frame
-    terms = true_signal(
-        meta,
-        read_fasta(out / "dna.fa"),
-        read_fasta(out / "rna.fa"),
-        read_fasta(out / "protein.fa"),
-        f["gene_id"].tolist(),
-        f["sample_id"].tolist(),
-    )
+    terms = planted_terms(meta, out, f)
     coding = m.present("protein")
     x = open_store(stores["rna"]).pooled(f["rna_id"][coding].tolist()).astype(np.float64)
     y = terms["protein"][coding]
