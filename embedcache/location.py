@@ -106,6 +106,20 @@ def open_location(location: Location, *, read_only: bool) -> Store:
         raise StoreError(f"cannot open {location.url!r}: {e}") from e
 
 
+def why_absent(location: Location, store: Store) -> str:
+    """Why nothing is at `location`: for object stores, say when the bucket itself is missing."""
+    if location.is_local or not isinstance(store, FsspecStore):
+        return "no zarr.json"
+    from zarr.core.sync import sync
+
+    bucket = location.url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        exists = sync(store.fs._exists(bucket))
+    except Exception:  # the bucket check is only a better message; the caller reports the absence anyway
+        return "no zarr.json"
+    return "no zarr.json" if exists else f"the bucket {bucket!r} does not exist"
+
+
 def describe_io_error(location: Location, e: BaseException) -> str:
     """One line for an I/O failure against a store: unreachable endpoint, credentials, missing bucket."""
     text = f"{type(e).__name__}: {e}".strip()

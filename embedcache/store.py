@@ -60,7 +60,7 @@ from embedcache.commits import (
 )
 from embedcache.errors import FingerprintMismatch, StoreError
 from embedcache.lease import LEASE_KEY
-from embedcache.location import Location, describe_io_error, open_location
+from embedcache.location import Location, describe_io_error, open_location, why_absent
 
 FORMAT = "embedcache-store"
 LEGACY_BUILD_GROUP = "_build"  # schema 1: the commit log lived in this group's attrs
@@ -143,19 +143,37 @@ def _check_regular_files(location: Location) -> None:
                 raise StoreError(f"store {location.url!r}: {str(path.relative_to(root))!r} is not a regular file")
 
 
+_METADATA_KEYS = tuple(
+    f"{name}/zarr.json" for name in (*CHECKED_ARRAYS, "layer", COMMITS_GROUP, f"{COMMITS_GROUP}/ranges", f"{COMMITS_GROUP}/crc")
+)
+
+
+async def _check_metadata(store: Store, where: str) -> None:
+    """Parse every metadata document first, so a damaged one is named instead of failing deep in zarr."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    for key in ("zarr.json", *_METADATA_KEYS):
+        buf = await store.get(key, prototype=default_buffer_prototype())
+        if buf is None:
+            continue
+        try:
+            json.loads(buf.to_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"store {where!r}: {key} is not valid JSON ({e}); the store's metadata is damaged") from None
+
+
 def open_root(location: Location, mode: str) -> tuple[Store, zarr.Group]:
     """The store's root group, checked to be an embedcache store. mode: "r" or "r+"."""
     read_only = mode == "r"
     store = open_location(location, read_only=read_only)
     try:
         if not sync(store.exists("zarr.json")):
-            raise StoreError(f"no embedcache store at {location.url!r} (no zarr.json)")
+            raise StoreError(f"no embedcache store at {location.url!r} ({why_absent(location, store)})")
         _check_regular_files(location)
+        sync(_check_metadata(store, location.url))
         root = zarr.open_group(store=store, mode=mode, zarr_format=3)
     except StoreError:
         raise
-    except json.JSONDecodeError as e:
-        raise StoreError(f"store {location.url!r}: zarr.json is not valid JSON ({e}); the store is damaged") from e
     except _io_errors() as e:
         raise StoreError(describe_io_error(location, e)) from e
     meta = root.attrs.get("embedcache")
@@ -190,7 +208,7 @@ def store_state(location: Location) -> str:
             return "created"
         return "partial"
     except json.JSONDecodeError as e:
-        raise StoreError(f"store {location.url!r}: zarr.json is not valid JSON ({e}); the store is damaged") from e
+        raise StoreError(f"store {location.url!r}: zarr.json is not valid JSON ({e}); the store's metadata is damaged") from e
     except _io_errors() as e:
         raise StoreError(describe_io_error(location, e)) from e
 
