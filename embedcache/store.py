@@ -28,6 +28,7 @@ crc32c. Schema 1 stores still open for reading; they cannot be extended.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -229,11 +230,11 @@ def _array(group: zarr.Group, name: str, dims: tuple[str, ...], dtype, shape_tai
 
 
 def create_store(
-    location: Location,
+    location: Location | str | Path,
     *,
     attrs: dict,
     embed_dim: int,
-    layers: list[int],
+    layers: list[int] = (0,),
     pooled: bool,
     tokens: bool,
     token_dtype: str,
@@ -245,6 +246,7 @@ def create_store(
     Until the head exists the store does not count as created, so a build killed while creating
     leaves a location that the next build simply creates again.
     """
+    location = as_location(location)
     store = open_location(location, read_only=False)
     try:
         sync(_clear_except_lease(store))  # only ever called on an absent or partial store (see store_state)
@@ -421,6 +423,9 @@ class StoreWriter:
         self.has_pooled = "pooled" in root
         self.n_layers = root["layer"].shape[0]
         self.shard_tokens = root["tokens"].shards[0] if self.has_tokens else 0
+        names = [n for n in CHECKED_ARRAYS if n in root]
+        self._arrays = {n: root[n]._async_array.with_config(_WRITE_CONFIG) for n in names}
+        self._pending: list[tuple[str, int, np.ndarray]] = []
         self.keys: dict[str, int] = {str(k): i for i, k in enumerate(self.index.content_keys.tolist()) if self.index.committed_content[i]}
         self.record_content: dict[str, int] = dict(zip(self.index.ids, self.index.content_index.tolist()))
         c = self.index.committed
@@ -443,9 +448,9 @@ class StoreWriter:
             self._resize("tokens", self.token_end)
 
     def _resize(self, name: str, rows: int) -> None:
-        arr = self.root[name]
+        arr = self._arrays[name]
         if arr.shape[0] != rows:
-            arr.resize((rows, *arr.shape[1:]))
+            sync(arr.resize((rows, *arr.shape[1:])))
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         builds = [*self.head.builds, build_entry] if build_entry else self.head.builds
@@ -453,11 +458,23 @@ class StoreWriter:
         write_head(self.root, self.head)
 
     def _write(self, name: str, start: int, values: np.ndarray) -> None:
-        arr = self.root[name].with_config(_WRITE_CONFIG)
+        self._pending.append((name, start, values))
+
+    async def _write_one(self, name: str, start: int, values: np.ndarray) -> None:
+        arr = self._arrays[name]
         end = start + len(values)
         if arr.shape[0] < end:
-            arr.resize((end, *arr.shape[1:]))
-        arr[start:end] = values
+            await arr.resize((end, *arr.shape[1:]))
+        await arr.setitem(slice(start, end), values)
+
+    def _flush_writes(self) -> None:
+        """Write the commit's arrays concurrently: on object stores each write is a round trip."""
+        pending, self._pending = self._pending, []
+
+        async def write_all() -> None:
+            await asyncio.gather(*(self._write_one(*w) for w in pending))
+
+        sync(write_all())
 
     def commit(self, contents: list[ContentResult], records: list[tuple[str, str]]) -> None:
         """Write new content rows and the records (id, content key) that use them, then commit.
@@ -502,6 +519,7 @@ class StoreWriter:
             self._write("sequence", r0, ids)
             self._write("content_index", r0, index)
             crc.update(sequence=crc_of(ids), content_index=crc_of(index))
+        self._flush_writes()
         row = (r0, r1, c0, c1, t0, t1)
         self.head = append_commit(self.root, self.head, row, [crc.get(name, 0) for name in CHECKED_ARRAYS])
         self.content_end, self.token_end = max(self.content_end, c1), max(self.token_end, t1)
@@ -515,7 +533,12 @@ def _with_layer_axis(x: np.ndarray, ndim: int) -> np.ndarray:
     return x if x.ndim == ndim else x[..., None, :]
 
 
-def open_writer(location: Location) -> StoreWriter:
+def as_location(location: Location | str | Path) -> Location:
+    return location if isinstance(location, Location) else Location.of(location)
+
+
+def open_writer(location: Location | str | Path) -> StoreWriter:
+    location = as_location(location)
     store, root = open_root(location, mode="r+")
     return StoreWriter(store, root, location.url)
 
