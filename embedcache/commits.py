@@ -12,11 +12,13 @@ do not count; a writer trims them. Readers validate the whole log against the ar
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from embedcache.errors import StoreError
 
@@ -151,11 +153,18 @@ def append_commit(root: zarr.Group, head: Head, row: tuple[int, ...], crc: list[
     """
     group = root[COMMITS_GROUP]
     n = head.n
-    for name, values in (("ranges", np.asarray(row, np.int64)), ("crc", np.asarray(crc, np.int64))):
-        arr = group[name]
-        if arr.shape[0] != n + 1:
-            arr.resize((n + 1, arr.shape[1]))
-        arr[n] = values
+
+    async def write(name: str, values: np.ndarray) -> None:
+        arr = await group._async_group.getitem(name)
+        if arr.shape[0] < n + 1:  # grown ahead in whole chunks; rows past the head never count
+            await arr.resize((max(n + 1, (n // LOG_CHUNK + 1) * LOG_CHUNK), arr.shape[1]))
+            arr = await group._async_group.getitem(name)
+        await arr.setitem(n, values)
+
+    async def write_both() -> None:
+        await asyncio.gather(write("ranges", np.asarray(row, np.int64)), write("crc", np.asarray(crc, np.int64)))
+
+    sync(write_both())
     new = Head(n + 1, int(row[1]), "incomplete", head.builds)
     write_head(root, new)
     return new

@@ -451,8 +451,11 @@ class StoreWriter:
         arr = self._arrays[name]
         if arr.shape[0] != rows:
             sync(arr.resize((rows, *arr.shape[1:])))
+            self._arrays[name] = self.root[name]._async_array.with_config(_WRITE_CONFIG)
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
+        if status == "complete":
+            self._trim()  # drop the rows grown ahead of the log, so xarray sees exactly the committed arrays
         builds = [*self.head.builds, build_entry] if build_entry else self.head.builds
         self.head = Head(self.head.n, self.head.records, status, builds)
         write_head(self.root, self.head)
@@ -464,7 +467,13 @@ class StoreWriter:
         arr = self._arrays[name]
         end = start + len(values)
         if arr.shape[0] < end:
-            await arr.resize((end, *arr.shape[1:]))
+            # Grow geometrically, in whole chunks: most commits then write no array metadata at all.
+            # Rows past the log are never read; `set_status` trims them when the build ends.
+            step = arr.metadata.chunk_grid.chunk_shape[0]
+            grown = max(end, math.ceil(arr.shape[0] * 1.5 / step) * step)
+            await arr.resize((grown, *arr.shape[1:]))
+            arr = (await self.root._async_group.getitem(name)).with_config(_WRITE_CONFIG)  # metadata as resized
+            self._arrays[name] = arr
         await arr.setitem(slice(start, end), values)
 
     def _flush_writes(self) -> None:
