@@ -190,30 +190,52 @@ def _lease_exists(backend: Backend, name: str) -> bool:
 
 
 @pytest.mark.parametrize("backend_name", ["local", "s3"])
-def test_second_build_is_refused_then_waits(backend_name, request, tmp_path, models):
+def test_concurrent_builds_one_writer_at_a_time(backend_name, request, tmp_path, models):
+    """While a writer holds the lease, a build is refused naming it; two builds that wait both land whole."""
+    from embedcache.lease import WriterLease
+    from embedcache.location import Location, open_location
+
     backend = _backend_by_name(backend_name, request, tmp_path)
-    big = random_seqs(AA, [40 + (i * 37) % 200 for i in range(150)], seed=11)
-    other = {**random_seqs(AA, [33, 44], seed=12), "s0_40": big["s0_40"]}
-    a, b = write_fasta(tmp_path / "a.fa", big), write_fasta(tmp_path / "b.fa", other)
-    name = "s.zarr"
-    url = backend.url(name)
+    first = random_seqs(AA, [40 + (i * 37) % 200 for i in range(30)], seed=11)
+    second = {**random_seqs(AA, [33, 44, 55], seed=12), "shared": first["s0_40"], "s1_77": first["s1_77"]}
+    a, b = write_fasta(tmp_path / "a.fa", first), write_fasta(tmp_path / "b.fa", second)
+    url = backend.url("s.zarr")
     base = ["build", "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--max-tokens", "300",
             "--no-progress", "-o", url, *backend.cli_options()]
-    first = subprocess.Popen([*CLI, *base, str(a)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not _lease_exists(backend, name) and first.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert first.poll() is None, "the first build ended before the second could start; make its input larger"
-    refused = subprocess.run([*CLI, *base, str(b)], env=_env(), capture_output=True, text=True)
-    assert refused.returncode == 2, refused.stderr
-    assert "is being written by another build (host" in refused.stderr and "pid" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    waited = subprocess.run([*CLI, *base, "--wait", str(b)], env=_env(), capture_output=True, text=True)
-    assert first.wait() == 0, first.stderr.read()
-    assert waited.returncode == 0, waited.stderr
+    location = Location.of(url, backend.options)
+    holder = WriterLease(open_location(location, read_only=False), url, log=lambda m: None).acquire()
+    try:
+        refused = subprocess.run([*CLI, *base, str(a)], env=_env(), capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr
+        assert f"is being written by another build (host {os.uname().nodename}, pid {os.getpid()}" in refused.stderr
+        assert "--wait" in refused.stderr and "Traceback" not in refused.stderr
+        waiting = [subprocess.Popen([*CLI, *base, "--wait", str(f)], env=_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for f in (a, b)]
+        deadline = time.time() + 120
+        while not all("waiting for the build" in _peek(p) for p in waiting) and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        holder.release()
+    outputs = [p.communicate(timeout=300)[0] for p in waiting]
+    assert [p.returncode for p in waiting] == [0, 0], outputs
     store = open_store(url, backend.options)
-    assert sorted(store.ids) == sorted({*big, *other}) and store.verify() == []
-    assert store.committed.content == len(big) + 2  # the shared sequence stored once
+    assert sorted(store.ids) == sorted({*first, *second}) and len(store.ids) == len(set(store.ids))
+    assert store.committed.content == len(first) + 3 and store.verify() == []  # shared sequences stored once
+    for rid in ("shared", "s0_40"):
+        assert store.sequence(rid) == first["s0_40"]
+
+
+_peeked: dict[int, str] = {}
+
+
+def _peek(proc: subprocess.Popen) -> str:
+    """What a running process has printed so far (its first line is enough here)."""
+    if proc.pid not in _peeked:
+        line = proc.stdout.readline() if proc.poll() is None else ""
+        if line:
+            _peeked[proc.pid] = line
+        return line
+    return _peeked[proc.pid]
 
 
 def _backend_by_name(name: str, request, tmp_path) -> Backend:
