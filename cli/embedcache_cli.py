@@ -65,6 +65,9 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     b.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch (batches are length-sorted)")
     b.add_argument("--shard-mb", type=float, default=32.0, help="target size of one per-token shard file")
+    b.add_argument("--unit-mb", type=float, default=256.0, help="per-token data of one work unit (whole shards): the grain of scheduling and of resume")
+    b.add_argument("--scheduler", metavar="WHERE", help="run units on Dask: local (a LocalCluster, one worker per GPU or core), local:N (N worker processes), or tcp://HOST:PORT of a running scheduler (default: this process)")
+    b.add_argument("--scheduler-file", metavar="FILE", help="attach to the Dask cluster described by this scheduler file (dask-jobqueue, SLURM, dask scheduler --scheduler-file)")
     b.add_argument("--alphabet", choices=("dna", "rna", "protein"), help="hf encoder: validate and upper-case residues (default: any text, unchanged)")
     b.add_argument("--id-column", default="id", help="id column of CSV/TSV/Parquet input")
     b.add_argument("--sequence-column", default="sequence", help="sequence column of CSV/TSV/Parquet input")
@@ -124,6 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
         device=args.device,
         max_tokens=args.max_tokens,
         shard_mb=args.shard_mb,
+        unit_mb=args.unit_mb,
     )
     build(
         config,
@@ -131,6 +135,8 @@ def run_build(args: argparse.Namespace) -> int:
         args.out,
         storage_options=parse_storage_options(args.storage_options),
         wait=args.wait,
+        scheduler=args.scheduler,
+        scheduler_file=args.scheduler_file,
         id_column=args.id_column,
         sequence_column=args.sequence_column,
         dry_run=args.dry_run,

@@ -38,6 +38,7 @@ class BuildConfig:
     device: str = "auto"  # where the model runs (not part of the fingerprint)
     max_tokens: int = 8192  # token budget of one padded batch (not part of the fingerprint)
     shard_mb: float = 32.0  # target size of one per-token shard (layout only, not part of the fingerprint)
+    unit_mb: float = 256.0  # per-token bytes of one work unit, in whole shards (scheduling only; resume is per unit)
 
     def __post_init__(self) -> None:
         encoder_entry(self.encoder)  # unknown name -> error listing the valid ones

@@ -61,6 +61,7 @@ from embedcache.commits import (
 )
 from embedcache.errors import FingerprintMismatch, StoreError
 from embedcache.lease import LEASE_KEY
+from embedcache.spool import SPOOL_PREFIX
 from embedcache.location import Location, describe_io_error, open_location, why_absent
 
 FORMAT = "embedcache-store"
@@ -194,7 +195,7 @@ def store_state(location: Location) -> str:
     "absent" (nothing, or only a writer lease), or "foreign" (other data: never touched)."""
     store = open_location(location, read_only=False)
     try:
-        keys = [k for k in sync(_list_all(store)) if k != LEASE_KEY]
+        keys = [k for k in sync(_list_all(store)) if k != LEASE_KEY and not k.startswith(f"{SPOOL_PREFIX}/")]
         if not keys:
             return "absent"
         if "zarr.json" not in keys:
@@ -215,8 +216,9 @@ def store_state(location: Location) -> str:
 
 
 async def _clear_except_lease(store: Store) -> None:
+    """Remove a half-created store's objects; the build's own lease and spool stay."""
     for key in [k async for k in store.list_prefix("")]:
-        if key != LEASE_KEY:
+        if key != LEASE_KEY and not key.startswith(f"{SPOOL_PREFIX}/"):
             await store.delete(key)
 
 
@@ -427,7 +429,6 @@ class StoreWriter:
         self._arrays = {n: root[n]._async_array.with_config(_WRITE_CONFIG) for n in names}
         self._pending: list[tuple[str, int, np.ndarray]] = []
         self.keys: dict[str, int] = {str(k): i for i, k in enumerate(self.index.content_keys.tolist()) if self.index.committed_content[i]}
-        self.record_content: dict[str, int] = dict(zip(self.index.ids, self.index.content_index.tolist()))
         c = self.index.committed
         self.content_end, self.token_end = c.content, c.tokens
         self._trim()
@@ -452,6 +453,13 @@ class StoreWriter:
         if arr.shape[0] != rows:
             sync(arr.resize((rows, *arr.shape[1:])))
             self._arrays[name] = self.root[name]._async_array.with_config(_WRITE_CONFIG)
+
+    def reserve_tokens(self, rows: int) -> None:
+        """Grow `tokens` to `rows` before units write their own regions (array metadata is the client's)."""
+        arr = self._arrays["tokens"]
+        if arr.shape[0] < rows:
+            sync(arr.resize((rows, *arr.shape[1:])))
+            self._arrays["tokens"] = self.root["tokens"]._async_array.with_config(_WRITE_CONFIG)
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         if status == "complete":
@@ -491,50 +499,73 @@ class StoreWriter:
         A record's key is either among `contents` or already in the store. Token rows start on a
         shard boundary, so one commit writes whole shards that no other commit touches.
         """
-        c0 = self.content_end
-        new_keys = {r.key: c0 + i for i, r in enumerate(contents)}
-        c1 = c0 + len(contents)
-        crc: dict[str, int] = {}
         t0 = t1 = self.token_end
+        columns: dict[str, np.ndarray] = {}
+        token_crc = 0
         if self.has_tokens and contents:
             t0 = math.ceil(self.token_end / self.shard_tokens) * self.shard_tokens
             lengths = np.array([len(r.tokens) for r in contents], np.int64)
-            offsets = t0 + np.concatenate([[0], np.cumsum(lengths)[:-1]])
             block = np.concatenate([_with_layer_axis(r.tokens, 3) for r in contents])  # (sum L, k, d)
             t1 = t0 + len(block)
             self._write("tokens", t0, block)
-            crc["tokens"] = crc_of(block)
-            for name, values in (("token_offset", offsets), ("token_length", lengths)):
-                self._write(name, c0, values)
-                crc[name] = crc_of(values)
+            token_crc = crc_of(block)
+            columns.update(token_offset=t0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]), token_length=lengths)
         if contents:
-            columns = {
-                "content": np.array([r.key for r in contents], dtype=object),
-                "residues": np.array([r.residues for r in contents], dtype=object),
-                "n_input_tokens": np.array([r.n_input_tokens for r in contents], np.int64),
-                "n_cropped": np.array([r.n_cropped for r in contents], np.int64),
-                "n_windows": np.array([r.n_windows for r in contents], np.int32),
-            }
+            columns.update(_content_columns([r.key for r in contents], [r.residues for r in contents],
+                                            [r.n_input_tokens for r in contents], [r.n_cropped for r in contents],
+                                            [r.n_windows for r in contents]))  # fmt: skip
             if self.has_pooled:
-                columns["pooled"] = np.stack([_with_layer_axis(r.pooled, 2) for r in contents]).astype(np.float32)  # (n, k, d)
-            for name, values in columns.items():
-                self._write(name, c0, values)
-                crc[name] = crc_of(values)
+                columns["pooled"] = np.stack([_with_layer_axis(r.pooled, 2) for r in contents]).astype(np.float32)
+        c0 = self.content_end
+        new_keys = {r.key: c0 + i for i, r in enumerate(contents)}
+        index = [new_keys[k] if k in new_keys else self.keys[k] for _, k in records]
+        self._commit(columns, (t0, t1), token_crc, [i for i, _ in records], index)
+
+    def commit_unit(self, result) -> None:
+        """Commit a unit a worker embedded: its token rows are already written (embedcache.partition)."""
+        columns = _content_columns(result.keys, result.residues, result.n_input_tokens, result.n_cropped, result.n_windows)
+        if self.has_tokens:
+            columns.update(token_offset=result.token_offset, token_length=result.token_length)
+        if self.has_pooled:
+            columns["pooled"] = result.pooled
+        self._commit(columns, (result.token_start, result.token_end), result.token_crc, [], [])
+
+    def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
+        """Commit records whose sequences the store already holds."""
+        self._commit({}, (self.token_end, self.token_end), 0, ids, content_rows)
+
+    def _commit(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
+                content_rows: list[int]) -> None:
+        c0 = self.content_end
+        n_new = len(columns["content"]) if "content" in columns else 0
+        crc = {"tokens": token_crc}
+        for name, values in columns.items():
+            self._write(name, c0, values)
+            crc[name] = crc_of(values)
         r0 = self.head.records
-        r1 = r0 + len(records)
-        if records:
-            index = np.array([new_keys[k] if k in new_keys else self.keys[k] for _, k in records], np.int64)
-            ids = np.array([i for i, _ in records], dtype=object)
-            self._write("sequence", r0, ids)
+        if ids:
+            index = np.asarray(content_rows, np.int64)
+            names = np.array(ids, dtype=object)
+            self._write("sequence", r0, names)
             self._write("content_index", r0, index)
-            crc.update(sequence=crc_of(ids), content_index=crc_of(index))
+            crc.update(sequence=crc_of(names), content_index=crc_of(index))
         self._flush_writes()
-        row = (r0, r1, c0, c1, t0, t1)
+        t0, t1 = token_range
+        row = (r0, r0 + len(ids), c0, c0 + n_new, t0, t1)
         self.head = append_commit(self.root, self.head, row, [crc.get(name, 0) for name in CHECKED_ARRAYS])
-        self.content_end, self.token_end = max(self.content_end, c1), max(self.token_end, t1)
-        self.keys.update(new_keys)
-        for rid, key in records:
-            self.record_content[rid] = self.keys[key]
+        self.content_end, self.token_end = c0 + n_new, max(self.token_end, t1)
+        if n_new:
+            self.keys.update({str(k): c0 + i for i, k in enumerate(columns["content"].tolist())})
+
+
+def _content_columns(keys, residues, n_input_tokens, n_cropped, n_windows) -> dict[str, np.ndarray]:
+    return {
+        "content": np.array(keys, dtype=object),
+        "residues": np.array(residues, dtype=object),
+        "n_input_tokens": np.asarray(n_input_tokens, np.int64),
+        "n_cropped": np.asarray(n_cropped, np.int64),
+        "n_windows": np.asarray(n_windows, np.int32),
+    }
 
 
 def _with_layer_axis(x: np.ndarray, ndim: int) -> np.ndarray:

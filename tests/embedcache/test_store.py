@@ -24,6 +24,8 @@ from .test_parity import AA, random_seqs
 
 
 def esm2_config(models, **kw) -> BuildConfig:
+    if "shard_mb" in kw:  # small shards in tests: one shard per unit, so a build makes many commits
+        kw.setdefault("unit_mb", kw["shard_mb"])
     return BuildConfig.create("esm2", str(models["esm2"]), **kw)
 
 
@@ -40,7 +42,7 @@ def test_duplicates_are_embedded_once(tmp_path, models):
     seqs = random_seqs(AA, [10, 20, 30])
     records = {**seqs, "alias_of_s0": seqs["s0_10"], "lower_alias": seqs["s1_20"].lower()}
     report = run_build(esm2_config(models), [write_fasta(tmp_path / "in.fa", records)], tmp_path / "s.zarr")
-    assert len(report.plan.new_keys) == 3
+    assert report.plan.n_new == 3
     s = open_store(tmp_path / "s.zarr")
     assert len(s) == 5 and s.committed.content == 3
     np.testing.assert_array_equal(s.tokens("alias_of_s0"), s.tokens("s0_10"))
@@ -58,7 +60,7 @@ def test_superset_build_computes_only_new_sequences(tmp_path, models):
     superset = {**first, **{f"new_{k}": v for k, v in more.items()}, "renamed": first["s0_10"]}
     logs: list[str] = []
     report = run_build(esm2_config(models), [write_fasta(tmp_path / "b.fa", superset)], store, logs)
-    assert len(report.plan.new_keys) == 2
+    assert report.plan.n_new == 2
     assert (report.plan.already_stored, report.plan.reused) == (3, 1)
     assert logs[-1].startswith("2 new, 4 already stored")
     after = read_all(store)
@@ -147,7 +149,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, kill_after_gr
     records = random_seqs(AA, [40 + (i * 37) % 200 for i in range(120)], seed=11)
     records["dup"] = records["s0_40"]
     fasta = write_fasta(tmp_path / "in.fa", records)
-    args = ["build", str(fasta), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--max-tokens", "300", "--no-progress"]
+    args = ["build", str(fasta), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--unit-mb", "0.02", "--max-tokens", "300", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
     reference = tmp_path / "ref.zarr"
