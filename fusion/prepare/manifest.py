@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fusion.errors import FusionError
+
 SPLITS = ("train", "validation", "test")
 
 # Spellings seen in public datasets for the three splits; everything else is refused so that a
@@ -40,7 +42,7 @@ SPLIT_ALIASES = {
 PREPARE_JSON = "prepare.json"
 
 
-class PrepareError(ValueError):
+class PrepareError(FusionError):
     """Bad input to data preparation; the message names the file, the row or record, and the value."""
 
 
