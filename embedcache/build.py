@@ -13,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from embedcache import __version__
-from embedcache.alphabets import check_sequence
+from embedcache.alphabets import check_molecule, check_sequence
 from embedcache.config import BuildConfig, content_key, fingerprint, fingerprint_fields
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import InputError, StoreError
@@ -51,6 +51,7 @@ class BuildPlan:
     n_cropped_sequences: int
     estimated_bytes: int  # added to the store (uncompressed; fp16 embeddings barely compress)
     embed_dim: int
+    unit: str = "tokens"  # what n_tokens counts: tokens, or bp for encoders that read bases (Enformer)
 
     def describe(self) -> str:
         return "\n".join(
@@ -58,7 +59,7 @@ class BuildPlan:
                 f"store: {self.store} (fingerprint {self.fingerprint})",
                 f"records: {self.n_records} ({self.n_unique} unique sequences)",
                 f"already stored: {self.already_stored} records; reusing stored sequences for {self.reused} new records",
-                f"to embed: {len(self.new_keys)} sequences, {self.n_tokens:,} tokens in {self.n_windows} model windows",
+                f"to embed: {len(self.new_keys)} sequences, {self.n_tokens:,} {self.unit} in {self.n_windows} model windows",
                 f"cropped on request: {self.n_cropped_sequences} sequences",
                 f"estimated size added: {self.estimated_bytes / 1e6:,.1f} MB (embedding dim {self.embed_dim})",
             ]
@@ -125,6 +126,7 @@ def plan_build(
         residues.setdefault(key, seq)
         keyed.append((r.id, key))
     sources = {r.id: r.source for r in records}
+    check_molecule({rid: (residues[key], sources[rid]) for rid, key in keyed}, encoder.alphabet, encoder=config.encoder)
 
     stored_keys: dict[str, int] = {}
     stored_records: dict[str, int] = {}
@@ -183,6 +185,7 @@ def plan_build(
         n_cropped_sequences=sum(p.n_cropped > 0 for p in plans.values()),
         estimated_bytes=estimated,
         embed_dim=encoder.embed_dim,
+        unit="bp" if encoder.fixed_window else "tokens",
     )
     return plan, attrs, to_add, residues, token_ids
 
@@ -302,9 +305,13 @@ def build(
         "toolkit_version": __version__,
     }
     writer.set_status("complete", builds=[*writer.build.attrs.get("builds", []), entry])
+    # Records of this input whose new sequence another record of it already brought (isoforms sharing a DNA window).
+    shared = plan.n_records - plan.already_stored - plan.reused - len(plan.new_keys)
+    rows = sum(_n_output_rows(plan.plans[k], encoder, config) for k in plan.new_keys) if config.tokens else 0
     summary = (
-        f"{len(plan.new_keys)} new, {plan.already_stored + plan.reused} already stored "
-        f"({plan.reused} of them under new ids); {n_tokens:,} tokens in {seconds:.1f} s -> {store_path}"
+        f"{len(plan.new_keys)} new, {plan.already_stored + plan.reused} already stored ({plan.reused} of them under new ids), "
+        f"{shared} shared a new sequence with another record ({plan.n_records} records); "
+        f"{n_tokens:,} input {plan.unit} -> {rows:,} per-token rows in {seconds:.1f} s -> {store_path}"
     )
     log(summary)
     return BuildReport(plan=plan, seconds=seconds, tokens_per_second=rate, committed_groups=groups, summary=summary)

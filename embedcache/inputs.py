@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,7 +43,7 @@ def read_records(path: str | Path, *, id_column: str = "id", sequence_column: st
     elif suffix in TABLE_SUFFIXES:
         records = _read_table(path, id_column, sequence_column, TABLE_SUFFIXES[suffix])
     else:  # FASTA by suffix, or by content for anything else
-        records = list(_read_fasta(path))
+        records = _read_fasta_file(path)
     if not records:
         raise InputError(f"input file {str(path)!r} holds no records")
     return records
@@ -52,6 +53,24 @@ def _open_text(path: Path):
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rt") if gzipped else open(path, "rt")
+
+
+def _read_fasta_file(path: Path) -> list[Record]:
+    """All records of a FASTA file; an undecodable or truncated file is an InputError naming it."""
+    records: list[Record] = []
+    try:
+        for record in _read_fasta(path):
+            records.append(record)
+    except UnicodeDecodeError as e:
+        after = f" after record {records[-1].id!r} ({records[-1].source})" if records else ""
+        raise InputError(
+            f"{path}: byte {e.object[e.start:e.start + 1]!r} is not UTF-8 text{after}; FASTA input must be "
+            f"UTF-8 (or ASCII) text, optionally gzip-compressed"
+        ) from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        after = f" after record {records[-1].id!r} ({records[-1].source})" if records else ""
+        raise InputError(f"{path}: the gzip data is truncated or corrupt{after} ({e}); nothing was read from this file") from e
+    return records
 
 
 def _read_fasta(path: Path) -> Iterator[Record]:

@@ -52,7 +52,7 @@ RUN_FORMAT_VERSION = 2
 MODES = ("cached", "finetune")
 RUN_FIELDS = (
     "format", "format_version", "mode", "status", "run_id", "created_utc", "data", "model", "train",
-    "finetune", "encoders", "feature_stats", "fingerprints", "loading",
+    "finetune", "encoder_modes", "encoders", "feature_stats", "fingerprints", "loading",
 )  # fmt: skip
 STATUSES = ("training", "complete")
 SPLITS = ("train", "validation", "test")
@@ -104,6 +104,7 @@ class RunManifest:
     fingerprints: dict[str, str]  # modality -> fingerprint of the store the run was trained on
     loading: dict[str, str]  # modality -> memory | stream | pooled | live
     finetune: dict | None = None  # finetune: FinetuneConfig.to_dict(); cached: None
+    encoder_modes: dict[str, str] = field(default_factory=dict)  # finetune: modality -> frozen | full | lora | last-n
     encoders: dict = field(default_factory=dict)  # finetune: per modality, mode and provenance of the live encoder
     feature_stats: str = ""  # where the feature standardisation came from
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the checkpoint names it: checkpoint and manifest belong together
@@ -122,6 +123,7 @@ class RunManifest:
             "model": self.model.to_dict(),
             "train": self.train.to_dict(),
             "finetune": self.finetune,
+            "encoder_modes": self.encoder_modes,
             "encoders": self.encoders,
             "feature_stats": self.feature_stats,
             "fingerprints": self.fingerprints,
@@ -168,7 +170,7 @@ class RunManifest:
             train_config = TrainConfig.from_dict(d["train"])
         except (TypeError, ValueError) as e:  # the configs' own checks, on a hand-edited or foreign file
             raise RunError(f"{path}: {e}") from e
-        rest = {k: d[k] for k in ("fingerprints", "loading", "finetune", "encoders", "feature_stats", "run_id", "status", "created_utc") if k in d}
+        rest = {k: d[k] for k in ("fingerprints", "loading", "finetune", "encoder_modes", "encoders", "feature_stats", "run_id", "status", "created_utc") if k in d}
         return cls(mode=d["mode"], data=data, model=model, train=train_config, **rest)
 
 
@@ -302,6 +304,7 @@ def train_run(
         fingerprints=batches.fingerprints,
         loading=batches.loading,
         finetune=feed.config_dict(),
+        encoder_modes={m: e["mode"] for m, e in encoders.items()},
         encoders=encoders,
         feature_stats=stats,
     )

@@ -296,8 +296,10 @@ def _read_table(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".tab", ".txt"):
-            # Strings first so ids such as "007" keep their zeros; targets are converted afterwards.
-            return pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=True)
+            # Strings first so ids such as "007" keep their zeros, and no guessing of missing values:
+            # pandas would read an id "NA" (or "null", "None") as missing. Only an empty cell is missing
+            # for ids; targets accept the usual spellings of a missing number (`MISSING_NUMBERS`).
+            return pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError as e:
         raise PrepareError(f"manifest file {str(path)!r} is empty ({e})") from e
     except Exception as e:  # pandas/pyarrow raise many types; say which file failed and why
@@ -321,11 +323,18 @@ def _as_id_strings(values: pd.Series) -> pd.Series:
     return pd.Series(out, index=values.index, dtype=object).where(lambda s: s.notna(), np.nan)
 
 
+# How a missing number is written in the tables people export (R, pandas, spreadsheets).
+MISSING_NUMBERS = frozenset({"", "na", "nan", "n/a", "null", "none", "-"})
+# Targets are trained in float32: a larger magnitude would become inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _as_float(values: pd.Series, *, path: Path, column: str) -> pd.Series:
-    """Targets as float64; empty -> NaN; anything non-numeric is an error naming the row and value."""
+    """Targets as float64; empty or NA -> NaN (missing, masked); anything else must be a finite number
+    that float32 can hold: the first offending value is an error naming the row and value."""
     # Plain lists: Series.map would re-infer a string dtype and turn None back into NaN.
     cells = [None if _missing(v) else v.strip() if isinstance(v, str) else v for v in values.tolist()]
-    blank = pd.Series([v is None or v == "" for v in cells], index=values.index)
+    blank = pd.Series([v is None or (isinstance(v, str) and v.lower() in MISSING_NUMBERS) for v in cells], index=values.index)
     numbers = pd.to_numeric(
         pd.Series([np.nan if b else v for v, b in zip(cells, blank)], index=values.index, dtype=object), errors="coerce"
     )
@@ -336,5 +345,13 @@ def _as_float(values: pd.Series, *, path: Path, column: str) -> pd.Series:
         raise PrepareError(
             f"{path}: target column {column!r}, row {i + 2}: value {values.iloc[i]!r} is not a number "
             f"({int(bad.sum())} such value(s) in this column)"
+        )
+    too_big = ~blank & ~(out.abs() <= FLOAT32_MAX)  # inf, -inf, and finite values that overflow float32
+    if too_big.any():
+        i = int(np.flatnonzero(too_big.to_numpy())[0])
+        raise PrepareError(
+            f"{path}: target column {column!r}, row {i + 2}: value {values.iloc[i]!r} is not a finite number "
+            f"within float32 range (|x| <= {FLOAT32_MAX:.3g}); leave the cell empty for a missing value "
+            f"({int(too_big.sum())} such value(s) in this column)"
         )
     return out
