@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from pathlib import Path
@@ -187,7 +188,8 @@ def apply_toml(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[
 def check_toml_value(path: str, key: str, value: object, action: argparse.Action) -> None:
     """The TOML value of `key` as its flag would accept it, or a ConfigError naming file, key and value."""
     def fail(expected: str) -> None:
-        raise ConfigError(f"{path}: {key} = {value!r}: expected {expected}")
+        shown = json.dumps(value) if isinstance(value, (bool, str, int, float)) else repr(value)  # as TOML writes it
+        raise ConfigError(f"{path}: {key} = {shown}: expected {expected}")
 
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):

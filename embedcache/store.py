@@ -160,7 +160,10 @@ def _open_root(path: str | Path, mode: str) -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise StoreError(f"no embedcache store at {str(path)!r} (no zarr.json)")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a truncated or overwritten zarr.json
+        raise StoreError(f"{path / 'zarr.json'}: not valid JSON ({e}); the store's metadata is damaged") from e
     meta = root.attrs.get("embedcache")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StoreError(f"{str(path)!r} is a Zarr group but not an embedcache store (no embedcache attrs)")
