@@ -101,6 +101,19 @@ def create_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-genes", type=int, default=400, help="genes (1-8 isoforms each)")
     syn.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     syn.set_defaults(func=run_prepare_synthetic)
+    man = psub.add_parser("manifest", formatter_class=fmt, help="describe your own manifest table (writes prepare.json beside it)",
+                          description="Check a manifest table (CSV/TSV/Parquet: one row per sample) and write prepare.json beside it, "
+                                      "naming its key, target and split columns, so that `--manifest TABLE` can be used. Nothing is written if a check fails.")
+    man.add_argument("table", help="the manifest table")
+    man.add_argument("--key", action="append", required=True, metavar="MODALITY=COLUMN",
+                     help="column holding each sample's record id in a modality's store; repeat per modality (e.g. --key rna=rna_id)")
+    man.add_argument("--targets", help="comma-separated target columns, in output order (default: every column that is not a sample id, key, split or group column)")
+    man.add_argument("--sample-id-column", default="sample_id", help="column of unique sample ids")
+    man.add_argument("--split-column", default="split", help="column of train / validation / test")
+    man.add_argument("--group-column", help="without a split column: assign whole groups of this column (e.g. gene_id) to train/validation/test")
+    man.add_argument("--split-fractions", default="0.8,0.1,0.1", help="with --group-column: shares of groups in train, validation, test")
+    man.add_argument("--split-seed", type=int, default=0, help="with --group-column: seed of the group assignment")
+    man.set_defaults(func=run_prepare_manifest)
 
     tr = sub.add_parser("train", formatter_class=fmt, help="train on cached stores", description="Train a fusion model on cached embeddings; writes a run directory with checkpoint, metrics, predictions and plots. A TOML --config may give any option (same names, with underscores).")
     _add_run_args(tr, aggregator_help="how modality tokens are fused")
@@ -258,6 +271,27 @@ def run_prepare_synthetic(args: argparse.Namespace) -> int:
     info = generate_synthetic(args.out, SyntheticConfig(n_genes=args.n_genes, seed=args.seed))
     print(f"wrote {info.csv_path} and {info.genome_path}: {info.n_genes} genes, {info.n_transcripts} transcripts; "
           f"best achievable mean R^2 {info.ceiling_r2:.3f}; prepare with --dna-window {info.dna_window}")
+    return 0
+
+
+def run_prepare_manifest(args: argparse.Namespace) -> int:
+    from fusion.prepare.manifest import GroupSplit, write_prepare_json
+
+    group = None
+    if args.group_column:
+        try:
+            fractions = tuple(float(x) for x in args.split_fractions.split(","))
+        except ValueError as e:
+            raise ConfigError(f"--split-fractions {args.split_fractions!r}: expected three comma-separated numbers, e.g. 0.8,0.1,0.1") from e
+        group = GroupSplit(column=args.group_column, fractions=fractions, seed=args.split_seed)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    path, manifest = write_prepare_json(
+        args.table, key_columns=parse_pairs(args.key, "--key", "COLUMN", "rna=rna_id"), targets=targets,
+        sample_id_column=args.sample_id_column, split_column=args.split_column, group_split=group,
+    )  # fmt: skip
+    counts = manifest.frame[manifest.split_column].value_counts().to_dict() if manifest.split_column else {}
+    print(f"wrote {path}: {len(manifest)} samples {counts}, modalities {sorted(manifest.key_columns)}, "
+          f"{len(manifest.target_columns)} targets ({', '.join(manifest.target_columns[:5])}{', ...' if len(manifest.target_columns) > 5 else ''})")
     return 0
 
 

@@ -8,7 +8,19 @@ column ("train" / "validation" / "test"). When the file has no split column, `Gr
 assigns whole groups (genes) to splits so that no group straddles two splits.
 
 A prepared directory (see `fusion.prepare.isoformer`) holds `manifest.csv` beside
-`prepare.json`; `load_prepared` reads the key, target and split columns from there.
+`prepare.json`; `load_prepared` reads the key, target and split columns from there. For any other
+table, `write_prepare_json` (`fusion prepare manifest`) writes that file from column names.
+
+prepare.json (JSON object; only the first two fields are required):
+    targets            list of target column names, in model output order
+    key_columns        {modality: column holding the sample's record id in that modality's store}
+    manifest           file name of the table beside prepare.json (default "manifest.csv")
+    sample_id_column   column of unique sample ids (default "sample_id")
+    split_column       column of train / validation / test (default "split"; aliases accepted)
+    group_split        {"column", "fractions", "seed"}: when the table has no split column,
+                       whole groups (e.g. genes) are assigned to splits (`GroupSplit`)
+    modalities         {modality: FASTA file beside prepare.json} (written by prepare steps)
+Anything else (kind, config, transform, counts, source) describes how the data was made.
 """
 
 from __future__ import annotations
@@ -159,7 +171,7 @@ def load_manifest(
     split_column: str | None = "split",
     group_split: GroupSplit | None = None,
     *,
-    sample_id_column: str = "sample_id",
+    sample_id_column: str | None = None,
 ) -> Manifest:
     """Read a manifest table and check it.
 
@@ -167,12 +179,18 @@ def load_manifest(
     `target_columns=None` (or `key_columns=None`) is only allowed when a `prepare.json` sits
     beside the file: the missing pieces, and the split column, are then read from it.
     If `split_column` is absent from the file (or None) and `group_split` is given, splits are
-    assigned by group into a column named `split_column or "split"`.
+    assigned by group into a column named `split_column or "split"`. `sample_id_column=None` means
+    prepare.json's, else "sample_id".
     """
     path = Path(path)
     prepared = (
         _read_prepare_json(path.parent / PREPARE_JSON) if (target_columns is None or key_columns is None) else None
     )
+    if prepared is not None:
+        sample_id_column = sample_id_column or prepared.get("sample_id_column")
+        if group_split is None and prepared.get("group_split") is not None:
+            group_split = _group_split(prepared["group_split"], path.parent / PREPARE_JSON)
+    sample_id_column = sample_id_column or "sample_id"
     if target_columns is None:
         if prepared is None:
             raise PrepareError(
@@ -252,6 +270,55 @@ def load_manifest(
     )
 
 
+def _group_split(spec: object, where: Path) -> GroupSplit:
+    if not isinstance(spec, dict) or "column" not in spec or set(spec) - {"column", "fractions", "seed"}:
+        raise PrepareError(f"{where}: group_split {spec!r} must be an object with 'column' and optional 'fractions', 'seed'")
+    return GroupSplit(column=spec["column"], fractions=tuple(spec.get("fractions", (0.8, 0.1, 0.1))), seed=int(spec.get("seed", 0)))
+
+
+def write_prepare_json(
+    table: str | Path,
+    *,
+    key_columns: dict[str, str],
+    targets: list[str] | None = None,
+    sample_id_column: str = "sample_id",
+    split_column: str = "split",
+    group_split: GroupSplit | None = None,
+) -> tuple[Path, Manifest]:
+    """Describe a manifest table in a prepare.json beside it, so `fusion train --manifest TABLE` can read it.
+
+    `targets=None`: every column that is not the sample id, a key, the split or the group column.
+    The table is loaded and checked with these columns first; nothing is written if it fails, and an
+    existing prepare.json is never replaced.
+    """
+    table = Path(table)
+    out = table.parent / PREPARE_JSON
+    if out.exists():
+        raise PrepareError(f"{out} exists already; remove it first if it should describe {table.name}")
+    if targets is None:
+        header = [str(c) for c in _read_table(table).columns]
+        used = {sample_id_column, split_column, *key_columns.values(), *([group_split.column] if group_split else [])}
+        targets = [c for c in header if c not in used]
+        if not targets:
+            raise PrepareError(f"{table}: no target columns left besides {sorted(used)}; columns are {header}")
+    manifest = load_manifest(
+        table, key_columns=key_columns, target_columns=targets, split_column=split_column,
+        group_split=group_split, sample_id_column=sample_id_column,
+    )  # fmt: skip
+    meta = {
+        "kind": "manifest",
+        "manifest": table.name,
+        "sample_id_column": sample_id_column,
+        "key_columns": dict(key_columns),
+        "targets": list(targets),
+        "split_column": split_column,
+    }
+    if group_split is not None:
+        meta["group_split"] = {"column": group_split.column, "fractions": list(group_split.fractions), "seed": group_split.seed}
+    out.write_text(json.dumps(meta, indent=2) + "\n")
+    return out, manifest
+
+
 def load_prepared(out_dir: str | Path) -> Manifest:
     """The manifest of a prepared directory, with keys, targets and split column from its prepare.json."""
     out_dir = Path(out_dir)
@@ -263,6 +330,7 @@ def load_prepared(out_dir: str | Path) -> Manifest:
         key_columns=dict(meta["key_columns"]),
         target_columns=list(meta["targets"]),
         split_column=meta.get("split_column", "split"),
+        group_split=_group_split(meta["group_split"], out_dir / PREPARE_JSON) if meta.get("group_split") is not None else None,
         sample_id_column=meta.get("sample_id_column", "sample_id"),
     )
     files = {m: out_dir / f for m, f in meta.get("modalities", {}).items()}
@@ -274,11 +342,15 @@ def _read_prepare_json(path: Path) -> dict | None:
         return None
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise PrepareError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("targets", "key_columns") if k not in meta]
     if missing:
         raise PrepareError(f"{path}: missing field(s) {missing}; fields are {sorted(meta)}")
+    if not isinstance(meta["targets"], list) or not isinstance(meta["key_columns"], dict):
+        raise PrepareError(f"{path}: 'targets' must be a list of column names and 'key_columns' an object {{modality: column}}")
     return meta
 
 
