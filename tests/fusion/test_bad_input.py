@@ -309,3 +309,39 @@ def test_a_closed_pipe_ends_quietly(demo_data):
     proc.stdout.close()  # before the command writes: its first write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+# -- preparing the IsoFormer table -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gtex(tmp_path_factory):
+    from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("gtex"), SyntheticConfig(n_genes=10, seed=1))
+
+
+@pytest.mark.parametrize("damage", ["latin-1", "inf target", "huge target without log1p"])
+def test_prepare_isoformer_names_the_file_line_and_value(gtex, tmp_path, capsys, damage):
+    text = gtex.csv_path.read_text()
+    lines = text.splitlines()
+    header = lines[0].split(",")
+    tissue = header[-1]
+    extra = []
+    if damage == "latin-1":
+        (tmp_path / "gtex.csv").write_bytes(text.replace(tissue, tissue + "_\u00e9", 1).encode("latin-1"))
+        expected = ["gtex.csv", "UTF-8"]
+    else:
+        cells = lines[3].split(",")
+        cells[-1] = "inf" if damage == "inf target" else "1e39"
+        lines[3] = ",".join(cells)
+        (tmp_path / "gtex.csv").write_text("\n".join(lines) + "\n")
+        expected = ["gtex.csv", "line 4", repr(tissue)]
+        if damage != "inf target":
+            extra = ["--target-transform", "none"]
+            expected.append("float32")
+    out = tmp_path / "prep"
+    code, err = run_fusion(capsys, "prepare", "isoformer", "--csv", tmp_path / "gtex.csv", "--genome", gtex.genome_path, "--out", out,
+                           "--dna-window", gtex.dna_window, *extra)  # fmt: skip
+    one_line_error(code, err, *expected)
+    assert not (out / "prepare.json").exists()  # the mark of a complete prepared directory
