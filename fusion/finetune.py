@@ -62,13 +62,12 @@ from embedcache.embed import embed_sequences
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError
 from fusion.batch import Batch, ModalityBatch
-from fusion.checkpoint import check_fingerprints
 from fusion.data import DataConfig, ModalityFeatures, StoreBatches, _pad, open_modality_store
 from fusion.errors import FusionError
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.run import RunManifest, RunResult, open_run, read_finished_run, train_run
+from fusion.run import CachedFeed, RunManifest, RunResult, check_run_data, open_run, read_finished_run, train_run
 from fusion.train import TrainConfig, adamw, decay_groups, resolve_amp, resolve_device
 
 Log = Callable[[str], None]
@@ -594,21 +593,8 @@ def warm_start_fusion(run_dir: str | Path, batches: StoreBatches, data: DataConf
                 f"--init-from {str(run_dir)!r} was trained with {name}={getattr(run.data, name)!r}, this run has "
                 f"{name}={getattr(data, name)!r}: pass --{name.replace('_', '-')} {getattr(run.data, name)}"
             )
-    if list(checkpoint["target_names"]) != batches.target_names:
-        raise FinetuneError(
-            f"--init-from {str(run_dir)!r} predicts {len(checkpoint['target_names'])} targets {checkpoint['target_names'][:3]}..., "
-            f"the manifest has {len(batches.target_names)} {batches.target_names[:3]}..."
-        )
-    check_fingerprints(
-        checkpoint["fingerprints"],
-        batches.fingerprints,
-        source="--init-from",
-        checkpoint_path=checkpoint["path"],
-        store_path=", ".join(f"{m}={s.path}" for m, s in batches.stores.items()),
-    )
-    fusion = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
-    fusion.load_state_dict(checkpoint["model_state"])
-    return fusion
+    check_run_data(checkpoint, batches, source=f"--init-from {run_dir}")
+    return CachedFeed().reopen(run, batches, checkpoint, None, print)
 
 
 def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, config: FinetuneConfig) -> torch.optim.AdamW:

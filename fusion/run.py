@@ -371,6 +371,23 @@ def read_finished_run(run_dir: Path) -> tuple[RunManifest, dict]:
     return run, checkpoint
 
 
+def check_run_data(checkpoint: dict, batches: StoreBatches, *, source: str) -> None:
+    """Refuse data whose targets or store fingerprints differ from those the checkpoint was trained on."""
+    model_targets = list(checkpoint["target_names"])
+    if batches.target_names != model_targets:
+        raise RunError(
+            f"{source}: targets of manifest {batches.manifest.path} {batches.target_names[:3]}... ({len(batches.target_names)}) "
+            f"differ from those of checkpoint {checkpoint['path']} {model_targets[:3]}... ({len(model_targets)})"
+        )
+    check_fingerprints(
+        checkpoint["fingerprints"],
+        batches.fingerprints,
+        source=source,
+        checkpoint_path=checkpoint["path"],
+        store_path=", ".join(f"{m}={s.path}" for m, s in batches.stores.items()),
+    )
+
+
 def open_run(
     run_dir: str | Path,
     *,
@@ -393,19 +410,7 @@ def open_run(
     data = DataConfig.from_dict({**data.to_dict(), **overrides})
     feed = feed_for(run, trust_remote_code=trust_remote_code)
     batches = feed.open_batches(data, read_manifest(data.manifest), log)
-    model_targets = list(checkpoint["target_names"])
-    if batches.target_names != model_targets:
-        raise RunError(
-            f"targets of manifest {data.manifest} {batches.target_names[:5]}... differ from those of run {run_dir} "
-            f"{model_targets[:5]}... ({len(batches.target_names)} vs {len(model_targets)})"
-        )
-    check_fingerprints(
-        checkpoint["fingerprints"],
-        batches.fingerprints,
-        source="evaluation data",
-        checkpoint_path=checkpoint["path"],
-        store_path=", ".join(f"{m}={p}" for m, p in data.stores.items()),
-    )
+    check_run_data(checkpoint, batches, source="evaluation data")
     model = feed.reopen(run, batches, checkpoint, device, log)
     return OpenedRun(run_dir=run_dir, manifest=run, checkpoint=checkpoint, batches=batches, model=model)
 
@@ -433,6 +438,7 @@ __all__ = [
     "RunResult",
     "SPLITS",
     "build_model",
+    "check_run_data",
     "evaluate_and_report",
     "feed_for",
     "load_run",

@@ -6,7 +6,7 @@ import gzip
 
 import pytest
 
-from cli.embedcache_cli import create_parser, main
+from cli.embedcache_cli import create_parser
 
 from .conftest import write_fasta
 from .test_bad_input import assert_no_complete_store, build_args, cli
