@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,7 +44,7 @@ from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
 from fusion.report import write_report
-from fusion.train import TrainConfig, TrainResult, evaluate_run, seed_everything, train
+from fusion.train import TrainConfig, TrainResult, evaluate_run, resolve_amp, resolve_device, seed_everything, train
 
 Log = Callable[[str], None]
 RUN_FILE = "run.json"
@@ -267,6 +268,17 @@ class RunResult:
     manifest: RunManifest
 
 
+def check_device(train_config: TrainConfig) -> None:
+    """The device and autocast asked for exist here: said before any data is read, as the user's option."""
+    try:
+        device = resolve_device(train_config.device)
+        resolve_amp(train_config.amp, device)
+    except (RuntimeError, ValueError) as e:  # torch's "Invalid device string", amp=fp16 on the CPU
+        raise ConfigError(f"training options: device {train_config.device!r} with amp {train_config.amp!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"training options: device {train_config.device!r}, but torch sees no CUDA device here; use --device cpu or auto")
+
+
 def train_run(
     feed: Feed,
     data: DataConfig,
@@ -284,12 +296,15 @@ def train_run(
     `batches` lets an ablation reuse features already loaded (a view with the run's modalities).
     """
     run_dir = Path(run_dir)
+    check_device(train_config)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} is a file")
     run_dir.mkdir(parents=True, exist_ok=True)
     batches = batches or feed.open_batches(data, read_manifest(data.manifest), log)
-    for split in SPLITS:  # an empty split is an error now, not after an epoch of training
-        batches.split_manifest(split)
+    for split in SPLITS:  # an empty split, or one without a single target value, is an error now, not after an epoch
+        part = batches.split_manifest(split)
+        if np.isnan(part.targets()).all():
+            raise RunError(f"manifest {part.path}: every target of the {split!r} split is missing ({len(part)} samples); nothing to fit or select on")
     feed.prepare(batches, train_config, log)
     seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
     fusion = feed.initial_fusion(batches, data, log) or build_model(batches, aggregator, model_options)

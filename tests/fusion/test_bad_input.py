@@ -159,6 +159,24 @@ def test_missing_config_file(demo_data, tmp_path, capsys):
     one_line_error(code, err, "nope.toml", "no such file")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [(["--amp", "fp16", "--device", "cpu"], "needs a CUDA device"), (["--device", "gpu7"], "'gpu7'")])
+def test_device_options_are_named(demo_data, tmp_path, capsys, flags, expected):
+    out = tmp_path / "r"
+    one_line_error(*run_fusion(capsys, *train_args(demo_data, demo_data["prep"], out, *flags)), "training options", expected)
+    assert not out.exists()
+
+
+def test_split_without_any_target_value(demo_data, tmp_path, capsys):
+    prep = copy_prep(demo_data, tmp_path)
+    frame = pd.read_csv(prep / "manifest.csv", dtype=str, keep_default_na=False)
+    targets = json.loads((prep / "prepare.json").read_text())["targets"]
+    frame.loc[frame["split"] == "validation", targets] = ""
+    frame.to_csv(prep / "manifest.csv", index=False)
+    out = tmp_path / "r"
+    one_line_error(*run_fusion(capsys, *train_args(demo_data, prep, out)), "manifest.csv", "every target of the 'validation' split is missing")
+    assert not looks_complete(out)
+
+
 def test_bad_model_options_are_named(demo_data, tmp_path, capsys):
     code, err = run_fusion(capsys, *train_args(demo_data, demo_data["prep"], tmp_path / "r", "--n-heads", "3"))
     one_line_error(code, err, "model options", "d_model (16) is not a multiple of n_heads (3)")
@@ -253,7 +271,8 @@ def test_interrupted_run_says_the_truth_and_is_not_taken_for_finished(demo_data,
 
 def test_evaluate_and_predict_a_finetune_run(demo_data, tmp_path, capsys):
     run = tmp_path / "ft"
-    args = ["finetune", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled", "--batch-size", "16", "--out", str(run), *FAST]
+    stores = {"protein": demo_data["stores"]["protein"]}  # one small live encoder keeps the test short
+    args = ["finetune", "--manifest", demo_data["prep"], *store_args(stores), "--features", "pooled", "--batch-size", "16", "--out", str(run), *FAST]
     assert fusion_main(args) == 0
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["mode"] == "finetune" and manifest["status"] == "complete"
