@@ -145,7 +145,7 @@ class RunManifest:
         run_dir = Path(run_dir)
         path = run_dir / RUN_FILE
         if not run_dir.is_dir():
-            raise RunError(f"run directory {str(run_dir)!r} does not exist" + (" (it is a file)" if run_dir.exists() else ""))
+            raise RunError(f"run directory {str(run_dir)!r} " + ("is a file" if run_dir.exists() else "does not exist"))
         if not path.is_file():
             raise RunError(f"{run_dir} is not a fusion run directory: no {RUN_FILE}")
         try:
