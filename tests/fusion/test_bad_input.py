@@ -300,6 +300,14 @@ def test_a_store_never_turns_on_remote_code(demo_data, tmp_path, capsys):
     one_line_error(code, err, str(model), "modeling_toyconv.py", "--trust-remote-code", "does not count")
     assert not marker.exists() and not looks_complete(out)
 
+    # The user's own flag allows it, and the log says which code from where; the finished run keeps
+    # no permission either: evaluating it asks for the flag again.
+    assert fusion_main([*args, "--trust-remote-code"]) == 0
+    printed = capsys.readouterr().out
+    assert marker.exists() and f"running the model's own code configuration_toyconv.py, modeling_toyconv.py from {model}" in printed
+    one_line_error(*run_fusion(capsys, "evaluate", out), "modeling_toyconv.py", "--trust-remote-code")
+    assert fusion_main(["evaluate", str(out), "--trust-remote-code", "--out", str(tmp_path / "eval")]) == 0
+
 
 # -- the CLI's own handling ----------------------------------------------------------------------------------
 
