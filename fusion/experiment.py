@@ -14,28 +14,17 @@ from typing import Callable
 
 import pandas as pd
 
-from fusion.data import DataConfig, StoreBatches, open_batches
+from fusion.data import DataConfig, open_batches
 from fusion.errors import ConfigError
 from fusion.report import ablation_plot, ablation_table
-from fusion.run import RUN_FILE, SPLITS, CachedFeed, RunResult, build_model, evaluate_and_report, load_run, open_run, read_manifest, train_run
+from fusion.run import RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, load_run, open_run, read_manifest, train_run
 from fusion.train import TrainConfig, predict, write_predictions_csv
 
 Log = Callable[[str], None]
 
 
-def run_train(
-    data: DataConfig,
-    aggregator: str,
-    model_options: dict,
-    train_config: TrainConfig,
-    run_dir: str | Path,
-    *,
-    batches: StoreBatches | None = None,
-    progress: bool = True,
-    log: Log = print,
-) -> RunResult:
-    """`fusion train`: the run pipeline on cached features (`batches`: features already loaded, for ablations)."""
-    return train_run(CachedFeed(), data, aggregator, model_options, train_config, run_dir, batches=batches, progress=progress, log=log)
+# `fusion train`: the run pipeline with its default feed, cached features.
+run_train = train_run
 
 
 def evaluation_dir(run_dir: Path, out: str | Path | None) -> Path:

@@ -694,7 +694,7 @@ def run_finetune(
     `fusion train` builds it and its standardisation is fitted on the live train features.
     """
     feed = LiveFeed(finetune, trust_remote_code=trust_remote_code)
-    return train_run(feed, data, aggregator, model_options, train_config, run_dir, progress=progress, log=log)
+    return train_run(data, aggregator, model_options, train_config, run_dir, feed=feed, progress=progress, log=log)
 
 
 def load_finetune_run(

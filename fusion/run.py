@@ -280,21 +280,24 @@ def check_device(train_config: TrainConfig) -> None:
 
 
 def train_run(
-    feed: Feed,
     data: DataConfig,
     aggregator: str,
     model_options: dict,
     train_config: TrainConfig,
     run_dir: str | Path,
     *,
+    feed: Feed | None = None,
     batches: StoreBatches | None = None,
     progress: bool = True,
     log: Log = print,
 ) -> RunResult:
     """Prepare, fit, evaluate every split and write the report: one run directory (see the module docstring).
 
-    `batches` lets an ablation reuse features already loaded (a view with the run's modalities).
+    `feed`: where features come from, cached stores by default (`fusion train`); `fusion finetune`
+    passes a `fusion.finetune.LiveFeed`. `batches` lets an ablation reuse features already loaded
+    (a view with the run's modalities).
     """
+    feed = feed or CachedFeed()
     run_dir = Path(run_dir)
     check_device(train_config)
     if run_dir.exists() and not run_dir.is_dir():
