@@ -57,7 +57,7 @@ def test_truncated_store_metadata_names_the_file(tmp_path, models, capsys):
     meta = tmp_path / "s.zarr" / "zarr.json"
     meta.write_text(meta.read_text()[:100])
     code, err = cli(capsys, "info", tmp_path / "s.zarr")
-    assert code == 2 and str(meta) in err and "not valid JSON" in err
+    assert code == 2 and str(tmp_path / "s.zarr") in err and "zarr.json is not valid JSON" in err and "Traceback" not in err
 
 
 def test_switches_do_not_claim_to_be_on(capsys):
