@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cli.common import HelpFormatter, run_main
+from cli.common import HelpFormatter, add_debug_flag, run_main
 from embedcache.build import build
 from embedcache.config import POOLINGS, TOKEN_DTYPES, BuildConfig
 from embedcache.encoders import ENCODERS
@@ -58,7 +58,7 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-length", type=int, help="tokens kept by --crop (default: the window)")
     b.add_argument("--pooling", choices=POOLINGS, default="mean", help="mean: over real tokens only (no special tokens, no padding); cls: the leading special token; center: mean of the central --pool-bins rows; none")
     b.add_argument("--pool-bins", type=int, help="rows averaged by --pooling center (e.g. Enformer bins around the TSS)")
-    b.add_argument("--no-tokens", dest="tokens", action="store_false", help="store pooled vectors only, no per-token embeddings")
+    b.add_argument("--no-tokens", dest="tokens", action="store_false", help="store pooled vectors only, no per-token embeddings (default: per-token embeddings are stored)")
     b.add_argument("--token-bins", type=int, help="keep only the central K per-token rows (Enformer: 896 bins x 3072 are 5.5 MB per gene in fp16)")
     b.add_argument("--dtype", choices=TOKEN_DTYPES, default="float16", help="stored per-token dtype (pooled is always float32)")
     b.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute precision: auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -74,7 +74,7 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="print the plan (counts, tokens, estimated size) and compute nothing")
     b.add_argument("--wait", action="store_true", help="if another build is writing the store, wait for it to finish instead of stopping")
     _add_storage_options(b)
-    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: a progress bar is shown)")
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="summarise a store", description="Ids, counts, shapes, fingerprint, completeness and size of a store.")
@@ -103,6 +103,7 @@ def create_parser() -> argparse.ArgumentParser:
     t.add_argument("directory", metavar="DIR")
     t.add_argument("--seed", type=int, default=0, help="initialisation seed")
     t.set_defaults(func=run_make_tiny_model)
+    add_debug_flag(parser)
     return parser
 
 
@@ -168,8 +169,12 @@ def run_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# True for builds: every finished batch is committed and a build skips what the store holds.
+INTERRUPTED = "what was committed is kept: run the same command again to finish the build"
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_main(create_parser(), argv)
+    return run_main(create_parser(), argv, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

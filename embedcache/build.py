@@ -243,9 +243,12 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
     }
     lease.check()
     writer.set_status("complete", entry)
+    # Records of this input whose new sequence another record of it already brought (isoforms sharing a DNA window).
+    shared = plan.n_records - plan.already_stored - plan.reused - plan.n_new
     summary = (
-        f"{plan.n_new} new, {plan.already_stored + plan.reused} already stored "
-        f"({plan.reused} of them under new ids); {n_tokens:,} tokens in {seconds:.1f} s -> {location.url}"
+        f"{plan.n_new} new, {plan.already_stored + plan.reused} already stored ({plan.reused} of them under new ids), "
+        f"{shared} shared a new sequence with another record ({plan.n_records} records); "
+        f"{n_tokens:,} input {plan.unit} -> {plan.n_rows:,} per-token rows in {seconds:.1f} s -> {location.url}"
     )
     log(summary)
     return BuildReport(plan=plan, seconds=seconds, tokens_per_second=rate, committed_units=len(plan.units), summary=summary)

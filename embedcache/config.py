@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, fields
 
@@ -58,6 +59,14 @@ class BuildConfig:
             raise EncoderError("--no-tokens with --pooling none would store nothing")
         if self.max_tokens < 1:
             raise EncoderError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if not (isinstance(self.shard_mb, (int, float)) and math.isfinite(self.shard_mb) and self.shard_mb > 0):
+            raise EncoderError(f"--shard-mb must be a positive number of megabytes, got {self.shard_mb!r}")
+        for name in ("token_bins", "pool_bins", "window", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EncoderError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
+            raise EncoderError(f"--overlap must be a non-negative integer, got {self.overlap!r}")
 
     @classmethod
     def create(cls, encoder: str, model: str | None = None, **kwargs) -> "BuildConfig":

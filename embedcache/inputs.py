@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -47,7 +48,7 @@ def iter_records(path: str | Path, *, id_column: str = "id", sequence_column: st
     elif suffix in TABLE_SUFFIXES:
         records = _read_table(path, id_column, sequence_column, TABLE_SUFFIXES[suffix])
     else:  # FASTA by suffix, or by content for anything else
-        records = _read_fasta(path)
+        records = _read_fasta_file(path)
     n = 0
     for n, record in enumerate(records, start=1):
         yield record
@@ -59,6 +60,23 @@ def _open_text(path: Path):
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rt") if gzipped else open(path, "rt")
+
+
+def _read_fasta_file(path: Path) -> Iterator[Record]:
+    """The records of a FASTA file, streamed; an undecodable or truncated file is an InputError naming it."""
+    last: Record | None = None
+    try:
+        for last in _read_fasta(path):
+            yield last
+    except UnicodeDecodeError as e:
+        after = f" after record {last.id!r} ({last.source})" if last else ""
+        raise InputError(
+            f"{path}: byte {e.object[e.start:e.start + 1]!r} is not UTF-8 text{after}; FASTA input must be "
+            f"UTF-8 (or ASCII) text, optionally gzip-compressed"
+        ) from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        after = f" after record {last.id!r} ({last.source})" if last else ""
+        raise InputError(f"{path}: the gzip data is truncated or corrupt{after} ({e}); nothing was stored") from e
 
 
 def _read_fasta(path: Path) -> Iterator[Record]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from embedcache.alphabets import check_sequence
+from embedcache.alphabets import MoleculeTally, check_sequence
 from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import plan_windows, resolve_overlap
 from embedcache.encoders import Encoder
@@ -80,6 +80,8 @@ class BuildPlan:
     n_cropped_sequences: int
     estimated_bytes: int  # added to the store (uncompressed; fp16 embeddings barely compress)
     embed_dim: int
+    unit: str = "tokens"  # what n_tokens counts: tokens, or bp for encoders that read bases (Enformer)
+    n_rows: int = 0  # per-token rows the new sequences will store
     units: list[Unit] = field(default_factory=list)
     spool_parts: int = 0
     # per distinct record, in input order: its position among all records read (repeats dropped),
@@ -98,7 +100,7 @@ class BuildPlan:
                 f"store: {self.store} (fingerprint {self.fingerprint})",
                 f"records: {self.n_records} ({self.n_unique} unique sequences)",
                 f"already stored: {self.already_stored} records; reusing stored sequences for {self.reused} new records",
-                f"to embed: {self.n_new} sequences, {self.n_tokens:,} tokens in {self.n_windows} model windows, "
+                f"to embed: {self.n_new} sequences, {self.n_tokens:,} {self.unit} in {self.n_windows} model windows, "
                 f"{len(self.units)} work units",
                 f"cropped on request: {self.n_cropped_sequences} sequences",
                 f"estimated size added: {self.estimated_bytes / 1e6:,.1f} MB (embedding dim {self.embed_dim})",
@@ -145,10 +147,12 @@ def plan_build(
 
     digest, id_digest, n_tokens = _Growing("V32"), _Growing("V16"), _Growing(np.int64)
     locator = _Growing(np.int64, 3)
+    molecule = MoleculeTally(encoder.alphabet, encoder=config.encoder)
     for r in stream_records(inputs, id_column, sequence_column):
         if "\t" in r.id or "\n" in r.id:
             raise InputError(f"{r.source}: record id {r.id!r} contains a tab or newline")
         seq = check_sequence(r.sequence, encoder.alphabet, record=r.id, source=r.source, encoder=config.encoder)
+        molecule.add(r.id, seq, r.source)
         digest.append(hashlib.sha256(seq.encode()).digest())
         id_digest.append(_id_digest(r.id))
         n = len(encoder.tokenize(seq))
@@ -160,6 +164,7 @@ def plan_build(
         n_tokens.append(n)
         locator.append(spool.append(r.id, r.source, seq))
     spool.flush()
+    molecule.check()
     digests, id_digests, tokens, locators = digest.array(), id_digest.array(), n_tokens.array(), locator.array()
     if not len(digests):
         raise InputError("the inputs hold no records")
@@ -230,6 +235,8 @@ def plan_build(
         n_cropped_sequences=int(n_cropped),
         estimated_bytes=estimated,
         embed_dim=encoder.embed_dim,
+        unit="bp" if encoder.fixed_window else "tokens",
+        n_rows=int(rows.sum()) if config.tokens else 0,
         units=units,
         spool_parts=spool.part,
         record_position=first_of_id,

@@ -329,6 +329,13 @@ def _read_rows(root: zarr.Group, name: str, end: int, where: str) -> np.ndarray:
 def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
     """Read and cross-check the commit log and the index arrays. Sizes are checked before reading."""
     log = read_log(root, where)
+    config = attrs.get("config", {})
+    required = [*RECORD_ARRAYS, *CONTENT_ARRAYS, "layer"]
+    required += ["pooled"] if config.get("pooling", "mean") != "none" else []
+    required += [*TOKEN_INDEX_ARRAYS, "tokens"] if config.get("tokens", True) else []
+    missing = [name for name in required if name not in root]
+    if missing:
+        raise StoreError(f"store {where!r}: array(s) {missing} are missing, but its config says they were built; the store is damaged")
     embed_dim = attrs.get("embed_dim")
     if not isinstance(embed_dim, int) or not 0 < embed_dim <= MAX_EMBED_DIM:
         raise StoreError(f"store {where!r}: embed_dim {embed_dim!r} is not a width in 1..{MAX_EMBED_DIM}")

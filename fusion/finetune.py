@@ -35,14 +35,18 @@ holds only what cannot be rebuilt from the stores' provenance:
                           buffers) of the trained blocks; lora: the adapters (`*.lora_A.*`, `*.lora_B.*`);
                           frozen: nothing
 `model_config` is the fusion model's config, `fingerprints` the stores' (inputs, base encoder and
-output settings), `extra["finetune"]` the modes and encoder provenance. `load_finetune_run`
-rebuilds the encoders from the stores, applies the recorded modes and loads this state.
-`fusion evaluate` (cached features) does not read these checkpoints: their keys are prefixed.
+output settings); run.json (`fusion.run.RunManifest`) holds the modes and encoder provenance.
+A finetune run is a `fusion.run` run with a `LiveFeed`: `fusion evaluate` / `predict` reopen it
+with `LiveFeed.reopen`, which rebuilds the encoders from the stores, applies the recorded modes
+and loads this state.
+
+Remote code. A store records the model it was built with and whether that model's own code was
+trusted; neither is a permission here. A model that ships code (`auto_map`) is loaded only with
+the user's --trust-remote-code, and the refusal names the model and its code files.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -52,26 +56,26 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from embedcache import EmbeddingStore, open_store
+from embedcache import EmbeddingStore
 from embedcache.config import BuildConfig
 from embedcache.embed import embed_sequences
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError
 from fusion.batch import Batch, ModalityBatch
-from fusion.checkpoint import check_fingerprints, load_checkpoint
-from fusion.data import DataConfig, DataError, ModalityFeatures, StoreBatches, _pad, check_keys
-from fusion.experiment import RUN_FILE, SPLITS, build_model, evaluate_and_report, load_run, read_manifest, write_run_json
+from fusion.data import DataConfig, ModalityFeatures, StoreBatches, _pad, open_modality_store
+from fusion.errors import FusionError
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.train import TrainConfig, TrainResult, adamw, decay_groups, resolve_amp, resolve_device, seed_everything, train
+from fusion.run import CachedFeed, RunManifest, RunResult, check_run_data, open_run, read_finished_run, train_run
+from fusion.train import TrainConfig, adamw, decay_groups, resolve_amp, resolve_device
 
 Log = Callable[[str], None]
 
 ENCODER_MODES = ("frozen", "full", "lora", "last-n")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(FusionError):
     """End-to-end training cannot start as asked; the message names the modality, store and model."""
 
 
@@ -208,22 +212,16 @@ def open_sequence_batches(config: DataConfig, manifest: Manifest, *, log: Log = 
     """
     features, stores, loading = {}, {}, {}
     for m in config.used_modalities:
-        path = config.stores[m]
-        store = open_store(path)
-        if not store.complete:
-            raise DataError(f"store {path!r} ({m}) is {store.status!r}, not complete: run its embedcache build again to finish it")
-        keys = check_keys(manifest, m, store)
-        if config.features == "pooled" and store.attrs["config"]["pooling"] == "none":
-            raise DataError(f"store {path!r} ({m}) was built with --pooling none; use features='tokens'")
+        store, keys = open_modality_store(config, manifest, m)
         features[m], stores[m], loading[m] = SequenceFeatures(store, keys), store, "live"
-        log(f"{m}: {len(keys)} records from {path} (live {store.attrs['config']['encoder']} {store.attrs['config']['model']})")
+        log(f"{m}: {len(keys)} records from {config.stores[m]} (live {store.attrs['config']['encoder']} {store.attrs['config']['model']})")
     return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)
 
 
 # -- encoders rebuilt from store provenance ---------------------------------------------------------
 
-# Provenance fields that describe where or how fast the encoder runs, not what it computes.
-_NOT_IDENTITY = ("model", "precision")
+# Provenance fields that describe where or how fast the encoder runs, or what it was allowed, not what it computes.
+_NOT_IDENTITY = ("model", "precision", "trust_remote_code")
 
 
 @dataclass
@@ -261,10 +259,54 @@ def encoder_precision(train_config: TrainConfig, device: torch.device) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
 
 
-def load_store_encoder(store: EmbeddingStore, modality: str, *, device: str = "auto", precision: str = "auto") -> LiveEncoder:
-    """The encoder that built `store`, from its provenance; refuses other weights or settings."""
+def remote_code_files(model: str, revision: str | None) -> list[str]:
+    """The model's own Python modules that loading it would run (`auto_map` of config.json and
+    tokenizer_config.json), read as plain JSON: nothing is imported. [] when there are none or the
+    model's files cannot be read here (loading then fails with its own message)."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    maps = []
+    for read in (lambda: PretrainedConfig.get_config_dict(model, revision=revision)[0], lambda: get_tokenizer_config(model, revision=revision)):
+        try:
+            maps.append(read().get("auto_map") or {})
+        except (OSError, ValueError):
+            pass
+    refs = [r for m in maps for v in m.values() for r in (v if isinstance(v, list) else [v]) if r]
+    return sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+
+
+def check_remote_code(build: BuildConfig, modality: str, store_path: str, trust_remote_code: bool, log: Log) -> None:
+    """Only the user's own --trust-remote-code lets a finetune run a model's own code, never a store's record.
+
+    Stores are shared and downloaded; their attrs name the model directory and say whether its code
+    was trusted at build time. That is a fact about the build, not a permission for this machine.
+    """
+    if build.encoder == "enformer":  # enformer-pytorch's own classes; nothing is loaded from the model directory
+        return
+    files = remote_code_files(build.model, build.revision)
+    if not files:
+        return
+    where = f"{modality}: store {store_path!r} names {build.encoder} model {build.model!r}" + (f" (revision {build.revision})" if build.revision else "")
+    if not trust_remote_code:
+        recorded = " (the store records trust_remote_code=true from its build; that does not count here)" if build.trust_remote_code else ""
+        raise FinetuneError(
+            f"{where}, which ships its own code: {', '.join(files)}. Loading it would run that code{recorded}. "
+            f"Read those files in {build.model}, then pass --trust-remote-code to allow it"
+        )
+    log(f"{modality}: running the model's own code {', '.join(files)} from {build.model} (--trust-remote-code)")
+
+
+def load_store_encoder(
+    store: EmbeddingStore, modality: str, *, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False, log: Log = print
+) -> LiveEncoder:
+    """The encoder that built `store`, from its provenance; refuses other weights or settings.
+
+    The model's own code runs only with `trust_remote_code` (the user's flag), whatever the store says.
+    """
     build = BuildConfig.from_dict(store.attrs["config"])
-    settings = replace(build.encoder_settings(), device=device, precision=precision)
+    check_remote_code(build, modality, str(store.path), trust_remote_code, log)
+    settings = replace(build.encoder_settings(), device=device, precision=precision, trust_remote_code=trust_remote_code)
     where = f"{modality}: store {str(store.path)!r} was built by {build.encoder} model {build.model!r}"
     try:
         encoder = load_encoder(build.encoder, settings)
@@ -288,10 +330,12 @@ def load_store_encoder(store: EmbeddingStore, modality: str, *, device: str = "a
     return LiveEncoder(encoder=encoder, build=build, store_path=str(store.path), token_dtype=token_dtype)
 
 
-def load_live_encoders(batches: StoreBatches, *, device: torch.device, precision: str, log: Log = print) -> dict[str, LiveEncoder]:
+def load_live_encoders(
+    batches: StoreBatches, *, device: torch.device, precision: str, trust_remote_code: bool = False, log: Log = print
+) -> dict[str, LiveEncoder]:
     live = {}
     for m in batches.modalities:
-        live[m] = load_store_encoder(batches.stores[m], m, device=str(device), precision=precision)
+        live[m] = load_store_encoder(batches.stores[m], m, device=str(device), precision=precision, trust_remote_code=trust_remote_code, log=log)
         p = live[m].encoder.provenance()
         log(f"{m}: live encoder {p['encoder']} {p['model']} ({model_type(live[m].encoder.model)}, {p['precision']} on {device})")
     return live
@@ -535,34 +579,22 @@ def fit_live_feature_stats_(model: EndToEndModel, batches: Iterable[Batch]) -> d
 
 
 def warm_start_fusion(run_dir: str | Path, batches: StoreBatches, data: DataConfig) -> FusionModel:
-    """The fusion model (weights and standardisation) of a `fusion train` run, checked against this data."""
+    """The fusion model (weights and standardisation) of a finished `fusion train` run, checked against this data."""
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).exists():
-        raise FinetuneError(f"--init-from {str(run_dir)!r} is not a fusion run directory (no {RUN_FILE})")
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    if run.get("mode", "cached") != "cached":
-        raise FinetuneError(f"--init-from {str(run_dir)!r} is a {run['mode']!r} run; it must be a `fusion train` run on cached features")
-    init_data = DataConfig.from_dict(run["data"])
+    try:
+        run, checkpoint = read_finished_run(run_dir)
+    except FusionError as e:
+        raise FinetuneError(f"--init-from: {e}") from e
+    if run.mode != "cached":
+        raise FinetuneError(f"--init-from {str(run_dir)!r} is a {run.mode!r} run; it must be a `fusion train` run on cached features")
     for name in ("features", "max_tokens"):
-        if getattr(init_data, name) != getattr(data, name):
+        if getattr(run.data, name) != getattr(data, name):
             raise FinetuneError(
-                f"--init-from {str(run_dir)!r} was trained with {name}={getattr(init_data, name)!r}, this run has "
-                f"{name}={getattr(data, name)!r}: pass --{name.replace('_', '-')} {getattr(init_data, name)}"
+                f"--init-from {str(run_dir)!r} was trained with {name}={getattr(run.data, name)!r}, this run has "
+                f"{name}={getattr(data, name)!r}: pass --{name.replace('_', '-')} {getattr(run.data, name)}"
             )
-    _, fusion, checkpoint = load_run(run_dir)
-    if list(checkpoint["target_names"]) != batches.target_names:
-        raise FinetuneError(
-            f"--init-from {str(run_dir)!r} predicts {len(checkpoint['target_names'])} targets {checkpoint['target_names'][:3]}..., "
-            f"the manifest has {len(batches.target_names)} {batches.target_names[:3]}..."
-        )
-    check_fingerprints(
-        checkpoint["fingerprints"],
-        batches.fingerprints,
-        source="--init-from",
-        checkpoint_path=checkpoint["path"],
-        store_path=", ".join(f"{m}={s.path}" for m, s in batches.stores.items()),
-    )
-    return fusion
+    check_run_data(checkpoint, batches, source=f"--init-from {run_dir}")
+    return CachedFeed().reopen(run, batches, checkpoint, None, print)
 
 
 def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, config: FinetuneConfig) -> torch.optim.AdamW:
@@ -574,15 +606,73 @@ def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, con
     return adamw(groups, lr=train_config.lr)
 
 
-# -- runs ----------------------------------------------------------------------------------------------
+# -- runs: the live feed of fusion.run's pipeline ------------------------------------------------------
 
 
-@dataclass
-class FinetuneResult:
-    run_dir: Path
-    train: TrainResult
-    metrics: dict  # split -> regression metrics
-    model: EndToEndModel  # with the best weights
+class LiveFeed:
+    """`fusion finetune`'s feed for `fusion.run.train_run`: the stores' encoders run live (see the module docstring).
+
+    `trust_remote_code` is the user's flag of this command; a store's or a run's record never sets it.
+    """
+
+    mode = "finetune"
+
+    def __init__(self, config: FinetuneConfig, *, trust_remote_code: bool = False) -> None:
+        self.config = config
+        self.trust_remote_code = trust_remote_code
+        self.live: dict[str, LiveEncoder] = {}
+        self.device = torch.device("cpu")
+
+    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log) -> StoreBatches:
+        return open_sequence_batches(data, manifest, log=log)
+
+    def _load(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
+        self.device = resolve_device(train_config.device)
+        self.live = load_live_encoders(
+            batches, device=self.device, precision=encoder_precision(train_config, self.device), trust_remote_code=self.trust_remote_code, log=log
+        )
+
+    def prepare(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
+        unknown = sorted(set(self.config.encoder_modes) - set(batches.modalities))
+        if unknown:
+            raise FinetuneError(f"--encoder-mode for modalities {unknown} that this run does not use; modalities: {list(batches.modalities)}")
+        self._load(batches, train_config, log)
+
+    def initial_fusion(self, batches: StoreBatches, data: DataConfig, log: Log) -> FusionModel | None:
+        if not self.config.init_from:
+            return None
+        fusion = warm_start_fusion(self.config.init_from, batches, data)
+        log(f"fusion model from {self.config.init_from}: aggregator {fusion.config.aggregator}, d_model {fusion.config.d_model} "
+            f"(its architecture replaces the model options given here)")
+        return fusion
+
+    def wrap(self, fusion: FusionModel, data: DataConfig) -> nn.Module:
+        return EndToEndModel(self.live, fusion, features=data.features, max_tokens=data.max_tokens).to(self.device)
+
+    def fit_stats(self, model: nn.Module, batches: StoreBatches) -> str:
+        if self.config.init_from:
+            return f"from {self.config.init_from}"
+        counts = fit_live_feature_stats_(model, batches("train", shuffle=False, epoch=0))
+        return f"fitted on live train features of the pretrained encoders ({counts} rows)"
+
+    def configure(self, model: nn.Module, log: Log) -> dict:
+        model.configure_(self.config, log=log)
+        return model.describe()
+
+    def optimizer(self, model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
+        return make_finetune_optimizer(model, train_config, self.config)
+
+    def config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def reopen(self, run: RunManifest, batches: StoreBatches, checkpoint: dict, device: str | None, log: Log) -> nn.Module:
+        """Encoders rebuilt from the stores, the recorded modes applied, then the checkpoint's fusion weights and trained tensors."""
+        self._load(batches, TrainConfig.from_dict({**run.train.to_dict(), **({"device": device} if device else {})}), log)
+        fusion = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
+        model = EndToEndModel(self.live, fusion, features=run.data.features, max_tokens=run.data.max_tokens)
+        model.configure_(self.config, log=log)
+        model.load_state_dict(checkpoint["model_state"])
+        return model.to(self.device).eval()
 
 
 def run_finetune(
@@ -593,81 +683,28 @@ def run_finetune(
     finetune: FinetuneConfig,
     run_dir: str | Path,
     *,
+    trust_remote_code: bool = False,
     progress: bool = True,
     log: Log = print,
-) -> FinetuneResult:
-    """`fusion train` with live encoders: train, evaluate every split, write the same run directory.
+) -> RunResult:
+    """`fusion train` with live encoders: the run pipeline of `fusion.run` with a `LiveFeed`.
 
     With `finetune.init_from`, the fusion model (architecture, weights, standardisation) comes from
     that cached run and `aggregator` / `model_options` are not used; otherwise it is built as
     `fusion train` builds it and its standardisation is fitted on the live train features.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    batches = open_sequence_batches(data, read_manifest(data.manifest), log=log)
-    for split in SPLITS:  # an empty split is an error now, not after an epoch of training
-        batches.split_manifest(split)
-    unknown = sorted(set(finetune.encoder_modes) - set(batches.modalities))
-    if unknown:
-        raise FinetuneError(f"--encoder-mode for modalities {unknown} that this run does not use; modalities: {list(batches.modalities)}")
-    device = resolve_device(train_config.device)
-    live = load_live_encoders(batches, device=device, precision=encoder_precision(train_config, device), log=log)
-    seed_everything(train_config.seed)  # the fusion model starts as it would in `fusion train`
-    if finetune.init_from:
-        fusion = warm_start_fusion(finetune.init_from, batches, data)
-        log(f"fusion model from {finetune.init_from}: aggregator {fusion.config.aggregator}, d_model {fusion.config.d_model} "
-            f"(its architecture replaces the model options given here)")
-    else:
-        fusion = build_model(batches, aggregator, model_options)
-    model = EndToEndModel(live, fusion, features=data.features, max_tokens=data.max_tokens).to(device)
-    if finetune.init_from:
-        stats = f"from {finetune.init_from}"
-    else:
-        counts = fit_live_feature_stats_(model, batches("train", shuffle=False, epoch=0))
-        stats = f"fitted on live train features of the pretrained encoders ({counts} rows)"
-    model.configure_(finetune, log=log)
-    info = {"encoder_modes": model.modes, "encoders": model.describe(), "finetune": finetune.to_dict(), "feature_stats": stats}
-    write_run_json(run_dir, "finetune", data, fusion.config, train_config, batches, **info)
-    result = train(
-        model,
-        batches,
-        train_config,
-        run_dir,
-        target_names=batches.target_names,
-        fingerprints=batches.fingerprints,
-        model_config=fusion.config.to_dict(),
-        extra_checkpoint_info={"mode": "finetune", **info},
-        optimizer=make_finetune_optimizer(model, train_config, finetune),
-        progress=progress,
-        log=log,
-    )
-    return FinetuneResult(run_dir=run_dir, train=result, metrics=evaluate_and_report(model, batches, run_dir, log), model=model)
+    feed = LiveFeed(finetune, trust_remote_code=trust_remote_code)
+    return train_run(data, aggregator, model_options, train_config, run_dir, feed=feed, progress=progress, log=log)
 
 
-def load_finetune_run(run_dir: str | Path, *, device: str | None = None, log: Log = print) -> tuple[dict, EndToEndModel, StoreBatches]:
-    """(run.json, model with the best weights in eval mode, its batch source) of a finished finetune run.
-
-    The encoders are rebuilt from the stores' provenance, get the recorded modes, then the
-    checkpoint's fusion weights and trained encoder tensors.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} is not a fusion run directory (no {RUN_FILE})")
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    if run.get("mode") != "finetune":
-        raise FinetuneError(f"{run_dir} is a {run.get('mode', 'cached')!r} run, not a finetune run; use fusion.experiment.load_run")
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-    data = DataConfig.from_dict(run["data"])
-    train_config = TrainConfig.from_dict({**run["train"], **({"device": device} if device else {})})
-    batches = open_sequence_batches(data, read_manifest(data.manifest), log=log)
-    check_fingerprints(checkpoint["fingerprints"], batches.fingerprints, source="finetune run", checkpoint_path=checkpoint["path"])
-    dev = resolve_device(train_config.device)
-    live = load_live_encoders(batches, device=dev, precision=encoder_precision(train_config, dev), log=log)
-    fusion = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
-    model = EndToEndModel(live, fusion, features=data.features, max_tokens=data.max_tokens)
-    model.configure_(FinetuneConfig.from_dict(run["finetune"]), log=log)
-    model.load_state_dict(checkpoint["model_state"])
-    return run, model.to(dev).eval(), batches
+def load_finetune_run(
+    run_dir: str | Path, *, device: str | None = None, trust_remote_code: bool = False, log: Log = print
+) -> tuple[RunManifest, EndToEndModel, StoreBatches]:
+    """(run manifest, model with the best weights in eval mode, its batch source) of a finished finetune run."""
+    opened = open_run(run_dir, device=device, trust_remote_code=trust_remote_code, log=log)
+    if opened.manifest.mode != "finetune":
+        raise FinetuneError(f"{run_dir} is a {opened.manifest.mode!r} run, not a finetune run; use fusion.run.load_run")
+    return opened.manifest, opened.model, opened.batches
 
 
 __all__ = [
@@ -677,7 +714,7 @@ __all__ = [
     "EndToEndModel",
     "FinetuneConfig",
     "FinetuneError",
-    "FinetuneResult",
+    "LiveFeed",
     "LiveEncoder",
     "SequenceBatch",
     "SequenceFeatures",
@@ -688,6 +725,8 @@ __all__ = [
     "load_finetune_run",
     "load_live_encoders",
     "load_store_encoder",
+    "remote_code_files",
+    "check_remote_code",
     "make_finetune_optimizer",
     "open_sequence_batches",
     "read_residues",
