@@ -8,6 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from embedcache.location import parse_storage_options
 from cli.common import HelpFormatter, add_debug_flag, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
 from fusion.errors import ConfigError, checked_config
@@ -48,7 +49,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, aggregator_help: str) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table (CSV/TSV/Parquet with prepare.json beside it)")
-    p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
+    p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality, a path or URL (s3://...); repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options", help="option for remote stores' filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000; recorded in run.json, so give credentials through the environment (AWS_ACCESS_KEY_ID, ...)")
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
     p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows)")
@@ -232,6 +234,7 @@ def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
         "data options",
         manifest=args.manifest,
         stores=parse_stores(args.store),
+        storage_options=parse_storage_options(getattr(args, "storage_options", None)),
         modalities=tuple(m for m in (args.modalities or "").split(",") if m),
         features=args.features,
         max_tokens=args.max_tokens,

@@ -63,6 +63,11 @@ class Location:
         return self.url
 
 
+def is_url(path: str | Path) -> bool:
+    """True for a URL (s3://..., file://...), False for a plain local path."""
+    return "://" in str(path)
+
+
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     """`KEY=VALUE` pairs -> options; values are JSON when they parse (true, 3, {"a": 1}), else strings.
 

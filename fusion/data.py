@@ -38,7 +38,8 @@ class DataConfig:
     """Where the features and targets come from. Written into every run directory."""
 
     manifest: str  # prepared directory (with prepare.json) or a manifest table
-    stores: dict[str, str]  # modality -> embedding store path
+    stores: dict[str, str]  # modality -> embedding store path or URL (s3://, gs://, ...)
+    storage_options: dict = field(default_factory=dict)  # remote stores' filesystem options (no secrets: use the environment)
     modalities: tuple[str, ...] = ()  # modalities fed to the model; () = every store given
     features: str = "tokens"  # tokens (per-token rows + mask) | pooled (one vector per modality)
     max_tokens: int | None = None  # longer per-token inputs are averaged in consecutive equal groups down to this many rows
@@ -355,7 +356,7 @@ def open_modality_store(config: DataConfig, manifest: Manifest, modality: str) -
     Cached features and live encoders (fusion.finetune) open their stores through here.
     """
     path = config.stores[modality]
-    store = open_store(path)
+    store = open_store(path, config.storage_options)
     if not store.complete:
         raise DataError(f"store {path!r} ({modality}) is {store.status!r}, not complete: run its embedcache build again to finish it")
     check_modality(modality, store, path)

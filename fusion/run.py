@@ -44,6 +44,7 @@ from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
 from fusion.report import write_report
+from embedcache.location import is_url
 from fusion.train import TrainConfig, TrainResult, evaluate_run, resolve_amp, resolve_device, seed_everything, train
 
 Log = Callable[[str], None]
@@ -86,12 +87,16 @@ def build_model(batches: StoreBatches, aggregator: str, model_options: dict) -> 
 def portable_data(data: DataConfig) -> DataConfig:
     """The data config with absolute paths, as run.json keeps it (the run may be used from anywhere)."""
     return DataConfig.from_dict(
-        {**data.to_dict(), "manifest": os.path.abspath(data.manifest), "stores": {m: os.path.abspath(p) for m, p in data.stores.items()}}
+        {**data.to_dict(), "manifest": _absolute(data.manifest), "stores": {m: _absolute(p) for m, p in data.stores.items()}}
     )
 
 
+def _absolute(path: str) -> str:
+    return path if is_url(path) else os.path.abspath(path)
+
+
 def _resolve(path: str, run_dir: Path) -> str:
-    return path if os.path.isabs(path) else str(run_dir / path)
+    return path if is_url(path) or os.path.isabs(path) else str(run_dir / path)
 
 
 @dataclass(frozen=True)
