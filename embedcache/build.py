@@ -29,6 +29,7 @@ from embedcache.store import (
     token_chunking,
 )
 from embedcache.embed import assemble, make_batches, plan_windows, resolve_overlap, to_numpy
+from embedcache.memory import MemoryGuard
 from embedcache.windows import SequencePlan
 
 Log = Callable[[str], None]
@@ -257,7 +258,8 @@ def build(
     """Embed the records of `inputs` into `store`, computing only sequences it does not hold yet."""
     store_path = Path(store)
     records = read_inputs(list(inputs), id_column, sequence_column)
-    encoder = load_encoder(config.encoder, config.encoder_settings())
+    # A dry run plans from the tokenizer and config alone: no weights are loaded (or needed).
+    encoder = load_encoder(config.encoder, config.encoder_settings(), weights=not dry_run)
     plan, attrs, to_add, residues, token_ids = plan_build(config, records, encoder, store_path)
     if dry_run:
         log(plan.describe())
@@ -285,7 +287,7 @@ def build(
         if k not in stored_keys:
             ids_by_key.setdefault(k, []).append(rid)
 
-    groups, n_tokens = _embed(config, encoder, plan, residues, token_ids, writer, ids_by_key, progress)
+    groups, n_tokens = _embed(config, encoder, plan, residues, token_ids, writer, ids_by_key, progress, log=log)
     seconds = time.time() - started
     rate = n_tokens / seconds if seconds > 0 else 0.0
     entry = {
@@ -319,6 +321,7 @@ def _embed(
     writer: StoreWriter,
     ids_by_key: dict[str, list[str]],
     progress: bool,
+    log: Log = print,
 ) -> tuple[int, int]:
     """Run the model over all windows of new sequences; hand each finished sequence to the writer."""
     items = []
@@ -327,6 +330,7 @@ def _embed(
         for w, (s, e) in enumerate(p.windows):
             items.append((encoder.cost(e - s), e - s, (key, w)))
     batches = make_batches(items, config.max_tokens, encoder.equal_length_batches)
+    guard = MemoryGuard(encoder, config.max_tokens, log)  # out of memory: split, retry, lower the budget
     flush_rows = writer.shard_tokens or 0
     background = BackgroundWriter(writer, ids_by_key, flush_rows=max(flush_rows, 1), flush_sequences=4096)
     pending: dict[str, list] = {k: [None] * len(plan.plans[k].windows) for k in plan.new_keys}
@@ -339,7 +343,7 @@ def _embed(
                 p = plan.plans[key]
                 s, e = p.windows[w]
                 windows.append(token_ids[key][p.keep_start + s : p.keep_start + e])
-            for (key, w), out in zip(batch, encoder.forward(windows)):
+            for (key, w), out in zip(batch, guard(windows, [ids_by_key[key][0] for key, _ in batch])):
                 pending[key][w] = out
                 if all(o is not None for o in pending[key]):
                     outs = pending.pop(key)

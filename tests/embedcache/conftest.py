@@ -144,7 +144,7 @@ def make_hyena_like(directory: Path) -> Path:
     specials = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]  # HyenaDNA's order
     tokenizer = char_tokenizer(
         "ACGTN", specials, template="$A [SEP]", pad_token="[PAD]", sep_token="[SEP]", cls_token="[CLS]",
-        unk_token="[UNK]", mask_token="[MASK]", padding_side="left", model_max_length=64,
+        unk_token="[UNK]", mask_token="[MASK]", padding_side="left", model_max_length=64, model_input_names=["input_ids"],
     )  # fmt: skip
     return save_with_remote_code(directory, HyenaToyConfig, HyenaToyModel, tokenizer, vocab_size=16, n_layer=3, l_max=64)
 
@@ -155,7 +155,7 @@ def make_no_depth_model(directory: Path) -> Path:
     from .toy_remote.modeling_nodepth import NoDepthModel
 
     tokenizer = char_tokenizer(AA, ["<pad>", "<unk>", "<s>"], template="<s> $A", pad_token="<pad>", unk_token="<unk>",
-                               bos_token="<s>", model_max_length=48)  # fmt: skip
+                               bos_token="<s>", model_max_length=48, model_input_names=["input_ids", "attention_mask"])  # fmt: skip
     return save_with_remote_code(directory, NoDepthConfig, NoDepthModel, tokenizer, kernel_sizes=[3, 5, 3, 3])
 
 
