@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,6 +120,25 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
     raise EncoderError(f"cannot load model {settings.model!r} with transformers: " + " | ".join(errors))
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_cached_weights(settings: EncoderSettings) -> None:
+    """Offline, a hub id whose weights were never downloaded: say so (transformers 4.56 crashes with an
+    AttributeError there instead of an OSError)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or Path(settings.model).expanduser().is_dir():
+        return
+    found = [try_to_load_from_cache(settings.model, f, revision=settings.revision) for f in _WEIGHT_FILES]
+    if not any(isinstance(f, str) for f in found):
+        raise EncoderError(
+            f"the weights of {settings.model!r} are not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1): download them first (none of {', '.join(_WEIGHT_FILES)} is cached); "
+            f"--dry-run plans without them"
+        )
+
+
 def _load_tokenizer(settings: EncoderSettings):
     from transformers import AutoTokenizer
 
@@ -204,6 +224,8 @@ class HFTokenEncoder(Encoder):
             )
         try:
             tokenizer = _load_tokenizer(settings)
+            if weights:
+                _check_cached_weights(settings)
             model = _load_auto_model(settings, model_kwargs or {}, weights=weights)
         except OSError as e:
             raise _wrap_os_error(settings, e) from e
@@ -234,17 +256,7 @@ class HFTokenEncoder(Encoder):
             n_layers, self.embed_dim, self._has_last = self._probe()
         else:
             self.model = model  # on the meta device: modules and shapes only
-            if self.blocks is None:
-                raise EncoderError(
-                    f"cannot tell how many layers {settings.model!r} has without its weights (no stack of repeated "
-                    f"blocks in {type(model).__name__}); plan with the weights present"
-                )
-            n_layers = len(self.blocks[1])  # hidden states: the embeddings, then one per block
-            try:  # for the size estimate only
-                self.embed_dim = int(model.get_input_embeddings().embedding_dim)
-            except (AttributeError, NotImplementedError):
-                self.embed_dim = 0
-            self._has_last = True
+            n_layers, self.embed_dim, self._has_last = self._plan_shapes()
         self.layer_index = resolve_layer(settings.layer, n_layers, settings.model)
         self.n_layers = n_layers
         self.max_window = _model_max_positions(model, tokenizer, self.layout.n_special)
@@ -256,6 +268,25 @@ class HFTokenEncoder(Encoder):
             )
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
+
+    def _plan_shapes(self) -> tuple[int, int, bool]:
+        """`_probe` without weights: the forward on the meta device (shapes only) where the model's code
+        allows it; else the depth from its stack of blocks and the width of its input embeddings."""
+        try:
+            return self._probe()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # e.g. .item() on a meta tensor
+            pass
+        try:
+            width = int(self.model.get_input_embeddings().embedding_dim)
+        except (AttributeError, NotImplementedError):
+            width = None
+        if self.blocks is None or width is None:
+            raise EncoderError(
+                f"cannot tell the depth and width of {self.settings.model!r} without its weights (its forward does not run "
+                f"on the meta device and {type(self.model).__name__} has no stack of repeated blocks or no input "
+                f"embeddings); plan with the weights present"
+            )
+        return len(self.blocks[1]), width, True  # hidden states: the embeddings, then one per block
 
     def _probe(self) -> tuple[int, int, bool]:
         """(layers, width, whether the output has last_hidden_state) from one forward on a few tokens.
