@@ -405,9 +405,16 @@ class HFTokenEncoder(Encoder):
     def set_gradient_checkpointing_(self, enabled: bool) -> None:
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             super().set_gradient_checkpointing_(enabled)
-        if enabled:
-            # Non-reentrant: gradients reach trained blocks even when the embeddings are frozen.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: gradients reach trained blocks even when the embeddings are frozen. transformers 5
+        # renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn until v6).
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enabled:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enabled:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
 
