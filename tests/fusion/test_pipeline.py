@@ -19,6 +19,10 @@ from fusion.data import DataConfig, DataError, open_batches
 from fusion.experiment import read_manifest
 from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
 from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
+from embedcache.encoders.enformer import EXTRA, enformer_available
+
+if not enformer_available():  # runs in the transformers 4.56 environment (`make test-tf4`)
+    pytest.skip(f"the fixture's DNA encoder is Enformer: needs pip install 'embedcache[{EXTRA}]' (transformers 4.56)", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
