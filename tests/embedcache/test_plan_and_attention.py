@@ -17,6 +17,7 @@ from embedcache.config import BuildConfig
 from embedcache.encoders import load_encoder
 from embedcache.errors import EncoderError
 from embedcache.encoders.base import WEIGHT_SUFFIXES
+from embedcache.encoders.enformer import enformer_available
 
 from .conftest import write_fasta
 from .test_parity import random_seqs
@@ -130,3 +131,13 @@ def test_enformer_refuses_an_attention_implementation(models):
     settings = BuildConfig.create("enformer", str(models["enformer"]), window=1024, attn_implementation="eager").encoder_settings()
     with pytest.raises(EncoderError, match="enformer encoder has its own attention"):
         load_encoder("enformer", settings)
+
+
+@pytest.mark.skipif(enformer_available(), reason="the enformer extra is installed here")
+def test_enformer_without_its_extra_says_which_to_install(tmp_path, capsys):
+    fasta = write_fasta(tmp_path / "g.fa", {"g1": "ACGT" * 10})
+    code = main(["build", str(fasta), "-o", str(tmp_path / "s.zarr"), "--encoder", "enformer", "--model", str(tmp_path / "enf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'embedcache[enformer]'" in err and "Traceback" not in err
+    assert main(["make-tiny-model", "enformer", str(tmp_path / "enf")]) == 2
+    assert "pip install 'embedcache[enformer]'" in capsys.readouterr().err
