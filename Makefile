@@ -18,6 +18,8 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q --upgrade -e ".[test]" "transformers>=5,<6"
+	@# a .venv made before Enformer became an extra still holds enformer-pytorch (pinned to transformers 4.56)
+	$(BIN)/pip uninstall -q -y enformer-pytorch 2>/dev/null || true
 	touch $@
 
 $(BIN_TF4)/python:
