@@ -13,13 +13,22 @@ from embedcache.encoders import ENCODERS
 from embedcache.encoders.base import PRECISIONS
 from embedcache.encoders.hf import ATTN_IMPLEMENTATIONS
 from embedcache.errors import StoreError
-from embedcache.store import describe, open_store
+from embedcache.location import parse_storage_options
+from embedcache.reader import describe, open_store
 from embedcache.tiny_models import TINY_MODELS
 from embedcache.windows import CROPS
 
 
 def _encoders_help() -> str:
     return "; ".join(f"{n}: {e.description} (default model: {e.default_model or 'none, --model required'})" for n, e in ENCODERS.items())
+
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options",
+        help="option for a remote store's filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000, anon=true, "
+        "client_kwargs.region_name=eu-west-1; credentials also come from the standard environment (AWS_ACCESS_KEY_ID, ...)",
+    )
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -38,7 +47,7 @@ def create_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA (plain or .gz), CSV, TSV or Parquet files")
-    b.add_argument("-o", "--out", required=True, metavar="STORE", help="store directory (created if missing)")
+    b.add_argument("-o", "--out", required=True, metavar="STORE", help="store: a directory, or a URL (s3://bucket/x.zarr, gs://, az://, memory://, file://); created if missing")
     b.add_argument("--encoder", required=True, help=f"one of: {', '.join(ENCODERS)}")
     b.add_argument("--model", help="hub id or local directory (default: the encoder's default model)")
     b.add_argument("--revision", help="hub revision: branch, tag or commit (default: the default branch)")
@@ -62,11 +71,14 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--id-column", default="id", help="id column of CSV/TSV/Parquet input")
     b.add_argument("--sequence-column", default="sequence", help="sequence column of CSV/TSV/Parquet input")
     b.add_argument("--dry-run", action="store_true", help="print the plan (counts, tokens, estimated size) and compute nothing")
+    b.add_argument("--wait", action="store_true", help="if another build is writing the store, wait for it to finish instead of stopping")
+    _add_storage_options(b)
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     b.set_defaults(func=run_build)
 
     i = sub.add_parser("info", help="summarise a store", description="Ids, counts, shapes, fingerprint, completeness and size of a store.")
-    i.add_argument("store", metavar="STORE")
+    i.add_argument("store", metavar="STORE", help="store path or URL")
+    _add_storage_options(i)
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=run_info)
 
@@ -76,7 +88,8 @@ def create_parser() -> argparse.ArgumentParser:
         description="Check the build finished, every id maps to data, and every shard reads back. "
         "Exits 1 naming each fault.",
     )
-    v.add_argument("store", metavar="STORE")
+    v.add_argument("store", metavar="STORE", help="store path or URL")
+    _add_storage_options(v)
     v.set_defaults(func=run_verify)
 
     t = sub.add_parser(
@@ -119,6 +132,8 @@ def run_build(args: argparse.Namespace) -> int:
         config,
         args.inputs,
         args.out,
+        storage_options=parse_storage_options(args.storage_options),
+        wait=args.wait,
         id_column=args.id_column,
         sequence_column=args.sequence_column,
         dry_run=args.dry_run,
@@ -128,19 +143,19 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    info = open_store(args.store).info()
+    info = open_store(args.store, parse_storage_options(args.storage_options)).info()
     print(json.dumps(info, indent=2) if args.json else describe(info))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    store = open_store(args.store)
+    store = open_store(args.store, parse_storage_options(args.storage_options))
     faults = store.verify()
     for f in faults:
         print(f"FAULT {f}", file=sys.stderr)
     if faults:
         raise StoreError(f"{len(faults)} fault(s) in {args.store}")
-    print(f"ok: {args.store}: {len(store)} records, {store.committed.content} unique sequences, {len(store.groups)} groups verified")
+    print(f"ok: {args.store}: {len(store)} records, {store.committed.content} unique sequences, {store.n_commits} commits, every chunk verified")
     return 0
 
 

@@ -18,14 +18,19 @@ from embedcache.config import BuildConfig, content_key, fingerprint, fingerprint
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import InputError, StoreError
 from embedcache.inputs import Record, read_records, unique_records
+from embedcache.lease import DEFAULT_TTL_S, WriterLease
+from embedcache.location import Location, open_location
 from embedcache.store import (
     FORMAT,
+    SCHEMA_VERSION,
     ContentResult,
     StoreWriter,
     check_fingerprint,
     create_store,
+    open_root,
     open_writer,
-    read_store_index,
+    read_index,
+    store_state,
     token_chunking,
 )
 from embedcache.embed import assemble, make_batches, plan_windows, resolve_overlap, to_numpy
@@ -39,7 +44,7 @@ Log = Callable[[str], None]
 class BuildPlan:
     """What a build will do, before any model call. `--dry-run` prints it."""
 
-    store: Path
+    store: str  # path or URL
     fingerprint: str
     n_records: int  # distinct input records
     n_unique: int  # distinct sequences among them
@@ -85,10 +90,10 @@ def read_inputs(inputs: list[str | Path], id_column: str, sequence_column: str) 
 
 
 def _store_attrs(config: BuildConfig, encoder: Encoder, fp: str, fp_fields: dict, overlap: int) -> dict:
-    chunk, shard = token_chunking(encoder.embed_dim, np.dtype(config.dtype).itemsize, config.shard_mb)
+    chunk, shard = token_chunking(encoder.embed_dim * np.dtype(config.dtype).itemsize, config.shard_mb)
     return {
         "format": FORMAT,
-        "schema_version": fp_fields["schema_version"],
+        "schema_version": SCHEMA_VERSION,
         "toolkit_version": __version__,
         "fingerprint": fp,
         "fingerprint_fields": fp_fields,
@@ -103,8 +108,25 @@ def _store_attrs(config: BuildConfig, encoder: Encoder, fp: str, fp_fields: dict
     }
 
 
+def _stored_index(location: Location, fp: str, fp_fields: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """(content key -> row, record id -> content row) of the store's committed rows; empty when new."""
+    if store_state(location) != "created":
+        return {}, {}
+    _, root = open_root(location, mode="r")
+    store_attrs = dict(root.attrs["embedcache"])
+    check_fingerprint(location.url, store_attrs, fp, fp_fields)
+    if store_attrs.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"store {location.url!r} has schema_version {store_attrs.get('schema_version')}, made by an older "
+            f"embedcache: it can be read but not extended; build into a new store"
+        )
+    index = read_index(root, location.url, store_attrs)
+    keys = {str(k): i for i, k in enumerate(index.content_keys.tolist()) if index.committed_content[i]}
+    return keys, dict(zip(index.ids, index.content_index.tolist()))
+
+
 def plan_build(
-    config: BuildConfig, records: list[Record], encoder: Encoder, store_path: Path
+    config: BuildConfig, records: list[Record], encoder: Encoder, location: Location
 ) -> tuple[BuildPlan, dict, list[tuple[str, str]], dict[str, str], dict[str, np.ndarray]]:
     """Validate every record, key it, compare with the store, and plan windows for new sequences.
 
@@ -127,18 +149,14 @@ def plan_build(
         keyed.append((r.id, key))
     sources = {r.id: r.source for r in records}
 
-    stored_keys: dict[str, int] = {}
-    stored_records: dict[str, int] = {}
-    if (store_path / "zarr.json").exists():
-        store_attrs, stored_keys, stored_records = read_store_index(store_path)
-        check_fingerprint(store_path, store_attrs, fp, fp_fields)
+    stored_keys, stored_records = _stored_index(location, fp, fp_fields)
     inverse_keys = {i: k for k, i in stored_keys.items()}
     to_add, already = [], 0
     for rid, key in keyed:
         if rid in stored_records:
             if inverse_keys[stored_records[rid]] != key:
                 raise InputError(
-                    f"{sources[rid]}: record {rid!r} is already in store {str(store_path)!r} with a different "
+                    f"{sources[rid]}: record {rid!r} is already in store {location.url!r} with a different "
                     f"sequence; ids must name one sequence (rename the record or use a new store)"
                 )
             already += 1
@@ -171,7 +189,7 @@ def plan_build(
     estimated = n_out * encoder.embed_dim * itemsize + len(to_add) * encoder.embed_dim * 4 * (config.pooling != "none")
     estimated += sum(len(residues[k]) for k in new_keys)
     plan = BuildPlan(
-        store=store_path,
+        store=location.url,
         fingerprint=fp,
         n_records=len(records),
         n_unique=len(residues),
@@ -196,12 +214,15 @@ def _n_output_rows(plan: SequencePlan, encoder: Encoder, config: BuildConfig) ->
 class BackgroundWriter:
     """Commits groups from a thread so that writing overlaps model compute.
 
-    A group is flushed once it holds a shard's worth of token rows (or RECORD rows when per-token
-    output is off), so each flush writes whole shards.
+    A group is flushed once it holds a shard's worth of token rows (or `flush_sequences` sequences
+    when per-token output is off), so each flush writes whole shards. A write error (disk full,
+    permission, an unreachable bucket) stops the build with one line naming the store and cause;
+    what was committed before it stays, so running the same command again resumes.
     """
 
-    def __init__(self, writer: StoreWriter, ids_by_key: dict[str, list[str]], flush_rows: int, flush_sequences: int):
-        self.writer = writer
+    def __init__(self, writer: StoreWriter, lease: WriterLease, ids_by_key: dict[str, list[str]], flush_rows: int,
+                 flush_sequences: int):
+        self.writer, self.lease = writer, lease
         self.ids_by_key = ids_by_key
         self.flush_rows, self.flush_sequences = flush_rows, flush_sequences
         self.queue: queue.Queue = queue.Queue(maxsize=8)
@@ -210,18 +231,24 @@ class BackgroundWriter:
         self.thread = threading.Thread(target=self._run, name="embedcache-writer", daemon=True)
         self.thread.start()
 
-    def put(self, result: ContentResult) -> None:
+    def _raise(self) -> None:
         if self.error is not None:
-            raise StoreError(f"the store writer failed: {self.error}") from self.error
+            raise StoreError(
+                f"writing to store {self.writer.where!r} failed: {type(self.error).__name__}: {self.error}; "
+                f"everything committed before it is kept: run the same command again to resume"
+            ) from self.error
+
+    def put(self, result: ContentResult) -> None:
+        self._raise()
         self.queue.put(result)
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise StoreError(f"the store writer failed: {self.error}") from self.error
+        self._raise()
 
     def _flush(self, buffer: list[ContentResult]) -> None:
+        self.lease.check()
         records = [(rid, r.key) for r in buffer for rid in self.ids_by_key[r.key]]
         self.writer.commit(buffer, records)
         self.groups += 1
@@ -229,6 +256,7 @@ class BackgroundWriter:
     def _run(self) -> None:
         buffer: list[ContentResult] = []
         rows = 0
+        done = False
         try:
             while (item := self.queue.get()) is not None:
                 buffer.append(item)
@@ -236,12 +264,13 @@ class BackgroundWriter:
                 if rows >= self.flush_rows or len(buffer) >= self.flush_sequences:
                     self._flush(buffer)
                     buffer, rows = [], 0
+            done = True  # the producer's end-of-input sentinel was consumed
             if buffer:
                 self._flush(buffer)
         except BaseException as e:  # handed to the main thread on its next put/close
             self.error = e
-            while self.queue.get() is not None:  # drain so the producer never blocks
-                pass
+            while not done:  # drain until the producer's sentinel, so it never blocks on a full queue
+                done = self.queue.get() is None
 
 
 def build(
@@ -249,34 +278,55 @@ def build(
     inputs: list[str | Path],
     store: str | Path,
     *,
+    storage_options: dict | None = None,
     id_column: str = "id",
     sequence_column: str = "sequence",
     dry_run: bool = False,
+    wait: bool = False,
+    lease_ttl_s: float = DEFAULT_TTL_S,
     progress: bool = True,
     log: Log = print,
 ) -> BuildReport:
-    """Embed the records of `inputs` into `store`, computing only sequences it does not hold yet."""
-    store_path = Path(store)
+    """Embed the records of `inputs` into `store` (a path or URL), computing only sequences it lacks.
+
+    The build holds the store's writer lease throughout: a second build into the same store is
+    refused naming this one, or waits (`wait=True`).
+    """
+    location = Location.of(store, storage_options)
     records = read_inputs(list(inputs), id_column, sequence_column)
     # A dry run plans from the tokenizer and config alone: no weights are loaded (or needed).
     encoder = load_encoder(config.encoder, config.encoder_settings(), weights=not dry_run)
-    plan, attrs, to_add, residues, token_ids = plan_build(config, records, encoder, store_path)
+    plan, attrs, to_add, residues, token_ids = plan_build(config, records, encoder, location)
     if dry_run:
         log(plan.describe())
         return BuildReport(plan=plan, summary="dry run: nothing computed")
 
+    lease = WriterLease(open_location(location, read_only=False), location.url, ttl_s=lease_ttl_s, wait=wait, log=log)
+    with lease:
+        if wait:  # the build we waited for may have stored some of our sequences: plan again
+            plan, attrs, to_add, residues, token_ids = plan_build(config, records, encoder, location)
+        return _write_build(config, inputs, location, lease, encoder, plan, attrs, to_add, residues, token_ids, progress, log)
+
+
+def _write_build(config, inputs, location, lease, encoder, plan, attrs, to_add, residues, token_ids, progress, log) -> BuildReport:
     started = time.time()
-    if not (store_path / "zarr.json").exists():
+    state = store_state(location)
+    if state == "foreign":
+        raise StoreError(f"{location.url!r} exists and holds other data, not an embedcache store; choose another -o")
+    if state != "created":
+        if state == "partial":
+            log(f"{location.url}: a store creation was interrupted before; creating it again")
         create_store(
-            store_path,
+            location,
             attrs=attrs,
             embed_dim=encoder.embed_dim,
+            layers=[encoder.layer_index],
             pooled=config.pooling != "none",
             tokens=config.tokens,
             token_dtype=config.dtype,
             shard_mb=config.shard_mb,
         )
-    writer = open_writer(store_path)  # trims leftovers of an interrupted build
+    writer = open_writer(location)  # validates the log and trims leftovers of an interrupted build
     writer.set_status("incomplete")
     stored_keys = set(writer.keys)
     reused = [(rid, k) for rid, k in to_add if k in stored_keys]
@@ -287,7 +337,7 @@ def build(
         if k not in stored_keys:
             ids_by_key.setdefault(k, []).append(rid)
 
-    groups, n_tokens = _embed(config, encoder, plan, residues, token_ids, writer, ids_by_key, progress, log=log)
+    groups, n_tokens = _embed(config, encoder, plan, residues, token_ids, writer, lease, ids_by_key, progress, log=log)
     seconds = time.time() - started
     rate = n_tokens / seconds if seconds > 0 else 0.0
     entry = {
@@ -303,10 +353,11 @@ def build(
         "precision": encoder.precision,
         "toolkit_version": __version__,
     }
-    writer.set_status("complete", builds=[*writer.build.attrs.get("builds", []), entry])
+    lease.check()
+    writer.set_status("complete", entry)
     summary = (
         f"{len(plan.new_keys)} new, {plan.already_stored + plan.reused} already stored "
-        f"({plan.reused} of them under new ids); {n_tokens:,} tokens in {seconds:.1f} s -> {store_path}"
+        f"({plan.reused} of them under new ids); {n_tokens:,} tokens in {seconds:.1f} s -> {location.url}"
     )
     log(summary)
     return BuildReport(plan=plan, seconds=seconds, tokens_per_second=rate, committed_groups=groups, summary=summary)
@@ -319,6 +370,7 @@ def _embed(
     residues: dict[str, str],
     token_ids: dict[str, np.ndarray],
     writer: StoreWriter,
+    lease: WriterLease,
     ids_by_key: dict[str, list[str]],
     progress: bool,
     log: Log = print,
@@ -332,7 +384,7 @@ def _embed(
     batches = make_batches(items, config.max_tokens, encoder.equal_length_batches)
     guard = MemoryGuard(encoder, config.max_tokens, log)  # out of memory: split, retry, lower the budget
     flush_rows = writer.shard_tokens or 0
-    background = BackgroundWriter(writer, ids_by_key, flush_rows=max(flush_rows, 1), flush_sequences=4096)
+    background = BackgroundWriter(writer, lease, ids_by_key, flush_rows=max(flush_rows, 1), flush_sequences=4096)
     pending: dict[str, list] = {k: [None] * len(plan.plans[k].windows) for k in plan.new_keys}
     n_tokens, started = 0, time.time()
     bar = tqdm(total=len(plan.new_keys), unit="seq", desc="embedding", disable=not progress, dynamic_ncols=True)

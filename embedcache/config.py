@@ -8,11 +8,11 @@ from dataclasses import asdict, dataclass, fields
 
 from embedcache.encoders import EncoderSettings, encoder_entry
 from embedcache.errors import EncoderError
+from embedcache.store import SCHEMA_VERSION
 from embedcache.windows import CROPS
 
 POOLINGS = ("mean", "cls", "center", "none")
 TOKEN_DTYPES = ("float16", "float32")
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
