@@ -11,6 +11,7 @@ from embedcache.build import build
 from embedcache.config import POOLINGS, TOKEN_DTYPES, BuildConfig
 from embedcache.encoders import ENCODERS
 from embedcache.encoders.base import PRECISIONS
+from embedcache.encoders.hf import ATTN_IMPLEMENTATIONS
 from embedcache.errors import StoreError
 from embedcache.location import parse_storage_options
 from embedcache.reader import describe, open_store
@@ -62,6 +63,7 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--token-bins", type=int, help="keep only the central K per-token rows (Enformer: 896 bins x 3072 are 5.5 MB per gene in fp16)")
     b.add_argument("--dtype", choices=TOKEN_DTYPES, default="float16", help="stored per-token dtype (pooled is always float32)")
     b.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+    b.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, help="transformers attention backend, recorded in the store (default: sdpa where the model supports it, else its own); an unsupported choice is an error")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     b.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per batch (batches are length-sorted)")
     b.add_argument("--shard-mb", type=float, default=32.0, help="target size of one per-token shard file")
@@ -125,6 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         precision=args.precision,
         alphabet=args.alphabet,
+        attn_implementation=args.attn_implementation,
         device=args.device,
         max_tokens=args.max_tokens,
         shard_mb=args.shard_mb,

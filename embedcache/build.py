@@ -135,7 +135,9 @@ def build(
     the store's writer lease: a second build into it is refused naming this one, or waits (`wait`).
     """
     location = Location.of(store, storage_options)
-    encoder = encoder_for(config)  # the encoder this process would use; workers load their own
+    # The encoder this process would use (workers load their own). A dry run plans from the tokenizer
+    # and config alone: no weights are loaded, or needed.
+    encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False) if dry_run else encoder_for(config)
     overlap = resolve_overlap(config, encoder)
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
     fp = fingerprint(fp_fields)

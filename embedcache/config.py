@@ -36,6 +36,7 @@ class BuildConfig:
     dtype: str = "float16"  # stored per-token dtype; pooled vectors are always float32
     precision: str = "auto"  # compute: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     alphabet: str | None = None  # hf encoder: validate residues as dna | rna | protein; None = any text
+    attn_implementation: str | None = None  # transformers attention: sdpa | eager | flash_attention_2; None = sdpa where supported
     device: str = "auto"  # where the model runs (not part of the fingerprint)
     max_tokens: int = 8192  # token budget of one padded batch (not part of the fingerprint)
     shard_mb: float = 32.0  # target size of one per-token shard (layout only, not part of the fingerprint)
@@ -87,6 +88,7 @@ class BuildConfig:
             device=self.device,
             precision=self.precision,
             alphabet=self.alphabet,
+            attn_implementation=self.attn_implementation,
         )
 
     def to_dict(self) -> dict:

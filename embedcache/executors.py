@@ -37,9 +37,12 @@ class Executor(ABC):
 class InProcess(Executor):
     name = "in-process"
 
+    def __init__(self, log: Log = print):
+        self.log = log
+
     def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
         for task in tasks:
-            on_result(run_unit(task))
+            on_result(run_unit(task, log=self.log))
 
 
 class DaskExecutor(Executor):
@@ -108,7 +111,7 @@ def local_cluster(n_workers: int | None, log: Log = print):
 def make_executor(scheduler: str | None, scheduler_file: str | None = None, log: Log = print) -> Executor:
     """`None` -> in this process; "local" / "local:N" -> a new LocalCluster; "tcp://..." or a scheduler file -> attach."""
     if scheduler is None and scheduler_file is None:
-        return InProcess()
+        return InProcess(log)
     distributed = _need_distributed()
     if scheduler_file is not None:
         return DaskExecutor(distributed.Client(scheduler_file=scheduler_file), log=log)

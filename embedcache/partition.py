@@ -13,6 +13,7 @@ import os
 import socket
 import zlib
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from embedcache.embed import assemble, make_batches, plan_windows, to_numpy
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError
 from embedcache.location import Location, open_location
+from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
 from embedcache.spool import read_entries
 
@@ -59,6 +61,7 @@ class UnitError(EmbedcacheError):
 
 
 _ENCODERS: dict[str, Encoder] = {}  # one loaded encoder per process, kept across units
+_GUARDS: dict[str, MemoryGuard] = {}  # and its out-of-memory guard: a lowered token budget stays lowered
 
 
 def _worker_name() -> str:
@@ -92,14 +95,25 @@ def encoder_for(config: BuildConfig) -> Encoder:
     key = f"{config.to_dict()}|{device}"
     if key not in _ENCODERS:
         _ENCODERS.clear()  # one model per process: a new config replaces the old one
+        _GUARDS.clear()
         _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
     return _ENCODERS[key]
 
 
-def run_unit(task: UnitTask, encoder: Encoder | None = None) -> UnitResult:
-    """Embed one unit and write its token rows. Errors name the unit, its first records and the worker."""
+def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None]) -> MemoryGuard:
+    key = f"{id(encoder)}"
+    if key not in _GUARDS:
+        _GUARDS[key] = MemoryGuard(encoder, config.max_tokens, log)
+    return _GUARDS[key]
+
+
+def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print) -> UnitResult:
+    """Embed one unit and write its token rows. Errors name the unit, its first records and the worker.
+
+    `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
+    """
     try:
-        return _run_unit(task, encoder or encoder_for(task.config))
+        return _run_unit(task, encoder or encoder_for(task.config), log)
     except UnitError:
         raise
     except Exception as e:
@@ -115,7 +129,7 @@ def run_unit(task: UnitTask, encoder: Encoder | None = None) -> UnitResult:
         ) from e
 
 
-def _run_unit(task: UnitTask, encoder: Encoder) -> UnitResult:
+def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> UnitResult:
     import zarr
 
     unit, config = task.unit, task.config
@@ -125,12 +139,13 @@ def _run_unit(task: UnitTask, encoder: Encoder) -> UnitResult:
     plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
     items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) for w, (s, e) in enumerate(p.windows)]
     outs: list[list] = [[None] * len(p.windows) for p in plans]
-    for batch in make_batches(items, config.max_tokens, encoder.equal_length_batches):
+    guard = guard_for(encoder, config, log)  # out of device memory: split the batch, retry, lower the budget
+    for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
         windows = []
         for i, w in batch:
             s, e = plans[i].windows[w]
             windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
-        for (i, w), out in zip(batch, encoder.forward(windows)):
+        for (i, w), out in zip(batch, guard(windows, [entries[i].id for i, _ in batch])):
             outs[i][w] = out
     tokens, pooled = [], []
     for plan, o in zip(plans, outs):

@@ -22,9 +22,13 @@ Cached and end-to-end modes differ only in where features come from (style.md, l
 Encoder modes (per modality, `FinetuneConfig.encoder_modes`; default frozen):
     frozen   no parameter trains; the encoder runs in eval mode under torch.no_grad
     full     every parameter trains
-    lora     LoRA adapters (peft) on the attention projections (`ARCHITECTURES`); base weights frozen
-    last-n   the last N transformer blocks that feed the store's layer train (plus the final
-             norm / Enformer's final pointwise block when the store used the last layer)
+    lora     LoRA adapters (peft) on the modules the encoder names (`Encoder.lora_targets`: the
+             attention projections of known families); base weights frozen
+    last-n   the last N blocks that feed the store's layer train (`Encoder.blocks_feeding_output`),
+             plus the modules after them (final norm, Enformer's final pointwise block) when the
+             store used the last layer (`Encoder.modules_after_blocks`)
+What an encoder can do is its own business (embedcache.encoders.base.Encoder): this module knows
+no architecture.
 Whatever does not train runs in eval mode (no dropout; BatchNorm keeps its running statistics),
 except the frozen base under LoRA, which keeps dropout on as in peft's usual training.
 
@@ -47,6 +51,7 @@ the user's --trust-remote-code, and the refusal names the model and its code fil
 
 from __future__ import annotations
 
+import json
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -77,42 +82,6 @@ ENCODER_MODES = ("frozen", "full", "lora", "last-n")
 
 class FinetuneError(FusionError):
     """End-to-end training cannot start as asked; the message names the modality, store and model."""
-
-
-# -- architectures ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Architecture:
-    """Where the parts that lora / last-n touch live in one model family (`model.config.model_type`)."""
-
-    lora_targets: tuple[str, ...]  # names of the attention projection modules LoRA adapts
-    blocks: str  # path, from the base model, of the sequence of transformer blocks
-    after_blocks: tuple[str, ...]  # modules between the last block and the output (trained with it by last-n)
-    fan_in_fan_out: bool = False  # projections are GPT-2 Conv1D (weight stored as (in, out))
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "esm": Architecture(("query", "key", "value"), "encoder.layer", ("encoder.emb_layer_norm_after",)),  # ESM2, NT
-    "gpt2": Architecture(("c_attn",), "h", ("ln_f",), fan_in_fan_out=True),
-    "enformer": Architecture(("to_q", "to_k", "to_v"), "transformer", ("final_pointwise",)),
-}
-
-
-def model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-
-
-def architecture(model: nn.Module, *, modality: str, mode: str) -> Architecture:
-    """The `ARCHITECTURES` entry of `model`; an unknown family is an error listing the supported ones."""
-    kind = model_type(model)
-    if kind not in ARCHITECTURES:
-        raise FinetuneError(
-            f"{modality}: encoder mode {mode!r} needs to know where the attention projections and blocks of a "
-            f"{kind!r} model are; supported architectures: {', '.join(ARCHITECTURES)}. "
-            f"Use --encoder-mode {modality}=full or {modality}=frozen for this model."
-        )
-    return ARCHITECTURES[kind]
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -337,7 +306,7 @@ def load_live_encoders(
     for m in batches.modalities:
         live[m] = load_store_encoder(batches.stores[m], m, device=str(device), precision=precision, trust_remote_code=trust_remote_code, log=log)
         p = live[m].encoder.provenance()
-        log(f"{m}: live encoder {p['encoder']} {p['model']} ({model_type(live[m].encoder.model)}, {p['precision']} on {device})")
+        log(f"{m}: live encoder {p['encoder']} {p['model']} ({p.get('architecture')}, {p['precision']} on {live[m].encoder.device})")
     return live
 
 
@@ -372,8 +341,7 @@ class EndToEndModel(nn.Module):
         out = {}
         for m, live in self.live.items():
             f = features[m]
-            device = next(self.encoders[m].parameters()).device
-            live.encoder.device = device  # follow the module if it was moved after loading
+            device = live.encoder.device  # where its module is, also after the model was moved
             # Isoforms of one gene share its DNA: embed each distinct sequence once (gradients add up).
             unique = list(dict.fromkeys(s for s in f.sequences if s is not None))
             with torch.no_grad() if live.mode == "frozen" else nullcontext():
@@ -401,7 +369,10 @@ class EndToEndModel(nn.Module):
         for m, live in self.live.items():
             set_encoder_mode_(live, m, config.mode(m), config)
             if config.gradient_checkpointing and live.mode != "frozen":
-                enable_gradient_checkpointing_(live.encoder.model, modality=m)
+                try:
+                    live.encoder.set_gradient_checkpointing_(True)
+                except EmbedcacheError as e:
+                    raise FinetuneError(f"{m}: {e}; drop --gradient-checkpointing") from e
                 live.checkpointing = True
             n = sum(p.numel() for p in live.encoder.model.parameters() if p.requires_grad)
             log(f"{m}: encoder {live.mode}, {n:,} trainable parameters" + (f" in {live.trained}" if live.mode == "last-n" else ""))
@@ -418,8 +389,8 @@ class EndToEndModel(nn.Module):
                 module.eval()
                 for name in live.trained:
                     module.get_submodule(name).train(mode)
-            if live.checkpointing and hasattr(module, "use_checkpointing"):
-                module.use_checkpointing = mode  # Enformer checkpoints whenever asked; HF models only in training
+            if live.checkpointing:
+                live.encoder.set_gradient_checkpointing_(mode)  # recompute in training only
             for sub in module.modules():  # frozen BatchNorm keeps its running statistics (Enformer's conv tower)
                 if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in sub.parameters()):
                     sub.eval()
@@ -468,7 +439,7 @@ class EndToEndModel(nn.Module):
                 "encoder": p["encoder"],
                 "model": p["model"],
                 "weights": p["weights"],
-                "architecture": model_type(live.encoder.model),
+                "architecture": p.get("architecture"),
                 "precision": p["precision"],
                 "parameters": sum(x.numel() for x in params),
                 "trainable_parameters": sum(x.numel() for x in params if x.requires_grad),
@@ -492,20 +463,23 @@ def set_encoder_mode_(live: LiveEncoder, modality: str, mode: str, config: Finet
     elif mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        arch = architecture(model, modality=modality, mode=mode)
+        targets = _ask(live.encoder.lora_targets, modality, mode)
         lora = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(arch.lora_targets),
-            fan_in_fan_out=arch.fan_in_fan_out,
+            target_modules=targets.modules if isinstance(targets.modules, str) else list(targets.modules),
+            fan_in_fan_out=targets.fan_in_fan_out,
         )
-        inject_adapter_in_model(lora, model)  # in place: encode_windows keeps calling the same module
+        try:
+            inject_adapter_in_model(lora, model)  # in place: encode_windows keeps calling the same module
+        except ValueError as e:  # peft: "Target modules ... not found in the base model"
+            raise FinetuneError(f"{modality}: LoRA found none of the modules {targets.modules} in {type(model).__name__}: {e}") from e
         trained = sorted({n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n})
         for n, p in model.named_parameters():
             p.requires_grad_(".lora_" in n)
         if not trained:
-            raise FinetuneError(f"{modality}: LoRA found none of the modules {arch.lora_targets} in {type(model).__name__}")
+            raise FinetuneError(f"{modality}: LoRA found none of the modules {targets.modules} in {type(model).__name__}")
     elif mode == "last-n":
         trained = last_blocks(live, modality, config.last_n)
         for name in trained:
@@ -515,48 +489,25 @@ def set_encoder_mode_(live: LiveEncoder, modality: str, mode: str, config: Finet
     live.mode, live.trained = mode, trained
 
 
+def _ask(capability: Callable, modality: str, mode: str):
+    """Call an encoder capability; an encoder that lacks it is a FinetuneError naming the modality and mode."""
+    try:
+        return capability()
+    except EmbedcacheError as e:
+        raise FinetuneError(f"{modality}: encoder mode {mode!r}: {e} (--encoder-mode {modality}=full or {modality}=frozen)") from e
+
+
 def last_blocks(live: LiveEncoder, modality: str, n: int) -> list[str]:
-    """Names (in encoder.model) of the last `n` transformer blocks that feed the store's layer, plus the
-    modules after the last block when the store used the model's last layer."""
-    model = live.encoder.model
-    arch = architecture(model, modality=modality, mode="last-n")
-    names = {id(mod): name for name, mod in model.named_modules()}
-    base = getattr(model, "base_model", model)
-    blocks = list(base.get_submodule(arch.blocks))
-    if hasattr(live.encoder, "n_layers"):  # HF: hidden-state index i is the output of block i (0 = embeddings)
-        n_used = live.encoder.layer_index
-    else:  # Enformer: the trunk output, after every block
-        n_used = len(blocks)
+    """Names (in encoder.model) of the last `n` blocks that feed the store's layer, plus the modules after
+    the last block when the store used the model's last layer (both as the encoder names them)."""
+    blocks = _ask(live.encoder.blocks_feeding_output, modality, "last-n")
+    n_used = len(blocks)
     if not 1 <= n <= n_used:
         raise FinetuneError(
             f"{modality}: --last-n {n}, but store {live.store_path!r} used the output of block {n_used} of "
             f"{live.build.model!r} (layer {live.build.layer}): 1..{n_used} blocks feed it"
         )
-    trained = [names[id(b)] for b in blocks[n_used - n : n_used]]
-    if n_used == len(blocks):
-        for path in arch.after_blocks:
-            try:
-                trained.append(names[id(base.get_submodule(path))])
-            except AttributeError:  # e.g. a checkpoint without a final norm
-                pass
-    return trained
-
-
-def enable_gradient_checkpointing_(model: nn.Module, *, modality: str) -> None:
-    """Recompute activations in backward: HF `gradient_checkpointing_enable`, Enformer `use_checkpointing`."""
-    if hasattr(model, "use_checkpointing"):  # enformer-pytorch: checkpoint_sequential over the transformer blocks
-        model.use_checkpointing = True
-        # Its checkpoint is the reentrant kind, which gives no gradient to blocks whose input does not
-        # require one (a frozen conv tower under lora / last-n): make the blocks' input require grad.
-        model.conv_tower.register_forward_hook(
-            lambda _m, _i, out: out.requires_grad_() if torch.is_grad_enabled() and not out.requires_grad else out
-        )
-        warnings.filterwarnings("ignore", message=".*use_reentrant parameter should be passed explicitly.*")
-    elif getattr(model, "supports_gradient_checkpointing", False):
-        # Non-reentrant: gradients reach trained blocks even when the embeddings are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise FinetuneError(f"{modality}: {type(model).__name__} supports no gradient checkpointing; drop --gradient-checkpointing")
+    return blocks[n_used - n :] + live.encoder.modules_after_blocks()
 
 
 # -- feature statistics, warm start, optimiser --------------------------------------------------------
@@ -708,9 +659,7 @@ def load_finetune_run(
 
 
 __all__ = [
-    "ARCHITECTURES",
     "ENCODER_MODES",
-    "Architecture",
     "EndToEndModel",
     "FinetuneConfig",
     "FinetuneError",
@@ -718,7 +667,6 @@ __all__ = [
     "LiveEncoder",
     "SequenceBatch",
     "SequenceFeatures",
-    "enable_gradient_checkpointing_",
     "encoder_precision",
     "fit_live_feature_stats_",
     "last_blocks",
