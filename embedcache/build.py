@@ -28,7 +28,7 @@ from embedcache.store import (
     read_store_index,
     token_chunking,
 )
-from embedcache.embed import assemble, make_batches, plan_windows, resolve_overlap, to_numpy
+from embedcache.embed import assemble, embed_batch, make_batches, plan_windows, resolve_overlap, to_numpy
 from embedcache.windows import SequencePlan
 
 Log = Callable[[str], None]
@@ -339,7 +339,7 @@ def _embed(
                 p = plan.plans[key]
                 s, e = p.windows[w]
                 windows.append(token_ids[key][p.keep_start + s : p.keep_start + e])
-            for (key, w), out in zip(batch, encoder.forward(windows)):
+            for (key, w), out in zip(batch, embed_batch(encoder, windows)):
                 pending[key][w] = out
                 if all(o is not None for o in pending[key]):
                     outs = pending.pop(key)

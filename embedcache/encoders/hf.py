@@ -26,6 +26,7 @@ from embedcache.encoders.base import (
     weights_identity,
 )
 from embedcache.encoders.lookup import VocabLookup
+from embedcache.encoders.unpadded import UnpaddedEsm, use_unpadded
 from embedcache.errors import EncoderError
 
 _HUGE = 10**8  # tokenizers without a limit report model_max_length ~1e30
@@ -167,6 +168,8 @@ class HFTokenEncoder(Encoder):
         self.takes_token_types = "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names
         self.equal_length_batches = not self.takes_mask
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # Inference without padding for transformers' EsmModel on the devices where it pays (see UNPADDED_DEVICES).
+        self.unpadded = UnpaddedEsm(self.model) if use_unpadded(self.model, self.device, self.autocast_dtype) else None
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
 
     def tokenize(self, seq: str) -> np.ndarray:
@@ -180,21 +183,21 @@ class HFTokenEncoder(Encoder):
         return n_tokens + self.layout.n_special
 
     def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        if self.unpadded is not None and not torch.is_grad_enabled():
+            return self._encode_unpadded(windows)
         # Always pad on the right, whatever the tokenizer's padding_side: with an attention mask the
         # padding is invisible to real tokens, and for causal models right padding never reaches real
         # tokens at all, so positions stay 0..n-1 without passing position_ids.
-        rows = [self.layout.wrap(w) for w in windows]
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        input_ids, lengths = self._pack(windows)
+        width = int(lengths.max())
+        padded = np.full((len(windows), width), self.pad_id, dtype=np.int64)  # (b, n)
+        mask = np.arange(width)[None, :] < lengths[:, None]  # (b, n)
+        padded[mask] = input_ids  # row-major order of the mask = the windows one after another
         if not self.takes_mask and not bool(mask.all()):
             raise AssertionError("a model without attention mask got a padded batch")  # batching guarantees this
-        kwargs = {"input_ids": input_ids.to(self.device)}
+        kwargs = {"input_ids": torch.from_numpy(padded).to(self.device)}
         if self.takes_mask:
-            kwargs["attention_mask"] = mask.to(self.device)
+            kwargs["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(self.device)
         if self.takes_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])  # one segment
         # Base models give last_hidden_state; task-head models (MaskedLM / CausalLM heads, which some
@@ -207,6 +210,32 @@ class HFTokenEncoder(Encoder):
         return [
             WindowOutput(hidden=hidden[i, p : p + len(w)], cls=hidden[i, 0] if self.has_cls else None)
             for i, w in enumerate(windows)
+        ]
+
+    def _pack(self, windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(every window wrapped in its special tokens, concatenated (T,), each one's length (b,))."""
+        prefix = np.asarray(self.layout.prefix, dtype=np.int64)
+        suffix = np.asarray(self.layout.suffix, dtype=np.int64)
+        pieces = [piece for w in windows for piece in (prefix, w, suffix)]
+        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.layout.n_special
+        return np.concatenate(pieces).astype(np.int64, copy=False), lengths
+
+    def _encode_unpadded(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`)."""
+        input_ids, lengths = self._pack(windows)
+        cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])  # (b + 1,)
+        with self.autocast():
+            last, states = self.unpadded(
+                torch.from_numpy(input_ids).to(self.device),
+                torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device),
+                int(lengths.max()),
+                output_hidden_states=self.layer_index != self.n_layers,
+            )
+        hidden = last if states is None else states[self.layer_index]  # (T, d)
+        p = len(self.layout.prefix)
+        return [
+            WindowOutput(hidden=hidden[s + p : s + p + len(w)], cls=hidden[s] if self.has_cls else None)
+            for s, w in zip(cu_seqlens[:-1].tolist(), windows)
         ]
 
     def provenance(self) -> dict:
