@@ -591,7 +591,7 @@ def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dic
 
     _, seqs = read_fasta(fasta)
     results = {}
-    for precision in ("fp32", "auto") if device.type == "cuda" else ("fp32",):
+    for precision in ("auto",):  # bf16 on CUDA (fp32 CUDA builds stay padded), fp32 on CPU
         config = BuildConfig.create("esm2", str(model_dir), precision=precision, device=str(device))
         encoder = load_encoder("esm2", config.encoder_settings())
         unpadded = encoder.unpadded or UnpaddedEsm(encoder.model)

@@ -40,6 +40,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "a decoder ESM"
     if config.position_embedding_type not in ("rotary", "absolute"):
         return f"position embeddings {config.position_embedding_type!r}"
+    if config.position_embedding_type == "rotary":
+        try:
+            _rotary_module(model).inv_freq
+        except AttributeError:
+            return "no rotary inv_freq where transformers 4.x or 5.x keep it"
     layer = model.encoder.layer[0]
     needed = ("attention.LayerNorm", "attention.self.query", "attention.self.key", "attention.self.value",
               "attention.output.dense", "LayerNorm", "intermediate.dense", "output.dense")  # fmt: skip
@@ -48,6 +53,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if missing:
         return f"EsmLayer without {missing} (another transformers layout)"
     return None
+
+
+def _rotary_module(model: nn.Module) -> nn.Module:
+    """The module holding ESM's rotary inv_freq: the model's (transformers 5) or the first layer's (4.x)."""
+    shared = getattr(model, "rotary_embeddings", None)
+    return shared if shared is not None else model.encoder.layer[0].attention.self.rotary_embeddings
 
 
 def _varlen_attn():
@@ -112,10 +123,12 @@ class UnpaddedEsm(nn.Module):
         return x
 
     def _rotary_tables(self, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.esm.encoder.layer[0].attention.self.rotary_embeddings.inv_freq  # (dh / 2,)
-        freqs = position.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, dh / 2)
+        rotary = _rotary_module(self.esm)
+        inv_freq = rotary.inv_freq.float()  # (dh / 2,)
+        scale = float(getattr(rotary, "attention_scaling", 1.0))  # transformers 5: 1.0 for ESM's plain RoPE
+        freqs = position.float()[:, None] * inv_freq[None, :]  # (T, dh / 2)
         angle = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, dh): one table for every head
-        return angle.cos(), angle.sin()
+        return angle.cos() * scale, angle.sin() * scale
 
     def _layer(self, layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int, cos_sin) -> torch.Tensor:
         att = layer.attention

@@ -15,6 +15,18 @@ from transformers import AutoModel, EsmModel
 from embedcache.config import BuildConfig
 from embedcache.encoders import load_encoder
 from embedcache.encoders.unpadded import UnpaddedEsm, unsupported_reason, use_unpadded
+from embedcache.tiny_models import make_tiny_esm2, make_tiny_gpt2, make_tiny_nucleotide_transformer
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """Only the models these tests need (the session's `models` also makes Enformer, an optional extra)."""
+    root = tmp_path_factory.mktemp("unpadded_models")
+    return {
+        "esm2": make_tiny_esm2(root / "esm2"),
+        "nucleotide-transformer": make_tiny_nucleotide_transformer(root / "nt", max_positions=40),
+        "gpt2": make_tiny_gpt2(root / "gpt2"),
+    }
 
 
 def _padded_reference(model, windows: list[torch.Tensor], pad_id: int) -> list[torch.Tensor]:
