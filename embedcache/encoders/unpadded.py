@@ -7,8 +7,10 @@ per-token layers run on the T real rows only, and attention runs per window, fou
 lengths (`cu_seqlens`, as flash attention's varlen kernels take them):
 
     CUDA, fp16/bf16   torch.nn.attention.varlen.varlen_attn (flash attention, varlen)
-    CUDA, otherwise   scaled_dot_product_attention on a jagged nested tensor
-    CPU               scaled_dot_product_attention per window, no mask (CPU flash kernel)
+    otherwise         q, k, v scattered into a padded (b, h, n, dh) batch for one masked
+                      scaled_dot_product_attention call, and gathered back: only attention sees
+                      padding. (One SDPA call per window is several times slower on a CPU: a
+                      batch of 60 short windows spends more in per-call overhead than in math.)
 
 It reuses the model's own submodules (embeddings, query/key/value, layer norms, dense layers),
 so weights are never copied and a peft-wrapped linear layer still applies. Only the arithmetic
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +98,12 @@ class UnpaddedEsm(nn.Module):
         lengths = cu_seqlens.diff()  # (b,)
         segment = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)  # (T,)
         position = torch.arange(len(input_ids), device=input_ids.device) - cu_seqlens[:-1].long()[segment]  # (T,)
+        packing = Packing(cu_seqlens, max_len, segment, position, lengths)
         hidden = self._embed(input_ids, segment, position, lengths)  # (T, d)
         cos_sin = self._rotary_tables(position) if self.rotary else None
         states = [hidden] if output_hidden_states else None
         for layer in self.esm.encoder.layer:
-            hidden = self._layer(layer, hidden, cu_seqlens, max_len, cos_sin)
+            hidden = self._layer(layer, hidden, packing, cos_sin)
             if states is not None:
                 states.append(hidden)
         if self.esm.encoder.emb_layer_norm_after is not None:
@@ -130,7 +134,7 @@ class UnpaddedEsm(nn.Module):
         angle = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, dh): one table for every head
         return angle.cos() * scale, angle.sin() * scale
 
-    def _layer(self, layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int, cos_sin) -> torch.Tensor:
+    def _layer(self, layer: nn.Module, x: torch.Tensor, packing: "Packing", cos_sin) -> torch.Tensor:
         att = layer.attention
         h = att.LayerNorm(x)
         q = rearrange(att.self.query(h), "t (h dh) -> t h dh", dh=self.head_dim)
@@ -138,29 +142,41 @@ class UnpaddedEsm(nn.Module):
         v = rearrange(att.self.value(h), "t (h dh) -> t h dh", dh=self.head_dim)
         if cos_sin is not None:
             q, k = _rotate(q, *cos_sin), _rotate(k, *cos_sin)
-        a = self._attention(q, k, v, cu_seqlens, max_len)  # (T, h, dh)
+        a = self._attention(q, k, v, packing)  # (T, h, dh)
         x = att.output(rearrange(a, "t h dh -> t (h dh)"), x)  # dense + residual
         return layer.output(layer.intermediate(layer.LayerNorm(x)), x)  # FFN + residual
 
-    def _attention(self, q, k, v, cu_seqlens, max_len: int) -> torch.Tensor:
+    def _attention(self, q, k, v, packing: "Packing") -> torch.Tensor:
         """Softmax(q k^T / sqrt(dh)) v within each window: (T, h, dh) each -> (T, h, dh)."""
         # ESM scales the query before the rotation; a rotation is linear, so scaling after it
         # (the kernels' own 1/sqrt(dh)) is the same function.
         if q.is_cuda and self.varlen is not None and q.dtype in (torch.float16, torch.bfloat16):
             kwargs = {"scale": 1 / math.sqrt(self.head_dim)} if self.varlen_takes_scale else {}
-            return self.varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kwargs)
-        if q.is_cuda:
-            offsets = cu_seqlens.long()
-            q, k, v = (
-                torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v)
-            )  # (b, h, j, dh) each
-            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()  # (T, h, dh)
-        out = torch.empty_like(q)
-        bounds = cu_seqlens.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            qi, ki, vi = (rearrange(t[s:e], "n h dh -> 1 h n dh") for t in (q, k, v))
-            out[s:e] = rearrange(F.scaled_dot_product_attention(qi, ki, vi), "1 h n dh -> n h dh")
-        return out
+            cu, n = packing.cu_seqlens, packing.max_len
+            return self.varlen(q, k, v, cu, cu, n, n, **kwargs)
+        return _padded_attention(q, k, v, packing)
+
+
+@dataclass(frozen=True, slots=True)
+class Packing:
+    """Where each packed row belongs: window `segment` (T,), at `position` (T,) within it."""
+
+    cu_seqlens: torch.Tensor  # (b + 1,) int32
+    max_len: int
+    segment: torch.Tensor  # (T,)
+    position: torch.Tensor  # (T,)
+    lengths: torch.Tensor  # (b,)
+
+
+def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Attention within windows through one masked SDPA call on a padded copy of q, k, v."""
+    b, n = len(packing.lengths), packing.max_len
+    padded = q.new_zeros((3, b, n, *q.shape[1:]))  # (3, b, n, h, dh)
+    padded[:, packing.segment, packing.position] = torch.stack((q, k, v))
+    qb, kb, vb = rearrange(padded, "three b n h dh -> three b h n dh")
+    keys = torch.arange(n, device=q.device)[None, :] < packing.lengths[:, None]  # (b, n): real keys only
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=rearrange(keys, "b n -> b 1 1 n"))  # (b, h, n, dh)
+    return rearrange(out, "b h n dh -> b n h dh")[packing.segment, packing.position]  # (T, h, dh)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

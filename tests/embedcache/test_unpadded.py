@@ -2,7 +2,7 @@
 
 CPU tests compare every hidden state of `UnpaddedEsm` with `EsmModel` on a padded batch (rotary
 ESM2 with token dropout, and NT v1's learned positions). The `gpu` tests compare the encoder's
-unpadded path (varlen flash attention, and the nested-tensor fallback) with its padded one on CUDA.
+unpadded path (varlen flash attention, and the padded-attention fallback) with its padded one on CUDA.
 """
 
 from __future__ import annotations
@@ -106,14 +106,14 @@ def test_encoder_uses_the_padded_path_when_gradients_flow(models):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("attention", ["varlen", "nested"])
+@pytest.mark.parametrize("attention", ["varlen", "padded-attention"])
 def test_cuda_unpadded_matches_padded(models, precision, attention):
     config = BuildConfig.create("esm2", str(models["esm2"]), device="cuda", precision=precision)
     encoder = load_encoder("esm2", config.encoder_settings())
     assert encoder.unpadded is not None, "CUDA in half precision runs unpadded"
     if attention == "varlen" and encoder.unpadded.varlen is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
-    if attention == "nested":
+    if attention == "padded-attention":
         encoder.unpadded.varlen = None  # the fallback for torch without varlen_attn
     rng = np.random.default_rng(0)
     windows = [rng.integers(4, 24, n) for n in (1, 17, 300, 64, 1000, 5)]
