@@ -600,14 +600,15 @@ def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dic
         batches = [[token_ids[i] for i in b] for b in make_batches(items, args.max_tokens, False)]
         seconds: dict[str, list[float]] = {"padded": [], "unpadded": []}
         outputs: dict[str, list] = {}
-        for r in range(args.repeats + 1):  # the first round warms up, untimed
+        for mode in ("padded", "unpadded"):  # untimed warm-up: one batch of each
+            encoder.unpadded = unpadded if mode == "unpadded" else None
+            embed_batch(encoder, batches[len(batches) // 2])
+        for _ in range(args.repeats):
             for mode in ("padded", "unpadded"):
                 encoder.unpadded = unpadded if mode == "unpadded" else None
                 with ForwardTimer(sync_cuda=device.type == "cuda") as timer:
-                    outs = [o.hidden for b in batches for o in embed_batch(encoder, b)]
-                if r:
-                    seconds[mode].append(timer.seconds)
-                outputs[mode] = outs
+                    outputs[mode] = [o.hidden for b in batches for o in embed_batch(encoder, b)]
+                seconds[mode].append(timer.seconds)
         ref = torch.cat(outputs["padded"])
         diff = (torch.cat(outputs["unpadded"]) - ref).norm() / ref.norm()
         name = encoder.precision
