@@ -5,7 +5,7 @@
 #
 #     benchmarks/gpu_wheels.sh            # -> .whl/ (git-ignored; about 48 MB)
 #
-# They travel with the device tool's `carry: [".whl"]`; benchmarks/gpu_check.sh installs them
+# They travel with the device tool's `carry: [".whl"]`; benchmarks/gpu_check.py installs them
 # with `pip install --no-index --no-deps --target` before anything imports embedcache.
 # Versions: the ones this project's .venv resolved (pyproject.toml), for cp312 manylinux x86_64.
 set -euo pipefail
