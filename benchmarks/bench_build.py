@@ -226,11 +226,19 @@ def run_embedcache(
     started, cpu_started = time.perf_counter(), time.process_time()
     report = build(config, [fasta], store, progress=False, log=lambda _: None)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    windows = [e - s for p in report.plan.plans.values() for s, e in p.windows]
     return SideRun(
         name, seconds, cpu_seconds, timer.seconds, timer.calls, report.plan.n_tokens, timer.positions,
-        windows=windows, store=store,
+        windows=model_windows(fasta), store=store,
     )  # fmt: skip
+
+
+def model_windows(fasta: Path) -> list[int]:
+    """Content tokens of every model window the build ran (untimed): ESM2 windows of 1,022 residues
+    overlapping by a quarter (the build's defaults; one window per protein when it fits)."""
+    from embedcache.windows import window_starts
+
+    _, seqs = read_fasta(fasta)
+    return [min(s + ESM2_WINDOW, len(q)) - s for q in seqs for s in window_starts(len(q), ESM2_WINDOW, ESM2_WINDOW // 4)]
 
 
 # -- cross-check ----------------------------------------------------------------------------------
@@ -586,7 +594,7 @@ def _guarded(section: str, fn):
 def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dict:
     """The encoder's padded and unpadded forwards on the build's own batches: time and parity."""
     from embedcache.config import BuildConfig
-    from embedcache.embed import embed_batch, make_batches
+    from embedcache.embed import make_batches
     from embedcache.encoders import load_encoder
     from embedcache.encoders.unpadded import UnpaddedEsm
 
@@ -603,7 +611,7 @@ def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dic
         outputs: dict[str, list] = {}
         for mode in ("padded", "unpadded"):  # untimed warm-up: one batch of each
             encoder.unpadded = unpadded if mode == "unpadded" else None
-            embed_batch(encoder, batches[len(batches) // 2])
+            encoder.forward(batches[len(batches) // 2])
         # Interleaved batch by batch (the order alternating), so that the other jobs' load on a shared
         # machine hits both modes alike; whole passes one after the other moved by 2x here.
         for r in range(args.repeats):
@@ -613,7 +621,7 @@ def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dic
                 for mode in ("padded", "unpadded") if (i + r) % 2 == 0 else ("unpadded", "padded"):
                     encoder.unpadded = unpadded if mode == "unpadded" else None
                     with ForwardTimer(sync_cuda=device.type == "cuda") as timer:
-                        outputs[mode].extend(o.hidden for o in embed_batch(encoder, batch))
+                        outputs[mode].extend(o.hidden for o in encoder.forward(batch))
                     spent[mode] += timer.seconds
             for mode, t in spent.items():
                 seconds[mode].append(t)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import machine_info, write_json
-from embedcache.store import ContentResult, EmbeddingStore, create_store, open_writer
+from embedcache.reader import EmbeddingStore
+from embedcache.store import ContentResult, create_store, open_writer
 
-ATTRS = {"format": "embedcache-store", "fingerprint": "bench", "config": {"encoder": "bench", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
+ATTRS = {"format": "embedcache-store", "schema_version": 2, "fingerprint": "bench", "config": {"encoder": "bench", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
          "provenance": {}, "embed_dim": 0, "stored_dtype": {"tokens": "float16", "pooled": "float32"}}  # fmt: skip
 
 

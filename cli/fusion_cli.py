@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tomllib
 from pathlib import Path
 
-from cli.common import HelpFormatter, run_main
+from embedcache.location import parse_storage_options
+from cli.common import HelpFormatter, add_debug_flag, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
+from fusion.errors import ConfigError, checked_config
 from fusion.models import AGGREGATORS
 from fusion.train import TrainConfig
 
@@ -24,7 +27,7 @@ def parse_pairs(items: list[str] | dict[str, str] | None, flag: str, value: str,
     for item in items or []:
         modality, sep, given = item.partition("=")
         if not sep or not modality or not given:
-            raise ValueError(f"{flag} {item!r}: expected MODALITY={value}, e.g. {example}")
+            raise ConfigError(f"{flag} {item!r}: expected MODALITY={value}, e.g. {example}")
         pairs[modality] = given
     return pairs
 
@@ -46,7 +49,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, aggregator_help: str) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table (CSV/TSV/Parquet with prepare.json beside it)")
-    p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
+    p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality, a path or URL (s3://...); repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options", help="option for remote stores' filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000; recorded in run.json, so give credentials through the environment (AWS_ACCESS_KEY_ID, ...)")
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
     p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows)")
@@ -99,24 +103,39 @@ def create_parser() -> argparse.ArgumentParser:
     syn.add_argument("--n-genes", type=int, default=400, help="genes (1-8 isoforms each)")
     syn.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     syn.set_defaults(func=run_prepare_synthetic)
+    man = psub.add_parser("manifest", formatter_class=fmt, help="describe your own manifest table (writes prepare.json beside it)",
+                          description="Check a manifest table (CSV/TSV/Parquet: one row per sample) and write prepare.json beside it, "
+                                      "naming its key, target and split columns, so that `--manifest TABLE` can be used. Nothing is written if a check fails.")
+    man.add_argument("table", help="the manifest table")
+    man.add_argument("--key", action="append", required=True, metavar="MODALITY=COLUMN",
+                     help="column holding each sample's record id in a modality's store; repeat per modality (e.g. --key rna=rna_id)")
+    man.add_argument("--targets", help="comma-separated target columns, in output order (default: every column that is not a sample id, key, split or group column)")
+    man.add_argument("--sample-id-column", default="sample_id", help="column of unique sample ids")
+    man.add_argument("--split-column", default="split", help="column of train / validation / test")
+    man.add_argument("--group-column", help="without a split column: assign whole groups of this column (e.g. gene_id) to train/validation/test")
+    man.add_argument("--split-fractions", default="0.8,0.1,0.1", help="with --group-column: shares of groups in train, validation, test")
+    man.add_argument("--split-seed", type=int, default=0, help="with --group-column: seed of the group assignment")
+    man.set_defaults(func=run_prepare_manifest)
 
     tr = sub.add_parser("train", formatter_class=fmt, help="train on cached stores", description="Train a fusion model on cached embeddings; writes a run directory with checkpoint, metrics, predictions and plots. A TOML --config may give any option (same names, with underscores).")
     _add_run_args(tr, aggregator_help="how modality tokens are fused")
-    tr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    tr.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (default: progress bars are shown)")
     tr.set_defaults(func=run_train_cmd)
 
     ev = sub.add_parser("evaluate", formatter_class=fmt, help="metrics of a run (on its data or a new manifest / stores)", description="Evaluate a trained run; stores must have the fingerprints it was trained on.")
-    ev.add_argument("run", help="run directory of `fusion train`")
+    ev.add_argument("run", help="run directory of `fusion train` or `fusion finetune`")
     ev.add_argument("--manifest", help="another manifest (default: the run's)")
     ev.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
-    ev.add_argument("--out", help="where to write metrics and report (default: the run directory)")
+    ev.add_argument("--out", help="directory for metrics.json, predictions.csv and report.md (default: a new RUN/evaluate-<UTC time>; never the run's own files)")
+    ev.add_argument("--trust-remote-code", action="store_true", help="finetune runs: allow the encoders' own code (never taken from the run or the stores)")
     ev.set_defaults(func=run_evaluate_cmd)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="predictions for a manifest", description="Predict every sample of a manifest with a trained run.")
-    pr.add_argument("run", help="run directory of `fusion train`")
+    pr.add_argument("run", help="run directory of `fusion train` or `fusion finetune`")
     pr.add_argument("--out", required=True, help="predictions CSV to write")
     pr.add_argument("--manifest", help="manifest to predict (default: the run's)")
     pr.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
+    pr.add_argument("--trust-remote-code", action="store_true", help="finetune runs: allow the encoders' own code (never taken from the run or the stores)")
     pr.set_defaults(func=run_predict_cmd)
 
     ft = sub.add_parser("finetune", formatter_class=fmt, help="train with live encoders (frozen, full, LoRA or last-n blocks)",
@@ -133,8 +152,10 @@ def create_parser() -> argparse.ArgumentParser:
     ft.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters")
     ft.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scaling: the update is multiplied by alpha / rank")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA adapters' input")
+    ft.add_argument("--trust-remote-code", action="store_true",
+                    help="allow an encoder's own code (auto_map modules in its model directory) to run; a store's record never allows it")
     ft.add_argument("--init-from", metavar="RUN", help="start the fusion model (weights and feature standardisation) from a `fusion train` run on the same stores (fingerprints must match)")
-    ft.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ft.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars (default: progress bars are shown)")
     ft.set_defaults(func=run_finetune_cmd)
 
     ab = sub.add_parser("ablate", formatter_class=fmt, help="modality subsets x aggregators x seeds", description="Train every modality subset with each aggregator and seed on features loaded once; writes ablation.md, ablation.csv and ablation.png (mean +- std over seeds).")
@@ -146,32 +167,74 @@ def create_parser() -> argparse.ArgumentParser:
     _add_model_args(ab)
     _add_train_args(ab)
     ab.set_defaults(func=run_ablate_cmd)
+    add_debug_flag(parser)
     return parser
 
 
 def apply_toml(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str] | None:
-    """Use a --config TOML's values as defaults of the subcommand, so command-line flags still win."""
+    """Use a --config TOML's values as defaults of the subcommand, so command-line flags still win.
+
+    Every value is checked as its flag would be (type, choices); a problem names the file, key and value.
+    """
     args, _ = parser.parse_known_args(argv)
     if not getattr(args, "config", None):
         return argv
-    values = tomllib.loads(Path(args.config).read_text())
+    path = Path(args.config)
+    if not path.is_file():
+        raise ConfigError(f"--config {args.config!r}: " + ("is a directory" if path.is_dir() else "no such file"))
+    try:
+        values = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{args.config}: not valid TOML: {e}") from e
     sub = parser._subparsers._group_actions[0].choices[args.command]
-    known = {a.dest for a in sub._actions}
-    unknown = sorted(set(values) - known)
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "func", "config", "debug")}
+    unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise SystemExit(f"fusion: error: {args.config}: unknown options {unknown}; valid: {sorted(known - {'help', 'func'})}")
-    if isinstance(values.get("store"), dict):  # [store] table: dna = "..."
-        values["store"] = [f"{k}={v}" for k, v in values["store"].items()]
+        raise ConfigError(f"{args.config}: unknown option(s) {unknown} for `fusion {args.command}`; valid: {sorted(actions)}")
+    for key, value in values.items():
+        check_toml_value(args.config, key, value, actions[key])
+    for key in ("store", "encoder_mode"):  # [store] table: dna = "..."
+        if isinstance(values.get(key), dict):
+            values[key] = [f"{k}={v}" for k, v in values[key].items()]
     sub.set_defaults(**values)
     return argv
 
 
+def check_toml_value(path: str, key: str, value: object, action: argparse.Action) -> None:
+    """The TOML value of `key` as its flag would accept it, or a ConfigError naming file, key and value."""
+    def fail(expected: str) -> None:
+        shown = json.dumps(value) if isinstance(value, (bool, str, int, float)) else repr(value)  # as TOML writes it
+        raise ConfigError(f"{path}: {key} = {shown}: expected {expected}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif isinstance(action, argparse._AppendAction):  # --store / --encoder-mode: a table or a list of "MODALITY=VALUE"
+        if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())) and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            fail('a table (dna = "...") or a list of "MODALITY=VALUE" strings')
+    elif action.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+    elif action.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+    elif not isinstance(value, str):
+        fail("a string")
+    if action.choices is not None and not isinstance(action, argparse._AppendAction) and value not in action.choices:
+        fail(f"one of {list(action.choices)}")
+
+
 def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
     if not args.manifest or not args.store:
-        raise ValueError("--manifest and at least one --store MODALITY=STORE are required (on the command line or in --config)")
-    return DataConfig(
+        raise ConfigError("--manifest and at least one --store MODALITY=STORE are required (on the command line or in --config)")
+    return checked_config(
+        DataConfig,
+        "data options",
         manifest=args.manifest,
         stores=parse_stores(args.store),
+        storage_options=parse_storage_options(getattr(args, "storage_options", None)),
         modalities=tuple(m for m in (args.modalities or "").split(",") if m),
         features=args.features,
         max_tokens=args.max_tokens,
@@ -187,12 +250,12 @@ def model_options(args: argparse.Namespace) -> dict:
 
 
 def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:
-    return TrainConfig(**{k: getattr(args, k) for k in TRAIN_OPTIONS}, batch_size=args.batch_size, seed=seed)
+    return checked_config(TrainConfig, "training options", **{k: getattr(args, k) for k in TRAIN_OPTIONS}, batch_size=args.batch_size, seed=seed)
 
 
 def _require_out(args: argparse.Namespace) -> str:
     if not args.out:
-        raise ValueError("--out is required (on the command line or in --config)")
+        raise ConfigError("--out is required (on the command line or in --config)")
     return args.out
 
 
@@ -214,6 +277,27 @@ def run_prepare_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prepare_manifest(args: argparse.Namespace) -> int:
+    from fusion.prepare.manifest import GroupSplit, write_prepare_json
+
+    group = None
+    if args.group_column:
+        try:
+            fractions = tuple(float(x) for x in args.split_fractions.split(","))
+        except ValueError as e:
+            raise ConfigError(f"--split-fractions {args.split_fractions!r}: expected three comma-separated numbers, e.g. 0.8,0.1,0.1") from e
+        group = GroupSplit(column=args.group_column, fractions=fractions, seed=args.split_seed)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    path, manifest = write_prepare_json(
+        args.table, key_columns=parse_pairs(args.key, "--key", "COLUMN", "rna=rna_id"), targets=targets,
+        sample_id_column=args.sample_id_column, split_column=args.split_column, group_split=group,
+    )  # fmt: skip
+    counts = manifest.frame[manifest.split_column].value_counts().to_dict() if manifest.split_column else {}
+    print(f"wrote {path}: {len(manifest)} samples {counts}, modalities {sorted(manifest.key_columns)}, "
+          f"{len(manifest.target_columns)} targets ({', '.join(manifest.target_columns[:5])}{', ...' if len(manifest.target_columns) > 5 else ''})")
+    return 0
+
+
 def run_train_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_train
 
@@ -228,11 +312,11 @@ def parse_encoder_modes(items: list[str] | dict[str, str] | None) -> dict[str, s
 
 
 def run_finetune_cmd(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from fusion.finetune import FinetuneConfig, run_finetune
 
-    finetune = FinetuneConfig(
+    finetune = checked_config(
+        FinetuneConfig,
+        "finetune options",
         encoder_modes=parse_encoder_modes(args.encoder_mode),
         last_n=args.last_n,
         encoder_lr=args.encoder_lr,
@@ -242,8 +326,11 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout,
         init_from=args.init_from,
     )
-    train = replace(train_config(args, args.seed), grad_accum=args.grad_accum)
-    result = run_finetune(data_config(args, args.seed), args.aggregator, model_options(args), train, finetune, _require_out(args), progress=args.progress)
+    train = checked_config(TrainConfig, "training options", **{**train_config(args, args.seed).to_dict(), "grad_accum": args.grad_accum})
+    result = run_finetune(
+        data_config(args, args.seed), args.aggregator, model_options(args), train, finetune, _require_out(args),
+        trust_remote_code=args.trust_remote_code, progress=args.progress,
+    )
     test = result.metrics["test"]
     print(f"test: mean R^2 {test['mean_r2']:.4f}, mean Spearman {test['mean_spearman']:.4f}; report: {result.run_dir / 'report.md'}")
     return 0
@@ -252,33 +339,53 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
 def run_evaluate_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_evaluate
 
-    metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out)
+    out, metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out, trust_remote_code=args.trust_remote_code)
     for split, m in metrics.items():
         print(f"{split}: mean R^2 {m['mean_r2']:.4f}, mean Spearman {m['mean_spearman']:.4f}, n {m['n_samples']}")
+    print(f"written: {out}")
     return 0
 
 
 def run_predict_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_predict
 
-    print(run_predict(args.run, args.out, manifest=args.manifest, stores=parse_stores(args.store)))
+    print(run_predict(args.run, args.out, manifest=args.manifest, stores=parse_stores(args.store), trust_remote_code=args.trust_remote_code))
     return 0
 
 
 def run_ablate_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_ablation
 
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = parse_ints(args.seeds, "--seeds")
     aggregators = [a for a in args.aggregators.split(",") if a]
+    unknown = [a for a in aggregators if a not in AGGREGATORS]
+    if unknown or not aggregators:
+        raise ConfigError(f"--aggregators {args.aggregators!r}: unknown {unknown}; choose from {list(AGGREGATORS)}")
     markdown, _ = run_ablation(data_config(args), aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args))
     print(markdown)
     print(f"written: {Path(args.out) / 'ablation.md'}")
     return 0
 
 
+def parse_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from e
+    if not values:
+        raise ConfigError(f"{flag} {text!r}: expected at least one integer")
+    return values
+
+
+# Fusion runs do not resume (fusion.run): say what an interrupted run leaves behind.
+INTERRUPTED = (
+    "fusion runs do not resume: an interrupted run directory keeps status 'training' in run.json and "
+    "evaluate / predict refuse it; run the same command again to train from the start"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = create_parser()
-    return run_main(parser, apply_toml(parser, argv))
+    return run_main(create_parser(), argv, interrupted=INTERRUPTED, load_config=apply_toml)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,6 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+source"
 
-from embedcache.store import EmbeddingStore, open_store  # noqa: E402
+from embedcache.reader import EmbeddingStore, open_store  # noqa: E402
 
 __all__ = ["EmbeddingStore", "open_store", "__version__"]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, dataclass, fields
 
 from embedcache.encoders import EncoderSettings, encoder_entry
 from embedcache.errors import EncoderError
+from embedcache.store import SCHEMA_VERSION
 from embedcache.windows import CROPS
 
 POOLINGS = ("mean", "cls", "center", "none")
 TOKEN_DTYPES = ("float16", "float32")
-SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,11 @@ class BuildConfig:
     dtype: str = "float16"  # stored per-token dtype; pooled vectors are always float32
     precision: str = "auto"  # compute: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     alphabet: str | None = None  # hf encoder: validate residues as dna | rna | protein; None = any text
+    attn_implementation: str | None = None  # transformers attention: sdpa | eager | flash_attention_2; None = sdpa where supported
     device: str = "auto"  # where the model runs (not part of the fingerprint)
     max_tokens: int = 8192  # token budget of one padded batch (not part of the fingerprint)
     shard_mb: float = 32.0  # target size of one per-token shard (layout only, not part of the fingerprint)
+    unit_mb: float = 256.0  # per-token bytes of one work unit, in whole shards (scheduling only; resume is per unit)
 
     def __post_init__(self) -> None:
         encoder_entry(self.encoder)  # unknown name -> error listing the valid ones
@@ -57,6 +60,14 @@ class BuildConfig:
             raise EncoderError("--no-tokens with --pooling none would store nothing")
         if self.max_tokens < 1:
             raise EncoderError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if not (isinstance(self.shard_mb, (int, float)) and math.isfinite(self.shard_mb) and self.shard_mb > 0):
+            raise EncoderError(f"--shard-mb must be a positive number of megabytes, got {self.shard_mb!r}")
+        for name in ("token_bins", "pool_bins", "window", "max_length"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EncoderError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.overlap is not None and (not isinstance(self.overlap, int) or self.overlap < 0):
+            raise EncoderError(f"--overlap must be a non-negative integer, got {self.overlap!r}")
 
     @classmethod
     def create(cls, encoder: str, model: str | None = None, **kwargs) -> "BuildConfig":
@@ -77,6 +88,7 @@ class BuildConfig:
             device=self.device,
             precision=self.precision,
             alphabet=self.alphabet,
+            attn_implementation=self.attn_implementation,
         )
 
     def to_dict(self) -> dict:

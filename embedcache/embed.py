@@ -113,27 +113,6 @@ def embed_sequences(encoder: Encoder, sequences: list[str], config: BuildConfig)
     return [assemble(p, o, config) for p, o in zip(plans, outs)]  # type: ignore[arg-type]
 
 
-def embed_batch(encoder: Encoder, windows: list[np.ndarray]) -> list[WindowOutput]:
-    """`encode_windows` for building stores: no autograd, float32 outputs on the CPU.
-
-    The outputs of one batch are views of one tensor; a GPU batch comes back in one copy
-    (`windows_to_host`), not one per window.
-    """
-    with torch.inference_mode():
-        return windows_to_host(encoder.encode_windows(windows))
-
-
-def windows_to_host(outs: list[WindowOutput]) -> list[WindowOutput]:
-    """Window outputs as float32 CPU tensors: as they are when they already are, else in one transfer."""
-    tensors = [o.hidden for o in outs] + [o.cls[None] for o in outs if o.cls is not None]
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return outs  # CPU fp32 inference: no copy at all
-    host = torch.cat(tensors).float().cpu()  # (sum of rows, d): one device-to-host copy
-    rows = host.split([len(t) for t in tensors])
-    cls = iter(rows[len(outs) :])
-    return [WindowOutput(hidden=h, cls=next(cls)[0] if o.cls is not None else None) for h, o in zip(rows, outs)]
-
-
 # Stored dtypes by name, converted by torch: vectorised and multithreaded, unlike numpy's float16 cast.
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pandas as pd
 
@@ -29,6 +30,11 @@ def _suffixes(path: Path) -> list[str]:
 
 def read_records(path: str | Path, *, id_column: str = "id", sequence_column: str = "sequence") -> list[Record]:
     """Read all records of one input file, checking that it exists, is not empty, and every record has a sequence."""
+    return list(iter_records(path, id_column=id_column, sequence_column=sequence_column))
+
+
+def iter_records(path: str | Path, *, id_column: str = "id", sequence_column: str = "sequence") -> Iterator[Record]:
+    """The records of one input file as a stream (FASTA is read line by line; tables as a whole)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {str(path)!r} does not exist")
@@ -38,20 +44,39 @@ def read_records(path: str | Path, *, id_column: str = "id", sequence_column: st
         raise InputError(f"input file {str(path)!r} is empty")
     suffix = (_suffixes(path) or [""])[-1]
     if suffix == ".parquet" or suffix == ".pq":
-        records = _read_table(path, id_column, sequence_column, None)
+        records: Iterable[Record] = _read_table(path, id_column, sequence_column, None)
     elif suffix in TABLE_SUFFIXES:
         records = _read_table(path, id_column, sequence_column, TABLE_SUFFIXES[suffix])
     else:  # FASTA by suffix, or by content for anything else
-        records = list(_read_fasta(path))
-    if not records:
+        records = _read_fasta_file(path)
+    n = 0
+    for n, record in enumerate(records, start=1):
+        yield record
+    if n == 0:
         raise InputError(f"input file {str(path)!r} holds no records")
-    return records
 
 
 def _open_text(path: Path):
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rt") if gzipped else open(path, "rt")
+
+
+def _read_fasta_file(path: Path) -> Iterator[Record]:
+    """The records of a FASTA file, streamed; an undecodable or truncated file is an InputError naming it."""
+    last: Record | None = None
+    try:
+        for last in _read_fasta(path):
+            yield last
+    except UnicodeDecodeError as e:
+        after = f" after record {last.id!r} ({last.source})" if last else ""
+        raise InputError(
+            f"{path}: byte {e.object[e.start:e.start + 1]!r} is not UTF-8 text{after}; FASTA input must be "
+            f"UTF-8 (or ASCII) text, optionally gzip-compressed"
+        ) from e
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        after = f" after record {last.id!r} ({last.source})" if last else ""
+        raise InputError(f"{path}: the gzip data is truncated or corrupt{after} ({e}); nothing was stored") from e
 
 
 def _read_fasta(path: Path) -> Iterator[Record]:

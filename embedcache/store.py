@@ -1,57 +1,85 @@
-"""The embedding store: a Zarr v3 group on disk. Its schema is the contract with `fusion`.
+"""The embedding store: a Zarr v3 group at a path or URL. Its schema is the contract with `fusion`.
 
-Layout (dimension names are Zarr v3 `dimension_names`, so `xarray.open_zarr` reads it):
+Schema version 2 (dimension names are Zarr v3 `dimension_names`, so `xarray.open_zarr` reads it):
 
-    sequence       (sequence,)          str      record ids, one per input record (the dimension's coordinate)
-    content_index  (sequence,)          int64    row of the record's unique sequence in the content arrays
-    pooled         (sequence, feature)  float32  pooled embedding per record            [pooling != none]
-    content        (content,)           str      sha256 of the residues: the content address (coordinate)
-    residues       (content,)           str      the sequence as embedded (upper-cased, before any crop)
-    n_input_tokens (content,)           int64    tokens of the whole sequence
-    n_cropped      (content,)           int64    tokens removed by an explicit --crop (0 otherwise)
-    n_windows      (content,)           int32    model calls the sequence took
-    token_offset   (content,)           int64    first row of the sequence in `tokens`    [per-token on]
-    token_length   (content,)           int64    rows of the sequence in `tokens`         [per-token on]
-    tokens         (token, feature)     float16  per-token embeddings, flat ("contiguous ragged array")
+    sequence       (sequence,)                str      record ids, one per input record (coordinate)
+    content_index  (sequence,)                int64    row of the record's unique sequence in the content arrays
+    content        (content,)                 str      sha256 of the residues: the content address (coordinate)
+    residues       (content,)                 str      the sequence as embedded (upper-cased, before any crop)
+    n_input_tokens (content,)                 int64    tokens of the whole sequence
+    n_cropped      (content,)                 int64    tokens removed by an explicit --crop (0 otherwise)
+    n_windows      (content,)                 int32    model calls the sequence took
+    pooled         (content, layer, feature)  float32  pooled embedding per unique sequence    [pooling != none]
+    token_offset   (content,)                 int64    first row of the sequence in `tokens`    [per-token on]
+    token_length   (content,)                 int64    rows of the sequence in `tokens`         [per-token on]
+    tokens         (token, layer, feature)    float16  per-token embeddings, flat ("contiguous ragged array")
+    layer          (layer,)                   int64    hidden-state index of each layer (coordinate)
+    _commits/                                          the commit log (embedcache.commits)
 
-Identical sequences under different ids share one content row (computed once); `pooled` is
-per record so that xarray can index it by id: `xr.open_zarr(path).pooled.sel(sequence="P12345")`.
+What counts is what the commit log says: records [0, head.records) and the content and token
+rows of each commit. Rows outside them (a build in progress, or one killed) are never read.
+Every chunk carries a crc32c checksum, and every commit a crc32 of each array's rows, so a
+flipped byte, a missing chunk or an edited index is named by `verify` and refused by readers.
 
-Writes come in groups. Each group starts `tokens` at a shard boundary and so writes whole
-shards that no other group touches. The `_build` subgroup's attrs are the commit log: a group
-counts only once its entry is there, and that attrs write is an atomic rename. Readers see the
-committed rows only; a writer first trims anything past the log (the leftovers of a killed build).
+Changes from schema 1: `pooled` is per unique sequence (was per record) and both per-layer arrays
+have a `layer` dimension; the commit log moved from `_build` attrs to `_commits/`; chunks carry
+crc32c. Schema 1 stores still open for reading; they cannot be extended.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
-import shutil
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.abc.store import Store
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
 
+from embedcache.commits import (
+    CHECKED_ARRAYS,
+    COMMITS_GROUP,
+    CONTENT_ARRAYS,
+    RECORD_ARRAYS,
+    TOKEN_INDEX_ARRAYS,
+    CommitLog,
+    Head,
+    append_commit,
+    crc_of,
+    create_log,
+    read_log,
+    trim_log,
+    write_head,
+)
 from embedcache.errors import FingerprintMismatch, StoreError
+from embedcache.lease import LEASE_KEY
+from embedcache.spool import SPOOL_PREFIX
+from embedcache.location import Location, describe_io_error, open_location, why_absent
 
 FORMAT = "embedcache-store"
-BUILD_GROUP = "_build"
+LEGACY_BUILD_GROUP = "_build"  # schema 1: the commit log lived in this group's attrs
+SCHEMA_VERSION = 2
 CHUNK_BYTES = 1 << 20  # ~1 MiB inner chunks: small enough for one-sequence reads
 RECORD_CHUNK = 4096  # rows per chunk of the per-record / per-content arrays
 RESIDUE_CHUNK = 256  # strings per chunk of `residues` (an Enformer window is 196 kb)
+MAX_EMBED_DIM = 1 << 16  # a store claiming wider rows is damaged, not a model
 
-# fp16 embeddings barely compress (store-design.md: 1.08-1.10x with any codec); lz4 with bitshuffle
-# is the fastest to decode, which is what the fusion loader pays for on every epoch.
-_TOKEN_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
-_TEXT_CODEC = ZstdCodec(level=3)
-
-CONTENT_ARRAYS = ("content", "residues", "n_input_tokens", "n_cropped", "n_windows")
-TOKEN_INDEX_ARRAYS = ("token_offset", "token_length")
+# fp16 embeddings barely compress (1.08-1.10x with any codec, measured); lz4 with bitshuffle is
+# the fastest to decode, which is what the fusion loader pays for on every epoch.
+_TOKEN_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
+_TEXT_CODECS = (ZstdCodec(level=3), Crc32cCodec())
+_NUMBER_CODECS = (ZstdCodec(level=1), Crc32cCodec())
+# Every chunk inside a committed range is written, even when it holds only the fill value, so a
+# missing chunk object is always a fault, never an all-zero chunk.
+_WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -60,8 +88,8 @@ class ContentResult:
 
     key: str
     residues: str
-    tokens: np.ndarray | None  # (L, d) in the stored dtype, or None when per-token output is off
-    pooled: np.ndarray | None  # (d,) float32, or None when pooling is off
+    tokens: np.ndarray | None  # (L, k, d) in the stored dtype, or None when per-token output is off
+    pooled: np.ndarray | None  # (k, d) float32, or None when pooling is off
     n_input_tokens: int
     n_cropped: int
     n_windows: int
@@ -70,20 +98,19 @@ class ContentResult:
 @dataclass(frozen=True)
 class Committed:
     records: int = 0
-    content: int = 0
+    content: int = 0  # one past the last content row in use
     tokens: int = 0  # one past the last token row in use
 
 
-def token_chunking(embed_dim: int, itemsize: int, shard_mb: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+def token_chunking(row_bytes: int, shard_mb: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
     """(tokens per inner chunk, tokens per shard) for ~1 MiB chunks and ~shard_mb shards.
 
-    A shard smaller than a chunk makes the chunk the whole shard (tests use tiny shards to get
-    many commit groups from little data).
+    `row_bytes` is one token row of one layer. A shard smaller than a chunk makes the chunk the
+    whole shard (tests use tiny shards to get many commits from little data).
     """
-    row = embed_dim * itemsize
     shard_bytes = shard_mb * (1 << 20)
-    chunk = max(1, int(min(chunk_bytes, shard_bytes) // row))
-    per_shard = max(1, round(shard_bytes / (chunk * row)))
+    chunk = max(1, int(min(chunk_bytes, shard_bytes) // row_bytes))
+    per_shard = max(1, round(shard_bytes / (chunk * row_bytes)))
     return chunk, chunk * per_shard
 
 
@@ -91,83 +118,169 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _array(group: zarr.Group, name: str, dims: tuple[str, ...], dtype, width: int | None = None, **kw) -> zarr.Array:
-    shape = (0,) if width is None else (0, width)
-    chunks = kw.pop("chunks", (RECORD_CHUNK,) if width is None else (RECORD_CHUNK, width))
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, dimension_names=dims, **kw)
+# -- opening ------------------------------------------------------------------------------------
+
+def _io_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a store backend raises for I/O trouble (not for programming errors)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _check_regular_files(location: Location) -> None:
+    """Local stores: refuse FIFOs, sockets and devices before zarr opens (reading a FIFO blocks forever)."""
+    if not location.is_local:
+        return
+    root = location.local_path
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise StoreError(f"store {location.url!r}: {str(path.relative_to(root))!r} is not a regular file")
+
+
+_METADATA_KEYS = tuple(
+    f"{name}/zarr.json" for name in (*CHECKED_ARRAYS, "layer", COMMITS_GROUP, f"{COMMITS_GROUP}/ranges", f"{COMMITS_GROUP}/crc")
+)
+
+
+async def _check_metadata(store: Store, where: str) -> None:
+    """Parse every metadata document first, so a damaged one is named instead of failing deep in zarr."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    for key in ("zarr.json", *_METADATA_KEYS):
+        buf = await store.get(key, prototype=default_buffer_prototype())
+        if buf is None:
+            continue
+        try:
+            json.loads(buf.to_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"store {where!r}: {key} is not valid JSON ({e}); the store's metadata is damaged") from None
+
+
+def open_root(location: Location, mode: str) -> tuple[Store, zarr.Group]:
+    """The store's root group, checked to be an embedcache store. mode: "r" or "r+"."""
+    read_only = mode == "r"
+    store = open_location(location, read_only=read_only)
+    try:
+        if not sync(store.exists("zarr.json")):
+            raise StoreError(f"no embedcache store at {location.url!r} ({why_absent(location, store)})")
+        _check_regular_files(location)
+        sync(_check_metadata(store, location.url))
+        root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+    except StoreError:
+        raise
+    except _io_errors() as e:
+        raise StoreError(describe_io_error(location, e)) from e
+    meta = root.attrs.get("embedcache")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StoreError(f"{location.url!r} is a Zarr group but not an embedcache store (no embedcache attrs)")
+    version = meta.get("schema_version")
+    if version not in (1, SCHEMA_VERSION):
+        raise StoreError(
+            f"store {location.url!r} has schema_version {version!r}; this embedcache reads versions 1 and "
+            f"{SCHEMA_VERSION}: upgrade embedcache or rebuild the store"
+        )
+    return store, root
+
+
+def store_state(location: Location) -> str:
+    """"created" (a store with a commit head), "partial" (our store, killed while being created),
+    "absent" (nothing, or only a writer lease), or "foreign" (other data: never touched)."""
+    store = open_location(location, read_only=False)
+    try:
+        keys = [k for k in sync(_list_all(store)) if k != LEASE_KEY and not k.startswith(f"{SPOOL_PREFIX}/")]
+        if not keys:
+            return "absent"
+        if "zarr.json" not in keys:
+            return "foreign"
+        root = zarr.open_group(store=store, mode="r", zarr_format=3)
+        meta = root.attrs.get("embedcache")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            return "foreign"
+        if f"{COMMITS_GROUP}/zarr.json" in keys and "head" in root[COMMITS_GROUP].attrs:
+            return "created"
+        if meta.get("schema_version") == 1 and f"{LEGACY_BUILD_GROUP}/zarr.json" in keys:
+            return "created"
+        return "partial"
+    except json.JSONDecodeError as e:
+        raise StoreError(f"store {location.url!r}: zarr.json is not valid JSON ({e}); the store's metadata is damaged") from e
+    except _io_errors() as e:
+        raise StoreError(describe_io_error(location, e)) from e
+
+
+async def _clear_except_lease(store: Store) -> None:
+    """Remove a half-created store's objects; the build's own lease and spool stay."""
+    for key in [k async for k in store.list_prefix("")]:
+        if key != LEASE_KEY and not key.startswith(f"{SPOOL_PREFIX}/"):
+            await store.delete(key)
+
+
+# -- creating -----------------------------------------------------------------------------------
+
+def _array(group: zarr.Group, name: str, dims: tuple[str, ...], dtype, shape_tail: tuple[int, ...] = (), chunks=None,
+           codecs=_NUMBER_CODECS, **kw) -> zarr.Array:
+    chunks = chunks or (RECORD_CHUNK, *shape_tail)
+    return group.create_array(name, shape=(0, *shape_tail), chunks=chunks, dtype=dtype, dimension_names=dims,
+                              compressors=codecs, config=_WRITE_CONFIG, **kw)
 
 
 def create_store(
-    path: str | Path,
+    location: Location | str | Path,
     *,
     attrs: dict,
     embed_dim: int,
+    layers: list[int] = (0,),
     pooled: bool,
     tokens: bool,
     token_dtype: str,
     shard_mb: float,
     chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
-    """Create an empty store with all arrays at length 0 and an empty commit log.
+    """Create an empty store: every array at length 0, an empty commit log, and, LAST, the head.
 
-    It is made in a sibling temp directory and renamed into place (atomic on POSIX), so a build
-    killed while creating leaves either no store or a whole empty one, never a half-made group.
+    Until the head exists the store does not count as created, so a build killed while creating
+    leaves a location that the next build simply creates again.
     """
-    path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.creating-*"):  # left by a build killed while creating
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
-    _create_arrays(tmp, attrs=attrs, embed_dim=embed_dim, pooled=pooled, tokens=tokens, token_dtype=token_dtype, shard_mb=shard_mb, chunk_bytes=chunk_bytes)
+    location = as_location(location)
+    store = open_location(location, read_only=False)
     try:
-        os.rename(tmp, path)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreError(f"cannot create store {str(path)!r}: {e}") from e
-
-
-def _create_arrays(
-    path: Path, *, attrs: dict, embed_dim: int, pooled: bool, tokens: bool, token_dtype: str, shard_mb: float, chunk_bytes: int
-) -> None:
-    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    _array(root, "sequence", ("sequence",), str, compressors=_TEXT_CODEC)
-    _array(root, "content_index", ("sequence",), "int64")
-    if pooled:
-        _array(root, "pooled", ("sequence", "feature"), "float32", width=embed_dim, chunks=(1024, embed_dim))
-    _array(root, "content", ("content",), str, compressors=_TEXT_CODEC)
-    _array(root, "residues", ("content",), str, chunks=(RESIDUE_CHUNK,), compressors=_TEXT_CODEC)
-    for name in ("n_input_tokens", "n_cropped"):
-        _array(root, name, ("content",), "int64")
-    _array(root, "n_windows", ("content",), "int32")
-    if tokens:
-        for name in TOKEN_INDEX_ARRAYS:
+        sync(_clear_except_lease(store))  # only ever called on an absent or partial store (see store_state)
+        root = zarr.create_group(store=store, zarr_format=3, attributes={"embedcache": attrs})
+        k = len(layers)
+        _array(root, "sequence", ("sequence",), str, codecs=_TEXT_CODECS)
+        _array(root, "content_index", ("sequence",), "int64")
+        _array(root, "content", ("content",), str, codecs=_TEXT_CODECS)
+        _array(root, "residues", ("content",), str, chunks=(RESIDUE_CHUNK,), codecs=_TEXT_CODECS)
+        for name in ("n_input_tokens", "n_cropped"):
             _array(root, name, ("content",), "int64")
-        chunk, shard = token_chunking(embed_dim, np.dtype(token_dtype).itemsize, shard_mb, chunk_bytes)
-        root.create_array(
-            "tokens",
-            shape=(0, embed_dim),
-            chunks=(chunk, embed_dim),
-            shards=(shard, embed_dim),
-            dtype=token_dtype,
-            dimension_names=("token", "feature"),
-            compressors=_TOKEN_CODEC,
-        )
-    root.attrs.update({"embedcache": attrs})
-    build = root.create_group(BUILD_GROUP)
-    build.attrs.update({"status": "empty", "committed": Committed().__dict__, "groups": [], "builds": []})
+        _array(root, "n_windows", ("content",), "int32")
+        layer = root.create_array("layer", shape=(k,), dtype="int64", dimension_names=("layer",), compressors=_NUMBER_CODECS)
+        layer[:] = np.asarray(layers, np.int64)
+        if pooled:
+            _array(root, "pooled", ("content", "layer", "feature"), "float32", (k, embed_dim), chunks=(1024, 1, embed_dim))
+        if tokens:
+            for name in TOKEN_INDEX_ARRAYS:
+                _array(root, name, ("content",), "int64")
+            chunk, shard = token_chunking(embed_dim * np.dtype(token_dtype).itemsize, shard_mb, chunk_bytes)
+            root.create_array(
+                "tokens", shape=(0, k, embed_dim), chunks=(chunk, 1, embed_dim), shards=(shard, k, embed_dim),
+                dtype=token_dtype, dimension_names=("token", "layer", "feature"), compressors=_TOKEN_CODECS,
+                config=_WRITE_CONFIG,
+            )
+        create_log(root)
+        write_head(root, Head())
+    except _io_errors() as e:
+        raise StoreError(describe_io_error(location, e)) from e
 
 
-def _open_root(path: str | Path, mode: str) -> zarr.Group:
-    path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise StoreError(f"no embedcache store at {str(path)!r} (no zarr.json)")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
-    meta = root.attrs.get("embedcache")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StoreError(f"{str(path)!r} is a Zarr group but not an embedcache store (no embedcache attrs)")
-    return root
-
-
-def check_fingerprint(path: str | Path, store_attrs: dict, expected: str, expected_fields: dict) -> None:
+def check_fingerprint(where: str, store_attrs: dict, expected: str, expected_fields: dict) -> None:
     """Refuse a store built with other settings, naming both fingerprints and the fields that differ."""
     actual = store_attrs.get("fingerprint")
     if actual == expected:
@@ -179,339 +292,305 @@ def check_fingerprint(path: str | Path, store_attrs: dict, expected: str, expect
         if stored.get(k) != expected_fields.get(k)
     ]
     raise FingerprintMismatch(
-        f"store {str(path)!r} has fingerprint {actual} but this build has fingerprint {expected}; "
+        f"store {where!r} has fingerprint {actual} but this build has fingerprint {expected}; "
         f"differences: {'; '.join(diffs) or 'none listed'}. Build into a new store, or use the store's settings."
     )
 
 
-def read_index(root: zarr.Group) -> tuple[dict[str, int], dict[str, int]]:
-    """The committed index: content key -> content row, and record id -> content row."""
-    c = Committed(**root[BUILD_GROUP].attrs["committed"])
-    keys = {k: i for i, k in enumerate(root["content"][: c.content].tolist())} if c.content else {}
-    ids = root["sequence"][: c.records].tolist() if c.records else []
-    content_index = root["content_index"][: c.records].tolist() if c.records else []
-    return keys, dict(zip(ids, content_index))
+# -- the index every reader and writer validates ------------------------------------------------
 
+@dataclass
+class StoreIndex:
+    """The committed rows of a store, validated against each other and against the arrays."""
+
+    log: CommitLog
+    ids: list[str]
+    content_index: np.ndarray  # (records,) int64
+    content_keys: np.ndarray  # (content_end,) object: "" where no commit wrote
+    committed_content: np.ndarray  # (content_end,) bool
+    offsets: np.ndarray | None  # (content_end,) int64
+    lengths: np.ndarray | None
+
+    @property
+    def committed(self) -> Committed:
+        return Committed(self.log.head.records, self.log.content_end, self.log.token_end)
+
+
+def _read_rows(root: zarr.Group, name: str, end: int, where: str) -> np.ndarray:
+    arr = root[name]
+    if arr.shape[0] < end:
+        raise StoreError(f"store {where!r}: array {name!r} has {arr.shape[0]} rows, the commit log counts {end}")
+    try:
+        return arr[:end] if end else np.zeros(0, arr.dtype if arr.dtype.kind != "T" else object)
+    except _io_errors() + (ValueError, RuntimeError) as e:  # codec / checksum failure while decoding
+        raise StoreError(f"store {where!r}: array {name!r} rows 0..{end} cannot be read: {e}; run embedcache verify") from e
+
+
+def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
+    """Read and cross-check the commit log and the index arrays. Sizes are checked before reading."""
+    log = read_log(root, where)
+    config = attrs.get("config", {})
+    required = [*RECORD_ARRAYS, *CONTENT_ARRAYS, "layer"]
+    required += ["pooled"] if config.get("pooling", "mean") != "none" else []
+    required += [*TOKEN_INDEX_ARRAYS, "tokens"] if config.get("tokens", True) else []
+    missing = [name for name in required if name not in root]
+    if missing:
+        raise StoreError(f"store {where!r}: array(s) {missing} are missing, but its config says they were built; the store is damaged")
+    embed_dim = attrs.get("embed_dim")
+    if not isinstance(embed_dim, int) or not 0 < embed_dim <= MAX_EMBED_DIM:
+        raise StoreError(f"store {where!r}: embed_dim {embed_dim!r} is not a width in 1..{MAX_EMBED_DIM}")
+    for name in ("pooled", "tokens"):
+        if name in root and root[name].shape[-1] != embed_dim:
+            raise StoreError(f"store {where!r}: array {name!r} is {root[name].shape[-1]} wide, attrs say embed_dim {embed_dim}")
+    c_end, t_end, r_end = log.content_end, log.token_end, log.head.records
+    for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"):
+        if name in root and root[name].shape[0] < c_end:
+            raise StoreError(f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, the commit log counts {c_end}")
+    if "tokens" in root and root["tokens"].shape[0] < t_end:
+        raise StoreError(f"store {where!r}: array 'tokens' has {root['tokens'].shape[0]} rows, the commit log counts {t_end}")
+    ids = _read_rows(root, "sequence", r_end, where).tolist()
+    content_index = _read_rows(root, "content_index", r_end, where).astype(np.int64)
+    keys = _read_rows(root, "content", c_end, where)
+    committed = log.committed_content(c_end)
+    if len(content_index) and (content_index.min() < 0 or content_index.max() >= c_end or not committed[content_index].all()):
+        bad = int(np.flatnonzero((content_index < 0) | (content_index >= c_end))[0]) if (
+            (content_index < 0) | (content_index >= c_end)).any() else int(np.flatnonzero(~committed[content_index])[0])
+        raise StoreError(f"store {where!r}: record {ids[bad]!r} points to content row {int(content_index[bad])}, which no commit wrote")
+    offsets = lengths = None
+    if "tokens" in root:
+        offsets = _read_rows(root, "token_offset", c_end, where).astype(np.int64)
+        lengths = _read_rows(root, "token_length", c_end, where).astype(np.int64)
+        for i, (_, _, c0, c1, t0, t1) in enumerate(log.ranges.tolist()):
+            o, n = offsets[c0:c1], lengths[c0:c1]
+            if len(o) and ((o < t0).any() or (o + n > t1).any() or (n < 0).any()):
+                raise StoreError(
+                    f"store {where!r}: a sequence of commit {i} points outside that commit's token rows {t0}..{t1}; "
+                    f"the index was edited or damaged (run embedcache verify)"
+                )
+    return StoreIndex(log, ids, content_index, keys, committed, offsets, lengths)
+
+
+def _chunk_keys(arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(store key, (first row, end row)) of every stored object (chunk or shard) holding rows lo..hi."""
+    outer = arr.metadata.chunk_grid.chunk_shape  # the shard shape for sharded arrays
+    rest = [range(math.ceil(s / c)) for s, c in zip(arr.shape[1:], outer[1:])]
+    for i in range(lo // outer[0], math.ceil(hi / outer[0])):
+        for tail in np.ndindex(*[len(r) for r in rest]) if rest else [()]:
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key((i, *tail))}"
+            yield key, (i * outer[0], min((i + 1) * outer[0], arr.shape[0]))
+
+
+def missing_objects(store: Store, root: zarr.Group, index: StoreIndex) -> list[str]:
+    """Every chunk or shard that committed rows live in but the store lacks: each one a fault."""
+    present = set(sync(_list_all(store)))
+    log = index.log
+    needed: dict[str, list[tuple[int, int]]] = {}
+    if log.head.records:
+        needed.update({name: [(0, log.head.records)] for name in RECORD_ARRAYS})
+    content_spans = [(c0, c1) for _, _, c0, c1, _, _ in log.ranges.tolist() if c1 > c0]
+    token_spans = [(t0, t1) for *_, t0, t1 in log.ranges.tolist() if t1 > t0]
+    for name in (*CONTENT_ARRAYS, "pooled", *TOKEN_INDEX_ARRAYS):
+        if name in root and content_spans:
+            needed[name] = content_spans
+    if "tokens" in root and token_spans:
+        needed["tokens"] = token_spans
+    faults = []
+    for name, spans in needed.items():
+        arr = root[name]
+        seen = set()
+        for lo, hi in spans:
+            for key, (r0, r1) in _chunk_keys(arr, lo, hi):
+                if key not in present and key not in seen:
+                    seen.add(key)
+                    faults.append(f"array {name!r}: chunk {key!r} (rows {r0}..{r1}) is missing, but committed rows live there")
+    return faults
+
+
+async def _list_all(store: Store) -> list[str]:
+    return [k async for k in store.list_prefix("")]
+
+
+# -- writing ------------------------------------------------------------------------------------
 
 class StoreWriter:
-    """Appends committed groups to a store. One writer per store at a time."""
+    """Appends commits to a store. Hold the store's `WriterLease` while using one."""
 
-    def __init__(self, root: zarr.Group, shard_tokens: int | None = None):
-        self.root = root
-        self.build = root[BUILD_GROUP]
-        c = self.build.attrs["committed"]
-        self.committed = Committed(**c)
+    def __init__(self, store: Store, root: zarr.Group, where: str):
+        self.store, self.root, self.where = store, root, where
+        self.attrs = dict(root.attrs["embedcache"])
+        if self.attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"store {where!r} has schema_version {self.attrs.get('schema_version')}, made by an older embedcache: "
+                f"it can be read but not extended; build into a new store"
+            )
+        self.index = read_index(root, where, self.attrs)
+        faults = missing_objects(store, root, self.index)
+        if faults:
+            raise StoreError(f"store {where!r} is damaged, refusing to extend it: {faults[0]} (and {len(faults) - 1} more); run embedcache verify")
+        self.head = self.index.log.head
         self.has_tokens = "tokens" in root
         self.has_pooled = "pooled" in root
+        self.n_layers = root["layer"].shape[0]
         self.shard_tokens = root["tokens"].shards[0] if self.has_tokens else 0
+        names = [n for n in CHECKED_ARRAYS if n in root]
+        self._arrays = {n: root[n]._async_array.with_config(_WRITE_CONFIG) for n in names}
+        self._pending: list[tuple[str, int, np.ndarray]] = []
+        self.keys: dict[str, int] = {str(k): i for i, k in enumerate(self.index.content_keys.tolist()) if self.index.committed_content[i]}
+        c = self.index.committed
+        self.content_end, self.token_end = c.content, c.tokens
         self._trim()
-        self.keys, self.record_content = read_index(root)
+
+    @property
+    def committed(self) -> Committed:
+        return Committed(self.head.records, self.content_end, self.token_end)
 
     def _trim(self) -> None:
-        """Cut every array back to the committed sizes: leftovers of a killed build are never read."""
-        c = self.committed
-        for name in ("sequence", "content_index", "pooled"):
+        """Cut arrays back to the committed sizes: leftovers of a killed build are never read or kept."""
+        trim_log(self.root, self.head)
+        for name in RECORD_ARRAYS:
+            self._resize(name, self.head.records)
+        for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"):
             if name in self.root:
-                a = self.root[name]
-                a.resize((c.records, *a.shape[1:]))
-        for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS):
-            if name in self.root:
-                self.root[name].resize((c.content,))
+                self._resize(name, self.content_end)
         if self.has_tokens:
-            self.root["tokens"].resize((c.tokens, self.root["tokens"].shape[1]))
+            self._resize("tokens", self.token_end)
 
-    def pooled_of_contents(self, indices: list[int]) -> np.ndarray:
-        """(n, d) pooled vectors already stored for existing content rows (read once: pooled is small)."""
-        r = self.committed.records
-        content_index = self.root["content_index"][:r]
-        first_row = {}
-        for row, c in enumerate(content_index.tolist()):
-            first_row.setdefault(c, row)
-        return self.root["pooled"][:r][[first_row[c] for c in indices]]
+    def _resize(self, name: str, rows: int) -> None:
+        arr = self._arrays[name]
+        if arr.shape[0] != rows:
+            sync(arr.resize((rows, *arr.shape[1:])))
+            self._arrays[name] = self.root[name]._async_array.with_config(_WRITE_CONFIG)
 
-    def set_status(self, status: str, **extra) -> None:
-        attrs = dict(self.build.attrs)
-        attrs["status"] = status
-        attrs.update(extra)
-        self.build.attrs.update(attrs)
+    def reserve_tokens(self, rows: int) -> None:
+        """Grow `tokens` to `rows` before units write their own regions (array metadata is the client's)."""
+        arr = self._arrays["tokens"]
+        if arr.shape[0] < rows:
+            sync(arr.resize((rows, *arr.shape[1:])))
+            self._arrays["tokens"] = self.root["tokens"]._async_array.with_config(_WRITE_CONFIG)
+
+    def set_status(self, status: str, build_entry: dict | None = None) -> None:
+        if status == "complete":
+            self._trim()  # drop the rows grown ahead of the log, so xarray sees exactly the committed arrays
+        builds = [*self.head.builds, build_entry] if build_entry else self.head.builds
+        self.head = Head(self.head.n, self.head.records, status, builds)
+        write_head(self.root, self.head)
+
+    def _write(self, name: str, start: int, values: np.ndarray) -> None:
+        self._pending.append((name, start, values))
+
+    async def _write_one(self, name: str, start: int, values: np.ndarray) -> None:
+        arr = self._arrays[name]
+        end = start + len(values)
+        if arr.shape[0] < end:
+            # Grow geometrically, in whole chunks: most commits then write no array metadata at all.
+            # Rows past the log are never read; `set_status` trims them when the build ends.
+            step = arr.metadata.chunk_grid.chunk_shape[0]
+            grown = max(end, math.ceil(arr.shape[0] * 1.5 / step) * step)
+            await arr.resize((grown, *arr.shape[1:]))
+            arr = (await self.root._async_group.getitem(name)).with_config(_WRITE_CONFIG)  # metadata as resized
+            self._arrays[name] = arr
+        await arr.setitem(slice(start, end), values)
+
+    def _flush_writes(self) -> None:
+        """Write the commit's arrays concurrently: on object stores each write is a round trip."""
+        pending, self._pending = self._pending, []
+
+        async def write_all() -> None:
+            await asyncio.gather(*(self._write_one(*w) for w in pending))
+
+        sync(write_all())
 
     def commit(self, contents: list[ContentResult], records: list[tuple[str, str]]) -> None:
-        """Write a group of new content rows and the records that use them, then log the commit.
+        """Write new content rows and the records (id, content key) that use them, then commit.
 
-        `records` are (id, content key); a key is either among `contents` or already in the store.
+        A record's key is either among `contents` or already in the store. Token rows start on a
+        shard boundary, so one commit writes whole shards that no other commit touches.
         """
-        c = self.committed
-        new_keys = {r.key: c.content + i for i, r in enumerate(contents)}
-        # 1. per-token rows, starting on a shard boundary so the group writes whole shards only
-        t_start = c.tokens
-        offsets = np.zeros(len(contents), np.int64)
-        lengths = np.zeros(len(contents), np.int64)
+        t0 = t1 = self.token_end
+        columns: dict[str, np.ndarray] = {}
+        token_crc = 0
         if self.has_tokens and contents:
-            t_start = math.ceil(c.tokens / self.shard_tokens) * self.shard_tokens
-            lengths[:] = [len(r.tokens) for r in contents]
-            offsets[:] = t_start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            block = np.concatenate([r.tokens for r in contents])  # (sum L, d)
-            tokens = self.root["tokens"]
-            tokens.resize((t_start + len(block), tokens.shape[1]))
-            tokens[t_start : t_start + len(block)] = block
-        t_end = t_start + int(lengths.sum()) if self.has_tokens and contents else c.tokens
-        # 2. content rows
-        n_content = c.content + len(contents)
+            t0 = math.ceil(self.token_end / self.shard_tokens) * self.shard_tokens
+            lengths = np.array([len(r.tokens) for r in contents], np.int64)
+            block = np.concatenate([_with_layer_axis(r.tokens, 3) for r in contents])  # (sum L, k, d)
+            t1 = t0 + len(block)
+            self._write("tokens", t0, block)
+            token_crc = crc_of(block)
+            columns.update(token_offset=t0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]), token_length=lengths)
         if contents:
-            columns = {
-                "content": np.array([r.key for r in contents], dtype=object),
-                "residues": np.array([r.residues for r in contents], dtype=object),
-                "n_input_tokens": np.array([r.n_input_tokens for r in contents], np.int64),
-                "n_cropped": np.array([r.n_cropped for r in contents], np.int64),
-                "n_windows": np.array([r.n_windows for r in contents], np.int32),
-            }
-            if self.has_tokens:
-                columns.update(token_offset=offsets, token_length=lengths)
-            for name, values in columns.items():
-                self.root[name].resize((n_content,))
-                self.root[name][c.content : n_content] = values
-        # 3. record rows
-        n_records = c.records + len(records)
-        if records:
-            index = np.array([new_keys[k] if k in new_keys else self.keys[k] for _, k in records], np.int64)
-            self.root["sequence"].resize((n_records,))
-            self.root["sequence"][c.records : n_records] = np.array([i for i, _ in records], dtype=object)
-            self.root["content_index"].resize((n_records,))
-            self.root["content_index"][c.records : n_records] = index
+            columns.update(_content_columns([r.key for r in contents], [r.residues for r in contents],
+                                            [r.n_input_tokens for r in contents], [r.n_cropped for r in contents],
+                                            [r.n_windows for r in contents]))  # fmt: skip
             if self.has_pooled:
-                by_key = {r.key: r.pooled for r in contents}
-                old = [self.keys[k] for _, k in records if k not in by_key]
-                if old:
-                    by_key.update(zip((k for _, k in records if k not in by_key), self.pooled_of_contents(old)))
-                rows = np.stack([by_key[k] for _, k in records])
-                pooled = self.root["pooled"]
-                pooled.resize((n_records, pooled.shape[1]))
-                pooled[c.records : n_records] = rows
-        # 4. the commit itself: one atomic metadata write
-        self.committed = Committed(records=n_records, content=n_content, tokens=t_end)
-        groups = list(self.build.attrs["groups"])
-        groups.append([n_records, n_content, t_start, t_end])
-        self.build.attrs.update({"committed": self.committed.__dict__, "groups": groups})
-        self.keys.update(new_keys)
-        for (rid, _), i in zip(records, index if records else []):
-            self.record_content[rid] = int(i)
+                columns["pooled"] = np.stack([_with_layer_axis(r.pooled, 2) for r in contents]).astype(np.float32)
+        c0 = self.content_end
+        new_keys = {r.key: c0 + i for i, r in enumerate(contents)}
+        index = [new_keys[k] if k in new_keys else self.keys[k] for _, k in records]
+        self._commit(columns, (t0, t1), token_crc, [i for i, _ in records], index)
 
-
-class EmbeddingStore:
-    """Read access to a store: `embedcache.open_store(path)`.
-
-    >>> store = open_store("proteins.zarr")
-    >>> store.ids[:3], store.embed_dim
-    >>> store.pooled(["P1", "P2"]).shape      # (2, d) float32
-    >>> store.tokens("P1").shape              # (L, d): real token positions only, special tokens stripped
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.root = _open_root(self.path, mode="r")
-        self.attrs: dict = dict(self.root.attrs["embedcache"])
-        build = dict(self.root[BUILD_GROUP].attrs)
-        self.status: str = build["status"]
-        self.committed = Committed(**build["committed"])
-        self.groups: list[list[int]] = build["groups"]
-        self.builds: list[dict] = build.get("builds", [])
-        n = self.committed.records
-        self.ids: list[str] = self.root["sequence"][:n].tolist() if n else []
-        self._row = {rid: i for i, rid in enumerate(self.ids)}
-        self._content_index = self.root["content_index"][:n] if n else np.zeros(0, np.int64)
-        self.has_tokens = "tokens" in self.root
-        self.has_pooled = "pooled" in self.root
-        # Opened once: looking an array up in the group costs ~0.5 ms, as much as a small read.
-        self._tokens = self.root["tokens"] if self.has_tokens else None
+    def commit_unit(self, result) -> None:
+        """Commit a unit a worker embedded: its token rows are already written (embedcache.partition)."""
+        columns = _content_columns(result.keys, result.residues, result.n_input_tokens, result.n_cropped, result.n_windows)
         if self.has_tokens:
-            nc = self.committed.content
-            self._offset = self.root["token_offset"][:nc] if nc else np.zeros(0, np.int64)
-            self._length = self.root["token_length"][:nc] if nc else np.zeros(0, np.int64)
-        self._pooled_cache: np.ndarray | None = None
+            columns.update(token_offset=result.token_offset, token_length=result.token_length)
+        if self.has_pooled:
+            columns["pooled"] = result.pooled
+        self._commit(columns, (result.token_start, result.token_end), result.token_crc, [], [])
 
-    # -- provenance ---------------------------------------------------------------------------
-    @property
-    def fingerprint(self) -> str:
-        return self.attrs["fingerprint"]
+    def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
+        """Commit records whose sequences the store already holds."""
+        self._commit({}, (self.token_end, self.token_end), 0, ids, content_rows)
 
-    @property
-    def embed_dim(self) -> int:
-        return int(self.attrs["embed_dim"])
-
-    @property
-    def complete(self) -> bool:
-        return self.status == "complete"
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __contains__(self, record_id: str) -> bool:
-        return record_id in self._row
-
-    def __repr__(self) -> str:
-        return (
-            f"EmbeddingStore({str(self.path)!r}, encoder={self.attrs['config']['encoder']!r}, "
-            f"records={len(self)}, dim={self.embed_dim}, status={self.status!r})"
-        )
-
-    # -- data ---------------------------------------------------------------------------------
-    def rows(self, ids: list[str]) -> np.ndarray:
-        """Record rows of `ids`; unknown ids raise KeyError naming examples and the count."""
-        missing = [i for i in ids if i not in self._row]
-        if missing:
-            raise KeyError(
-                f"{len(missing)} of {len(ids)} ids are not in store {str(self.path)!r}, e.g. {missing[:5]}"
-            )
-        return np.fromiter((self._row[i] for i in ids), np.int64, len(ids))
-
-    def pooled(self, ids: list[str] | None = None) -> np.ndarray:
-        """(n, d) float32 pooled embeddings of `ids` (all records, in `self.ids` order, when None)."""
-        if not self.has_pooled:
-            raise StoreError(f"store {str(self.path)!r} was built with --pooling none")
-        if self._pooled_cache is None:  # pooled arrays are small: load once
-            n = self.committed.records
-            self._pooled_cache = self.root["pooled"][:n] if n else np.zeros((0, self.embed_dim), np.float32)
-        return self._pooled_cache if ids is None else self._pooled_cache[self.rows(ids)]
-
-    def token_span(self, record_id: str) -> tuple[int, int]:
-        """(offset, length) of the record's rows in the flat `tokens` array."""
-        if not self.has_tokens:
-            raise StoreError(f"store {str(self.path)!r} was built with --no-tokens")
-        c = self._content_index[self.rows([record_id])[0]]
-        return int(self._offset[c]), int(self._length[c])
-
-    def tokens(self, record_id: str) -> np.ndarray:
-        """(L, d) per-token embeddings of one record, in the stored dtype."""
-        offset, length = self.token_span(record_id)
-        return self._tokens[offset : offset + length]
-
-    def token_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All per-token data at once: (flat (T, d), offset per record into flat, length per record).
-
-        Reads each commit group's rows sequentially and skips the unused rows between groups
-        (each group starts on a shard boundary); for data that fits in memory.
-        """
-        spans = [(t0, t1) for _, _, t0, t1 in self.groups if t1 > t0]
-        if not spans:
-            return np.zeros((0, self.embed_dim), self.attrs["stored_dtype"]["tokens"]), np.zeros(0, np.int64), np.zeros(0, np.int64)
-        flat = np.concatenate([self._tokens[t0:t1] for t0, t1 in spans])  # (T_used, d)
-        starts = np.array([t0 for t0, _ in spans])
-        packed = np.cumsum([0] + [t1 - t0 for t0, t1 in spans[:-1]])  # where each group begins in `flat`
-        c = self._content_index
-        offsets = self._offset[c]
-        group = np.searchsorted(starts, offsets, side="right") - 1
-        return flat, offsets - starts[group] + packed[group], self._length[c]
-
-    def sequence(self, record_id: str) -> str:
-        c = int(self._content_index[self.rows([record_id])[0]])
-        return str(self.root["residues"][c])
-
-    def record_info(self, record_id: str) -> dict:
-        c = int(self._content_index[self.rows([record_id])[0]])
-        info = {name: int(self.root[name][c]) for name in ("n_input_tokens", "n_cropped", "n_windows")}
-        info["content_key"] = str(self.root["content"][c])
-        if self.has_tokens:
-            info["n_tokens"] = int(self._length[c])
-        return info
-
-    # -- summaries ----------------------------------------------------------------------------
-    def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-
-    def info(self) -> dict:
-        cfg = self.attrs["config"]
-        n_cropped = int((self.root["n_cropped"][: self.committed.content] > 0).sum()) if self.committed.content else 0
-        return {
-            "path": str(self.path),
-            "status": self.status,
-            "encoder": cfg["encoder"],
-            "model": cfg["model"],
-            "fingerprint": self.fingerprint,
-            "records": len(self),
-            "unique_sequences": self.committed.content,
-            "tokens": int(self._length.sum()) if self.has_tokens else 0,
-            "embed_dim": self.embed_dim,
-            "pooled": f"({len(self)}, {self.embed_dim}) float32, pooling={cfg['pooling']}" if self.has_pooled else None,
-            "per_token": f"({int(self._length.sum())}, {self.embed_dim}) {cfg['dtype']}" if self.has_tokens else None,
-            "sequences_cropped": n_cropped,
-            "groups": len(self.groups),
-            "size_on_disk_bytes": self.size_on_disk(),
-            "first_ids": self.ids[:5],
-            "provenance": self.attrs["provenance"],
-            "builds": self.builds,
-        }
-
-    def verify(self) -> list[str]:
-        """Every fault found: status, index consistency, and every committed shard read back."""
-        faults = []
-        where = str(self.path)
-        if self.status != "complete":
-            faults.append(f"{where}: status is {self.status!r}, not 'complete' (an interrupted build: run it again)")
-        c = self.committed
-        for name in ("sequence", "content_index", "pooled"):
-            if name in self.root and self.root[name].shape[0] != c.records:
-                faults.append(f"{where}: array {name!r} has {self.root[name].shape[0]} rows, log says {c.records}")
-        for name in (*CONTENT_ARRAYS, *(TOKEN_INDEX_ARRAYS if self.has_tokens else ())):
-            if self.root[name].shape[0] != c.content:
-                faults.append(f"{where}: array {name!r} has {self.root[name].shape[0]} rows, log says {c.content}")
-        if len(set(self.ids)) != len(self.ids):
-            faults.append(f"{where}: duplicate record ids")
-        if len(self._content_index) and (self._content_index.min() < 0 or self._content_index.max() >= c.content):
-            faults.append(f"{where}: a record points outside the {c.content} content rows")
-        keys = self.root["content"][: c.content].tolist() if c.content else []
-        if len(set(keys)) != len(keys):
-            faults.append(f"{where}: a content key is stored twice")
-        if self.has_tokens and c.content:
-            end = self._offset + self._length
-            bad = np.flatnonzero((self._offset < 0) | (end > c.tokens))
-            if len(bad):
-                faults.append(f"{where}: {len(bad)} sequences point outside the {c.tokens} token rows, e.g. {keys[bad[0]]}")
-        faults += self._read_back(where)
-        return faults
-
-    def _read_back(self, where: str) -> list[str]:
-        faults = []
-        if self.has_pooled and len(self):
-            try:
-                p = self.pooled()
-                if not np.isfinite(p).all():
-                    faults.append(f"{where}: pooled holds non-finite values at rows {np.flatnonzero(~np.isfinite(p).all(1))[:5].tolist()}")
-            except Exception as e:  # any codec / IO failure is a fault to report, not a crash
-                faults.append(f"{where}: pooled cannot be read: {e}")
-        if self.has_tokens:
-            tokens = self.root["tokens"]
-            for g, (_, _, t0, t1) in enumerate(self.groups):
-                if t1 <= t0:
-                    continue
-                try:
-                    block = tokens[t0:t1]
-                except Exception as e:
-                    faults.append(f"{where}: group {g} (token rows {t0}..{t1}) cannot be read: {e}")
-                    continue
-                if not np.isfinite(block).all():
-                    faults.append(f"{where}: group {g} (token rows {t0}..{t1}) holds non-finite values")
-        return faults
+    def _commit(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
+                content_rows: list[int]) -> None:
+        c0 = self.content_end
+        n_new = len(columns["content"]) if "content" in columns else 0
+        crc = {"tokens": token_crc}
+        for name, values in columns.items():
+            self._write(name, c0, values)
+            crc[name] = crc_of(values)
+        r0 = self.head.records
+        if ids:
+            index = np.asarray(content_rows, np.int64)
+            names = np.array(ids, dtype=object)
+            self._write("sequence", r0, names)
+            self._write("content_index", r0, index)
+            crc.update(sequence=crc_of(names), content_index=crc_of(index))
+        self._flush_writes()
+        t0, t1 = token_range
+        row = (r0, r0 + len(ids), c0, c0 + n_new, t0, t1)
+        self.head = append_commit(self.root, self.head, row, [crc.get(name, 0) for name in CHECKED_ARRAYS])
+        self.content_end, self.token_end = c0 + n_new, max(self.token_end, t1)
+        if n_new:
+            self.keys.update({str(k): c0 + i for i, k in enumerate(columns["content"].tolist())})
 
 
-def open_store(path: str | Path) -> EmbeddingStore:
-    """Open an embedding store for reading."""
-    return EmbeddingStore(path)
+def _content_columns(keys, residues, n_input_tokens, n_cropped, n_windows) -> dict[str, np.ndarray]:
+    return {
+        "content": np.array(keys, dtype=object),
+        "residues": np.array(residues, dtype=object),
+        "n_input_tokens": np.asarray(n_input_tokens, np.int64),
+        "n_cropped": np.asarray(n_cropped, np.int64),
+        "n_windows": np.asarray(n_windows, np.int32),
+    }
 
 
-def open_writer(path: str | Path) -> StoreWriter:
-    return StoreWriter(_open_root(path, mode="r+"))
+def _with_layer_axis(x: np.ndarray, ndim: int) -> np.ndarray:
+    """A single layer's (L, d) tokens or (d,) pooled vector gets its (size-1) layer axis."""
+    return x if x.ndim == ndim else x[..., None, :]
 
 
-def read_store_index(path: str | Path) -> tuple[dict, dict[str, int], dict[str, int]]:
-    """(embedcache attrs, content keys, record ids) without modifying the store (for planning)."""
-    root = _open_root(path, mode="r")
-    return dict(root.attrs["embedcache"]), *read_index(root)
+def as_location(location: Location | str | Path) -> Location:
+    return location if isinstance(location, Location) else Location.of(location)
 
 
-def describe(info: dict) -> str:
-    """Human-readable `embedcache info` text."""
-    lines = [f"{k:>18}: {v}" for k, v in info.items() if k not in ("provenance", "builds")]
-    lines.append(f"{'provenance':>18}: {json.dumps(info['provenance'], sort_keys=True)}")
-    for b in info["builds"]:
-        lines.append(f"{'build':>18}: {json.dumps(b, sort_keys=True)}")
-    return "\n".join(lines)
+def open_writer(location: Location | str | Path) -> StoreWriter:
+    location = as_location(location)
+    store, root = open_root(location, mode="r+")
+    return StoreWriter(store, root, location.url)
+
+
+def read_store_attrs(location: Location) -> dict:
+    """The store's embedcache attrs (for fingerprint checks before planning)."""
+    _, root = open_root(location, mode="r")
+    return dict(root.attrs["embedcache"])

@@ -93,6 +93,9 @@ def make_tiny_enformer(
     Its input window must be a multiple of 128 bp giving at least `target_length` bins. Enformer's
     relative positional features need dim // heads divisible by 6 (official: 1536 // 8 = 192).
     """
+    from embedcache.encoders.enformer import require_enformer
+
+    require_enformer()
     from enformer_pytorch import Enformer
 
     directory = Path(directory)

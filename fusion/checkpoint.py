@@ -24,18 +24,21 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fusion.errors import FusionError, RunError
+
 CHECKPOINT_FORMAT = "fusion-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "model_state", "model_config", "train_config", "fingerprints", "target_names", "extra")
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(FusionError):
     """The features offered to a model are not the ones it was trained on."""
 
     def __init__(self, message: str, problems: list[tuple[str, str | None, str | None]]) -> None:
@@ -103,18 +106,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raise RunError(f"no checkpoint file at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # torch's own ways of saying "not a checkpoint"
+        raise RunError(f"{path}: cannot read the checkpoint (truncated or not a torch file?): {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a fusion checkpoint: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    if ckpt["format_version"] > CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
+        raise RunError(f"{path} is not a fusion checkpoint: format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    if ckpt.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        raise RunError(
             f"{path} has checkpoint format_version {ckpt['format_version']}, this code reads up to {CHECKPOINT_FORMAT_VERSION}"
         )
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise ValueError(f"{path} lacks checkpoint fields {missing}")
+        raise RunError(f"{path} lacks checkpoint fields {missing}")
     ckpt["path"] = str(path)
     return ckpt
 

@@ -22,13 +22,14 @@ from einops import rearrange
 
 from embedcache import EmbeddingStore, open_store
 from fusion.batch import Batch, ModalityBatch
+from fusion.errors import FusionError
 from fusion.prepare.manifest import Manifest
 
 FEATURES = ("tokens", "pooled")
 LOADINGS = ("auto", "memory", "stream")
 
 
-class DataError(ValueError):
+class DataError(FusionError):
     """Manifest and stores do not fit together."""
 
 
@@ -37,7 +38,8 @@ class DataConfig:
     """Where the features and targets come from. Written into every run directory."""
 
     manifest: str  # prepared directory (with prepare.json) or a manifest table
-    stores: dict[str, str]  # modality -> embedding store path
+    stores: dict[str, str]  # modality -> embedding store path or URL (s3://, gs://, ...)
+    storage_options: dict = field(default_factory=dict)  # remote stores' filesystem options (no secrets: use the environment)
     modalities: tuple[str, ...] = ()  # modalities fed to the model; () = every store given
     features: str = "tokens"  # tokens (per-token rows + mask) | pooled (one vector per modality)
     max_tokens: int | None = None  # longer per-token inputs are averaged in consecutive equal groups down to this many rows
@@ -324,17 +326,52 @@ def check_keys(manifest: Manifest, modality: str, store: EmbeddingStore) -> list
     return keys
 
 
+# Which residues a modality slot holds: a store records its alphabet (attrs["provenance"]["alphabet"]).
+# RNA is written with T (cDNA) for the nucleotide models, so an RNA store may hold the dna alphabet.
+SLOT_ALPHABETS = {"dna": ("dna",), "rna": ("rna", "dna"), "protein": ("protein",)}
+
+
+def check_modality(modality: str, store: EmbeddingStore, path: str) -> None:
+    """Refuse a store whose recorded alphabet does not fit the slot it is given for (protein=rna.zarr).
+
+    Slots other than dna / rna / protein, and stores without a recorded alphabet (an `hf` build
+    without --alphabet), cannot be checked and are taken as given.
+    """
+    expected = SLOT_ALPHABETS.get(modality)
+    provenance = store.attrs.get("provenance", {})
+    alphabet = provenance.get("alphabet")
+    if expected is None or alphabet is None or alphabet in expected:
+        return
+    encoder = store.attrs.get("config", {}).get("encoder", provenance.get("encoder"))
+    raise DataError(
+        f"store {path!r} was given as the {modality!r} modality but holds {alphabet} sequences "
+        f"(built by encoder {encoder!r} with the {alphabet} alphabet); a {modality!r} store needs the "
+        f"{' or '.join(expected)} alphabet. Check the --store MODALITY=PATH pairs"
+    )
+
+
+def open_modality_store(config: DataConfig, manifest: Manifest, modality: str) -> tuple[EmbeddingStore, list[str]]:
+    """One modality's store, checked (complete, right modality, every manifest key present), and its keys.
+
+    Cached features and live encoders (fusion.finetune) open their stores through here.
+    """
+    path = config.stores[modality]
+    store = open_store(path, config.storage_options)
+    if not store.complete:
+        raise DataError(f"store {path!r} ({modality}) is {store.status!r}, not complete: run its embedcache build again to finish it")
+    check_modality(modality, store, path)
+    keys = check_keys(manifest, modality, store)
+    if config.features == "pooled" and store.attrs["config"]["pooling"] == "none":
+        raise DataError(f"store {path!r} ({modality}) was built with --pooling none: it has no pooled vectors; use --features tokens")
+    return store, keys
+
+
 def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreBatches:
     """Open the stores, check them against the manifest, and load or prepare features per modality."""
     features, stores, loading = {}, {}, {}
     for m in config.used_modalities:
         path = config.stores[m]
-        store = open_store(path)
-        if not store.complete:
-            raise DataError(
-                f"store {path!r} ({m}) is {store.status!r}, not complete: run its embedcache build again to finish it"
-            )
-        keys = check_keys(manifest, m, store)
+        store, keys = open_modality_store(config, manifest, m)
         if config.features == "pooled":
             features[m], loading[m] = PooledFeatures(store, keys), "pooled"
         else:

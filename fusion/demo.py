@@ -17,7 +17,7 @@ from typing import Callable
 from embedcache import open_store
 from embedcache.build import build
 from embedcache.config import BuildConfig
-from embedcache.store import describe
+from embedcache.reader import describe
 from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
 from fusion.data import DataConfig
 from fusion.experiment import run_ablation, run_train

@@ -22,9 +22,13 @@ Cached and end-to-end modes differ only in where features come from (style.md, l
 Encoder modes (per modality, `FinetuneConfig.encoder_modes`; default frozen):
     frozen   no parameter trains; the encoder runs in eval mode under torch.no_grad
     full     every parameter trains
-    lora     LoRA adapters (peft) on the attention projections (`ARCHITECTURES`); base weights frozen
-    last-n   the last N transformer blocks that feed the store's layer train (plus the final
-             norm / Enformer's final pointwise block when the store used the last layer)
+    lora     LoRA adapters (peft) on the modules the encoder names (`Encoder.lora_targets`: the
+             attention projections of known families); base weights frozen
+    last-n   the last N blocks that feed the store's layer train (`Encoder.blocks_feeding_output`),
+             plus the modules after them (final norm, Enformer's final pointwise block) when the
+             store used the last layer (`Encoder.modules_after_blocks`)
+What an encoder can do is its own business (embedcache.encoders.base.Encoder): this module knows
+no architecture.
 Whatever does not train runs in eval mode (no dropout; BatchNorm keeps its running statistics),
 except the frozen base under LoRA, which keeps dropout on as in peft's usual training.
 
@@ -35,9 +39,14 @@ holds only what cannot be rebuilt from the stores' provenance:
                           buffers) of the trained blocks; lora: the adapters (`*.lora_A.*`, `*.lora_B.*`);
                           frozen: nothing
 `model_config` is the fusion model's config, `fingerprints` the stores' (inputs, base encoder and
-output settings), `extra["finetune"]` the modes and encoder provenance. `load_finetune_run`
-rebuilds the encoders from the stores, applies the recorded modes and loads this state.
-`fusion evaluate` (cached features) does not read these checkpoints: their keys are prefixed.
+output settings); run.json (`fusion.run.RunManifest`) holds the modes and encoder provenance.
+A finetune run is a `fusion.run` run with a `LiveFeed`: `fusion evaluate` / `predict` reopen it
+with `LiveFeed.reopen`, which rebuilds the encoders from the stores, applies the recorded modes
+and loads this state.
+
+Remote code. A store records the model it was built with and whether that model's own code was
+trusted; neither is a permission here. A model that ships code (`auto_map`) is loaded only with
+the user's --trust-remote-code, and the refusal names the model and its code files.
 """
 
 from __future__ import annotations
@@ -52,63 +61,27 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from embedcache import EmbeddingStore, open_store
+from embedcache import EmbeddingStore
 from embedcache.config import BuildConfig
 from embedcache.embed import embed_sequences
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError
 from fusion.batch import Batch, ModalityBatch
-from fusion.checkpoint import check_fingerprints, load_checkpoint
-from fusion.data import DataConfig, DataError, ModalityFeatures, StoreBatches, _pad, check_keys
-from fusion.experiment import RUN_FILE, SPLITS, build_model, evaluate_and_report, load_run, read_manifest, write_run_json
+from fusion.data import DataConfig, ModalityFeatures, StoreBatches, _pad, open_modality_store
+from fusion.errors import FusionError
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.train import TrainConfig, TrainResult, adamw, decay_groups, resolve_amp, resolve_device, seed_everything, train
+from fusion.run import CachedFeed, RunManifest, RunResult, check_run_data, open_run, read_finished_run, train_run
+from fusion.train import TrainConfig, adamw, decay_groups, resolve_amp, resolve_device
 
 Log = Callable[[str], None]
 
 ENCODER_MODES = ("frozen", "full", "lora", "last-n")
 
 
-class FinetuneError(ValueError):
+class FinetuneError(FusionError):
     """End-to-end training cannot start as asked; the message names the modality, store and model."""
-
-
-# -- architectures ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Architecture:
-    """Where the parts that lora / last-n touch live in one model family (`model.config.model_type`)."""
-
-    lora_targets: tuple[str, ...]  # names of the attention projection modules LoRA adapts
-    blocks: str  # path, from the base model, of the sequence of transformer blocks
-    after_blocks: tuple[str, ...]  # modules between the last block and the output (trained with it by last-n)
-    fan_in_fan_out: bool = False  # projections are GPT-2 Conv1D (weight stored as (in, out))
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "esm": Architecture(("query", "key", "value"), "encoder.layer", ("encoder.emb_layer_norm_after",)),  # ESM2, NT
-    "gpt2": Architecture(("c_attn",), "h", ("ln_f",), fan_in_fan_out=True),
-    "enformer": Architecture(("to_q", "to_k", "to_v"), "transformer", ("final_pointwise",)),
-}
-
-
-def model_type(model: nn.Module) -> str:
-    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-
-
-def architecture(model: nn.Module, *, modality: str, mode: str) -> Architecture:
-    """The `ARCHITECTURES` entry of `model`; an unknown family is an error listing the supported ones."""
-    kind = model_type(model)
-    if kind not in ARCHITECTURES:
-        raise FinetuneError(
-            f"{modality}: encoder mode {mode!r} needs to know where the attention projections and blocks of a "
-            f"{kind!r} model are; supported architectures: {', '.join(ARCHITECTURES)}. "
-            f"Use --encoder-mode {modality}=full or {modality}=frozen for this model."
-        )
-    return ARCHITECTURES[kind]
 
 
 # -- config ----------------------------------------------------------------------------------------
@@ -208,22 +181,16 @@ def open_sequence_batches(config: DataConfig, manifest: Manifest, *, log: Log = 
     """
     features, stores, loading = {}, {}, {}
     for m in config.used_modalities:
-        path = config.stores[m]
-        store = open_store(path)
-        if not store.complete:
-            raise DataError(f"store {path!r} ({m}) is {store.status!r}, not complete: run its embedcache build again to finish it")
-        keys = check_keys(manifest, m, store)
-        if config.features == "pooled" and store.attrs["config"]["pooling"] == "none":
-            raise DataError(f"store {path!r} ({m}) was built with --pooling none; use features='tokens'")
+        store, keys = open_modality_store(config, manifest, m)
         features[m], stores[m], loading[m] = SequenceFeatures(store, keys), store, "live"
-        log(f"{m}: {len(keys)} records from {path} (live {store.attrs['config']['encoder']} {store.attrs['config']['model']})")
+        log(f"{m}: {len(keys)} records from {config.stores[m]} (live {store.attrs['config']['encoder']} {store.attrs['config']['model']})")
     return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)
 
 
 # -- encoders rebuilt from store provenance ---------------------------------------------------------
 
-# Provenance fields that describe where or how fast the encoder runs, not what it computes.
-_NOT_IDENTITY = ("model", "precision")
+# Provenance fields that describe where or how fast the encoder runs, or what it was allowed, not what it computes.
+_NOT_IDENTITY = ("model", "precision", "trust_remote_code")
 
 
 @dataclass
@@ -261,10 +228,54 @@ def encoder_precision(train_config: TrainConfig, device: torch.device) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
 
 
-def load_store_encoder(store: EmbeddingStore, modality: str, *, device: str = "auto", precision: str = "auto") -> LiveEncoder:
-    """The encoder that built `store`, from its provenance; refuses other weights or settings."""
+def remote_code_files(model: str, revision: str | None) -> list[str]:
+    """The model's own Python modules that loading it would run (`auto_map` of config.json and
+    tokenizer_config.json), read as plain JSON: nothing is imported. [] when there are none or the
+    model's files cannot be read here (loading then fails with its own message)."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    maps = []
+    for read in (lambda: PretrainedConfig.get_config_dict(model, revision=revision)[0], lambda: get_tokenizer_config(model, revision=revision)):
+        try:
+            maps.append(read().get("auto_map") or {})
+        except (OSError, ValueError):
+            pass
+    refs = [r for m in maps for v in m.values() for r in (v if isinstance(v, list) else [v]) if r]
+    return sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+
+
+def check_remote_code(build: BuildConfig, modality: str, store_path: str, trust_remote_code: bool, log: Log) -> None:
+    """Only the user's own --trust-remote-code lets a finetune run a model's own code, never a store's record.
+
+    Stores are shared and downloaded; their attrs name the model directory and say whether its code
+    was trusted at build time. That is a fact about the build, not a permission for this machine.
+    """
+    if build.encoder == "enformer":  # enformer-pytorch's own classes; nothing is loaded from the model directory
+        return
+    files = remote_code_files(build.model, build.revision)
+    if not files:
+        return
+    where = f"{modality}: store {store_path!r} names {build.encoder} model {build.model!r}" + (f" (revision {build.revision})" if build.revision else "")
+    if not trust_remote_code:
+        recorded = " (the store records trust_remote_code=true from its build; that does not count here)" if build.trust_remote_code else ""
+        raise FinetuneError(
+            f"{where}, which ships its own code: {', '.join(files)}. Loading it would run that code{recorded}. "
+            f"Read those files in {build.model}, then pass --trust-remote-code to allow it"
+        )
+    log(f"{modality}: running the model's own code {', '.join(files)} from {build.model} (--trust-remote-code)")
+
+
+def load_store_encoder(
+    store: EmbeddingStore, modality: str, *, device: str = "auto", precision: str = "auto", trust_remote_code: bool = False, log: Log = print
+) -> LiveEncoder:
+    """The encoder that built `store`, from its provenance; refuses other weights or settings.
+
+    The model's own code runs only with `trust_remote_code` (the user's flag), whatever the store says.
+    """
     build = BuildConfig.from_dict(store.attrs["config"])
-    settings = replace(build.encoder_settings(), device=device, precision=precision)
+    check_remote_code(build, modality, str(store.path), trust_remote_code, log)
+    settings = replace(build.encoder_settings(), device=device, precision=precision, trust_remote_code=trust_remote_code)
     where = f"{modality}: store {str(store.path)!r} was built by {build.encoder} model {build.model!r}"
     try:
         encoder = load_encoder(build.encoder, settings)
@@ -288,12 +299,14 @@ def load_store_encoder(store: EmbeddingStore, modality: str, *, device: str = "a
     return LiveEncoder(encoder=encoder, build=build, store_path=str(store.path), token_dtype=token_dtype)
 
 
-def load_live_encoders(batches: StoreBatches, *, device: torch.device, precision: str, log: Log = print) -> dict[str, LiveEncoder]:
+def load_live_encoders(
+    batches: StoreBatches, *, device: torch.device, precision: str, trust_remote_code: bool = False, log: Log = print
+) -> dict[str, LiveEncoder]:
     live = {}
     for m in batches.modalities:
-        live[m] = load_store_encoder(batches.stores[m], m, device=str(device), precision=precision)
+        live[m] = load_store_encoder(batches.stores[m], m, device=str(device), precision=precision, trust_remote_code=trust_remote_code, log=log)
         p = live[m].encoder.provenance()
-        log(f"{m}: live encoder {p['encoder']} {p['model']} ({model_type(live[m].encoder.model)}, {p['precision']} on {device})")
+        log(f"{m}: live encoder {p['encoder']} {p['model']} ({p.get('architecture')}, {p['precision']} on {live[m].encoder.device})")
     return live
 
 
@@ -328,8 +341,7 @@ class EndToEndModel(nn.Module):
         out = {}
         for m, live in self.live.items():
             f = features[m]
-            device = next(self.encoders[m].parameters()).device
-            live.encoder.device = device  # follow the module if it was moved after loading
+            device = live.encoder.device  # where its module is, also after the model was moved
             # Isoforms of one gene share its DNA: embed each distinct sequence once (gradients add up).
             unique = list(dict.fromkeys(s for s in f.sequences if s is not None))
             with torch.no_grad() if live.mode == "frozen" else nullcontext():
@@ -357,7 +369,10 @@ class EndToEndModel(nn.Module):
         for m, live in self.live.items():
             set_encoder_mode_(live, m, config.mode(m), config)
             if config.gradient_checkpointing and live.mode != "frozen":
-                enable_gradient_checkpointing_(live.encoder.model, modality=m)
+                try:
+                    live.encoder.set_gradient_checkpointing_(True)
+                except EmbedcacheError as e:
+                    raise FinetuneError(f"{m}: {e}; drop --gradient-checkpointing") from e
                 live.checkpointing = True
             n = sum(p.numel() for p in live.encoder.model.parameters() if p.requires_grad)
             log(f"{m}: encoder {live.mode}, {n:,} trainable parameters" + (f" in {live.trained}" if live.mode == "last-n" else ""))
@@ -374,8 +389,8 @@ class EndToEndModel(nn.Module):
                 module.eval()
                 for name in live.trained:
                     module.get_submodule(name).train(mode)
-            if live.checkpointing and hasattr(module, "use_checkpointing"):
-                module.use_checkpointing = mode  # Enformer checkpoints whenever asked; HF models only in training
+            if live.checkpointing:
+                live.encoder.set_gradient_checkpointing_(mode)  # recompute in training only
             for sub in module.modules():  # frozen BatchNorm keeps its running statistics (Enformer's conv tower)
                 if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in sub.parameters()):
                     sub.eval()
@@ -424,7 +439,7 @@ class EndToEndModel(nn.Module):
                 "encoder": p["encoder"],
                 "model": p["model"],
                 "weights": p["weights"],
-                "architecture": model_type(live.encoder.model),
+                "architecture": p.get("architecture"),
                 "precision": p["precision"],
                 "parameters": sum(x.numel() for x in params),
                 "trainable_parameters": sum(x.numel() for x in params if x.requires_grad),
@@ -448,20 +463,23 @@ def set_encoder_mode_(live: LiveEncoder, modality: str, mode: str, config: Finet
     elif mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
-        arch = architecture(model, modality=modality, mode=mode)
+        targets = _ask(live.encoder.lora_targets, modality, mode)
         lora = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(arch.lora_targets),
-            fan_in_fan_out=arch.fan_in_fan_out,
+            target_modules=targets.modules if isinstance(targets.modules, str) else list(targets.modules),
+            fan_in_fan_out=targets.fan_in_fan_out,
         )
-        inject_adapter_in_model(lora, model)  # in place: encode_windows keeps calling the same module
+        try:
+            inject_adapter_in_model(lora, model)  # in place: encode_windows keeps calling the same module
+        except ValueError as e:  # peft: "Target modules ... not found in the base model"
+            raise FinetuneError(f"{modality}: LoRA found none of the modules {targets.modules} in {type(model).__name__}: {e}") from e
         trained = sorted({n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters() if ".lora_" in n})
         for n, p in model.named_parameters():
             p.requires_grad_(".lora_" in n)
         if not trained:
-            raise FinetuneError(f"{modality}: LoRA found none of the modules {arch.lora_targets} in {type(model).__name__}")
+            raise FinetuneError(f"{modality}: LoRA found none of the modules {targets.modules} in {type(model).__name__}")
     elif mode == "last-n":
         trained = last_blocks(live, modality, config.last_n)
         for name in trained:
@@ -471,48 +489,25 @@ def set_encoder_mode_(live: LiveEncoder, modality: str, mode: str, config: Finet
     live.mode, live.trained = mode, trained
 
 
+def _ask(capability: Callable, modality: str, mode: str):
+    """Call an encoder capability; an encoder that lacks it is a FinetuneError naming the modality and mode."""
+    try:
+        return capability()
+    except EmbedcacheError as e:
+        raise FinetuneError(f"{modality}: encoder mode {mode!r}: {e} (--encoder-mode {modality}=full or {modality}=frozen)") from e
+
+
 def last_blocks(live: LiveEncoder, modality: str, n: int) -> list[str]:
-    """Names (in encoder.model) of the last `n` transformer blocks that feed the store's layer, plus the
-    modules after the last block when the store used the model's last layer."""
-    model = live.encoder.model
-    arch = architecture(model, modality=modality, mode="last-n")
-    names = {id(mod): name for name, mod in model.named_modules()}
-    base = getattr(model, "base_model", model)
-    blocks = list(base.get_submodule(arch.blocks))
-    if hasattr(live.encoder, "n_layers"):  # HF: hidden-state index i is the output of block i (0 = embeddings)
-        n_used = live.encoder.layer_index
-    else:  # Enformer: the trunk output, after every block
-        n_used = len(blocks)
+    """Names (in encoder.model) of the last `n` blocks that feed the store's layer, plus the modules after
+    the last block when the store used the model's last layer (both as the encoder names them)."""
+    blocks = _ask(live.encoder.blocks_feeding_output, modality, "last-n")
+    n_used = len(blocks)
     if not 1 <= n <= n_used:
         raise FinetuneError(
             f"{modality}: --last-n {n}, but store {live.store_path!r} used the output of block {n_used} of "
             f"{live.build.model!r} (layer {live.build.layer}): 1..{n_used} blocks feed it"
         )
-    trained = [names[id(b)] for b in blocks[n_used - n : n_used]]
-    if n_used == len(blocks):
-        for path in arch.after_blocks:
-            try:
-                trained.append(names[id(base.get_submodule(path))])
-            except AttributeError:  # e.g. a checkpoint without a final norm
-                pass
-    return trained
-
-
-def enable_gradient_checkpointing_(model: nn.Module, *, modality: str) -> None:
-    """Recompute activations in backward: HF `gradient_checkpointing_enable`, Enformer `use_checkpointing`."""
-    if hasattr(model, "use_checkpointing"):  # enformer-pytorch: checkpoint_sequential over the transformer blocks
-        model.use_checkpointing = True
-        # Its checkpoint is the reentrant kind, which gives no gradient to blocks whose input does not
-        # require one (a frozen conv tower under lora / last-n): make the blocks' input require grad.
-        model.conv_tower.register_forward_hook(
-            lambda _m, _i, out: out.requires_grad_() if torch.is_grad_enabled() and not out.requires_grad else out
-        )
-        warnings.filterwarnings("ignore", message=".*use_reentrant parameter should be passed explicitly.*")
-    elif getattr(model, "supports_gradient_checkpointing", False):
-        # Non-reentrant: gradients reach trained blocks even when the embeddings are frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise FinetuneError(f"{modality}: {type(model).__name__} supports no gradient checkpointing; drop --gradient-checkpointing")
+    return blocks[n_used - n :] + live.encoder.modules_after_blocks()
 
 
 # -- feature statistics, warm start, optimiser --------------------------------------------------------
@@ -535,34 +530,22 @@ def fit_live_feature_stats_(model: EndToEndModel, batches: Iterable[Batch]) -> d
 
 
 def warm_start_fusion(run_dir: str | Path, batches: StoreBatches, data: DataConfig) -> FusionModel:
-    """The fusion model (weights and standardisation) of a `fusion train` run, checked against this data."""
+    """The fusion model (weights and standardisation) of a finished `fusion train` run, checked against this data."""
     run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).exists():
-        raise FinetuneError(f"--init-from {str(run_dir)!r} is not a fusion run directory (no {RUN_FILE})")
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    if run.get("mode", "cached") != "cached":
-        raise FinetuneError(f"--init-from {str(run_dir)!r} is a {run['mode']!r} run; it must be a `fusion train` run on cached features")
-    init_data = DataConfig.from_dict(run["data"])
+    try:
+        run, checkpoint = read_finished_run(run_dir)
+    except FusionError as e:
+        raise FinetuneError(f"--init-from: {e}") from e
+    if run.mode != "cached":
+        raise FinetuneError(f"--init-from {str(run_dir)!r} is a {run.mode!r} run; it must be a `fusion train` run on cached features")
     for name in ("features", "max_tokens"):
-        if getattr(init_data, name) != getattr(data, name):
+        if getattr(run.data, name) != getattr(data, name):
             raise FinetuneError(
-                f"--init-from {str(run_dir)!r} was trained with {name}={getattr(init_data, name)!r}, this run has "
-                f"{name}={getattr(data, name)!r}: pass --{name.replace('_', '-')} {getattr(init_data, name)}"
+                f"--init-from {str(run_dir)!r} was trained with {name}={getattr(run.data, name)!r}, this run has "
+                f"{name}={getattr(data, name)!r}: pass --{name.replace('_', '-')} {getattr(run.data, name)}"
             )
-    _, fusion, checkpoint = load_run(run_dir)
-    if list(checkpoint["target_names"]) != batches.target_names:
-        raise FinetuneError(
-            f"--init-from {str(run_dir)!r} predicts {len(checkpoint['target_names'])} targets {checkpoint['target_names'][:3]}..., "
-            f"the manifest has {len(batches.target_names)} {batches.target_names[:3]}..."
-        )
-    check_fingerprints(
-        checkpoint["fingerprints"],
-        batches.fingerprints,
-        source="--init-from",
-        checkpoint_path=checkpoint["path"],
-        store_path=", ".join(f"{m}={s.path}" for m, s in batches.stores.items()),
-    )
-    return fusion
+    check_run_data(checkpoint, batches, source=f"--init-from {run_dir}")
+    return CachedFeed().reopen(run, batches, checkpoint, None, print)
 
 
 def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, config: FinetuneConfig) -> torch.optim.AdamW:
@@ -574,15 +557,73 @@ def make_finetune_optimizer(model: EndToEndModel, train_config: TrainConfig, con
     return adamw(groups, lr=train_config.lr)
 
 
-# -- runs ----------------------------------------------------------------------------------------------
+# -- runs: the live feed of fusion.run's pipeline ------------------------------------------------------
 
 
-@dataclass
-class FinetuneResult:
-    run_dir: Path
-    train: TrainResult
-    metrics: dict  # split -> regression metrics
-    model: EndToEndModel  # with the best weights
+class LiveFeed:
+    """`fusion finetune`'s feed for `fusion.run.train_run`: the stores' encoders run live (see the module docstring).
+
+    `trust_remote_code` is the user's flag of this command; a store's or a run's record never sets it.
+    """
+
+    mode = "finetune"
+
+    def __init__(self, config: FinetuneConfig, *, trust_remote_code: bool = False) -> None:
+        self.config = config
+        self.trust_remote_code = trust_remote_code
+        self.live: dict[str, LiveEncoder] = {}
+        self.device = torch.device("cpu")
+
+    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log) -> StoreBatches:
+        return open_sequence_batches(data, manifest, log=log)
+
+    def _load(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
+        self.device = resolve_device(train_config.device)
+        self.live = load_live_encoders(
+            batches, device=self.device, precision=encoder_precision(train_config, self.device), trust_remote_code=self.trust_remote_code, log=log
+        )
+
+    def prepare(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
+        unknown = sorted(set(self.config.encoder_modes) - set(batches.modalities))
+        if unknown:
+            raise FinetuneError(f"--encoder-mode for modalities {unknown} that this run does not use; modalities: {list(batches.modalities)}")
+        self._load(batches, train_config, log)
+
+    def initial_fusion(self, batches: StoreBatches, data: DataConfig, log: Log) -> FusionModel | None:
+        if not self.config.init_from:
+            return None
+        fusion = warm_start_fusion(self.config.init_from, batches, data)
+        log(f"fusion model from {self.config.init_from}: aggregator {fusion.config.aggregator}, d_model {fusion.config.d_model} "
+            f"(its architecture replaces the model options given here)")
+        return fusion
+
+    def wrap(self, fusion: FusionModel, data: DataConfig) -> nn.Module:
+        return EndToEndModel(self.live, fusion, features=data.features, max_tokens=data.max_tokens).to(self.device)
+
+    def fit_stats(self, model: nn.Module, batches: StoreBatches) -> str:
+        if self.config.init_from:
+            return f"from {self.config.init_from}"
+        counts = fit_live_feature_stats_(model, batches("train", shuffle=False, epoch=0))
+        return f"fitted on live train features of the pretrained encoders ({counts} rows)"
+
+    def configure(self, model: nn.Module, log: Log) -> dict:
+        model.configure_(self.config, log=log)
+        return model.describe()
+
+    def optimizer(self, model: nn.Module, train_config: TrainConfig) -> torch.optim.Optimizer:
+        return make_finetune_optimizer(model, train_config, self.config)
+
+    def config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def reopen(self, run: RunManifest, batches: StoreBatches, checkpoint: dict, device: str | None, log: Log) -> nn.Module:
+        """Encoders rebuilt from the stores, the recorded modes applied, then the checkpoint's fusion weights and trained tensors."""
+        self._load(batches, TrainConfig.from_dict({**run.train.to_dict(), **({"device": device} if device else {})}), log)
+        fusion = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
+        model = EndToEndModel(self.live, fusion, features=run.data.features, max_tokens=run.data.max_tokens)
+        model.configure_(self.config, log=log)
+        model.load_state_dict(checkpoint["model_state"])
+        return model.to(self.device).eval()
 
 
 def run_finetune(
@@ -593,101 +634,47 @@ def run_finetune(
     finetune: FinetuneConfig,
     run_dir: str | Path,
     *,
+    trust_remote_code: bool = False,
     progress: bool = True,
     log: Log = print,
-) -> FinetuneResult:
-    """`fusion train` with live encoders: train, evaluate every split, write the same run directory.
+) -> RunResult:
+    """`fusion train` with live encoders: the run pipeline of `fusion.run` with a `LiveFeed`.
 
     With `finetune.init_from`, the fusion model (architecture, weights, standardisation) comes from
     that cached run and `aggregator` / `model_options` are not used; otherwise it is built as
     `fusion train` builds it and its standardisation is fitted on the live train features.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    batches = open_sequence_batches(data, read_manifest(data.manifest), log=log)
-    for split in SPLITS:  # an empty split is an error now, not after an epoch of training
-        batches.split_manifest(split)
-    unknown = sorted(set(finetune.encoder_modes) - set(batches.modalities))
-    if unknown:
-        raise FinetuneError(f"--encoder-mode for modalities {unknown} that this run does not use; modalities: {list(batches.modalities)}")
-    device = resolve_device(train_config.device)
-    live = load_live_encoders(batches, device=device, precision=encoder_precision(train_config, device), log=log)
-    seed_everything(train_config.seed)  # the fusion model starts as it would in `fusion train`
-    if finetune.init_from:
-        fusion = warm_start_fusion(finetune.init_from, batches, data)
-        log(f"fusion model from {finetune.init_from}: aggregator {fusion.config.aggregator}, d_model {fusion.config.d_model} "
-            f"(its architecture replaces the model options given here)")
-    else:
-        fusion = build_model(batches, aggregator, model_options)
-    model = EndToEndModel(live, fusion, features=data.features, max_tokens=data.max_tokens).to(device)
-    if finetune.init_from:
-        stats = f"from {finetune.init_from}"
-    else:
-        counts = fit_live_feature_stats_(model, batches("train", shuffle=False, epoch=0))
-        stats = f"fitted on live train features of the pretrained encoders ({counts} rows)"
-    model.configure_(finetune, log=log)
-    info = {"encoder_modes": model.modes, "encoders": model.describe(), "finetune": finetune.to_dict(), "feature_stats": stats}
-    write_run_json(run_dir, "finetune", data, fusion.config, train_config, batches, **info)
-    result = train(
-        model,
-        batches,
-        train_config,
-        run_dir,
-        target_names=batches.target_names,
-        fingerprints=batches.fingerprints,
-        model_config=fusion.config.to_dict(),
-        extra_checkpoint_info={"mode": "finetune", **info},
-        optimizer=make_finetune_optimizer(model, train_config, finetune),
-        progress=progress,
-        log=log,
-    )
-    return FinetuneResult(run_dir=run_dir, train=result, metrics=evaluate_and_report(model, batches, run_dir, log), model=model)
+    feed = LiveFeed(finetune, trust_remote_code=trust_remote_code)
+    return train_run(data, aggregator, model_options, train_config, run_dir, feed=feed, progress=progress, log=log)
 
 
-def load_finetune_run(run_dir: str | Path, *, device: str | None = None, log: Log = print) -> tuple[dict, EndToEndModel, StoreBatches]:
-    """(run.json, model with the best weights in eval mode, its batch source) of a finished finetune run.
-
-    The encoders are rebuilt from the stores' provenance, get the recorded modes, then the
-    checkpoint's fusion weights and trained encoder tensors.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_FILE).exists():
-        raise FileNotFoundError(f"{run_dir} is not a fusion run directory (no {RUN_FILE})")
-    run = json.loads((run_dir / RUN_FILE).read_text())
-    if run.get("mode") != "finetune":
-        raise FinetuneError(f"{run_dir} is a {run.get('mode', 'cached')!r} run, not a finetune run; use fusion.experiment.load_run")
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
-    data = DataConfig.from_dict(run["data"])
-    train_config = TrainConfig.from_dict({**run["train"], **({"device": device} if device else {})})
-    batches = open_sequence_batches(data, read_manifest(data.manifest), log=log)
-    check_fingerprints(checkpoint["fingerprints"], batches.fingerprints, source="finetune run", checkpoint_path=checkpoint["path"])
-    dev = resolve_device(train_config.device)
-    live = load_live_encoders(batches, device=dev, precision=encoder_precision(train_config, dev), log=log)
-    fusion = FusionModel(FusionModelConfig.from_dict(checkpoint["model_config"]))
-    model = EndToEndModel(live, fusion, features=data.features, max_tokens=data.max_tokens)
-    model.configure_(FinetuneConfig.from_dict(run["finetune"]), log=log)
-    model.load_state_dict(checkpoint["model_state"])
-    return run, model.to(dev).eval(), batches
+def load_finetune_run(
+    run_dir: str | Path, *, device: str | None = None, trust_remote_code: bool = False, log: Log = print
+) -> tuple[RunManifest, EndToEndModel, StoreBatches]:
+    """(run manifest, model with the best weights in eval mode, its batch source) of a finished finetune run."""
+    opened = open_run(run_dir, device=device, trust_remote_code=trust_remote_code, log=log)
+    if opened.manifest.mode != "finetune":
+        raise FinetuneError(f"{run_dir} is a {opened.manifest.mode!r} run, not a finetune run; use fusion.run.load_run")
+    return opened.manifest, opened.model, opened.batches
 
 
 __all__ = [
-    "ARCHITECTURES",
     "ENCODER_MODES",
-    "Architecture",
     "EndToEndModel",
     "FinetuneConfig",
     "FinetuneError",
-    "FinetuneResult",
+    "LiveFeed",
     "LiveEncoder",
     "SequenceBatch",
     "SequenceFeatures",
-    "enable_gradient_checkpointing_",
     "encoder_precision",
     "fit_live_feature_stats_",
     "last_blocks",
     "load_finetune_run",
     "load_live_encoders",
     "load_store_encoder",
+    "remote_code_files",
+    "check_remote_code",
     "make_finetune_optimizer",
     "open_sequence_batches",
     "read_residues",

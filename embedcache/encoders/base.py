@@ -28,6 +28,15 @@ class EncoderSettings:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
     alphabet: str | None = None  # hf encoder only: validate against "dna" | "rna" | "protein"; None = any text
+    attn_implementation: str | None = None  # transformers models: sdpa | eager | flash_attention_2; None = sdpa where supported
+
+
+@dataclass(frozen=True, slots=True)
+class LoraTargets:
+    """What LoRA adapts in an encoder's model: peft `target_modules` and whether their weights are (in, out)."""
+
+    modules: tuple[str, ...] | str  # module names, or peft's "all-linear"
+    fan_in_fan_out: bool = False  # GPT-2-style Conv1D projections store their weight transposed
 
 
 @dataclass
@@ -37,7 +46,12 @@ class WindowOutput:
 
 
 class Encoder(ABC):
-    """A loaded model, ready to embed windows of tokens."""
+    """A loaded model, ready to embed windows of tokens, and what fine-tuning may change in it.
+
+    Fine-tuning (fusion.finetune) knows encoders only through this interface: `blocks_feeding_output`
+    and `modules_after_blocks` (last-n), `lora_targets` (lora), `set_gradient_checkpointing_`,
+    `set_precision_` and `to_` (the device is where `model` is).
+    """
 
     name: str  # registry name
     alphabet: Alphabet | None  # residues accepted (upper case); None = any text, case kept
@@ -47,8 +61,9 @@ class Encoder(ABC):
     equal_length_batches: bool = False  # True when the model takes no attention mask
     has_cls: bool = False  # the tokenizer adds a leading special token
     layer_index: int  # resolved, non-negative hidden-state index
-    device: torch.device
+    precision: str  # what the store records: fp32 | bf16 | fp16
     autocast_dtype: torch.dtype | None
+    planning_only: bool = False  # loaded without weights (`load_encoder(..., weights=False)`): plans, never embeds
 
     @abstractmethod
     def tokenize(self, seq: str) -> np.ndarray:
@@ -67,10 +82,7 @@ class Encoder(ABC):
     def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         """`encode_windows` for building stores: no autograd, float32 outputs on the CPU."""
         with torch.inference_mode():
-            outs = self.encode_windows(windows)
-        return [
-            WindowOutput(hidden=o.hidden.float().cpu(), cls=None if o.cls is None else o.cls.float().cpu()) for o in outs
-        ]
+            return windows_to_host(self.encode_windows(windows))
 
     @abstractmethod
     def cost(self, n_tokens: int) -> int:
@@ -84,10 +96,65 @@ class Encoder(ABC):
     def provenance(self) -> dict:
         """What identifies the computation: model id, weights identity, layer, window, ... (JSON-safe)."""
 
+    # -- device and precision
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (it follows the module when a caller moves it)."""
+        for t in self.model.parameters():
+            return t.device
+        for t in self.model.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def to_(self, device: str | torch.device) -> "Encoder":
+        """Move the model to `device` ("auto", "cpu", "cuda:1", ...); the precision is checked again there."""
+        dev = resolve_device(str(device))
+        self.model.to(dev)
+        self.set_precision_(self.precision)
+        return self
+
+    def set_precision_(self, precision: str) -> None:
+        """Compute precision of `encode_windows` (autocast dtype) on the model's device."""
+        self.precision, self.autocast_dtype = resolve_precision(precision, self.device)
+
+    # -- what fine-tuning needs (fusion.finetune)
+
+    def blocks_feeding_output(self) -> list[str]:
+        """Names (in `model`) of the blocks whose outputs lead to the stored output, first to last."""
+        raise EncoderError(f"the {self.name} encoder does not expose its blocks; use full or frozen training")
+
+    def modules_after_blocks(self) -> list[str]:
+        """Names of the modules between the last block and the output (a final norm), trained with the
+        last block by last-n; empty when the output is an inner layer's."""
+        return []
+
+    def lora_targets(self) -> LoraTargets:
+        """The modules LoRA adapts in `model`."""
+        raise EncoderError(f"the {self.name} encoder names no modules for LoRA; use full, last-n or frozen training")
+
+    def set_gradient_checkpointing_(self, enabled: bool) -> None:
+        """Recompute activations in backward (on) or keep them (off)."""
+        raise EncoderError(f"the {self.name} encoder ({type(self.model).__name__}) supports no gradient checkpointing")
+
     def autocast(self) -> ContextManager:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def windows_to_host(outs: list[WindowOutput]) -> list[WindowOutput]:
+    """Window outputs as float32 CPU tensors: as they are when they already are, else in one transfer.
+
+    The outputs of one batch are views of one tensor; a GPU batch comes back in one copy, not one per window.
+    """
+    tensors = [o.hidden for o in outs] + [o.cls[None] for o in outs if o.cls is not None]
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return outs  # CPU fp32 inference: no copy at all
+    host = torch.cat(tensors).float().cpu()  # (sum of rows, d): one device-to-host copy
+    rows = host.split([len(t) for t in tensors])
+    cls = iter(rows[len(outs) :])
+    return [WindowOutput(hidden=h, cls=next(cls)[0] if o.cls is not None else None) for h, o in zip(rows, outs)]
 
 
 def resolve_device(device: str) -> torch.device:

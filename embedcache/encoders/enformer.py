@@ -5,16 +5,24 @@ Enformer takes a FIXED input window (196,608 bp for the official model) and retu
 sequence is padded with N (all-zero one-hot, as enformer-pytorch encodes N) equally on both sides
 so it stays centred, which is how a TSS-centred window is meant to be read. A longer one is an
 error unless the user asked for a crop.
+
+enformer-pytorch is an optional extra (`pip install 'embedcache[enformer]'`): it pins
+transformers==4.56.2, while the core runs on transformers 5.x as well.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+
 import numpy as np
+import torch
 
 from embedcache.alphabets import DNA
 from embedcache.encoders.base import (
     Encoder,
     EncoderSettings,
+    LoraTargets,
     WindowOutput,
     check_model_location,
     resolve_device,
@@ -24,6 +32,20 @@ from embedcache.encoders.base import (
 from embedcache.errors import EncoderError
 
 OFFICIAL_WINDOW = 196_608
+EXTRA = "enformer"  # the pyproject extra that installs enformer-pytorch
+
+
+def enformer_available() -> bool:
+    return importlib.util.find_spec("enformer_pytorch") is not None
+
+
+def require_enformer() -> None:
+    """Fail with the install command when the optional enformer-pytorch package is missing."""
+    if not enformer_available():
+        raise EncoderError(
+            f"the enformer encoder needs the optional package enformer-pytorch, which is not installed: "
+            f"pip install 'embedcache[{EXTRA}]' (it pins transformers==4.56.2; the other encoders run on 4.56 and 5.x)"
+        )
 
 
 def centre_pad(seq: str, window: int) -> str:
@@ -40,24 +62,34 @@ class EnformerEncoder(Encoder):
     fixed_window = True
     has_cls = False
 
-    def __init__(self, settings: EncoderSettings):
-        from enformer_pytorch import from_pretrained
+    def __init__(self, settings: EncoderSettings, *, weights: bool = True):
+        require_enformer()
+        from enformer_pytorch import EnformerConfig, from_pretrained
 
         check_model_location(settings.model)
         if settings.layer not in (-1,):
             raise EncoderError(
                 f"--layer {settings.layer}: the enformer encoder returns the trunk output only; use --layer -1"
             )
+        if settings.attn_implementation is not None:
+            raise EncoderError(
+                f"--attn-implementation {settings.attn_implementation}: the enformer encoder has its own attention "
+                f"(relative positions, enformer-pytorch); the option is for transformers models"
+            )
         try:
-            # The library's own loader: it also sets use_tf_gamma for the official port.
-            model = from_pretrained(settings.model, revision=settings.revision)
+            if weights:
+                # The library's own loader: it also sets use_tf_gamma for the official port.
+                model = from_pretrained(settings.model, revision=settings.revision)
+                config = model.config
+            else:
+                config = EnformerConfig.from_pretrained(settings.model, revision=settings.revision)
         except OSError as e:
             raise EncoderError(
                 f"cannot load Enformer {settings.model!r}: {e}. A hub id must be in the local Hugging Face "
                 f"cache when offline (HF_HUB_OFFLINE=1); a local directory must come from save_pretrained."
             ) from e
-        config = model.config
         self.settings = settings
+        self.planning_only = not weights
         self.bin_size = 2**config.num_downsamples
         self.target_length = config.target_length
         self.window = settings.window or OFFICIAL_WINDOW
@@ -70,9 +102,13 @@ class EnformerEncoder(Encoder):
             )
         self.embed_dim = config.dim * 2
         self.layer_index = 0
-        self.device = resolve_device(settings.device)
-        self.precision, self.autocast_dtype = resolve_precision(settings.precision, self.device)
-        self.model = model.to(self.device).eval().requires_grad_(False)
+        device = resolve_device(settings.device)
+        self.precision, self.autocast_dtype = resolve_precision(settings.precision, device)
+        if weights:
+            self.model = model.to(device).eval().requires_grad_(False)
+        else:
+            self.model = torch.nn.Module()  # planning only: nothing to run
+        self._checkpoint_hook = None
         self._weights = weights_identity(settings.model, settings.revision, getattr(config, "_commit_hash", None))
 
     def tokenize(self, seq: str) -> np.ndarray:
@@ -85,6 +121,8 @@ class EnformerEncoder(Encoder):
     def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         from enformer_pytorch import str_to_one_hot
 
+        if self.planning_only:
+            raise EncoderError(f"encoder enformer for {self.settings.model!r} was loaded without weights (planning only)")
         padded = [centre_pad(w.tobytes().decode("ascii"), self.window) for w in windows]
         one_hot = str_to_one_hot(padded).to(self.device)  # (b, window, 4)
         with self.autocast():
@@ -93,6 +131,29 @@ class EnformerEncoder(Encoder):
 
     def n_output_rows(self, n_tokens: int) -> int:
         return self.target_length  # one row per output bin, whatever the sequence length
+
+    # -- what fine-tuning needs: the trunk output follows every transformer block and the final pointwise block
+
+    def blocks_feeding_output(self) -> list[str]:
+        return [f"transformer.{i}" for i in range(len(self.model.transformer))]
+
+    def modules_after_blocks(self) -> list[str]:
+        return ["final_pointwise"]
+
+    def lora_targets(self) -> LoraTargets:
+        return LoraTargets(("to_q", "to_k", "to_v"))
+
+    def set_gradient_checkpointing_(self, enabled: bool) -> None:
+        # enformer-pytorch checkpoints (checkpoint_sequential over the transformer blocks) whenever asked,
+        # in eval too, so this is switched with the training mode.
+        self.model.use_checkpointing = enabled
+        if enabled and self._checkpoint_hook is None:
+            # Its checkpoint is the reentrant kind, which gives no gradient to blocks whose input does not
+            # require one (a frozen conv tower under lora / last-n): make the blocks' input require grad.
+            self._checkpoint_hook = self.model.conv_tower.register_forward_hook(
+                lambda _m, _i, out: out.requires_grad_() if torch.is_grad_enabled() and not out.requires_grad else out
+            )
+            warnings.filterwarnings("ignore", message=".*use_reentrant parameter should be passed explicitly.*")
 
     def provenance(self) -> dict:
         return {
@@ -110,5 +171,5 @@ class EnformerEncoder(Encoder):
         }
 
 
-def load_enformer(settings: EncoderSettings) -> EnformerEncoder:
-    return EnformerEncoder(settings)
+def load_enformer(settings: EncoderSettings, *, weights: bool = True) -> EnformerEncoder:
+    return EnformerEncoder(settings, weights=weights)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from embedcache.alphabets import ALPHABETS, DNA, PROTEIN, Alphabet
 from embedcache.encoders.base import (
     Encoder,
     EncoderSettings,
+    LoraTargets,
     WindowOutput,
     check_model_location,
     resolve_device,
@@ -41,17 +43,22 @@ class SpecialTokenLayout:
 
     @classmethod
     def of(cls, tokenizer) -> "SpecialTokenLayout":
-        # Probe with real (non-special) ids and find them in the output: robust to CLS-only (NT),
-        # CLS+EOS (ESM), BOS-only (Llama) and no specials at all (GPT-2).
-        special = set(tokenizer.all_special_ids)
-        probe = [i for i in range(len(tokenizer)) if i not in special][:3]
-        if len(probe) < 3:
-            raise EncoderError(f"tokenizer {type(tokenizer).__name__} has fewer than 3 non-special tokens")
-        out = list(tokenizer.build_inputs_with_special_tokens(probe))
-        for p in range(len(out) - 2):
-            if out[p : p + 3] == probe:
-                return cls(tuple(out[:p]), tuple(out[p + 3 :]))
-        raise EncoderError(f"cannot locate content tokens in {out} built from {probe} by {type(tokenizer).__name__}")
+        # Compare what the tokenizer's own call gives with and without special tokens, the way a user
+        # calls it (`tokenizer(seq)`): robust to CLS-only (NT), CLS+EOS (ESM), SEP-only (HyenaDNA),
+        # BOS-only (Llama), no specials (GPT-2), and to fast tokenizers whose specials come from a
+        # post-processor template (transformers 5 has no build_inputs_with_special_tokens for them).
+        for probe in _PROBE_TEXTS:
+            plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+            full = list(tokenizer(probe)["input_ids"])
+            if len(plain) < 2:
+                continue
+            for p in range(len(full) - len(plain) + 1):
+                if full[p : p + len(plain)] == plain:
+                    return cls(tuple(full[:p]), tuple(full[p + len(plain) :]))
+        raise EncoderError(
+            f"cannot locate content tokens among the special tokens {type(tokenizer).__name__} adds "
+            f"(probes {list(_PROBE_TEXTS)})"
+        )
 
     def wrap(self, ids: np.ndarray) -> list[int]:
         return [*self.prefix, *ids.tolist(), *self.suffix]
@@ -61,23 +68,76 @@ class SpecialTokenLayout:
         return len(self.prefix) + len(self.suffix)
 
 
-def _load_auto_model(settings: EncoderSettings, extra: dict):
-    """AutoModel first; checkpoints whose (remote) code maps only a task head load with that head."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+_PROBE_TEXTS = ("ACGTACGTACGT", "MKTAYIAKQR", "hello world")
+_AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
-    kwargs = dict(revision=settings.revision, trust_remote_code=settings.trust_remote_code, **extra)
+
+def _attn_error(settings: EncoderSettings, e: Exception) -> EncoderError | None:
+    """The user's --attn-implementation refused by transformers (unsupported by the model, or not installed)."""
+    if settings.attn_implementation and ("attn_implementation" in str(e) or "Attention" in str(e)):
+        return EncoderError(
+            f"--attn-implementation {settings.attn_implementation}: model {settings.model!r} cannot use it: "
+            f"{str(e).splitlines()[0]}. Choose another of {list(ATTN_IMPLEMENTATIONS)} or leave the default"
+        )
+    return None
+
+
+def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = True):
+    """AutoModel first; checkpoints whose (remote) code maps only a task head load with that head.
+
+    weights=False: the model's modules from its config alone, on the meta device (no memory, no
+    weight files), for planning.
+    """
+    import transformers
+
+    kwargs = dict(trust_remote_code=settings.trust_remote_code, **extra)
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    config = None
+    if not weights:
+        config = transformers.AutoConfig.from_pretrained(
+            settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+        )
     errors = []
-    for auto in (AutoModel, AutoModelForMaskedLM, AutoModelForCausalLM):
+    for name in _AUTO_CLASSES:
+        auto = getattr(transformers, name)
         try:
-            return auto.from_pretrained(settings.model, **kwargs)
+            if weights:
+                return auto.from_pretrained(settings.model, revision=settings.revision, **kwargs)
+            with torch.device("meta"):
+                return auto.from_config(config, **kwargs)
+        except ImportError as e:  # flash_attention_2 without the flash-attn package
+            raise _attn_error(settings, e) or e
         except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel", remote-code refusal
             if "trust_remote_code" in str(e):
                 raise EncoderError(
                     f"model {settings.model!r} ships its own code; pass --trust-remote-code to allow it "
                     f"(Nucleotide Transformer v2 checkpoints need this)"
                 ) from e
-            errors.append(f"{auto.__name__}: {e}")
+            if (attn := _attn_error(settings, e)) is not None:
+                raise attn from e
+            errors.append(f"{name}: {e}")
     raise EncoderError(f"cannot load model {settings.model!r} with transformers: " + " | ".join(errors))
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_cached_weights(settings: EncoderSettings) -> None:
+    """Offline, a hub id whose weights were never downloaded: say so (transformers 4.56 crashes with an
+    AttributeError there instead of an OSError)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or Path(settings.model).expanduser().is_dir():
+        return
+    found = [try_to_load_from_cache(settings.model, f, revision=settings.revision) for f in _WEIGHT_FILES]
+    if not any(isinstance(f, str) for f in found):
+        raise EncoderError(
+            f"the weights of {settings.model!r} are not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1): download them first (none of {', '.join(_WEIGHT_FILES)} is cached); "
+            f"--dry-run plans without them"
+        )
 
 
 def _load_tokenizer(settings: EncoderSettings):
@@ -116,12 +176,37 @@ def _model_max_positions(model, tokenizer, n_special: int) -> int:
             max_pos -= 2
         limits.append(max_pos)
     if not limits:
-        raise EncoderError("the model declares no maximum length; pass --window")
+        raise EncoderError(f"model {getattr(config, 'name_or_path', '')!r} declares no maximum length; pass --window")
     return min(limits) - n_special
 
 
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """(name, modules) of the model's stack of repeated blocks: the ModuleList of same-class modules that
+    holds the most parameters. Found from the modules themselves, whatever the config calls its depth."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    return best
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or type(module).__name__.endswith(("Norm", "RMSNorm"))
+
+
+# LoRA targets of the families this project registers; other families use peft's own table, then peft's
+# "all-linear" (every linear layer but the output head).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {"esm": ("query", "key", "value")}
+
+
 class HFTokenEncoder(Encoder):
-    """Any transformers token model; the registry entries below differ only in checks and defaults."""
+    """Any transformers token model; the registry entries below differ only in checks and defaults.
+
+    Nothing is read from config field names that differ between families: the depth (number of
+    hidden states) and width come from the model's own output on a probe, the blocks from its modules.
+    """
 
     def __init__(
         self,
@@ -130,11 +215,19 @@ class HFTokenEncoder(Encoder):
         alphabet: Alphabet | None,
         expect_model_type: str | None,
         model_kwargs: dict | None = None,
+        *,
+        weights: bool = True,
     ):
         check_model_location(settings.model)
+        if settings.attn_implementation is not None and settings.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise EncoderError(
+                f"unknown --attn-implementation {settings.attn_implementation!r}; expected one of {list(ATTN_IMPLEMENTATIONS)}"
+            )
         try:
             tokenizer = _load_tokenizer(settings)
-            model = _load_auto_model(settings, model_kwargs or {})
+            if weights:
+                _check_cached_weights(settings)
+            model = _load_auto_model(settings, model_kwargs or {}, weights=weights)
         except OSError as e:
             raise _wrap_os_error(settings, e) from e
         if expect_model_type and model.config.model_type != expect_model_type:
@@ -143,17 +236,30 @@ class HFTokenEncoder(Encoder):
                 f"{model.config.model_type!r} model; use --encoder hf for other architectures"
             )
         self.name, self.settings, self.alphabet = name, settings, alphabet
+        self.planning_only = not weights
         self.tokenizer = tokenizer
         self.layout = SpecialTokenLayout.of(tokenizer)
         self.lookup = VocabLookup.of(tokenizer)  # numpy tokenisation where it provably equals the tokenizer's
         self.has_cls = len(self.layout.prefix) > 0
-        self.device = resolve_device(settings.device)
-        self.precision, self.autocast_dtype = resolve_precision(settings.precision, self.device)
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        n_layers = model.config.num_hidden_layers
+        device = resolve_device(settings.device)
+        self.precision, self.autocast_dtype = resolve_precision(settings.precision, device)
+        params = inspect.signature(model.forward).parameters
+        self.takes_mask = "attention_mask" in params
+        # Feed what `model(**tokenizer(seq))` feeds: some tokenizers also return token_type_ids, and
+        # some models (GPT-2) add an embedding for them, so leaving them out would change the output.
+        self.takes_token_types = "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names
+        self.equal_length_batches = not self.takes_mask
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.blocks = find_blocks(model)
+        self._after_blocks: list[str] = []
+        if weights:
+            self.model = model.to(device).eval().requires_grad_(False)
+            n_layers, self.embed_dim, self._has_last = self._probe()
+        else:
+            self.model = model  # on the meta device: modules and shapes only
+            n_layers, self.embed_dim, self._has_last = self._plan_shapes()
         self.layer_index = resolve_layer(settings.layer, n_layers, settings.model)
         self.n_layers = n_layers
-        self.embed_dim = model.config.hidden_size
         self.max_window = _model_max_positions(model, tokenizer, self.layout.n_special)
         self.window = settings.window or self.max_window
         if not 1 <= self.window <= self.max_window:
@@ -161,16 +267,69 @@ class HFTokenEncoder(Encoder):
                 f"--window {self.window} is outside 1..{self.max_window}, the content tokens "
                 f"{settings.model!r} takes in one call"
             )
-        params = inspect.signature(self.model.forward).parameters
-        self.takes_mask = "attention_mask" in params
-        # Feed what `model(**tokenizer(seq))` feeds: some tokenizers also return token_type_ids, and
-        # some models (GPT-2) add an embedding for them, so leaving them out would change the output.
-        self.takes_token_types = "token_type_ids" in params and "token_type_ids" in tokenizer.model_input_names
-        self.equal_length_batches = not self.takes_mask
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # Inference without padding for transformers' EsmModel on the devices where it pays (see UNPADDED_DEVICES).
-        self.unpadded = UnpaddedEsm(self.model) if use_unpadded(self.model, self.device, self.autocast_dtype) else None
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        # Inference without padding for transformers' EsmModel (embedcache.encoders.unpadded), unless
+        # another attention backend than the default sdpa was asked for.
+        use = weights and self.attn_implementation in (None, "sdpa") and use_unpadded(model, device, self.autocast_dtype)
+        self.unpadded = UnpaddedEsm(self.model) if use else None
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
+
+    def _plan_shapes(self) -> tuple[int, int, bool]:
+        """`_probe` without weights: the forward on the meta device (shapes only) where the model's code
+        allows it; else the depth from its stack of blocks and the width of its input embeddings."""
+        try:
+            return self._probe()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):  # e.g. .item() on a meta tensor
+            pass
+        try:
+            width = int(self.model.get_input_embeddings().embedding_dim)
+        except (AttributeError, NotImplementedError):
+            width = None
+        if self.blocks is None or width is None:
+            raise EncoderError(
+                f"cannot tell the depth and width of {self.settings.model!r} without its weights (its forward does not run "
+                f"on the meta device and {type(self.model).__name__} has no stack of repeated blocks or no input "
+                f"embeddings); plan with the weights present"
+            )
+        return len(self.blocks[1]), width, True  # hidden states: the embeddings, then one per block
+
+    def _probe(self) -> tuple[int, int, bool]:
+        """(layers, width, whether the output has last_hidden_state) from one forward on a few tokens.
+
+        Also records the modules that run after the last block (a final norm), which last-n trains.
+        """
+        special = set(self.tokenizer.all_special_ids)
+        content = np.asarray([i for i in range(len(self.tokenizer)) if i not in special][:4], dtype=np.int64)
+        order: list[str] = []
+        names = {id(m): n for n, m in self.model.named_modules()}
+        hooks = [
+            m.register_forward_hook(lambda mod, _i, _o: order.append(names[id(mod)]))
+            for m in self.model.modules()
+            if _is_norm(m) or (self.blocks is not None and m is self.blocks[1][-1])
+        ]
+        try:
+            with torch.inference_mode():
+                out = self._call(self._inputs([content]), output_hidden_states=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        states = getattr(out, "hidden_states", None)
+        if not states:
+            raise EncoderError(
+                f"model {self.settings.model!r} ({type(self.model).__name__}) returns no hidden_states when asked "
+                f"(output_hidden_states=True); embedcache needs them to select a layer"
+            )
+        if self.blocks is not None and len(self.blocks[1]) == len(states) - 1:
+            last = f"{self.blocks[0]}.{len(self.blocks[1]) - 1}"
+            after = order[order.index(last) + 1 :] if last in order else []
+            # Only what leads to the hidden states: inside the base model, outside the blocks (not a task head's norm).
+            base = self.model.base_model
+            prefix = "" if base is self.model else names[id(base)] + "."
+            self._after_blocks = [n for n in after if n.startswith(prefix) and not n.startswith(self.blocks[0] + ".")]
+        else:
+            self.blocks = None  # the repeated modules found are not what the hidden states count
+        has_last = getattr(out, "last_hidden_state", None) is not None
+        return len(states) - 1, int(states[-1].shape[-1]), has_last
 
     def tokenize(self, seq: str) -> np.ndarray:
         if self.lookup is not None and (ids := self.lookup(seq)) is not None:
@@ -182,29 +341,42 @@ class HFTokenEncoder(Encoder):
     def cost(self, n_tokens: int) -> int:
         return n_tokens + self.layout.n_special
 
-    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
-        if self.unpadded is not None and not torch.is_grad_enabled():
-            return self._encode_unpadded(windows)
+    def _inputs(self, windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of windows, on the device."""
         # Always pad on the right, whatever the tokenizer's padding_side: with an attention mask the
         # padding is invisible to real tokens, and for causal models right padding never reaches real
         # tokens at all, so positions stay 0..n-1 without passing position_ids.
-        input_ids, lengths = self._pack(windows)
-        width = int(lengths.max())
-        padded = np.full((len(windows), width), self.pad_id, dtype=np.int64)  # (b, n)
-        mask = np.arange(width)[None, :] < lengths[:, None]  # (b, n)
-        padded[mask] = input_ids  # row-major order of the mask = the windows one after another
+        rows = [self.layout.wrap(w) for w in windows]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (b, n)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (b, n)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         if not self.takes_mask and not bool(mask.all()):
             raise AssertionError("a model without attention mask got a padded batch")  # batching guarantees this
-        kwargs = {"input_ids": torch.from_numpy(padded).to(self.device)}
+        device = self.device
+        kwargs = {"input_ids": input_ids.to(device)}
         if self.takes_mask:
-            kwargs["attention_mask"] = torch.from_numpy(mask.astype(np.int64)).to(self.device)
+            kwargs["attention_mask"] = mask.to(device)
         if self.takes_token_types:
             kwargs["token_type_ids"] = torch.zeros_like(kwargs["input_ids"])  # one segment
-        # Base models give last_hidden_state; task-head models (MaskedLM / CausalLM heads, which some
-        # remote-code checkpoints map exclusively) give the same states only through hidden_states.
-        use_last = self.layer_index == self.n_layers and self.model.base_model is self.model
+        return kwargs
+
+    def _call(self, inputs: dict[str, torch.Tensor], *, output_hidden_states: bool):
         with self.autocast():
-            out = self.model(**kwargs, output_hidden_states=not use_last, return_dict=True)
+            return self.model(**inputs, output_hidden_states=output_hidden_states, return_dict=True)
+
+    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        if self.planning_only:
+            raise EncoderError(f"encoder {self.name} for {self.settings.model!r} was loaded without weights (planning only)")
+        # The last layer is last_hidden_state where the output has it (some models apply a final norm
+        # to it but not to hidden_states[-1], e.g. HyenaDNA); task-head models (MaskedLM / CausalLM,
+        # which some remote-code checkpoints map exclusively) give the states only through hidden_states.
+        if self.unpadded is not None and not torch.is_grad_enabled():
+            return self._encode_unpadded(windows)
+        use_last = self.layer_index == self.n_layers and self._has_last
+        out = self._call(self._inputs(windows), output_hidden_states=not use_last)
         hidden = out.last_hidden_state if use_last else out.hidden_states[self.layer_index]  # (b, n, d)
         p = len(self.layout.prefix)
         return [
@@ -212,17 +384,12 @@ class HFTokenEncoder(Encoder):
             for i, w in enumerate(windows)
         ]
 
-    def _pack(self, windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(every window wrapped in its special tokens, concatenated (T,), each one's length (b,))."""
-        prefix = np.asarray(self.layout.prefix, dtype=np.int64)
-        suffix = np.asarray(self.layout.suffix, dtype=np.int64)
-        pieces = [piece for w in windows for piece in (prefix, w, suffix)]
-        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.layout.n_special
-        return np.concatenate(pieces).astype(np.int64, copy=False), lengths
-
     def _encode_unpadded(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`)."""
-        input_ids, lengths = self._pack(windows)
+        prefix = np.asarray(self.layout.prefix, dtype=np.int64)
+        suffix = np.asarray(self.layout.suffix, dtype=np.int64)
+        input_ids = np.concatenate([piece for w in windows for piece in (prefix, w, suffix)]).astype(np.int64)  # (T,)
+        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.layout.n_special
         cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])  # (b + 1,)
         with self.autocast():
             last, states = self.unpadded(
@@ -238,6 +405,47 @@ class HFTokenEncoder(Encoder):
             for s, w in zip(cu_seqlens[:-1].tolist(), windows)
         ]
 
+    # -- what fine-tuning needs
+
+    def blocks_feeding_output(self) -> list[str]:
+        if self.blocks is None:
+            raise EncoderError(
+                f"found no stack of {self.n_layers} repeated blocks in {type(self.model).__name__} ({self.settings.model!r}) "
+                f"matching its {self.n_layers + 1} hidden states; use full or frozen training"
+            )
+        name, blocks = self.blocks
+        return [f"{name}.{i}" for i in range(self.layer_index)]  # hidden state i is the output of block i
+
+    def modules_after_blocks(self) -> list[str]:
+        return list(self._after_blocks) if self.layer_index == self.n_layers else []
+
+    def lora_targets(self) -> LoraTargets:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+        from transformers.pytorch_utils import Conv1D
+
+        kind = getattr(self.model.config, "model_type", None)
+        modules = LORA_TARGETS.get(kind) or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(kind) or "all-linear"
+        targeted = [
+            m for n, m in self.model.named_modules() if modules != "all-linear" and n.rsplit(".", 1)[-1] in modules
+        ]
+        return LoraTargets(tuple(modules) if modules != "all-linear" else modules, fan_in_fan_out=any(isinstance(m, Conv1D) for m in targeted))
+
+    def set_gradient_checkpointing_(self, enabled: bool) -> None:
+        if not getattr(self.model, "supports_gradient_checkpointing", False):
+            super().set_gradient_checkpointing_(enabled)
+        # Non-reentrant: gradients reach trained blocks even when the embeddings are frozen. transformers 5
+        # renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn until v6).
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enabled:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enabled:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_disable()
+
     def provenance(self) -> dict:
         return {
             "encoder": self.name,
@@ -249,6 +457,7 @@ class HFTokenEncoder(Encoder):
             "window": self.window,
             "special_tokens": {"prefix": len(self.layout.prefix), "suffix": len(self.layout.suffix)},
             "precision": self.precision,
+            "attn_implementation": self.attn_implementation,
             "alphabet": self.alphabet.name if self.alphabet else None,
             "trust_remote_code": self.settings.trust_remote_code,
         }
@@ -259,19 +468,21 @@ class HFTokenEncoder(Encoder):
 _NO_POOLER = {"add_pooling_layer": False}
 
 
-def load_esm2(settings: EncoderSettings) -> HFTokenEncoder:
-    return HFTokenEncoder("esm2", settings, PROTEIN, expect_model_type="esm", model_kwargs=_NO_POOLER)
+def load_esm2(settings: EncoderSettings, *, weights: bool = True) -> HFTokenEncoder:
+    return HFTokenEncoder("esm2", settings, PROTEIN, expect_model_type="esm", model_kwargs=_NO_POOLER, weights=weights)
 
 
-def load_nucleotide_transformer(settings: EncoderSettings) -> HFTokenEncoder:
+def load_nucleotide_transformer(settings: EncoderSettings, *, weights: bool = True) -> HFTokenEncoder:
     # v1 checkpoints are ESM models; v2 ship their own "esm" code (trust_remote_code). Both have type "esm".
-    return HFTokenEncoder("nucleotide-transformer", settings, DNA, expect_model_type="esm", model_kwargs=_NO_POOLER)
+    return HFTokenEncoder(
+        "nucleotide-transformer", settings, DNA, expect_model_type="esm", model_kwargs=_NO_POOLER, weights=weights
+    )
 
 
-def load_hf(settings: EncoderSettings) -> HFTokenEncoder:
+def load_hf(settings: EncoderSettings, *, weights: bool = True) -> HFTokenEncoder:
     alphabet = None
     if settings.alphabet is not None:
         if settings.alphabet not in ALPHABETS:
             raise EncoderError(f"unknown --alphabet {settings.alphabet!r}; expected one of {sorted(ALPHABETS)}")
         alphabet = ALPHABETS[settings.alphabet]
-    return HFTokenEncoder("hf", settings, alphabet, expect_model_type=None)
+    return HFTokenEncoder("hf", settings, alphabet, expect_model_type=None, weights=weights)

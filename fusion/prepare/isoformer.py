@@ -130,6 +130,13 @@ def prepare_isoformer(
         raw, splits, targets, config.target_transform, csv_path=csv_path, lines=[r["line"] for r in rows]
     )
     values = apply_transform(raw, transform, targets)
+    overflow = np.argwhere(np.abs(values) > np.finfo(np.float32).max)  # training is float32: these would be inf
+    if len(overflow):
+        i, j = overflow[0]
+        raise PrepareError(
+            f"{csv_path}: line {rows[i]['line']}: column {targets[j]!r} value {float(raw[i, j])!r} is {float(values[i, j]):.3g} "
+            f"after the {config.target_transform!r} transform, beyond float32 range; use target_transform='log1p'"
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = out_dir / PREPARE_JSON
@@ -197,10 +204,14 @@ def read_gtex_csv(csv_path: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """The table (ids/sequences as str, targets float64) and its target columns in file order."""
     if not csv_path.exists():
         raise PrepareError(f"IsoFormer CSV {str(csv_path)!r} does not exist")
+    if csv_path.is_dir():
+        raise PrepareError(f"IsoFormer CSV {str(csv_path)!r} is a directory")
     try:
         header = pd.read_csv(csv_path, nrows=0)
     except pd.errors.EmptyDataError as e:
         raise PrepareError(f"IsoFormer CSV {str(csv_path)!r} is empty") from e
+    except (UnicodeDecodeError, pd.errors.ParserError, EOFError, OSError) as e:  # binary, Latin-1, truncated .gz
+        raise PrepareError(f"cannot read IsoFormer CSV {str(csv_path)!r} (UTF-8 text, optionally .gz, expected): {e}") from e
     columns = [str(c) for c in header.columns]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -211,7 +222,10 @@ def read_gtex_csv(csv_path: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
     if not targets:
         raise PrepareError(f"{csv_path}: no target (tissue) columns besides the fixed ones; columns found: {columns}")
     text = [c for c in FIXED_COLUMNS if c in columns and c not in ("start", "end")]
-    table = pd.read_csv(csv_path, dtype={c: str for c in text}, low_memory=False)
+    try:
+        table = pd.read_csv(csv_path, dtype={c: str for c in text}, low_memory=False)
+    except (UnicodeDecodeError, pd.errors.ParserError, EOFError, OSError) as e:
+        raise PrepareError(f"cannot read IsoFormer CSV {str(csv_path)!r} (UTF-8 text, optionally .gz, expected): {e}") from e
     if len(table) == 0:
         raise PrepareError(f"{csv_path}: header only, no transcript rows")
     for column in targets:
@@ -225,6 +239,10 @@ def _numeric_column(values: pd.Series, csv_path: Path, column: str) -> pd.Series
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise PrepareError(f"{csv_path}: line {i + 2}: column {column!r} has non-numeric value {values.iloc[i]!r}")
+    infinite = np.isinf(out.to_numpy())
+    if infinite.any():
+        i = int(np.flatnonzero(infinite)[0])
+        raise PrepareError(f"{csv_path}: line {i + 2}: column {column!r} has infinite value {values.iloc[i]!r}; leave the cell empty if it is missing")
     return out
 
 

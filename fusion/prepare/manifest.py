@@ -8,7 +8,19 @@ column ("train" / "validation" / "test"). When the file has no split column, `Gr
 assigns whole groups (genes) to splits so that no group straddles two splits.
 
 A prepared directory (see `fusion.prepare.isoformer`) holds `manifest.csv` beside
-`prepare.json`; `load_prepared` reads the key, target and split columns from there.
+`prepare.json`; `load_prepared` reads the key, target and split columns from there. For any other
+table, `write_prepare_json` (`fusion prepare manifest`) writes that file from column names.
+
+prepare.json (JSON object; only the first two fields are required):
+    targets            list of target column names, in model output order
+    key_columns        {modality: column holding the sample's record id in that modality's store}
+    manifest           file name of the table beside prepare.json (default "manifest.csv")
+    sample_id_column   column of unique sample ids (default "sample_id")
+    split_column       column of train / validation / test (default "split"; aliases accepted)
+    group_split        {"column", "fractions", "seed"}: when the table has no split column,
+                       whole groups (e.g. genes) are assigned to splits (`GroupSplit`)
+    modalities         {modality: FASTA file beside prepare.json} (written by prepare steps)
+Anything else (kind, config, transform, counts, source) describes how the data was made.
 """
 
 from __future__ import annotations
@@ -19,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from fusion.errors import FusionError
 
 SPLITS = ("train", "validation", "test")
 
@@ -40,7 +54,7 @@ SPLIT_ALIASES = {
 PREPARE_JSON = "prepare.json"
 
 
-class PrepareError(ValueError):
+class PrepareError(FusionError):
     """Bad input to data preparation; the message names the file, the row or record, and the value."""
 
 
@@ -157,7 +171,7 @@ def load_manifest(
     split_column: str | None = "split",
     group_split: GroupSplit | None = None,
     *,
-    sample_id_column: str = "sample_id",
+    sample_id_column: str | None = None,
 ) -> Manifest:
     """Read a manifest table and check it.
 
@@ -165,12 +179,18 @@ def load_manifest(
     `target_columns=None` (or `key_columns=None`) is only allowed when a `prepare.json` sits
     beside the file: the missing pieces, and the split column, are then read from it.
     If `split_column` is absent from the file (or None) and `group_split` is given, splits are
-    assigned by group into a column named `split_column or "split"`.
+    assigned by group into a column named `split_column or "split"`. `sample_id_column=None` means
+    prepare.json's, else "sample_id".
     """
     path = Path(path)
     prepared = (
         _read_prepare_json(path.parent / PREPARE_JSON) if (target_columns is None or key_columns is None) else None
     )
+    if prepared is not None:
+        sample_id_column = sample_id_column or prepared.get("sample_id_column")
+        if group_split is None and prepared.get("group_split") is not None:
+            group_split = _group_split(prepared["group_split"], path.parent / PREPARE_JSON)
+    sample_id_column = sample_id_column or "sample_id"
     if target_columns is None:
         if prepared is None:
             raise PrepareError(
@@ -250,6 +270,55 @@ def load_manifest(
     )
 
 
+def _group_split(spec: object, where: Path) -> GroupSplit:
+    if not isinstance(spec, dict) or "column" not in spec or set(spec) - {"column", "fractions", "seed"}:
+        raise PrepareError(f"{where}: group_split {spec!r} must be an object with 'column' and optional 'fractions', 'seed'")
+    return GroupSplit(column=spec["column"], fractions=tuple(spec.get("fractions", (0.8, 0.1, 0.1))), seed=int(spec.get("seed", 0)))
+
+
+def write_prepare_json(
+    table: str | Path,
+    *,
+    key_columns: dict[str, str],
+    targets: list[str] | None = None,
+    sample_id_column: str = "sample_id",
+    split_column: str = "split",
+    group_split: GroupSplit | None = None,
+) -> tuple[Path, Manifest]:
+    """Describe a manifest table in a prepare.json beside it, so `fusion train --manifest TABLE` can read it.
+
+    `targets=None`: every column that is not the sample id, a key, the split or the group column.
+    The table is loaded and checked with these columns first; nothing is written if it fails, and an
+    existing prepare.json is never replaced.
+    """
+    table = Path(table)
+    out = table.parent / PREPARE_JSON
+    if out.exists():
+        raise PrepareError(f"{out} exists already; remove it first if it should describe {table.name}")
+    if targets is None:
+        header = [str(c) for c in _read_table(table).columns]
+        used = {sample_id_column, split_column, *key_columns.values(), *([group_split.column] if group_split else [])}
+        targets = [c for c in header if c not in used]
+        if not targets:
+            raise PrepareError(f"{table}: no target columns left besides {sorted(used)}; columns are {header}")
+    manifest = load_manifest(
+        table, key_columns=key_columns, target_columns=targets, split_column=split_column,
+        group_split=group_split, sample_id_column=sample_id_column,
+    )  # fmt: skip
+    meta = {
+        "kind": "manifest",
+        "manifest": table.name,
+        "sample_id_column": sample_id_column,
+        "key_columns": dict(key_columns),
+        "targets": list(targets),
+        "split_column": split_column,
+    }
+    if group_split is not None:
+        meta["group_split"] = {"column": group_split.column, "fractions": list(group_split.fractions), "seed": group_split.seed}
+    out.write_text(json.dumps(meta, indent=2) + "\n")
+    return out, manifest
+
+
 def load_prepared(out_dir: str | Path) -> Manifest:
     """The manifest of a prepared directory, with keys, targets and split column from its prepare.json."""
     out_dir = Path(out_dir)
@@ -261,6 +330,7 @@ def load_prepared(out_dir: str | Path) -> Manifest:
         key_columns=dict(meta["key_columns"]),
         target_columns=list(meta["targets"]),
         split_column=meta.get("split_column", "split"),
+        group_split=_group_split(meta["group_split"], out_dir / PREPARE_JSON) if meta.get("group_split") is not None else None,
         sample_id_column=meta.get("sample_id_column", "sample_id"),
     )
     files = {m: out_dir / f for m, f in meta.get("modalities", {}).items()}
@@ -272,11 +342,15 @@ def _read_prepare_json(path: Path) -> dict | None:
         return None
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PrepareError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise PrepareError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in ("targets", "key_columns") if k not in meta]
     if missing:
         raise PrepareError(f"{path}: missing field(s) {missing}; fields are {sorted(meta)}")
+    if not isinstance(meta["targets"], list) or not isinstance(meta["key_columns"], dict):
+        raise PrepareError(f"{path}: 'targets' must be a list of column names and 'key_columns' an object {{modality: column}}")
     return meta
 
 
@@ -294,8 +368,10 @@ def _read_table(path: Path) -> pd.DataFrame:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv", ".tab", ".txt"):
-            # Strings first so ids such as "007" keep their zeros; targets are converted afterwards.
-            return pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=True)
+            # Strings first so ids such as "007" keep their zeros, and no guessing of missing values:
+            # pandas would read an id "NA" (or "null", "None") as missing. Only an empty cell is missing
+            # for ids; targets accept the usual spellings of a missing number (`MISSING_NUMBERS`).
+            return pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError as e:
         raise PrepareError(f"manifest file {str(path)!r} is empty ({e})") from e
     except Exception as e:  # pandas/pyarrow raise many types; say which file failed and why
@@ -319,11 +395,18 @@ def _as_id_strings(values: pd.Series) -> pd.Series:
     return pd.Series(out, index=values.index, dtype=object).where(lambda s: s.notna(), np.nan)
 
 
+# How a missing number is written in the tables people export (R, pandas, spreadsheets).
+MISSING_NUMBERS = frozenset({"", "na", "nan", "n/a", "null", "none", "-"})
+# Targets are trained in float32: a larger magnitude would become inf there.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _as_float(values: pd.Series, *, path: Path, column: str) -> pd.Series:
-    """Targets as float64; empty -> NaN; anything non-numeric is an error naming the row and value."""
+    """Targets as float64; empty or NA -> NaN (missing, masked); anything else must be a finite number
+    that float32 can hold: the first offending value is an error naming the row and value."""
     # Plain lists: Series.map would re-infer a string dtype and turn None back into NaN.
     cells = [None if _missing(v) else v.strip() if isinstance(v, str) else v for v in values.tolist()]
-    blank = pd.Series([v is None or v == "" for v in cells], index=values.index)
+    blank = pd.Series([v is None or (isinstance(v, str) and v.lower() in MISSING_NUMBERS) for v in cells], index=values.index)
     numbers = pd.to_numeric(
         pd.Series([np.nan if b else v for v, b in zip(cells, blank)], index=values.index, dtype=object), errors="coerce"
     )
@@ -334,5 +417,13 @@ def _as_float(values: pd.Series, *, path: Path, column: str) -> pd.Series:
         raise PrepareError(
             f"{path}: target column {column!r}, row {i + 2}: value {values.iloc[i]!r} is not a number "
             f"({int(bad.sum())} such value(s) in this column)"
+        )
+    too_big = ~blank & ~(out.abs() <= FLOAT32_MAX)  # inf, -inf, and finite values that overflow float32
+    if too_big.any():
+        i = int(np.flatnonzero(too_big.to_numpy())[0])
+        raise PrepareError(
+            f"{path}: target column {column!r}, row {i + 2}: value {values.iloc[i]!r} is not a finite number "
+            f"within float32 range (|x| <= {FLOAT32_MAX:.3g}); leave the cell empty for a missing value "
+            f"({int(too_big.sum())} such value(s) in this column)"
         )
     return out

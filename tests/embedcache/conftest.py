@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from embedcache.encoders.enformer import EXTRA, enformer_available
 from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_gpt2, make_tiny_nucleotide_transformer
 
 REMOTE_CONFIG = '''
@@ -88,18 +90,111 @@ def make_remote_code_model(directory: Path) -> Path:
     return directory
 
 
+ENFORMER_SKIP = f"needs the optional enformer-pytorch: pip install 'embedcache[{EXTRA}]' (transformers 4.56)"
+requires_enformer = pytest.mark.skipif(not enformer_available(), reason=ENFORMER_SKIP)
+
+
+class TinyModels(dict):
+    """Model directories by name; the Enformer one is made on first use, and a test that asks for it
+    without the `enformer` extra installed is skipped, saying which extra it needs."""
+
+    def __init__(self, root: Path, **made: Path):
+        super().__init__(made)
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        if name != "enformer":
+            raise KeyError(name)
+        if not enformer_available():
+            pytest.skip(ENFORMER_SKIP)
+        self[name] = make_tiny_enformer(self.root / "enformer")
+        return self[name]
+
+
+def char_tokenizer(letters: str, specials: list[str], *, template: str | None = None, **kwargs):
+    """A fast character tokenizer (one token per letter); `template`: where its special tokens go, e.g. "$A [SEP]"."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([*specials, *letters])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=kwargs.get("unk_token")))  # no merges: one token per letter
+    if template is not None:
+        used = [t for t in specials if t in template]
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(t, vocab[t]) for t in used])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def save_with_remote_code(directory: Path, config_cls, model_cls, tokenizer, **config) -> Path:
+    """Save a random model whose code travels in the checkpoint (auto_map -> its own .py files), as
+    HyenaDNA and NT v2 are published; it loads back only with trust_remote_code."""
+    config_cls.register_for_auto_class()
+    model_cls.register_for_auto_class("AutoModel")
+    torch.manual_seed(0)
+    model_cls(config_cls(**config)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_hyena_like(directory: Path) -> Path:
+    """HyenaDNA-like: causal, tokenizer pads on the LEFT and appends [SEP], forward takes no attention mask,
+    config names its depth `n_layer` and width `d_model`."""
+    from .toy_remote.configuration_hyena import HyenaToyConfig
+    from .toy_remote.modeling_hyena import HyenaToyModel
+
+    specials = ["[CLS]", "[SEP]", "[BOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]  # HyenaDNA's order
+    tokenizer = char_tokenizer(
+        "ACGTN", specials, template="$A [SEP]", pad_token="[PAD]", sep_token="[SEP]", cls_token="[CLS]",
+        unk_token="[UNK]", mask_token="[MASK]", padding_side="left", model_max_length=64, model_input_names=["input_ids"],
+    )  # fmt: skip
+    return save_with_remote_code(directory, HyenaToyConfig, HyenaToyModel, tokenizer, vocab_size=16, n_layer=3, l_max=64)
+
+
+def make_no_depth_model(directory: Path) -> Path:
+    """Remote code whose config has no layer count at all (depth = len(kernel_sizes)), with an attention mask."""
+    from .toy_remote.configuration_nodepth import NoDepthConfig
+    from .toy_remote.modeling_nodepth import NoDepthModel
+
+    tokenizer = char_tokenizer(AA, ["<pad>", "<unk>", "<s>"], template="<s> $A", pad_token="<pad>", unk_token="<unk>",
+                               bos_token="<s>", model_max_length=48, model_input_names=["input_ids", "attention_mask"])  # fmt: skip
+    return save_with_remote_code(directory, NoDepthConfig, NoDepthModel, tokenizer, kernel_sizes=[3, 5, 3, 3])
+
+
+def make_bert_like(directory: Path) -> Path:
+    """BERT (built into transformers): [CLS] ... [SEP], and a tokenizer that returns token_type_ids."""
+    from transformers import BertConfig, BertModel
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = char_tokenizer(
+        AA, specials, template="[CLS]:0 $A:0 [SEP]:0", pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]", model_max_length=64,
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(specials) + len(AA), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0)  # fmt: skip
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+
+
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory) -> TinyModels:
     root = tmp_path_factory.mktemp("models")
-    return {
-        "esm2": make_tiny_esm2(root / "esm2"),
+    return TinyModels(
+        root,
+        esm2=make_tiny_esm2(root / "esm2"),
         # 40 learned positions, of which ESM-style ids use 2..39 (offset padding_idx + 1): 37 content tokens
         # after <cls>, so DNA over ~220 bp gets windows
-        "nucleotide-transformer": make_tiny_nucleotide_transformer(root / "nt", max_positions=40),
-        "enformer": make_tiny_enformer(root / "enformer"),
-        "gpt2": make_tiny_gpt2(root / "gpt2"),
-        "remote": make_remote_code_model(root / "remote"),
-    }
+        **{"nucleotide-transformer": make_tiny_nucleotide_transformer(root / "nt", max_positions=40)},
+        gpt2=make_tiny_gpt2(root / "gpt2"),
+        remote=make_remote_code_model(root / "remote"),
+        hyena=make_hyena_like(root / "hyena"),
+        nodepth=make_no_depth_model(root / "nodepth"),
+        bert=make_bert_like(root / "bert"),
+    )
 
 
 def write_fasta(path: Path, records: dict[str, str]) -> Path:

@@ -18,7 +18,7 @@ from embedcache.config import BuildConfig
 from embedcache.embed import embed_sequences
 from embedcache.encoders import load_encoder
 
-from .conftest import write_fasta
+from .conftest import requires_enformer, write_fasta
 
 FP16 = dict(rtol=2e-3, atol=2e-3)  # per-token rows are stored in float16
 FP32 = dict(rtol=1e-4, atol=1e-5)  # pooled vectors are float32; batched vs single matmuls differ slightly
@@ -128,6 +128,7 @@ def test_crop_left_keeps_the_three_prime_end_and_is_recorded(tmp_path, models):
     assert store.attrs["windowing"]["crop"] == "left"
 
 
+@requires_enformer
 @torch.inference_mode()
 def test_enformer_matches_enformer_pytorch(tmp_path, models, max_tokens):
     from enformer_pytorch import from_pretrained, str_to_one_hot
@@ -144,6 +145,7 @@ def test_enformer_matches_enformer_pytorch(tmp_path, models, max_tokens):
     assert store.tokens("s0_1024").shape == (8, 96)
 
 
+@requires_enformer
 @torch.inference_mode()
 def test_enformer_central_bins(tmp_path, models):
     from enformer_pytorch import from_pretrained, str_to_one_hot

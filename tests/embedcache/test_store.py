@@ -17,13 +17,15 @@ import xarray as xr
 from embedcache import open_store
 from embedcache.build import build
 from embedcache.config import BuildConfig
-from embedcache.errors import FingerprintMismatch, InputError
+from embedcache.errors import FingerprintMismatch, InputError, StoreError
 
 from .conftest import write_fasta
 from .test_parity import AA, random_seqs
 
 
 def esm2_config(models, **kw) -> BuildConfig:
+    if "shard_mb" in kw:  # small shards in tests: one shard per unit, so a build makes many commits
+        kw.setdefault("unit_mb", kw["shard_mb"])
     return BuildConfig.create("esm2", str(models["esm2"]), **kw)
 
 
@@ -40,7 +42,7 @@ def test_duplicates_are_embedded_once(tmp_path, models):
     seqs = random_seqs(AA, [10, 20, 30])
     records = {**seqs, "alias_of_s0": seqs["s0_10"], "lower_alias": seqs["s1_20"].lower()}
     report = run_build(esm2_config(models), [write_fasta(tmp_path / "in.fa", records)], tmp_path / "s.zarr")
-    assert len(report.plan.new_keys) == 3
+    assert report.plan.n_new == 3
     s = open_store(tmp_path / "s.zarr")
     assert len(s) == 5 and s.committed.content == 3
     np.testing.assert_array_equal(s.tokens("alias_of_s0"), s.tokens("s0_10"))
@@ -58,7 +60,7 @@ def test_superset_build_computes_only_new_sequences(tmp_path, models):
     superset = {**first, **{f"new_{k}": v for k, v in more.items()}, "renamed": first["s0_10"]}
     logs: list[str] = []
     report = run_build(esm2_config(models), [write_fasta(tmp_path / "b.fa", superset)], store, logs)
-    assert len(report.plan.new_keys) == 2
+    assert report.plan.n_new == 2
     assert (report.plan.already_stored, report.plan.reused) == (3, 1)
     assert logs[-1].startswith("2 new, 4 already stored")
     after = read_all(store)
@@ -97,9 +99,13 @@ def test_xarray_opens_the_store(tmp_path, models):
     records = random_seqs(AA, [10, 20])
     run_build(esm2_config(models), [write_fasta(tmp_path / "a.fa", records)], tmp_path / "s.zarr")
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
-    assert ds.pooled.dims == ("sequence", "feature")
+    assert ds.pooled.dims == ("content", "layer", "feature")
     assert set(ds.sequence.values.tolist()) == set(records)
-    np.testing.assert_array_equal(ds.pooled.sel(sequence="s1_20").values, open_store(tmp_path / "s.zarr").pooled(["s1_20"])[0])
+    by_record = ds.pooled.isel(content=ds.content_index)  # (sequence, layer, feature), as the README shows
+    layer = open_store(tmp_path / "s.zarr").layers[0]
+    np.testing.assert_array_equal(
+        by_record.sel(sequence="s1_20", layer=layer).values, open_store(tmp_path / "s.zarr").pooled(["s1_20"])[0]
+    )
     assert ds.attrs["embedcache"]["provenance"]["encoder"] == "esm2"
     assert ds.attrs["embedcache"]["source_dtype"] == "float32"
 
@@ -108,20 +114,20 @@ def test_verify_names_a_missing_shard(tmp_path, models):
     store = tmp_path / "s.zarr"
     run_build(esm2_config(models, shard_mb=0.01), [write_fasta(tmp_path / "a.fa", random_seqs(AA, [100] * 6))], store)
     s = open_store(store)
-    assert s.verify() == [] and len(s.groups) > 1
-    shard = sorted((store / "tokens" / "c").rglob("*"))[-1]
+    assert s.verify() == [] and s.n_commits > 1
+    shard = sorted(p for p in (store / "tokens" / "c").rglob("*") if p.is_file())[-1]
     shard.write_bytes(b"garbage")
     faults = open_store(store).verify()
-    assert any("cannot be read" in f for f in faults), faults
+    assert any("'tokens'" in f and "cannot be read" in f for f in faults), faults
 
 
 def test_interrupted_build_does_not_look_complete(tmp_path, models):
     store = tmp_path / "s.zarr"
     fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [30] * 4))
     run_build(esm2_config(models), [fasta], store)
-    meta = store / "_build" / "zarr.json"
+    meta = store / "_commits" / "zarr.json"
     doc = json.loads(meta.read_text())
-    doc["attributes"]["status"] = "incomplete"  # as a killed build leaves it
+    doc["attributes"]["head"]["status"] = "incomplete"  # as a killed build leaves it
     meta.write_text(json.dumps(doc))
     s = open_store(store)
     assert not s.complete and any("not 'complete'" in f for f in s.verify())
@@ -132,17 +138,18 @@ CLI = [sys.executable, "-m", "cli.embedcache_cli"]
 
 def _committed_groups(store: Path) -> int:
     try:
-        return len(json.loads((store / "_build" / "zarr.json").read_text())["attributes"]["groups"])
+        return json.loads((store / "_commits" / "zarr.json").read_text())["attributes"]["head"]["n"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
 
 
-@pytest.mark.parametrize("kill_after_groups", [0, 2], ids=["before-first-commit", "mid-build"])
+# Killed mid-build (after commits) is covered for every backend in test_store_backends.py.
+@pytest.mark.parametrize("kill_after_groups", [0], ids=["while-creating"])
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, kill_after_groups):
     records = random_seqs(AA, [40 + (i * 37) % 200 for i in range(120)], seed=11)
     records["dup"] = records["s0_40"]
     fasta = write_fasta(tmp_path / "in.fa", records)
-    args = ["build", str(fasta), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--max-tokens", "300", "--no-progress"]
+    args = ["build", str(fasta), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02", "--unit-mb", "0.02", "--max-tokens", "300", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
     reference = tmp_path / "ref.zarr"
@@ -159,8 +166,11 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, models, kill_after_gr
     assert proc.poll() is None, "the build finished before it could be killed; make the input larger"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if (store / "zarr.json").exists():
-        assert not open_store(store).complete
+    if (store / "zarr.json").exists():  # killed while creating (no head yet) or mid-build: never complete
+        try:
+            assert not open_store(store).complete
+        except StoreError as e:
+            assert "not completely created" in str(e)
 
     done = subprocess.run([*CLI, *args, "-o", str(store)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -179,7 +189,7 @@ def test_token_arrays_skip_the_gaps_between_groups(tmp_path, models):
     records["alias"] = records["s0_100"]
     run_build(esm2_config(models, shard_mb=0.01), [write_fasta(tmp_path / "a.fa", records)], store)
     s = open_store(store)
-    assert len(s.groups) > 2
+    assert s.n_commits > 2
     flat, offsets, lengths = s.token_arrays()
     assert len(flat) == sum(len(v) for k, v in records.items() if k != "alias")  # no unused rows loaded
     for rid, o, n in zip(s.ids, offsets, lengths):

@@ -13,7 +13,7 @@ from fusion.data import InMemoryTokens, StreamedTokens, _pad
 DIM = 8
 LENGTHS = {"a": 1, "b": 3, "c": 5, "d": 8, "e": 40}
 ATTRS = {
-    "format": "embedcache-store", "fingerprint": "test", "embed_dim": DIM,
+    "format": "embedcache-store", "schema_version": 2, "fingerprint": "test", "embed_dim": DIM,
     "config": {"encoder": "test", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
     "provenance": {}, "stored_dtype": {"tokens": "float16", "pooled": "float32"},
 }  # fmt: skip

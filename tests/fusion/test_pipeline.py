@@ -13,29 +13,9 @@ import pytest
 from cli.fusion_cli import main as fusion_main
 from embedcache.build import build
 from embedcache.config import BuildConfig
-from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
 from fusion.checkpoint import FingerprintMismatch
 from fusion.data import DataConfig, DataError, open_batches
 from fusion.experiment import read_manifest
-from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
-from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("fusion")
-    info = generate_synthetic(root / "syn", SyntheticConfig(n_genes=24, seed=3))
-    prepared = prepare_isoformer(info.csv_path, info.genome_path, root / "prep", IsoformerPrepareConfig(dna_window=info.dna_window))
-    models = {
-        "protein": ("esm2", make_tiny_esm2(root / "m" / "esm", hidden=16), {}),
-        "rna": ("nucleotide-transformer", make_tiny_nucleotide_transformer(root / "m" / "nt", hidden=16), {}),
-        "dna": ("enformer", make_tiny_enformer(root / "m" / "enf", dim=24, target_length=info.dna_window // 128), {"window": info.dna_window}),
-    }
-    stores = {}
-    for modality, (encoder, model_dir, extra) in models.items():
-        stores[modality] = str(root / f"{modality}.zarr")
-        build(BuildConfig.create(encoder, str(model_dir), **extra), [prepared.out_dir / f"{modality}.fa"], stores[modality], progress=False, log=lambda s: None)
-    return {"root": root, "prep": str(prepared.out_dir), "stores": stores, "models": models}
 
 
 def store_args(stores: dict[str, str]) -> list[str]:

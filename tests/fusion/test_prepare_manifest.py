@@ -182,3 +182,32 @@ def test_prepare_json_supplies_targets_keys_and_split(tmp_path):
     assert p.target_columns == ("t2",) and p.sequence_files == {"rna": tmp_path / "rna.fa"}
     with pytest.raises(PrepareError, match=r"no prepare.json; is this a directory written by a prepare step"):
         load_prepared(tmp_path / "elsewhere")
+
+
+def test_prepare_manifest_cli_describes_a_table_without_hand_written_json(tmp_path, capsys):
+    from cli.fusion_cli import main as fusion_main
+
+    table = tmp_path / "mine.csv"
+    frame(n_genes=6, with_split=False).rename(columns={"sample_id": "id"}).to_csv(table, index=False)
+    args = ["prepare", "manifest", str(table), "--key", "dna=dna_id", "--key", "rna=rna_id", "--key", "protein=protein_id", "--sample-id-column", "id",
+            "--group-column", "gene_id", "--split-fractions", "0.5,0.25,0.25", "--split-seed", "1"]  # fmt: skip
+    assert fusion_main(args) == 0
+    meta = json.loads((tmp_path / "prepare.json").read_text())
+    assert meta["targets"] == ["t1", "t2"]  # every other column
+    manifest = load_manifest(table)  # everything from prepare.json: ids, keys, targets, group split
+    assert manifest.sample_id_column == "id" and manifest.keys("protein")[0] == "0000"
+    assert set(manifest.frame["split"]) == {"train", "validation", "test"}
+    assert (manifest.frame.groupby("gene_id")["split"].nunique() == 1).all()
+    assert fusion_main(args) == 2 and "exists already" in capsys.readouterr().err  # never replaced
+
+
+def test_prepare_manifest_refuses_a_bad_table_and_writes_nothing(tmp_path, capsys):
+    from cli.fusion_cli import main as fusion_main
+
+    df = frame().astype({"t1": object})
+    df.loc[2, "t1"] = "lots"
+    table = write(df, tmp_path / "m.csv")
+    code = fusion_main(["prepare", "manifest", str(table), "--key", "rna=rna_id", "--targets", "t1,t2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "m.csv" in err and "'t1'" in err and "row 4" in err and "'lots'" in err
+    assert not (tmp_path / "prepare.json").exists()

@@ -1,0 +1,184 @@
+"""The commit log of a store: which rows count, and the checksums they were written with.
+
+    _commits/            group; its attrs hold the HEAD: {"n": commits, "records": rows, "status", "builds"}
+    _commits/ranges      (commit, 6) int64  record_start, record_end, content_start, content_end, token_start, token_end
+    _commits/crc         (commit, array) int64  zlib.crc32 of each array's rows in that commit (CHECKED_ARRAYS order)
+
+A commit appends one row to `ranges` and `crc` (rewriting one 4,096-row chunk of each) and then
+writes the head: the head is ONE metadata object, so a commit is atomic on local disk and on object
+stores alike, and its cost stays flat however many commits came before. Rows past the head's `n`
+do not count; a writer trims them. Readers validate the whole log against the arrays before use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from embedcache.errors import StoreError
+
+COMMITS_GROUP = "_commits"
+LOG_CHUNK = 4096
+RANGE_FIELDS = ("record_start", "record_end", "content_start", "content_end", "token_start", "token_end")
+# Arrays whose committed rows carry a crc32 per commit: record rows, content rows, token rows.
+RECORD_ARRAYS = ("sequence", "content_index")
+CONTENT_ARRAYS = ("content", "residues", "n_input_tokens", "n_cropped", "n_windows")
+TOKEN_INDEX_ARRAYS = ("token_offset", "token_length")
+CHECKED_ARRAYS = (*RECORD_ARRAYS, *CONTENT_ARRAYS, "pooled", *TOKEN_INDEX_ARRAYS, "tokens")
+STATUSES = ("empty", "incomplete", "complete")
+
+
+@dataclass
+class Head:
+    """The commit point: how many commits and record rows count, and the store's status."""
+
+    n: int = 0
+    records: int = 0
+    status: str = "empty"
+    builds: list[dict] = field(default_factory=list)
+
+    def to_attrs(self) -> dict:
+        return {"head": {"n": self.n, "records": self.records, "status": self.status, "builds": self.builds}}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> "Head":
+        head = attrs.get("head")
+        if not isinstance(head, dict):
+            raise StoreError(f"store {where!r} was not completely created (no commit head): run the build again")
+        n, records, status, builds = head.get("n"), head.get("records"), head.get("status"), head.get("builds", [])
+        if not (isinstance(n, int) and n >= 0 and isinstance(records, int) and records >= 0):
+            raise StoreError(f"store {where!r}: the commit head is malformed (n={n!r}, records={records!r})")
+        if status not in STATUSES:
+            raise StoreError(f"store {where!r}: the commit head has status {status!r}, expected one of {list(STATUSES)}")
+        if not isinstance(builds, list):
+            raise StoreError(f"store {where!r}: the commit head's builds is {type(builds).__name__}, expected a list")
+        return cls(n, records, status, builds)
+
+
+def create_log(root: zarr.Group) -> None:
+    """The empty log. Its head is written last by `create_store`: until then the store does not exist."""
+    group = root.create_group(COMMITS_GROUP)
+    group.create_array("ranges", shape=(0, len(RANGE_FIELDS)), chunks=(LOG_CHUNK, len(RANGE_FIELDS)), dtype="int64",
+                       dimension_names=("commit", "field"))
+    group.create_array("crc", shape=(0, len(CHECKED_ARRAYS)), chunks=(LOG_CHUNK, len(CHECKED_ARRAYS)), dtype="int64",
+                       dimension_names=("commit", "array"))
+    group.attrs.update({"fields": list(RANGE_FIELDS), "crc_arrays": list(CHECKED_ARRAYS)})
+
+
+def crc_of(values: np.ndarray) -> int:
+    """crc32 of an array's values as stored: raw bytes for numbers, NUL-joined UTF-8 for strings."""
+    if values.dtype.kind in "OUT":
+        return zlib.crc32("\0".join(map(str, values.tolist())).encode())
+    return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
+
+
+@dataclass(frozen=True)
+class CommitLog:
+    """The validated log as read: head, and (n, 6) ranges and (n, A) crcs of the counted commits."""
+
+    head: Head
+    ranges: np.ndarray
+    crc: np.ndarray
+
+    @property
+    def content_end(self) -> int:
+        return int(self.ranges[:, 3].max()) if len(self.ranges) else 0
+
+    @property
+    def token_end(self) -> int:
+        return int(self.ranges[:, 5].max()) if len(self.ranges) else 0
+
+    def committed_content(self, n_content: int) -> np.ndarray:
+        """(n_content,) bool: the content rows some commit wrote."""
+        mask = np.zeros(n_content, bool)
+        for _, _, c0, c1, _, _ in self.ranges:
+            mask[c0:c1] = True
+        return mask
+
+
+def read_log(root: zarr.Group, where: str) -> CommitLog:
+    """Read the log, checking its own shape and ranges (not yet against the data arrays)."""
+    try:
+        group = root[COMMITS_GROUP]
+    except KeyError:
+        raise StoreError(f"store {where!r} was not completely created (no commit log {COMMITS_GROUP}/): run the build again") from None
+    head = Head.from_attrs(dict(group.attrs), where)
+    ranges_arr, crc_arr = group["ranges"], group["crc"]
+    if ranges_arr.shape[0] < head.n or crc_arr.shape[0] < head.n or ranges_arr.shape[1:] != (len(RANGE_FIELDS),) \
+            or crc_arr.shape[1:] != (len(CHECKED_ARRAYS),):
+        raise StoreError(
+            f"store {where!r}: the commit head counts {head.n} commits but the log holds "
+            f"{ranges_arr.shape} ranges and {crc_arr.shape} checksums"
+        )
+    ranges = ranges_arr[: head.n] if head.n else np.zeros((0, len(RANGE_FIELDS)), np.int64)
+    crc = crc_arr[: head.n] if head.n else np.zeros((0, len(CHECKED_ARRAYS)), np.int64)
+    _check_ranges(ranges, head, where)
+    return CommitLog(head, ranges, crc)
+
+
+def _check_ranges(ranges: np.ndarray, head: Head, where: str) -> None:
+    def bad(i: int, why: str) -> StoreError:
+        row = dict(zip(RANGE_FIELDS, ranges[i].tolist()))
+        return StoreError(f"store {where!r}: commit {i} {row} {why}; the commit log was edited or damaged (run embedcache verify)")
+
+    r0, r1, c0, c1, t0, t1 = ranges.T
+    broken = np.flatnonzero((ranges.min(1) < 0) | (r1 < r0) | (c1 < c0) | (t1 < t0))
+    if len(broken):
+        raise bad(int(broken[0]), "has a negative or reversed range")
+    expected_start = np.concatenate([[0], r1[:-1]])  # records are appended: each commit starts where the last ended
+    gap = np.flatnonzero(r0 != expected_start)
+    if len(gap):
+        i = int(gap[0])
+        raise bad(i, f"starts at record {r0[i]}, but the commits before it end at {expected_start[i]}")
+    covered = int(r1[-1]) if len(ranges) else 0
+    if covered != head.records:
+        raise StoreError(f"store {where!r}: the commits cover {covered} records, the head says {head.records}")
+    for lo, hi, name in ((2, 3, "content"), (4, 5, "token")):
+        order = np.argsort(ranges[:, lo], kind="stable")
+        spans = ranges[order][:, [lo, hi]]
+        spans = spans[spans[:, 1] > spans[:, 0]]
+        if len(spans) > 1 and (spans[1:, 0] < spans[:-1, 1]).any():
+            raise StoreError(f"store {where!r}: two commits claim the same {name} rows; the commit log was edited or damaged")
+
+
+def append_commit(root: zarr.Group, head: Head, row: tuple[int, ...], crc: list[int]) -> Head:
+    """Write one commit: its log rows first, then the head (the single write that makes it count).
+
+    Returns the new head. Cost: one chunk of each log array and one head object, whatever `head.n`.
+    """
+    group = root[COMMITS_GROUP]
+    n = head.n
+
+    async def write(name: str, values: np.ndarray) -> None:
+        arr = await group._async_group.getitem(name)
+        if arr.shape[0] < n + 1:  # grown ahead in whole chunks; rows past the head never count
+            await arr.resize((max(n + 1, (n // LOG_CHUNK + 1) * LOG_CHUNK), arr.shape[1]))
+            arr = await group._async_group.getitem(name)
+        await arr.setitem(n, values)
+
+    async def write_both() -> None:
+        await asyncio.gather(write("ranges", np.asarray(row, np.int64)), write("crc", np.asarray(crc, np.int64)))
+
+    sync(write_both())
+    new = Head(n + 1, int(row[1]), "incomplete", head.builds)
+    write_head(root, new)
+    return new
+
+
+def write_head(root: zarr.Group, head: Head) -> None:
+    group = root[COMMITS_GROUP]
+    group.attrs.update(head.to_attrs())
+
+
+def trim_log(root: zarr.Group, head: Head) -> None:
+    """Drop log rows past the head (left by a build killed between writing them and the head)."""
+    group = root[COMMITS_GROUP]
+    for name in ("ranges", "crc"):
+        arr = group[name]
+        if arr.shape[0] != head.n:
+            arr.resize((head.n, arr.shape[1]))

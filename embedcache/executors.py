@@ -1,0 +1,129 @@
+"""Where units run: in this process (the default) or on a Dask cluster. One code path: both call
+`embedcache.partition.run_unit` and hand each result back to the build as it finishes.
+
+`--scheduler local[:N]` starts a dask.distributed LocalCluster of N single-threaded worker
+processes (on a CUDA machine: dask-cuda's LocalCUDACluster when installed, one worker per GPU;
+else one worker per visible device). `--scheduler tcp://HOST:PORT` or `--scheduler-file FILE`
+attaches to a running cluster (dask-jobqueue, SLURM, Kubernetes). Each unit asks for one "GPU"
+resource, so a worker runs one unit at a time whatever its device; workers keep their encoder
+between units. A worker lost mid-unit has its unit rerun elsewhere (units are idempotent).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Callable, Iterable
+
+from embedcache.errors import EmbedcacheError
+from embedcache.partition import UnitResult, UnitTask, run_unit
+
+OnResult = Callable[[UnitResult], None]
+Log = Callable[[str], None]
+RESOURCE = "GPU"  # one unit per worker at a time: declared by workers, asked for by every unit
+
+
+class Executor(ABC):
+    name: str
+
+    @abstractmethod
+    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
+        """Run every task; call `on_result` in this process, in completion order."""
+
+    def close(self) -> None:
+        pass
+
+
+class InProcess(Executor):
+    name = "in-process"
+
+    def __init__(self, log: Log = print):
+        self.log = log
+
+    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
+        for task in tasks:
+            on_result(run_unit(task, log=self.log))
+
+
+class DaskExecutor(Executor):
+    """Units as Dask tasks; results come back to the build's process, which commits them."""
+
+    def __init__(self, client, cluster=None, log: Log = print):
+        self.client, self.cluster = client, cluster
+        self.name = f"dask {client.scheduler.address}"
+        link = getattr(client, "dashboard_link", None)
+        workers = client.scheduler_info().get("workers", {})
+        # Clusters started elsewhere may not declare the resource; then every worker takes units freely.
+        declared = any(w.get("resources", {}).get(RESOURCE) for w in workers.values())
+        self.resources = {RESOURCE: 1} if declared else None
+        log(f"dask: {len(workers)} workers at {client.scheduler.address}" + (f"; dashboard {link}" if link else ""))
+
+    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
+        from distributed import as_completed
+
+        futures = [
+            self.client.submit(run_unit, task, key=f"embedcache-unit-{task.unit.index}-{task.location.url}",
+                               resources=self.resources, retries=2, pure=False)  # fmt: skip
+            for task in tasks
+        ]
+        try:
+            for future in as_completed(futures):
+                on_result(future.result())  # a unit's own error (UnitError) re-raises here, naming it
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _need_distributed():
+    try:
+        import distributed
+    except ImportError as e:
+        raise EmbedcacheError("--scheduler needs dask.distributed: pip install 'embedcache[dask]'") from e
+    return distributed
+
+
+def local_cluster(n_workers: int | None, log: Log = print):
+    """A LocalCluster of worker processes: one per GPU on CUDA machines, else N (default: CPU cores)."""
+    distributed = _need_distributed()
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus:
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            return LocalCUDACluster(n_workers=n_workers or n_gpus, threads_per_worker=1, resources={RESOURCE: 1})
+        except ImportError:
+            log(f"dask-cuda is not installed: one plain worker per visible GPU ({n_gpus})")
+            n_workers = n_workers or n_gpus
+    n = n_workers or os.cpu_count() or 1
+    # Workers share the machine's cores: one torch thread pool each, so N workers do not oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, resources={RESOURCE: 1},
+                                    dashboard_address=":0", env={"OMP_NUM_THREADS": str(threads)})  # fmt: skip
+
+
+def make_executor(scheduler: str | None, scheduler_file: str | None = None, log: Log = print) -> Executor:
+    """`None` -> in this process; "local" / "local:N" -> a new LocalCluster; "tcp://..." or a scheduler file -> attach."""
+    if scheduler is None and scheduler_file is None:
+        return InProcess(log)
+    distributed = _need_distributed()
+    if scheduler_file is not None:
+        return DaskExecutor(distributed.Client(scheduler_file=scheduler_file), log=log)
+    if scheduler == "local" or scheduler.startswith("local:"):
+        count = scheduler.partition(":")[2]
+        if count and not (count.isdigit() and int(count) > 0):
+            raise EmbedcacheError(f"--scheduler {scheduler!r}: expected local or local:N with N a positive number of workers")
+        cluster = local_cluster(int(count) if count else None, log)
+        return DaskExecutor(distributed.Client(cluster), cluster, log=log)
+    if "://" in scheduler:
+        try:
+            return DaskExecutor(distributed.Client(scheduler, timeout="20s"), log=log)
+        except OSError as e:
+            raise EmbedcacheError(f"cannot reach the Dask scheduler at {scheduler!r}: {e}") from e
+    raise EmbedcacheError(f"--scheduler {scheduler!r}: expected local, local:N, or an address like tcp://host:8786")

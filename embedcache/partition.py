@@ -1,0 +1,192 @@
+"""One work unit, start to finish, wherever it runs: read its sequences from the spool, embed them
+in length-sorted batches, write its token rows as whole shards, and return what the commit needs.
+
+The same function runs in the build's own process and on Dask workers. A unit's token rows were
+allocated by the plan and no other unit touches them, so running a unit twice (a retry after a
+lost worker) rewrites the same shards with the same values: nothing is lost or duplicated. The
+unit does not commit: the build's process does, once the result arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from embedcache.config import BuildConfig
+from embedcache.embed import assemble, make_batches, plan_windows, to_numpy
+from embedcache.encoders import Encoder, load_encoder
+from embedcache.errors import EmbedcacheError
+from embedcache.location import Location, open_location
+from embedcache.memory import MemoryGuard
+from embedcache.plan import Unit
+from embedcache.spool import read_entries
+
+
+@dataclass
+class UnitTask:
+    """Everything a worker needs for one unit (small: it travels to the worker)."""
+
+    unit: Unit
+    config: BuildConfig
+    location: Location
+
+
+@dataclass
+class UnitResult:
+    """What a finished unit hands back for its commit: per-sequence rows, its token range and crc."""
+
+    index: int
+    keys: list[str]  # sha256 hex of each sequence, in the unit's order
+    residues: list[str]
+    n_input_tokens: np.ndarray
+    n_cropped: np.ndarray
+    n_windows: np.ndarray
+    token_offset: np.ndarray  # absolute first row in `tokens` (empty when per-token output is off)
+    token_length: np.ndarray
+    pooled: np.ndarray | None  # (n, k, d) float32
+    token_start: int
+    token_end: int
+    token_crc: int
+    n_tokens: int
+    worker: str
+
+
+class UnitError(EmbedcacheError):
+    """A unit failed: names the unit, its first records and the worker."""
+
+
+_ENCODERS: dict[str, Encoder] = {}  # one loaded encoder per process, kept across units
+_GUARDS: dict[str, MemoryGuard] = {}  # and its out-of-memory guard: a lowered token budget stays lowered
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _device_for_worker(config: BuildConfig) -> str:
+    """Without dask-cuda, a LocalCluster worker takes the GPU whose index is its own number."""
+    if config.device != "auto":
+        return config.device
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return config.device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return config.device
+    return f"cuda:{int(name) % torch.cuda.device_count()}" if isinstance(name, int) or str(name).isdigit() else config.device
+
+
+def encoder_for(config: BuildConfig) -> Encoder:
+    device = _device_for_worker(config)
+    key = f"{config.to_dict()}|{device}"
+    if key not in _ENCODERS:
+        _ENCODERS.clear()  # one model per process: a new config replaces the old one
+        _GUARDS.clear()
+        _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
+    return _ENCODERS[key]
+
+
+def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None]) -> MemoryGuard:
+    key = f"{id(encoder)}"
+    if key not in _GUARDS:
+        _GUARDS[key] = MemoryGuard(encoder, config.max_tokens, log)
+    return _GUARDS[key]
+
+
+def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print) -> UnitResult:
+    """Embed one unit and write its token rows. Errors name the unit, its first records and the worker.
+
+    `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
+    """
+    try:
+        return _run_unit(task, encoder or encoder_for(task.config), log)
+    except UnitError:
+        raise
+    except Exception as e:
+        unit = task.unit
+        try:
+            ids = [entry.id for entry in read_entries(open_location(task.location, read_only=True), unit.locators[:3])]
+        except Exception:  # naming the records is best effort; the original error matters
+            ids = ["?"]
+        more = f" and {unit.n_sequences - len(ids)} more" if unit.n_sequences > len(ids) else ""
+        raise UnitError(
+            f"unit {unit.index} (records {', '.join(map(repr, ids))}{more}) failed on worker {_worker_name()}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+
+
+def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> UnitResult:
+    import zarr
+
+    unit, config = task.unit, task.config
+    store = open_location(task.location, read_only=False)
+    entries = read_entries(store, unit.locators)
+    token_ids = [encoder.tokenize(e.residues) for e in entries]
+    plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
+    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) for w, (s, e) in enumerate(p.windows)]
+    outs: list[list] = [[None] * len(p.windows) for p in plans]
+    guard = guard_for(encoder, config, log)  # out of device memory: split the batch, retry, lower the budget
+    for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
+        windows = []
+        for i, w in batch:
+            s, e = plans[i].windows[w]
+            windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
+        for (i, w), out in zip(batch, guard(windows, [entries[i].id for i, _ in batch])):
+            outs[i][w] = out
+    tokens, pooled = [], []
+    for plan, o in zip(plans, outs):
+        t, p = assemble(plan, o, config)
+        tokens.append(to_numpy(t, config.dtype) if config.tokens else None)
+        pooled.append(None if p is None else to_numpy(p, "float32"))
+    n = len(entries)
+    lengths = np.array([len(t) for t in tokens], np.int64) if config.tokens else np.zeros(0, np.int64)
+    offsets = unit.token_start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if config.tokens else np.zeros(0, np.int64)
+    crc = 0
+    if config.tokens:
+        if not np.array_equal(lengths, unit.n_rows):
+            raise AssertionError(f"unit {unit.index}: planned rows {unit.n_rows.tolist()} but got {lengths.tolist()}")
+        block = np.concatenate([t[:, None, :] if t.ndim == 2 else t for t in tokens])  # (rows, k, d)
+        array = zarr.open_group(store=store, mode="r+", zarr_format=3)["tokens"].with_config({"write_empty_chunks": True})
+        array[unit.token_start : unit.token_end] = block  # whole shards of this unit's own region
+        crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+    return UnitResult(
+        index=unit.index,
+        keys=[_sha256(e.residues) for e in entries],
+        residues=[e.residues for e in entries],
+        n_input_tokens=np.array([p.n_input_tokens for p in plans], np.int64),
+        n_cropped=np.array([p.n_cropped for p in plans], np.int64),
+        n_windows=np.array([len(p.windows) for p in plans], np.int32),
+        token_offset=offsets,
+        token_length=lengths,
+        pooled=None if pooled[0] is None else np.stack([p if p.ndim == 2 else p[None] for p in pooled]).astype(np.float32),
+        token_start=unit.token_start,
+        token_end=unit.token_end,
+        token_crc=crc,
+        n_tokens=unit.n_tokens,
+        worker=_worker_name(),
+    ) if n else _empty(unit)
+
+
+def _sha256(residues: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(residues.encode()).hexdigest()
+
+
+def _empty(unit: Unit) -> UnitResult:
+    z = np.zeros(0, np.int64)
+    return UnitResult(unit.index, [], [], z, z, z.astype(np.int32), z, z, None, unit.token_start, unit.token_start, 0, 0, _worker_name())

@@ -1,0 +1,277 @@
+"""Read access to a store: `embedcache.open_store(path_or_url)`. The only reader `fusion` uses.
+
+Opening validates what can be checked cheaply before any data is trusted: the commit log against
+the arrays, sizes against each other, and that every chunk holding committed rows exists (one
+listing of the store). Reading then checks each chunk's crc32c as zarr decodes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from embedcache.commits import CommitLog, Head
+from embedcache.errors import StoreError
+from embedcache.location import Location
+from embedcache.store import (
+    LEGACY_BUILD_GROUP,
+    SCHEMA_VERSION,
+    Committed,
+    StoreIndex,
+    _io_errors,
+    missing_objects,
+    open_root,
+    read_index,
+)
+
+
+class EmbeddingStore:
+    """A store opened for reading.
+
+    >>> store = open_store("proteins.zarr")          # or "s3://bucket/proteins.zarr", storage_options={...}
+    >>> store.ids[:3], store.embed_dim, store.layers
+    >>> store.pooled(["P1", "P2"]).shape             # (2, d) float32
+    >>> store.tokens("P1").shape                     # (L, d): real token positions only, special tokens stripped
+    """
+
+    def __init__(self, location: str | Path | Location, storage_options: dict[str, Any] | None = None):
+        self.location = location if isinstance(location, Location) else Location.of(location, storage_options)
+        self.path = self.location.url  # kept for messages and older callers
+        self.store, self.root = open_root(self.location, mode="r")
+        self.attrs: dict = dict(self.root.attrs["embedcache"])
+        self.schema_version: int = self.attrs["schema_version"]
+        try:
+            self._index = read_index(self.root, self.path, self.attrs) if self.schema_version == SCHEMA_VERSION \
+                else _read_legacy_index(self.root, self.path, self.attrs)
+        except _io_errors() as e:
+            raise StoreError(f"store {self.path!r}: cannot read its index: {e}") from e
+        faults = missing_objects(self.store, self.root, self._index)
+        if faults:
+            raise StoreError(f"store {self.path!r} is damaged: {faults[0]}" + (f" (and {len(faults) - 1} more)" if len(faults) > 1 else "") + "; run embedcache verify")
+        head = self._index.log.head
+        self.status: str = head.status
+        self.builds: list[dict] = head.builds
+        self.committed: Committed = self._index.committed
+        self.ids: list[str] = [str(i) for i in self._index.ids]
+        self._row = {rid: i for i, rid in enumerate(self.ids)}
+        self._content_index = self._index.content_index
+        self.has_tokens = "tokens" in self.root
+        self.has_pooled = "pooled" in self.root
+        # Opened once: looking an array up in the group costs ~0.5 ms, as much as a small read.
+        self._tokens = self.root["tokens"] if self.has_tokens else None
+        self._offset = self._index.offsets
+        self._length = self._index.lengths
+        self.layers: list[int] = self.root["layer"][:].tolist() if "layer" in self.root else [self.attrs["provenance"].get("layer", -1)]
+        self._pooled_cache: np.ndarray | None = None
+
+    # -- provenance ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    @property
+    def n_commits(self) -> int:
+        return self._index.log.head.n
+
+    @property
+    def log(self) -> CommitLog:
+        return self._index.log
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, record_id: str) -> bool:
+        return record_id in self._row
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingStore({self.path!r}, encoder={self.attrs['config']['encoder']!r}, "
+            f"records={len(self)}, dim={self.embed_dim}, layers={self.layers}, status={self.status!r})"
+        )
+
+    # -- data ---------------------------------------------------------------------------------
+    def rows(self, ids: list[str]) -> np.ndarray:
+        """Record rows of `ids`; unknown ids raise StoreError naming examples and the count."""
+        missing = [i for i in ids if i not in self._row]
+        if missing:
+            raise StoreError(f"{len(missing)} of {len(ids)} ids are not in store {self.path!r}, e.g. {missing[:5]}")
+        return np.fromiter((self._row[i] for i in ids), np.int64, len(ids))
+
+    def layer_position(self, layer: int | None) -> int:
+        """Position of hidden-state `layer` on the store's layer axis; None = the store's only layer."""
+        if layer is None:
+            if len(self.layers) != 1:
+                raise StoreError(f"store {self.path!r} holds layers {self.layers}; choose one (layer=...)")
+            return 0
+        if layer not in self.layers:
+            raise StoreError(f"store {self.path!r} holds layers {self.layers}, not layer {layer}")
+        return self.layers.index(layer)
+
+    def _read(self, name: str, selection) -> np.ndarray:
+        try:
+            return self.root[name][selection] if name != "tokens" else self._tokens[selection]
+        except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
+            raise StoreError(f"store {self.path!r}: array {name!r} at {selection} cannot be read: {e}; run embedcache verify") from e
+
+    def pooled(self, ids: list[str] | None = None, layer: int | None = None) -> np.ndarray:
+        """(n, d) float32 pooled embeddings of `ids` (all records, in `self.ids` order, when None)."""
+        if not self.has_pooled:
+            raise StoreError(f"store {self.path!r} was built with --pooling none")
+        pos = self.layer_position(layer)
+        if self._pooled_cache is None:  # pooled arrays are small: load once, committed rows only
+            if self.schema_version == 1:
+                n = self.committed.records
+                self._pooled_cache = self._read("pooled", slice(0, n))[:, None, :] if n else np.zeros((0, 1, self.embed_dim), np.float32)
+            else:
+                n = self.committed.content
+                self._pooled_cache = self._read("pooled", slice(0, n)) if n else np.zeros((0, len(self.layers), self.embed_dim), np.float32)
+        rows = np.arange(len(self)) if ids is None else self.rows(ids)
+        at = rows if self.schema_version == 1 else self._content_index[rows]
+        return self._pooled_cache[at, pos]
+
+    def token_span(self, record_id: str) -> tuple[int, int]:
+        """(offset, length) of the record's rows in the flat `tokens` array."""
+        if not self.has_tokens:
+            raise StoreError(f"store {self.path!r} was built with --no-tokens")
+        c = self._content_index[self.rows([record_id])[0]]
+        return int(self._offset[c]), int(self._length[c])
+
+    def tokens(self, record_id: str, layer: int | None = None) -> np.ndarray:
+        """(L, d) per-token embeddings of one record, in the stored dtype."""
+        offset, length = self.token_span(record_id)
+        if self.schema_version == 1:
+            return self._read("tokens", slice(offset, offset + length))
+        return self._read("tokens", (slice(offset, offset + length), self.layer_position(layer)))
+
+    def token_arrays(self, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All per-token data at once: (flat (T, d), offset per record into flat, length per record).
+
+        Reads each commit's token rows in one go and skips the unused rows between commits (each
+        commit starts on a shard boundary); for data that fits in memory.
+        """
+        if not self.has_tokens:
+            raise StoreError(f"store {self.path!r} was built with --no-tokens")
+        pos = None if self.schema_version == 1 else self.layer_position(layer)
+        spans = sorted({(t0, t1) for *_, t0, t1 in self._index.log.ranges.tolist() if t1 > t0})
+        if not spans:
+            return np.zeros((0, self.embed_dim), self.attrs["stored_dtype"]["tokens"]), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pick = (lambda t0, t1: slice(t0, t1)) if pos is None else (lambda t0, t1: (slice(t0, t1), pos))
+        flat = np.concatenate([self._read("tokens", pick(t0, t1)) for t0, t1 in spans])  # (T_used, d)
+        starts = np.array([t0 for t0, _ in spans])
+        packed = np.cumsum([0] + [t1 - t0 for t0, t1 in spans[:-1]])  # where each span begins in `flat`
+        offsets = self._offset[self._content_index]
+        span = np.searchsorted(starts, offsets, side="right") - 1
+        return flat, offsets - starts[span] + packed[span], self._length[self._content_index]
+
+    def sequences(self, ids: list[str]) -> list[str]:
+        """The residues of `ids` as embedded (upper-cased, before any crop)."""
+        content = self._content_index[self.rows(ids)]
+        if not len(content):
+            return []
+        lo, hi = int(content.min()), int(content.max()) + 1
+        block = self._read("residues", slice(lo, hi))
+        return [str(block[c - lo]) for c in content]
+
+    def sequence(self, record_id: str) -> str:
+        return self.sequences([record_id])[0]
+
+    def record_info(self, record_id: str) -> dict:
+        c = int(self._content_index[self.rows([record_id])[0]])
+        info = {name: int(self._read(name, c)) for name in ("n_input_tokens", "n_cropped", "n_windows")}
+        info["content_key"] = str(self._index.content_keys[c])
+        if self.has_tokens:
+            info["n_tokens"] = int(self._length[c])
+        return info
+
+    # -- summaries ----------------------------------------------------------------------------
+    def size_on_disk(self) -> int:
+        return int(sync(self.store.getsize_prefix("")))
+
+    def info(self) -> dict:
+        cfg = self.attrs["config"]
+        committed = self._index.committed_content
+        n_content = int(committed.sum())
+        cropped = self._read("n_cropped", slice(0, self.committed.content)) if self.committed.content else np.zeros(0)
+        n_tokens = int(self._length[committed].sum()) if self.has_tokens else 0
+        layers = f", layers {self.layers}" if len(self.layers) > 1 else ""
+        return {
+            "path": self.path,
+            "schema_version": self.schema_version,
+            "status": self.status,
+            "encoder": cfg["encoder"],
+            "model": cfg["model"],
+            "fingerprint": self.fingerprint,
+            "records": len(self),
+            "unique_sequences": n_content,
+            "tokens": n_tokens,
+            "embed_dim": self.embed_dim,
+            "layers": self.layers,
+            "pooled": f"({n_content}, {len(self.layers)}, {self.embed_dim}) float32, pooling={cfg['pooling']}{layers}" if self.has_pooled else None,
+            "per_token": f"({n_tokens}, {len(self.layers)}, {self.embed_dim}) {cfg['dtype']}" if self.has_tokens else None,
+            "sequences_cropped": int((cropped[committed] > 0).sum()) if len(cropped) else 0,
+            "commits": self.n_commits,
+            "size_on_disk_bytes": self.size_on_disk(),
+            "first_ids": self.ids[:5],
+            "provenance": self.attrs["provenance"],
+            "builds": self.builds,
+        }
+
+    def verify(self) -> list[str]:
+        """Every fault found, each naming the array and chunk or commit (see embedcache.verify)."""
+        from embedcache.verify import verify_store
+
+        return verify_store(self)
+
+
+def _read_legacy_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
+    """Schema 1: the commit log was `_build` attrs ({committed, groups, status, builds}); no checksums."""
+    try:
+        build = dict(root[LEGACY_BUILD_GROUP].attrs)
+        committed = build["committed"]
+        groups = build["groups"]
+        head = Head(n=len(groups), records=int(committed["records"]), status=build["status"], builds=build.get("builds", []))
+        rows, prev_r, prev_c = [], 0, 0
+        for r_end, c_end, t0, t1 in groups:
+            rows.append((prev_r, int(r_end), prev_c, int(c_end), int(t0), int(t1)))
+            prev_r, prev_c = int(r_end), int(c_end)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"store {where!r} (schema 1): its commit log in {LEGACY_BUILD_GROUP}/ is malformed ({e!r})") from e
+    ranges = np.asarray(rows, np.int64).reshape(-1, 6)
+    log = CommitLog(head, ranges, np.zeros((len(rows), 0), np.int64))
+    r, c = head.records, log.content_end
+    ids = root["sequence"][:r].tolist() if r else []
+    content_index = root["content_index"][:r].astype(np.int64) if r else np.zeros(0, np.int64)
+    keys = root["content"][:c] if c else np.zeros(0, object)
+    offsets = lengths = None
+    if "tokens" in root:
+        offsets = root["token_offset"][:c].astype(np.int64) if c else np.zeros(0, np.int64)
+        lengths = root["token_length"][:c].astype(np.int64) if c else np.zeros(0, np.int64)
+    return StoreIndex(log, ids, content_index, keys, log.committed_content(c), offsets, lengths)
+
+
+def open_store(location: str | Path | Location, storage_options: dict[str, Any] | None = None) -> EmbeddingStore:
+    """Open an embedding store (a path or a URL such as s3://bucket/x.zarr) for reading."""
+    return EmbeddingStore(location, storage_options)
+
+
+def describe(info: dict) -> str:
+    """Human-readable `embedcache info` text."""
+    lines = [f"{k:>18}: {v}" for k, v in info.items() if k not in ("provenance", "builds")]
+    lines.append(f"{'provenance':>18}: {json.dumps(info['provenance'], sort_keys=True)}")
+    for b in info["builds"]:
+        lines.append(f"{'build':>18}: {json.dumps(b, sort_keys=True)}")
+    return "\n".join(lines)
+
