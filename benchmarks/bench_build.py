@@ -1,25 +1,33 @@
-"""Build throughput: `embedcache.build` against the naive loop people write, same input and model, one run.
+"""Build throughput: `embedcache build` against the loops people write, same sequences, same model, one run.
 
-Both sides read the same FASTA of synthetic proteins (log-normal lengths like the human proteome,
-residues drawn with natural amino-acid frequencies) and load the same small random-initialised
-ESM2 from the same directory. They alternate `--repeats` times after a short warm-up of each.
+Every side reads the same FASTA of synthetic proteins (log-normal lengths like the human proteome,
+residues drawn with natural amino-acid frequencies) and loads the same random-initialised ESM2
+(default: the real ESM2-8M shape, hidden 320, 6 layers, 20 heads, FFN 1280) from the same
+directory. The sides alternate `--repeats` times after a short warm-up of each:
 
-    naive       input order, fixed batch size, `tokenizer(batch, padding=True, truncation=True,
-                max_length=1024)`, fp32, per-token outputs and mean-pooled vectors kept as numpy
-                arrays in a list (it writes NO store)
-    embedcache  `build()` into a fresh store: content keys, length-sorted batches under a token
+    extract     ESM's scripts/extract.py, written with transformers: sort by length, batches under
+                a token budget (`--max-tokens`, extract.py's --toks_per_batch), fp32, truncation at
+                1,022 residues, per-token rows (`t[i, 1:n+1].clone()`) and their mean kept in memory
+    naive       (`--sides ...,naive`) input order, fixed batch size, otherwise the same
+    embedcache  `build()` into a fresh store: content keys, length-sorted batches under the same
                 budget, per-token fp16 + pooled fp32 written to Zarr by a background thread
+    embedcache-pooled  (`--sides ...,embedcache-pooled`) the same with `--no-tokens`
 
-Throughput = residues embedded / wall seconds of the whole side (read FASTA, load model, tokenize,
-run, keep or write the outputs), so both sides share one numerator. With the default
---max-length 1022 no sequence is longer than one ESM2 window: the naive side truncates nothing and
-embedcache windows nothing, so both do the same model work. The pooled vectors of every sequence
-are compared between the two sides before any figure is reported.
+By default no protein is longer than one ESM2 window (`--max-length 1022`), so nobody truncates
+and nobody windows: every side does the same model work. Reported per side: residues/s (residues
+embedded / wall seconds of the whole side: read FASTA, load model, tokenize, run, keep or write),
+positions/s (positions the model computed, padding and <cls>/<eos> included), padding efficiency
+(residues / positions) and the share of the wall time spent inside the model's forward (timed by
+global module hooks, the same on every side). Pooled vectors of every protein and per-token rows
+of a few are compared with the extract side before any figure is printed.
 
-On CUDA it also times embedcache with precision auto (bf16 autocast) and reports model FLOPs
-utilisation against the GPU's dense bf16 peak.
+Section "unpadded" (`--unpadded-ab`, default on CUDA): the encoder's padded and unpadded
+(`embedcache.encoders.unpadded`) forwards on the same batches, interleaved batch by batch, with
+their parity.
+On CUDA the bf16 build is timed too (tokens/s, MFU against the GPU's dense bf16 peak) and its
+pooled vectors compared with the fp32 ones.
 
-    .venv/bin/python benchmarks/bench_build.py [--n-sequences N] [--json out.json]
+    .venv/bin/python benchmarks/bench_build.py [--shape 8M] [--n-sequences N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchlib import gpu_peak_tflops, machine_info, write_json
+from benchlib import ForwardTimer, gpu_peak_tflops, load_average, machine_info, write_json
 
 # Natural amino-acid frequencies (UniProtKB/Swiss-Prot release statistics, percent).
 AA_FREQUENCIES = {
@@ -49,7 +57,7 @@ AA_FREQUENCIES = {
 }  # fmt: skip
 
 ESM2_WINDOW = 1022  # content tokens of one ESM2 call: 1024 positions minus <cls> and <eos>
-NAIVE_MAX_LENGTH = 1024  # what the naive loop passes to the tokenizer (specials included)
+LOOP_MAX_LENGTH = 1024  # what the extract and naive loops pass to the tokenizer (specials included)
 N_SPECIAL = 2  # ESM2 wraps every window in <cls> ... <eos>
 
 # -- input ----------------------------------------------------------------------------------------
@@ -120,118 +128,150 @@ def length_summary(lengths: np.ndarray) -> dict:
     }
 
 
-# -- the two sides --------------------------------------------------------------------------------
+# ESM2 sizes (facebook/esm2_*): hidden, layers, heads; the FFN is 4x hidden in all of them.
+SHAPES = {"8M": (320, 6, 20), "35M": (480, 12, 20), "150M": (640, 30, 20), "650M": (1280, 33, 20)}
+SIDES = ("extract", "naive", "embedcache", "embedcache-pooled")
+
+
+# -- the sides ------------------------------------------------------------------------------------
 
 
 @dataclass
-class NaiveRun:
-    seconds: float
+class SideRun:
+    name: str
+    seconds: float  # wall time of the whole side
     cpu_seconds: float  # process CPU time (all threads): cpu/wall far below the thread count means contention
-    residues: int  # residues embedded (after the tokenizer's truncation)
-    positions: int  # batch x padded width summed over batches: everything the model computed
-    truncated_sequences: int
-    ids: list[str] = field(repr=False)
-    lengths: list[int] = field(repr=False)  # residues of each input sequence, before any truncation
-    pooled: list[np.ndarray] = field(repr=False)  # (d,) per sequence
-    tokens: list[np.ndarray] = field(repr=False)  # (n, d) per sequence
+    forward_seconds: float  # inside the model's forward (ForwardTimer)
+    forward_calls: int
+    residues: int  # residues embedded (after any truncation)
+    positions: int  # rows the model computed: padded batch x width, or packed tokens
+    truncated_sequences: int = 0
+    # Outputs kept for the cross-check (loops only): by id, pooled (d,) and per-token (n, d) fp32.
+    pooled: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    tokens: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    windows: list[int] = field(default_factory=list, repr=False)  # content tokens of every model window
+    store: Path | None = None
 
 
-def run_naive(fasta: Path, model_dir: Path, *, batch_size: int, device: torch.device) -> NaiveRun:
-    """The loop from the ESM README / most notebooks: no sorting, fixed batch, pad to the batch max."""
+def _load_hf(model_dir: Path, device: torch.device):
     from transformers import AutoTokenizer, EsmModel
 
-    started, cpu_started = time.perf_counter(), time.process_time()
-    ids, seqs = read_fasta(fasta)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = EsmModel.from_pretrained(model_dir, add_pooling_layer=False).to(device).eval()
-    pooled: list[np.ndarray] = []
-    tokens: list[np.ndarray] = []
-    residues = positions = truncated = 0
+    return tokenizer, model
+
+
+def extract_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """esm/data.py FastaBatchedDataset.get_batch_indices: ascending length, a new batch when the padded
+    size would pass the budget (here with both special tokens counted, so the budget is exact)."""
+    batches: list[list[int]] = []
+    buf: list[int] = []
+    max_len = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        size = min(lengths[i], ESM2_WINDOW) + N_SPECIAL
+        if buf and max(size, max_len) * (len(buf) + 1) > max_tokens:
+            batches.append(buf)
+            buf, max_len = [], 0
+        max_len = max(max_len, size)
+        buf.append(i)
+    if buf:
+        batches.append(buf)
+    return batches
+
+
+def _run_loop(name, fasta, model_dir, batches_of, *, device, timer) -> SideRun:
+    """The loop both user-side baselines share; they differ only in how they batch (`batches_of`)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    ids, seqs = read_fasta(fasta)
+    tokenizer, model = _load_hf(model_dir, device)
+    run = SideRun(name, 0.0, 0.0, 0.0, 0, 0, 0)
     with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            batch = seqs[i : i + batch_size]
-            enc = tokenizer(batch, padding=True, truncation=True, max_length=NAIVE_MAX_LENGTH, return_tensors="pt")
-            enc = enc.to(device)
-            hidden = model(**enc).last_hidden_state  # (b, n, d) fp32
-            # Mean over real residues only: drop <cls> (position 0), <eos> (last real position) and padding.
-            n_real = enc["attention_mask"].sum(1)  # (b,) specials included
-            mask = enc["attention_mask"].clone()
-            mask[:, 0] = 0
-            mask[torch.arange(len(batch), device=device), n_real - 1] = 0
-            pooled_batch = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (b, d)
-            pooled.extend(pooled_batch.cpu().numpy())
-            hidden_np, mask_np = hidden.cpu().numpy(), mask.bool().cpu().numpy()
-            tokens.extend(h[m] for h, m in zip(hidden_np, mask_np))  # (n_i, d) each
-            residues += int(mask_np.sum())
-            positions += enc["input_ids"].numel()
-            truncated += sum(len(s) + N_SPECIAL > NAIVE_MAX_LENGTH for s in batch)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    lengths = [len(s) for s in seqs]
-    return NaiveRun(seconds, cpu_seconds, residues, positions, truncated, ids, lengths, pooled, tokens)
+        for batch in batches_of([len(s) for s in seqs]):
+            enc = tokenizer([seqs[i] for i in batch], padding=True, truncation=True, max_length=LOOP_MAX_LENGTH,
+                            return_tensors="pt").to(device)  # fmt: skip
+            hidden = model(**enc).last_hidden_state.cpu()  # (b, n, d) fp32
+            for row, i in enumerate(batch):
+                n = min(len(seqs[i]), ESM2_WINDOW)  # extract.py: truncate_len, then t[i, 1 : n + 1]
+                tokens = hidden[row, 1 : n + 1].clone()  # (n, d)
+                run.tokens[ids[i]] = tokens.numpy()
+                run.pooled[ids[i]] = tokens.mean(0).numpy()
+                run.residues += n
+                run.truncated_sequences += len(seqs[i]) > ESM2_WINDOW
+    run.seconds, run.cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    run.forward_seconds, run.forward_calls, run.positions = timer.seconds, timer.calls, timer.positions
+    return run
 
 
-@dataclass
-class EmbedcacheRun:
-    seconds: float  # wall time of the whole build() call
-    cpu_seconds: float  # process CPU time (all threads, the writer thread included)
-    build_seconds: float  # BuildReport.seconds: store creation + embedding + writing (no load, no planning)
-    residues: int  # BuildReport.plan.n_tokens (one ESM2 token per residue)
-    positions: int  # batch x padded width summed over the batches build() ran
-    windows: list[int] = field(repr=False)  # content tokens of every model window, for the FLOP count
+def run_extract(fasta: Path, model_dir: Path, *, max_tokens: int, device: torch.device, timer) -> SideRun:
+    return _run_loop("extract", fasta, model_dir, lambda n: extract_batches(n, max_tokens), device=device, timer=timer)
+
+
+def run_naive(fasta: Path, model_dir: Path, *, batch_size: int, device: torch.device, timer) -> SideRun:
+    def in_order(lengths: list[int]) -> list[list[int]]:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+
+    return _run_loop("naive", fasta, model_dir, in_order, device=device, timer=timer)
 
 
 def run_embedcache(
-    fasta: Path, model_dir: Path, store: Path, *, max_tokens: int, precision: str, device: torch.device
-) -> EmbedcacheRun:
+    name: str, fasta: Path, model_dir: Path, store: Path, *, max_tokens: int, precision: str, device: torch.device,
+    tokens: bool, timer,
+) -> SideRun:  # fmt: skip
     from embedcache.build import build
-    from embedcache.embed import make_batches
     from embedcache.config import BuildConfig
 
     config = BuildConfig.create(
-        "esm2", str(model_dir), max_tokens=max_tokens, precision=precision, device=str(device)
+        "esm2", str(model_dir), max_tokens=max_tokens, precision=precision, device=str(device), tokens=tokens
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     report = build(config, [fasta], store, progress=False, log=lambda _: None)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    # Padded positions: replay the batching `_embed` does on the same plan (untimed).
-    windows = [e - s for p in report.plan.plans.values() for s, e in p.windows]
-    items = [(n + N_SPECIAL, n, n + N_SPECIAL) for n in windows]
-    positions = sum(len(b) * max(b) for b in make_batches(items, max_tokens, equal_lengths=False))
-    return EmbedcacheRun(seconds, cpu_seconds, report.seconds, report.plan.n_tokens, positions, windows)
+    return SideRun(
+        name, seconds, cpu_seconds, timer.seconds, timer.calls, report.plan.n_tokens, timer.positions,
+        windows=model_windows(fasta), store=store,
+    )  # fmt: skip
+
+
+def model_windows(fasta: Path) -> list[int]:
+    """Content tokens of every model window the build ran (untimed): ESM2 windows of 1,022 residues
+    overlapping by a quarter (the build's defaults; one window per protein when it fits)."""
+    from embedcache.windows import window_starts
+
+    _, seqs = read_fasta(fasta)
+    return [min(s + ESM2_WINDOW, len(q)) - s for q in seqs for s in window_starts(len(q), ESM2_WINDOW, ESM2_WINDOW // 4)]
 
 
 # -- cross-check ----------------------------------------------------------------------------------
 
 
-def cross_check(naive: NaiveRun, store_path: Path, *, atol: float, n_token_checks: int = 3) -> dict:
-    """Pooled vectors of every untruncated sequence, and per-token rows of a few, naive vs store."""
+def cross_check(reference: SideRun, store_path: Path, *, atol: float, tokens: bool, n_token_checks: int = 3) -> dict:
+    """Pooled vectors of every untruncated protein, and per-token rows of a few: reference loop vs store."""
     from embedcache import open_store
 
     store = open_store(store_path)
-    lengths = naive.lengths
-    full = [i for i, n in enumerate(lengths) if n <= ESM2_WINDOW]  # truncated ones differ by design
-    ids = [naive.ids[i] for i in full]
-    ours = store.pooled(ids)
-    theirs = np.stack([naive.pooled[i] for i in full])
-    pooled_diff = float(np.abs(ours - theirs).max())
-    pooled_ok = bool(np.allclose(ours, theirs, rtol=0, atol=atol))
-    # Per-token rows are stored as fp16: compare at fp16 resolution (2^-11 relative).
-    picks = sorted({full[0], full[len(full) // 2], max(full, key=lambda i: lengths[i])})[:n_token_checks]
-    token_diff, token_ok = 0.0, True
-    for i in picks:
-        stored = store.tokens(naive.ids[i]).astype(np.float32)
-        ref = naive.tokens[i]
-        token_diff = max(token_diff, float(np.abs(stored - ref).max()))
-        token_ok &= stored.shape == ref.shape and bool(np.allclose(stored, ref, rtol=2e-3, atol=atol))
-    return {
+    full = [rid for rid, t in reference.tokens.items() if len(t) < ESM2_WINDOW]  # truncated ones differ by design
+    ours = store.pooled(full)
+    theirs = np.stack([reference.pooled[rid] for rid in full])
+    result = {
+        "reference": reference.name,
         "sequences_compared": len(full),
-        "pooled_max_abs_diff": pooled_diff,
+        "pooled_max_abs_diff": float(np.abs(ours - theirs).max()),
         "pooled_atol": atol,
-        "pooled_ok": pooled_ok,
-        "token_sequences_compared": [naive.ids[i] for i in picks],
-        "token_max_abs_diff": token_diff,
-        "token_ok": token_ok,
+        "pooled_ok": bool(np.allclose(ours, theirs, rtol=0, atol=atol)),
+        "token_ok": True,
     }
+    if tokens:
+        # Per-token rows are stored as fp16: compare at fp16 resolution (2^-11 relative).
+        by_length = sorted(full, key=lambda rid: len(reference.tokens[rid]))
+        picks = list(dict.fromkeys([by_length[0], by_length[len(by_length) // 2], by_length[-1]]))[:n_token_checks]
+        token_diff = 0.0
+        for rid in picks:
+            stored = store.tokens(rid).astype(np.float32)
+            ref = reference.tokens[rid]
+            token_diff = max(token_diff, float(np.abs(stored - ref).max()))
+            result["token_ok"] &= stored.shape == ref.shape and bool(np.allclose(stored, ref, rtol=2e-3, atol=atol))
+        result.update(token_sequences_compared=picks, token_max_abs_diff=token_diff)
+    return result
 
 
 # -- machine, model, FLOPs ------------------------------------------------------------------------
@@ -268,50 +308,65 @@ def model_flops(windows: list[int], model: dict) -> float:
 
 def contended(cpu_seconds: float, seconds: float, device: torch.device) -> bool:
     """A CPU run that kept far fewer than its torch threads busy waited for cores other processes held."""
-    # Both sides keep every thread busy for most of their run (the serial tokenizer is ~10% of it).
     return device.type == "cpu" and cpu_seconds / seconds < 0.75 * torch.get_num_threads()
 
 
-def _flag(cpu_seconds: float, seconds: float, device: torch.device) -> str:
-    return ", contended" if contended(cpu_seconds, seconds, device) else ""
-
-
-def summarize(seconds: list[float], cpu_seconds: list[float], residues: int, device: torch.device) -> dict:
-    best, median = min(seconds), statistics.median(seconds)
+def summarize(runs: list[SideRun], device: torch.device) -> dict:
+    seconds = [r.seconds for r in runs]
+    best = min(runs, key=lambda r: r.seconds)
+    last = runs[-1]
     return {
         "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "cpu_per_wall": [c / s for c, s in zip(cpu_seconds, seconds)],
-        "contended": [contended(c, s, device) for c, s in zip(cpu_seconds, seconds)],
-        "best_seconds": best,
-        "median_seconds": median,
-        "tokens_per_second_best": residues / best,
-        "tokens_per_second_median": residues / median,
+        "cpu_per_wall": [r.cpu_seconds / r.seconds for r in runs],
+        "contended": [contended(r.cpu_seconds, r.seconds, device) for r in runs],
+        "forward_seconds": [r.forward_seconds for r in runs],
+        "forward_share": [r.forward_seconds / r.seconds for r in runs],
+        "forward_calls": last.forward_calls,
+        "best_seconds": best.seconds,
+        "median_seconds": statistics.median(seconds),
+        "residues": last.residues,
+        "positions": last.positions,
+        "padding_efficiency": last.residues / last.positions,
+        "residues_per_second_best": last.residues / best.seconds,
+        "residues_per_second_median": last.residues / statistics.median(seconds),
+        "positions_per_second_best": last.positions / best.seconds,
+        "forward_share_of_best": best.forward_seconds / best.seconds,
+        "truncated_sequences": last.truncated_sequences,
     }
 
 
 def create_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Tokens/s of embedcache build() vs a naive padded-batch loop, same input and model, side by side."
+        description="Residues/s of embedcache build() vs an extract.py-style loop (and a naive one), same "
+        "sequences and model, side by side."
     )
     a = p.add_argument
-    a("--n-sequences", type=int, default=1000, help="synthetic proteins in the input (default %(default)s)")
+    a("--sides", default="extract,embedcache",
+      help=f"comma-separated, the first is the reference of the ratios and cross-checks; of {', '.join(SIDES)} "
+           "(default %(default)s)")  # fmt: skip
+    a("--n-sequences", type=int, default=500, help="synthetic proteins in the input (default %(default)s)")
     a("--max-length", type=int, default=ESM2_WINDOW,
-      help="longest protein (default %(default)s); longer ones are truncated by the naive side and windowed by "
-           "embedcache, so the two sides no longer do the same work")  # fmt: skip
+      help="longest protein (default %(default)s); longer ones are truncated by the loops and windowed by "
+           "embedcache, so the sides no longer do the same work")  # fmt: skip
     a("--min-length", type=int, default=30, help="shortest protein (default %(default)s)")
     a("--median-length", type=float, default=420.0, help="median of the log-normal lengths (default %(default)s)")
     a("--sigma", type=float, default=0.75, help="log-space std of the lengths (default %(default)s: mean ~1.3x median)")
     a("--seed", type=int, default=0, help="seed of the lengths, residues and model weights (default %(default)s)")
-    a("--hidden", type=int, default=128, help="hidden size of the random ESM2 (default %(default)s)")
-    a("--layers", type=int, default=4, help="transformer layers of the random ESM2 (default %(default)s)")
-    a("--heads", type=int, default=4, help="attention heads of the random ESM2 (default %(default)s)")
+    a("--shape", choices=sorted(SHAPES), default="8M",
+      help="ESM2 size of the random model: hidden, layers, heads of facebook/esm2_* (default %(default)s)")
+    a("--hidden", type=int, default=None, help="hidden size (default: from --shape; FFN is 4x)")
+    a("--layers", type=int, default=None, help="transformer layers (default: from --shape)")
+    a("--heads", type=int, default=None, help="attention heads (default: from --shape)")
     a("--batch-size", type=int, default=8, help="sequences per batch of the naive loop (default %(default)s)")
-    a("--max-tokens", type=int, default=8192, help="embedcache token budget of a padded batch (default %(default)s)")
+    a("--max-tokens", type=int, default=4096,
+      help="token budget of a padded batch, the same for the extract loop and embedcache (default %(default)s: "
+           "extract.py's --toks_per_batch)")  # fmt: skip
     a("--repeats", type=int, default=2, help="timed runs of each side, alternating (default %(default)s)")
     a("--warmup-sequences", type=int, default=10, help="sequences of the untimed warm-up (default %(default)s)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     a("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda, cuda:1, ...")
+    a("--unpadded-ab", choices=("auto", "on", "off"), default="auto",
+      help="time the encoder's padded vs unpadded forward on the same batches (auto: on CUDA only)")  # fmt: skip
     a("--atol", type=float, default=1e-4, help="tolerance of the pooled-vector cross-check (default %(default)s)")
     a("--peak-tflops", type=float, default=None, help="GPU dense bf16 peak for MFU (default: by device name)")
     a("--workdir", type=Path, default=None, help="keep input, model and stores here (default: a temp dir, removed)")
@@ -331,21 +386,22 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     if args.repeats < 1 or args.n_sequences < 1:
         raise SystemExit(f"--repeats ({args.repeats}) and --n-sequences ({args.n_sequences}) must be >= 1")
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not sides or len(set(sides)) != len(sides):
+        raise SystemExit(f"--sides {args.sides!r}: give distinct names of {', '.join(SIDES)}")
 
     own_tmp = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="bench_build_")) if own_tmp else args.workdir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(args, device, work)
+        return _run(args, sides, device, work)
     finally:
         if own_tmp:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
-    from embedcache.tiny_models import make_tiny_esm2
-
-    machine = machine_info(device=str(device))
+def _print_machine(machine: dict, device: torch.device) -> None:
     print("== machine")
     print(f"  {machine['platform']}  {machine['cpu_model']}")
     print(
@@ -365,6 +421,25 @@ def _run(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
                 "that can cut throughput several-fold (torch's threads wait for each other on a busy core); runs "
                 "whose cpu/wall falls well below the torch thread count are marked 'contended'"
             )
+
+
+def _run_side(side: str, args, device, model_dir: Path, fasta: Path, store: Path, *, precision: str = "fp32") -> SideRun:
+    with ForwardTimer(sync_cuda=device.type == "cuda") as timer:
+        if side == "extract":
+            return run_extract(fasta, model_dir, max_tokens=args.max_tokens, device=device, timer=timer)
+        if side == "naive":
+            return run_naive(fasta, model_dir, batch_size=args.batch_size, device=device, timer=timer)
+        return run_embedcache(
+            side, fasta, model_dir, store, max_tokens=args.max_tokens, precision=precision, device=device,
+            tokens=side == "embedcache", timer=timer,
+        )  # fmt: skip
+
+
+def _run(args: argparse.Namespace, sides: list[str], device: torch.device, work: Path) -> dict:
+    from embedcache.tiny_models import make_tiny_esm2
+
+    machine = machine_info(device=str(device))
+    _print_machine(machine, device)
 
     rng = np.random.default_rng(args.seed)
     lengths = sample_lengths(
@@ -390,172 +465,242 @@ def _run(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
         f"[{args.min_length}, {args.max_length}]; natural amino-acid frequencies, seed {args.seed}"
     )
     if same_work:
-        print(f"  every sequence fits one ESM2 window ({ESM2_WINDOW} residues): no truncation, no windowing, same work")
+        print(f"  every protein fits one ESM2 window ({ESM2_WINDOW} residues): no truncation, no windowing, same work")
     else:
         print(
-            f"  WARNING: sequences above {ESM2_WINDOW} residues are TRUNCATED by the naive side and windowed by "
-            f"embedcache: the two sides do different work; each rate counts the residues it embedded"
+            f"  WARNING: proteins above {ESM2_WINDOW} residues are TRUNCATED by the loops and windowed by "
+            f"embedcache: the sides do different work; each rate counts the residues it embedded"
         )
 
-    model_dir = make_tiny_esm2(work / "model", hidden=args.hidden, layers=args.layers, heads=args.heads, seed=args.seed)
+    hidden, layers, heads = SHAPES[args.shape]
+    hidden, layers, heads = args.hidden or hidden, args.layers or layers, args.heads or heads
+    model_dir = make_tiny_esm2(work / "model", hidden=hidden, layers=layers, heads=heads, seed=args.seed)
     model = model_info(model_dir)
-    print("== model (random-initialised ESM2, loaded from its saved directory by both sides)")
+    print("== model (random-initialised ESM2, loaded from its saved directory by every side)")
     print(
         f"  {model['params']:,} params ({model['params_non_embedding']:,} non-embedding); hidden {model['hidden']}, "
         f"layers {model['layers']}, heads {model['heads']}, intermediate {model['intermediate']}; fp32"
     )
 
-    # Untimed warm-up of both sides: first-call costs (imports, allocator, kernels, page cache).
-    run_naive(warm_fasta, model_dir, batch_size=args.batch_size, device=device)
-    for precision in ("fp32", "auto") if device.type == "cuda" else ("fp32",):
-        store = work / f"warmup_{precision}.zarr"
-        run_embedcache(warm_fasta, model_dir, store, max_tokens=args.max_tokens, precision=precision, device=device)
+    # Untimed warm-up of every side: first-call costs (imports, allocator, kernels, page cache).
+    for side in sides:
+        _run_side(side, args, device, model_dir, warm_fasta, work / f"warmup_{side}.zarr")
 
-    print(f"== timed runs ({args.repeats} of each side, alternating)")
-
-    naive_seconds, ec_seconds, ec_build_seconds, naive_cpu, ec_cpu = [], [], [], [], []
-    naive = ec = None
-    store = None
+    print(f"== timed runs ({args.repeats} of each side, alternating; fp32 everywhere)")
+    runs: dict[str, list[SideRun]] = {s: [] for s in sides}
     for r in range(args.repeats):
-        naive = run_naive(fasta, model_dir, batch_size=args.batch_size, device=device)
-        naive_seconds.append(naive.seconds)
-        naive_cpu.append(naive.cpu_seconds)
-        print(
-            f"  naive      run {r + 1}: {naive.seconds:7.2f} s  {naive.residues / naive.seconds:10,.0f} tok/s  "
-            f"(cpu/wall {naive.cpu_seconds / naive.seconds:.2f}{_flag(naive.cpu_seconds, naive.seconds, device)})"
-        )
-        if store is not None:
-            shutil.rmtree(store)  # keep one store on disk: the last, for the cross-check
-        store = work / f"store_{r}.zarr"
-        ec = run_embedcache(fasta, model_dir, store, max_tokens=args.max_tokens, precision="fp32", device=device)
-        ec_seconds.append(ec.seconds)
-        ec_build_seconds.append(ec.build_seconds)
-        ec_cpu.append(ec.cpu_seconds)
-        print(
-            f"  embedcache run {r + 1}: {ec.seconds:7.2f} s  {ec.residues / ec.seconds:10,.0f} tok/s  "
-            f"(cpu/wall {ec.cpu_seconds / ec.seconds:.2f}{_flag(ec.cpu_seconds, ec.seconds, device)}; "
-            f"build phase {ec.build_seconds:.2f} s)"
-        )
-    assert naive is not None and ec is not None and store is not None
-    if same_work and naive.residues != ec.residues:
-        raise AssertionError(f"naive embedded {naive.residues} residues, embedcache {ec.residues}: not the same work")
+        for side in sides:
+            store = work / f"store_{side}_{r}.zarr"
+            result = _run_side(side, args, device, model_dir, fasta, store)
+            if r > 0 and result.store is not None:
+                shutil.rmtree(runs[side][-1].store)  # keep one store per side: the last, for the cross-check
+            runs[side].append(result)
+            flag = ", contended" if contended(result.cpu_seconds, result.seconds, device) else ""
+            print(
+                f"  {side:<18} run {r + 1}: {result.seconds:7.2f} s  {result.residues / result.seconds:9,.0f} res/s  "
+                f"forward {result.forward_seconds / result.seconds:6.1%}  (cpu/wall "
+                f"{result.cpu_seconds / result.seconds:.2f}{flag})"
+            )
+    load_end = load_average()
 
-    check = cross_check(naive, store, atol=args.atol)
-    print("== cross-check (naive outputs vs the embedcache store)")
+    reference = runs[sides[0]][-1]
+    residue_counts = {s: rs[-1].residues for s, rs in runs.items()}
+    if same_work and len(set(residue_counts.values())) > 1:
+        raise AssertionError(f"the sides embedded different numbers of residues: {residue_counts}; not the same work")
+    checks = {}
+    if reference.store is None:
+        for side in sides[1:]:
+            if runs[side][-1].store is not None:
+                checks[side] = cross_check(reference, runs[side][-1].store, atol=args.atol, tokens=side == "embedcache")
+        print(f"== cross-check (the {reference.name} loop's outputs vs each store)")
+        for side, check in checks.items():
+            line = f"  {side}: pooled fp32, {check['sequences_compared']} proteins: max |diff| " \
+                   f"{check['pooled_max_abs_diff']:.2e} (atol {args.atol:g}) {'OK' if check['pooled_ok'] else 'MISMATCH'}"  # fmt: skip
+            if "token_max_abs_diff" in check:
+                line += f"; per-token (stored fp16), {len(check['token_sequences_compared'])} proteins: max |diff| " \
+                        f"{check['token_max_abs_diff']:.2e} {'OK' if check['token_ok'] else 'MISMATCH'}"  # fmt: skip
+            print(line)
+
+    summaries = {side: summarize(rs, device) for side, rs in runs.items()}
+    ref = summaries[sides[0]]
+    for s in summaries.values():
+        s["ratio_best"] = s["residues_per_second_best"] / ref["residues_per_second_best"]
+        s["ratio_median"] = s["residues_per_second_median"] / ref["residues_per_second_median"]
+    print(f"== result (fp32; ratios against {sides[0]}; residues/s over the whole side, best of {args.repeats})")
     print(
-        f"  pooled fp32, {check['sequences_compared']} sequences: max |diff| {check['pooled_max_abs_diff']:.2e} "
-        f"(atol {args.atol:g}) {'OK' if check['pooled_ok'] else 'MISMATCH'}"
+        f"  {'side':<18}{'best s':>8}{'res/s best':>12}{'res/s median':>14}{'positions/s':>13}{'padding eff.':>14}"
+        f"{'in forward':>12}{'ratio best':>12}{'ratio median':>14}"
+    )
+    for name, s in summaries.items():
+        print(
+            f"  {name:<18}{s['best_seconds']:8.2f}{s['residues_per_second_best']:12,.0f}"
+            f"{s['residues_per_second_median']:14,.0f}{s['positions_per_second_best']:13,.0f}"
+            f"{s['padding_efficiency']:14.1%}{s['forward_share_of_best']:12.1%}{s['ratio_best']:11.2f}x"
+            f"{s['ratio_median']:13.2f}x"
+        )
+    print(
+        f"  padding efficiency = residues / positions the model computed (batch x padded width with <cls>/<eos>, "
+        f"or packed tokens); token budget {args.max_tokens} for the extract loop and embedcache"
     )
     print(
-        f"  per-token (stored fp16), {len(check['token_sequences_compared'])} sequences: max |diff| "
-        f"{check['token_max_abs_diff']:.2e} {'OK' if check['token_ok'] else 'MISMATCH'}"
+        "  'in forward' = wall time inside the model's forward (the outermost module call) / wall time of the side; "
+        "the loops keep outputs in RAM, embedcache also hashes, validates and writes its Zarr store"
     )
-
-    naive_summary = summarize(naive_seconds, naive_cpu, naive.residues, device)
-    naive_summary.update(
-        residues=naive.residues, padded_positions=naive.positions, padding_efficiency=naive.residues / naive.positions,
-        truncated_sequences=naive.truncated_sequences, batch_size=args.batch_size, writes_store=False,
-    )  # fmt: skip
-    ec_summary = summarize(ec_seconds, ec_cpu, ec.residues, device)
-    ec_summary.update(
-        residues=ec.residues, padded_positions=ec.positions, padding_efficiency=ec.residues / ec.positions,
-        build_phase_seconds=ec_build_seconds, max_tokens=args.max_tokens, writes_store=True, precision="fp32",
-    )  # fmt: skip
-    ratio_best = ec_summary["tokens_per_second_best"] / naive_summary["tokens_per_second_best"]
-    ratio_median = ec_summary["tokens_per_second_median"] / naive_summary["tokens_per_second_median"]
-
-    print("== result (tokens/s = residues embedded / wall seconds of the whole side; fp32 both)")
-    print(f"  {'side':<12}{'best s':>9}{'median s':>10}{'tok/s best':>13}{'tok/s median':>14}{'padding eff.':>14}")
-    for name, s in (("naive", naive_summary), ("embedcache", ec_summary)):
-        print(
-            f"  {name:<12}{s['best_seconds']:9.2f}{s['median_seconds']:10.2f}{s['tokens_per_second_best']:13,.0f}"
-            f"{s['tokens_per_second_median']:14,.0f}{s['padding_efficiency']:13.1%}"
-        )
-    print(f"  ratio embedcache / naive: {ratio_best:.2f}x (best), {ratio_median:.2f}x (median)")
     if not same_work:
-        print(
-            f"  NOT the same work: the naive side truncated {naive.truncated_sequences} sequences to {ESM2_WINDOW} "
-            f"residues ({ec.residues - naive.residues:,} residues never embedded); embedcache embedded all of them "
-            f"in overlapping windows (the overlap is recomputed and counts as computed positions below)"
-        )
-    print(
-        f"  padding efficiency = residues / positions computed (batch x padded width, <cls>/<eos> included): "
-        f"naive {naive.positions:,} positions for batch {args.batch_size} in input order, "
-        f"embedcache {ec.positions:,} for length-sorted batches under {args.max_tokens} tokens"
-    )
-    print(
-        "  the naive side writes no store (outputs stay in RAM); embedcache also hashes, validates and writes "
-        "per-token fp16 + pooled fp32 to Zarr, so the ratio understates its compute advantage"
-    )
-
-    if hasattr(os, "getloadavg"):
-        load_end = os.getloadavg()[0]
+        print(f"  NOT the same work: the loops truncated {reference.truncated_sequences} proteins to {ESM2_WINDOW}")
+    if load_end is not None:
         print(f"  load average (1 min) at the end: {load_end:.2f} (this benchmark alone adds ~1 per busy thread)")
 
-    gpu: dict | None = None
+    ab = None
+    if args.unpadded_ab == "on" or (args.unpadded_ab == "auto" and device.type == "cuda"):
+        ab = _guarded("unpadded", lambda: unpadded_ab(args, device, model_dir, fasta))
+    gpu = None
     if device.type == "cuda":
-        gpu = _bf16_figures(args, device, work, fasta, model_dir, model, machine)
+        gpu = _guarded("bf16", lambda: _bf16_figures(args, device, work, fasta, model_dir, model, machine, runs))
     else:
-        print("== MFU: reported on CUDA only (this run is on CPU)")
+        print("== MFU and bf16: reported on CUDA only (this run is on CPU)")
 
     results = {
         "benchmark": "bench_build",
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine,
+        "load_average_at_end": load_end,
         "input": inputs,
         "same_work": same_work,
         "model": model,
-        "naive": naive_summary,
-        "embedcache": ec_summary,
-        "ratio_best": ratio_best,
-        "ratio_median": ratio_median,
-        "cross_check": check,
+        "sides": summaries,
+        "reference": sides[0],
+        "cross_check": checks,
+        "unpadded_ab": ab,
         "gpu_bf16": gpu,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     write_json(args.json, results)
-    if not (check["pooled_ok"] and check["token_ok"]):
-        print("ERROR: the two sides computed different embeddings; the figures compare different work", file=sys.stderr)
+    if not all(c["pooled_ok"] and c["token_ok"] for c in checks.values()):
+        print("ERROR: the sides computed different embeddings; the figures compare different work", file=sys.stderr)
         raise SystemExit(1)
     return results
 
 
-def _bf16_figures(args, device, work: Path, fasta: Path, model_dir: Path, model: dict, machine: dict) -> dict:
-    """embedcache with precision auto (bf16 autocast) on CUDA: tokens/s and model FLOPs utilisation."""
-    seconds, cpu_seconds, build_seconds, last = [], [], [], None
+def _guarded(section: str, fn):
+    """An optional section's figures, or its error (the main figures above are kept either way)."""
+    try:
+        return fn()
+    except Exception as e:  # reported in the output and the JSON, not hidden
+        print(f"== {section}: FAILED: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def unpadded_ab(args, device: torch.device, model_dir: Path, fasta: Path) -> dict:
+    """The encoder's padded and unpadded forwards on the build's own batches: time and parity."""
+    from embedcache.config import BuildConfig
+    from embedcache.embed import make_batches
+    from embedcache.encoders import load_encoder
+    from embedcache.encoders.unpadded import UnpaddedEsm
+
+    _, seqs = read_fasta(fasta)
+    results = {}
+    for precision in ("auto",):  # bf16 on CUDA (fp32 CUDA builds stay padded), fp32 on CPU
+        config = BuildConfig.create("esm2", str(model_dir), precision=precision, device=str(device))
+        encoder = load_encoder("esm2", config.encoder_settings())
+        unpadded = encoder.unpadded or UnpaddedEsm(encoder.model)
+        token_ids = [encoder.tokenize(s) for s in seqs]
+        items = [(encoder.cost(len(t)), len(t), i) for i, t in enumerate(token_ids)]
+        batches = [[token_ids[i] for i in b] for b in make_batches(items, args.max_tokens, False)]
+        seconds: dict[str, list[float]] = {"padded": [], "unpadded": []}
+        outputs: dict[str, list] = {}
+        for mode in ("padded", "unpadded"):  # untimed warm-up: one batch of each
+            encoder.unpadded = unpadded if mode == "unpadded" else None
+            encoder.forward(batches[len(batches) // 2])
+        # Interleaved batch by batch (the order alternating), so that the other jobs' load on a shared
+        # machine hits both modes alike; whole passes one after the other moved by 2x here.
+        for r in range(args.repeats):
+            spent = {"padded": 0.0, "unpadded": 0.0}
+            outputs = {"padded": [], "unpadded": []}
+            for i, batch in enumerate(batches):
+                for mode in ("padded", "unpadded") if (i + r) % 2 == 0 else ("unpadded", "padded"):
+                    encoder.unpadded = unpadded if mode == "unpadded" else None
+                    with ForwardTimer(sync_cuda=device.type == "cuda") as timer:
+                        outputs[mode].extend(o.hidden for o in encoder.forward(batch))
+                    spent[mode] += timer.seconds
+            for mode, t in spent.items():
+                seconds[mode].append(t)
+        ref = torch.cat(outputs["padded"])
+        diff = (torch.cat(outputs["unpadded"]) - ref).norm() / ref.norm()
+        name = encoder.precision
+        n = sum(len(t) for t in token_ids)
+        results[name] = {
+            "padded_seconds": seconds["padded"],
+            "unpadded_seconds": seconds["unpadded"],
+            "speedup_best": min(seconds["padded"]) / min(seconds["unpadded"]),
+            "residues_per_second_unpadded": n / min(seconds["unpadded"]),
+            "relative_l2_diff": float(diff),
+        }
+        print(
+            f"== unpadded vs padded forward, {name}, {len(batches)} batches under {args.max_tokens} tokens: padded "
+            f"{min(seconds['padded']):.2f} s, unpadded {min(seconds['unpadded']):.2f} s (best of {args.repeats}): "
+            f"{results[name]['speedup_best']:.2f}x; relative L2 difference {float(diff):.1e}"
+        )
+        del encoder, unpadded
+    return results
+
+
+def _bf16_figures(args, device, work: Path, fasta: Path, model_dir: Path, model: dict, machine: dict, runs) -> dict:
+    """embedcache with precision auto (bf16 autocast) on CUDA: residues/s, MFU, and parity with fp32."""
+    from embedcache import open_store
+
+    bf16_runs = []
     for r in range(args.repeats):
         store = work / f"store_bf16_{r}.zarr"
-        last = run_embedcache(fasta, model_dir, store, max_tokens=args.max_tokens, precision="auto", device=device)
-        seconds.append(last.seconds)
-        cpu_seconds.append(last.cpu_seconds)
-        build_seconds.append(last.build_seconds)
-        shutil.rmtree(store)
-    assert last is not None
-    summary = summarize(seconds, cpu_seconds, last.residues, device)
-    flops = model_flops(last.windows, model)
+        bf16_runs.append(_run_side("embedcache", args, device, model_dir, fasta, store, precision="auto"))
+        if r:
+            shutil.rmtree(bf16_runs[-2].store)
+    summary = summarize(bf16_runs, device)
+    best = min(bf16_runs, key=lambda r: r.seconds)
+    flops = model_flops(best.windows, model)
     name = machine["gpu"]["name"]
     peak = args.peak_tflops or gpu_peak_tflops(name)
     summary.update(
-        precision="auto (bf16 autocast)", build_phase_seconds=build_seconds, model_flops=flops,
-        flop_formula=FLOP_FORMULA, peak_tflops=peak,
+        precision="auto (bf16 autocast)", model_flops=flops, flop_formula=FLOP_FORMULA, peak_tflops=peak,
         peak_source="--peak-tflops" if args.peak_tflops else ("data sheet by device name" if peak else None),
     )  # fmt: skip
     print("== embedcache on CUDA with precision auto (bf16)")
     print(
-        f"  {summary['best_seconds']:.2f} s best, {summary['tokens_per_second_best']:,.0f} tok/s "
-        f"(build phase {min(build_seconds):.2f} s, {last.residues / min(build_seconds):,.0f} tok/s)"
+        f"  {summary['best_seconds']:.2f} s best, {summary['residues_per_second_best']:,.0f} res/s, "
+        f"{summary['positions_per_second_best']:,.0f} positions/s, padding efficiency "
+        f"{summary['padding_efficiency']:.1%}, in forward {summary['forward_share_of_best']:.1%}"
     )
     print(f"  model FLOPs {flops:.3e}; {FLOP_FORMULA}")
     if peak is None:
         print(f"  MFU: unknown bf16 peak for {name!r}; pass --peak-tflops")
-        summary.update(mfu_end_to_end=None, mfu_build_phase=None)
+        summary.update(mfu_end_to_end=None, mfu_forward=None)
     else:
-        mfu = flops / summary["best_seconds"] / (peak * 1e12)
-        mfu_build = flops / min(build_seconds) / (peak * 1e12)
-        summary.update(mfu_end_to_end=mfu, mfu_build_phase=mfu_build)
+        summary.update(
+            mfu_end_to_end=flops / best.seconds / (peak * 1e12),
+            mfu_forward=flops / best.forward_seconds / (peak * 1e12),
+        )
         print(
-            f"  MFU vs {peak:g} TFLOP/s dense bf16 ({summary['peak_source']}): {100 * mfu:.3g}% end to end, "
-            f"{100 * mfu_build:.3g}% over the build phase (a small model cannot fill a GPU: raise --hidden/--layers)"
+            f"  MFU vs {peak:g} TFLOP/s dense bf16 ({summary['peak_source']}): {summary['mfu_end_to_end']:.1%} end to "
+            f"end, {summary['mfu_forward']:.1%} of the time inside the forward"
+        )
+    # bf16 vs fp32 parity: pooled vectors of the bf16 store against the fp32 reference loop.
+    reference = next((rs[-1] for rs in runs.values() if rs[-1].pooled), None)
+    if reference is not None:
+        full = [rid for rid, t in reference.tokens.items() if len(t) < ESM2_WINDOW]
+        ours = open_store(best.store).pooled(full)
+        theirs = np.stack([reference.pooled[rid] for rid in full])
+        cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+        rel = np.linalg.norm(ours - theirs, axis=1) / np.linalg.norm(theirs, axis=1)
+        summary["parity_vs_fp32"] = {
+            "reference": reference.name, "proteins": len(full), "pooled_max_abs_diff": float(np.abs(ours - theirs).max()),
+            "pooled_relative_l2_max": float(rel.max()), "pooled_relative_l2_median": float(np.median(rel)),
+            "pooled_cosine_min": float(cos.min()),
+        }  # fmt: skip
+        p = summary["parity_vs_fp32"]
+        print(
+            f"  bf16 vs fp32 ({reference.name}), pooled, {len(full)} proteins: relative L2 median "
+            f"{p['pooled_relative_l2_median']:.1e}, max {p['pooled_relative_l2_max']:.1e}; cosine min "
+            f"{p['pooled_cosine_min']:.5f}"
         )
     return summary
 

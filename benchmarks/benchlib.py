@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine it ran on, GPU peaks, reusable work directories.
+"""What every benchmark script shares: the machine it ran on, GPU peaks, reusable work directories,
+the time spent inside model forwards.
 
 The scripts import it as a sibling module (`python benchmarks/bench_x.py` puts this folder first on
 sys.path), so they keep running from anywhere without installing `benchmarks` as a package.
@@ -10,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,53 @@ def reuse_or_clear(work: Path, stamp_name: str, stamp_value: dict, made: tuple[s
         elif target.exists():
             target.unlink()
     return False
+
+
+class ForwardTimer:
+    """Wall seconds spent inside models' forward, and the positions they computed, while active.
+
+    Global module hooks (the same for every side of a benchmark) time each outermost module call:
+    whatever code calls the model, `model(**batch)` in a user's loop or the library's own. On CUDA
+    the device is synchronised at both ends, so queued kernels count where they run. Positions are
+    the rows of the output (b x n for a padded batch, T for packed windows).
+    """
+
+    def __init__(self, sync_cuda: bool = False):
+        self.sync_cuda = sync_cuda
+        self.seconds = 0.0
+        self.calls = 0
+        self.positions = 0
+        self._depth = 0
+        self._started = 0.0
+        self._handles: list = []
+
+    def __enter__(self) -> "ForwardTimer":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._depth = [], 0
+
+    def _pre(self, module, args) -> None:
+        if self._depth == 0:
+            if self.sync_cuda:
+                torch.cuda.synchronize()
+            self._started = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            if self.sync_cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._started
+            self.calls += 1
+            hidden = getattr(output, "last_hidden_state", None)
+            if hidden is None:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(hidden, torch.Tensor):
+                self.positions += hidden[..., 0].numel()

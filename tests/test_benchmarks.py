@@ -34,14 +34,31 @@ def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.Comple
     return proc
 
 
-def test_bench_build_cross_checks_both_sides(tmp_path: Path) -> None:
+def test_bench_build_cross_checks_every_side(tmp_path: Path) -> None:
     out = tmp_path / "build.json"
     run_script("bench_build.py", "--n-sequences", "24", "--max-length", "200", "--hidden", "32", "--layers", "1",
-               "--repeats", "1", "--warmup-sequences", "2", "--threads", "1", "--json", str(out))  # fmt: skip
+               "--heads", "4", "--sides", "extract,embedcache,naive", "--repeats", "1", "--warmup-sequences", "2",
+               "--threads", "1", "--unpadded-ab", "on", "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
-    assert result["cross_check"]["pooled_ok"] and result["cross_check"]["token_ok"]
-    assert result["ratio_best"] > 0
+    assert result["reference"] == "extract"
+    assert set(result["cross_check"]) == {"embedcache"}  # the stores are checked against the reference loop
+    assert result["cross_check"]["embedcache"]["pooled_ok"] and result["cross_check"]["embedcache"]["token_ok"]
+    for side in ("extract", "embedcache", "naive"):
+        s = result["sides"][side]
+        assert s["residues"] == result["input"]["total_residues"]  # same work on every side
+        assert 0 < s["padding_efficiency"] <= 1 and 0 < s["forward_share_of_best"] <= 1 and s["ratio_best"] > 0
+    assert result["unpadded_ab"]["fp32"]["relative_l2_diff"] < 1e-5
     assert result["machine"]["cpu_cores"] >= 1
+
+
+@pytest.mark.slow
+def test_gpu_check_without_cuda_runs_the_cpu_parts(tmp_path: Path) -> None:
+    proc = run_script("gpu_check.py", "--out", str(tmp_path), "--steps", "bench-build")
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "NO CUDA" in proc.stdout and not report["cuda"]
+    assert report["steps"]["bench-build"]["rc"] == 0 and "toy ESM2" in report["steps"]["bench-build"]["reduced_without_cuda"]
+    assert report["steps"]["bench-fusion"] == {"skipped": "not in --steps"}
+    assert (tmp_path / "gpu_check.log").read_text().count("== bench-build") >= 1
 
 
 def test_bench_store_layout_reports_every_chunk_size(tmp_path: Path) -> None:

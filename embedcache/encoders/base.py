@@ -82,10 +82,7 @@ class Encoder(ABC):
     def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         """`encode_windows` for building stores: no autograd, float32 outputs on the CPU."""
         with torch.inference_mode():
-            outs = self.encode_windows(windows)
-        return [
-            WindowOutput(hidden=o.hidden.float().cpu(), cls=None if o.cls is None else o.cls.float().cpu()) for o in outs
-        ]
+            return windows_to_host(self.encode_windows(windows))
 
     @abstractmethod
     def cost(self, n_tokens: int) -> int:
@@ -144,6 +141,20 @@ class Encoder(ABC):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def windows_to_host(outs: list[WindowOutput]) -> list[WindowOutput]:
+    """Window outputs as float32 CPU tensors: as they are when they already are, else in one transfer.
+
+    The outputs of one batch are views of one tensor; a GPU batch comes back in one copy, not one per window.
+    """
+    tensors = [o.hidden for o in outs] + [o.cls[None] for o in outs if o.cls is not None]
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return outs  # CPU fp32 inference: no copy at all
+    host = torch.cat(tensors).float().cpu()  # (sum of rows, d): one device-to-host copy
+    rows = host.split([len(t) for t in tensors])
+    cls = iter(rows[len(outs) :])
+    return [WindowOutput(hidden=h, cls=next(cls)[0] if o.cls is not None else None) for h, o in zip(rows, outs)]
 
 
 def resolve_device(device: str) -> torch.device:

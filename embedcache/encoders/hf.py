@@ -28,6 +28,7 @@ from embedcache.encoders.base import (
     weights_identity,
 )
 from embedcache.encoders.lookup import VocabLookup
+from embedcache.encoders.unpadded import UnpaddedEsm, use_unpadded
 from embedcache.errors import EncoderError
 
 _HUGE = 10**8  # tokenizers without a limit report model_max_length ~1e30
@@ -267,6 +268,10 @@ class HFTokenEncoder(Encoder):
                 f"{settings.model!r} takes in one call"
             )
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        # Inference without padding for transformers' EsmModel (embedcache.encoders.unpadded), unless
+        # another attention backend than the default sdpa was asked for.
+        use = weights and self.attn_implementation in (None, "sdpa") and use_unpadded(model, device, self.autocast_dtype)
+        self.unpadded = UnpaddedEsm(self.model) if use else None
         self._weights = weights_identity(settings.model, settings.revision, getattr(model.config, "_commit_hash", None))
 
     def _plan_shapes(self) -> tuple[int, int, bool]:
@@ -368,6 +373,8 @@ class HFTokenEncoder(Encoder):
         # The last layer is last_hidden_state where the output has it (some models apply a final norm
         # to it but not to hidden_states[-1], e.g. HyenaDNA); task-head models (MaskedLM / CausalLM,
         # which some remote-code checkpoints map exclusively) give the states only through hidden_states.
+        if self.unpadded is not None and not torch.is_grad_enabled():
+            return self._encode_unpadded(windows)
         use_last = self.layer_index == self.n_layers and self._has_last
         out = self._call(self._inputs(windows), output_hidden_states=not use_last)
         hidden = out.last_hidden_state if use_last else out.hidden_states[self.layer_index]  # (b, n, d)
@@ -375,6 +382,27 @@ class HFTokenEncoder(Encoder):
         return [
             WindowOutput(hidden=hidden[i, p : p + len(w)], cls=hidden[i, 0] if self.has_cls else None)
             for i, w in enumerate(windows)
+        ]
+
+    def _encode_unpadded(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`)."""
+        prefix = np.asarray(self.layout.prefix, dtype=np.int64)
+        suffix = np.asarray(self.layout.suffix, dtype=np.int64)
+        input_ids = np.concatenate([piece for w in windows for piece in (prefix, w, suffix)]).astype(np.int64)  # (T,)
+        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.layout.n_special
+        cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])  # (b + 1,)
+        with self.autocast():
+            last, states = self.unpadded(
+                torch.from_numpy(input_ids).to(self.device),
+                torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device),
+                int(lengths.max()),
+                output_hidden_states=self.layer_index != self.n_layers,
+            )
+        hidden = last if states is None else states[self.layer_index]  # (T, d)
+        p = len(self.layout.prefix)
+        return [
+            WindowOutput(hidden=hidden[s + p : s + p + len(w)], cls=hidden[s] if self.has_cls else None)
+            for s, w in zip(cu_seqlens[:-1].tolist(), windows)
         ]
 
     # -- what fine-tuning needs
