@@ -84,7 +84,8 @@ def throughput(location: Location, rows: list[np.ndarray], dim: int, shard_mb: f
 def prefilled_store(location: Location, n: int) -> None:
     """A pooled-only store whose log already holds `n` one-record commits (written directly, not by n commits)."""
     dim = 8
-    create_store(location, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=True, tokens=False,
+    attrs = {**ATTRS, "embed_dim": dim, "config": {**ATTRS["config"], "tokens": False}}
+    create_store(location, attrs=attrs, embed_dim=dim, pooled=True, tokens=False,
                  token_dtype="float16", shard_mb=1.0)  # fmt: skip
     _, root = open_root(location, mode="r+")
     idx = np.arange(n, dtype=np.int64)

@@ -123,9 +123,10 @@ def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str]
         except Exception:  # naming the records is best effort; the original error matters
             ids = ["?"]
         more = f" and {unit.n_sequences - len(ids)} more" if unit.n_sequences > len(ids) else ""
+        where = f" (writing to store {task.location.url!r})" if isinstance(e, OSError) else ""
         raise UnitError(
-            f"unit {unit.index} (records {', '.join(map(repr, ids))}{more}) failed on worker {_worker_name()}: "
-            f"{type(e).__name__}: {e}"
+            f"unit {unit.index} (records {', '.join(map(repr, ids))}{more}) failed on worker {_worker_name()}{where}: "
+            f"{type(e).__name__}: {e}; committed units are kept: run the same command again to resume"
         ) from e
 
 

@@ -543,6 +543,16 @@ class StoreWriter:
 
     def _commit(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
                 content_rows: list[int]) -> None:
+        try:
+            self._commit_rows(columns, token_range, token_crc, ids, content_rows)
+        except _io_errors() as e:  # disk full, permission, an unreachable bucket: nothing of this commit counts
+            raise StoreError(
+                f"writing to store {self.where!r} failed: {type(e).__name__}: {e}; everything committed before it is "
+                f"kept: run the same command again to resume"
+            ) from e
+
+    def _commit_rows(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
+                     content_rows: list[int]) -> None:
         c0 = self.content_end
         n_new = len(columns["content"]) if "content" in columns else 0
         crc = {"tokens": token_crc}

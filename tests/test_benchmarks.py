@@ -102,3 +102,15 @@ def test_bench_fusion_refuses_contradictory_inputs() -> None:
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fusion.py"), *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--max-tokens 4 applies to --features tokens only" in proc.stderr
+
+
+@pytest.mark.storage
+def test_bench_store_remote_compares_local_and_s3(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
+    out = tmp_path / "remote.json"
+    run_script("bench_store_remote.py", "--n-sequences", "12", "--dim", "16", "--shard-mb", "0.01", "--reads", "4",
+               "--commit-sizes", "10,200", "--commit-repeats", "2", "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result["throughput"]) == {"local", "s3"}
+    assert all(r["write_mb_s"] > 0 and r["random_reads_per_s"] > 0 for r in result["throughput"].values())
+    assert [r["commits_before"] for r in result["commit_cost"]["s3"]] == [10, 200]

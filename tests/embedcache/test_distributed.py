@@ -55,13 +55,18 @@ def inputs(tmp_path: Path, encoder: str) -> Path:
     return write_fasta(tmp_path / f"{encoder}.fa", records)
 
 
-def assert_same_store(a, b) -> None:
+def assert_same_store(a, b, exact: bool = True) -> None:
+    """Same ids, content and embeddings: bit for bit when the same units ran (`exact`), else to fp rounding."""
     assert a.complete and b.complete and a.verify() == [] and b.verify() == []
     assert a.ids == b.ids
     for rid in b.ids:
         assert a.record_info(rid)["content_key"] == b.record_info(rid)["content_key"]
-        np.testing.assert_array_equal(a.tokens(rid), b.tokens(rid))
-        np.testing.assert_array_equal(a.pooled([rid]), b.pooled([rid]))
+        if exact:
+            np.testing.assert_array_equal(a.tokens(rid), b.tokens(rid))
+            np.testing.assert_array_equal(a.pooled([rid]), b.pooled([rid]))
+        else:
+            np.testing.assert_allclose(a.tokens(rid), b.tokens(rid), rtol=1e-3, atol=1e-3)  # fp16 rows: one rounding step
+            np.testing.assert_allclose(a.pooled([rid]), b.pooled([rid]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("encoder", ["esm2", "nucleotide-transformer"])
@@ -120,7 +125,8 @@ def test_client_killed_then_rerun_completes(cluster, tmp_path, models):
     proc.wait()
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert_same_store(open_store(store), open_store(tmp_path / "ref.zarr"))
+    # The sequences left after the kill form other units, so other batches: equal up to fp rounding.
+    assert_same_store(open_store(store), open_store(tmp_path / "ref.zarr"), exact=False)
 
 
 def test_cluster_build_into_s3(cluster, s3_endpoint, tmp_path, models):

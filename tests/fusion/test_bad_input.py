@@ -301,7 +301,11 @@ def test_a_store_never_turns_on_remote_code(demo_data, tmp_path, capsys):
     assert not marker.exists() and not looks_complete(out)
 
     # The user's own flag allows it, and the log says which code from where; the finished run keeps
-    # no permission either: evaluating it asks for the flag again.
+    # no permission either: evaluating it asks for the flag again. (The build above imported the
+    # model's code in this process before the marker line was added; forget that import, as a new
+    # process would not have it.)
+    for name in [n for n in sys.modules if n.endswith("modeling_toyconv") or n.endswith("configuration_toyconv")]:
+        del sys.modules[name]
     assert fusion_main([*args, "--trust-remote-code"]) == 0
     printed = capsys.readouterr().out
     assert marker.exists() and f"running the model's own code configuration_toyconv.py, modeling_toyconv.py from {model}" in printed

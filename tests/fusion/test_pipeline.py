@@ -36,7 +36,8 @@ def test_train_evaluate_predict(demo_data, tmp_path, features, capsys):
     metrics = json.loads((run / "metrics.json").read_text())["splits"]
     assert set(metrics) == {"train", "validation", "test"} and len(metrics["test"]["per_target"]) == 30
     run_json = json.loads((run / "run.json").read_text())
-    assert run_json["model"]["input_dims"] == {"dna": 48, "rna": 16, "protein": 16}  # from the stores' attrs
+    dna_dim = 48 if demo_data["models"]["dna"][0] == "enformer" else 16  # Enformer: 2 x dim 24; NT without the extra
+    assert run_json["model"]["input_dims"] == {"dna": dna_dim, "rna": 16, "protein": 16}  # from the stores' attrs
     assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["test"] == metrics["test"]
     assert fusion_main(["predict", str(run), "--out", str(tmp_path / "pred.csv")]) == 0
