@@ -20,7 +20,8 @@ from embedcache.config import BuildConfig
 from embedcache.store import describe
 from embedcache.tiny_models import make_tiny_enformer, make_tiny_esm2, make_tiny_nucleotide_transformer
 from fusion.data import DataConfig
-from fusion.experiment import run_ablation, run_train
+from fusion.ablation import run_ablation
+from fusion.experiment import run_train
 from fusion.prepare.isoformer import IsoformerPrepareConfig, prepare_isoformer
 from fusion.prepare.synthetic import SyntheticConfig, generate_synthetic
 from fusion.train import TrainConfig

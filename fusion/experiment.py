@@ -1,4 +1,4 @@
-"""One function per `fusion` command: train, evaluate, predict, ablate.
+"""One function per `fusion` command: train, evaluate, predict (ablate: fusion.ablation).
 
 A run directory describes itself: `run.json` holds the data config, the model config (with
 dimensions read from the stores) and the training config; `checkpoint.pt` carries the stores'
@@ -7,13 +7,11 @@ fingerprints, so evaluating or predicting against other features is refused.
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
 import torch
 
 from fusion.checkpoint import check_fingerprints, load_checkpoint
@@ -21,7 +19,7 @@ from fusion.data import DataConfig, StoreBatches, open_batches
 from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
-from fusion.report import ablation_plot, ablation_table, write_report
+from fusion.report import write_report
 from fusion.train import TrainConfig, TrainResult, evaluate_run, predict, seed_everything, train, write_predictions_csv
 
 Log = Callable[[str], None]
@@ -181,64 +179,5 @@ def run_predict(
     return write_predictions_csv(out, preds)
 
 
-# -- ablation --------------------------------------------------------------------------------------
-
-
-def modality_subsets(modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Every non-empty subset, singles first, in the given modality order."""
-    return [c for r in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, r)]
-
-
-def run_ablation(
-    data: DataConfig,
-    aggregators: list[str],
-    seeds: list[int],
-    model_options: dict,
-    train_config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    subsets: list[tuple[str, ...]] | None = None,
-    log: Log = print,
-) -> tuple[str, pd.DataFrame]:
-    """Train every (modality subset, aggregator, seed) on features loaded once; write ablation.md/.csv/.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    everything = open_batches(data, read_manifest(data.manifest), log=log)
-    subsets = subsets or modality_subsets(everything.modalities)
-    rows = []
-    for subset, aggregator, seed in itertools.product(subsets, aggregators, seeds):
-        name = f"{'+'.join(subset)}__{aggregator}__seed{seed}"
-        quiet: list[str] = []
-        result = run_train(
-            DataConfig.from_dict({**data.to_dict(), "modalities": list(subset)}),
-            aggregator,
-            model_options,
-            TrainConfig.from_dict({**train_config.to_dict(), "seed": seed}),
-            out_dir / "runs" / name,
-            batches=everything.with_modalities(subset),
-            progress=False,
-            log=quiet.append,
-        )
-        test = result.metrics["test"]
-        rows.append(
-            {
-                "modalities": "+".join(subset),
-                "aggregator": aggregator,
-                "seed": seed,
-                "test_mean_r2": test["mean_r2"],
-                "test_mean_spearman": test["mean_spearman"],
-                "test_all_pairs_r2": test["all_pairs_r2"],
-                "best_epoch": result.train.best_epoch,
-            }
-        )
-        log(f"{name}: test mean R2 {test['mean_r2']:.3f}, Spearman {test['mean_spearman']:.3f} (best epoch {result.train.best_epoch})")
-    pd.DataFrame(rows).to_csv(out_dir / "ablation_runs.csv", index=False)
-    markdown, table = ablation_table(rows)
-    table.to_csv(out_dir / "ablation.csv", index=False)
-    (out_dir / "ablation.md").write_text(markdown + "\n")
-    ablation_plot(table, out_dir / "ablation.png", title="Modality ablation (test split)")
-    return markdown, table
-
-
-__all__ = ["RunResult", "build_model", "load_run", "modality_subsets", "read_manifest", "run_ablation", "run_evaluate", "run_predict", "run_train"]
+__all__ = ["RunResult", "build_model", "load_run", "read_manifest", "run_evaluate", "run_predict", "run_train"]
 
