@@ -6,16 +6,16 @@ ablation's inputs) and fit the ridge probe (fusion.probe) on the same features; 
 per (setting, subset), averaged over data seeds, beside the probe and the planted ceiling.
 
     .venv/bin/python benchmarks/bench_fusion_sweep.py --seeds 0,1,2 --json sweep.json
-    .venv/bin/python benchmarks/bench_fusion_sweep.py --grid head=mlp,residual lr=1e-3,3e-3
+    .venv/bin/python benchmarks/bench_fusion_sweep.py --setting "lr=1e-3 input_norm=False" --setting "lr=3e-4"
 
-A setting is the defaults of TrainConfig / FusionModelConfig with the grid's values replaced; every
-combination of the grid's values is one setting. Training seed = data seed.
+A setting is the current defaults of TrainConfig / FusionModelConfig (at the demo's model size) with
+the given fields replaced; --setting defaults: the defaults before the sweep ("before") and now.
+Training seed = data seed.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import tempfile
 import time
@@ -35,19 +35,27 @@ from fusion.report import markdown_table
 from fusion.train import TrainConfig, predict, seed_everything, train
 
 TRAIN_FIELDS = {"lr", "epochs", "early_stopping_patience", "weight_decay", "warmup_fraction", "min_lr_ratio", "batch_size"}
-MODEL_FIELDS = {"d_model", "head", "head_hidden", "dropout", "n_layers"}
+MODEL_FIELDS = {"d_model", "head", "head_hidden", "dropout", "n_layers", "input_norm"}
+# The defaults before the sweep (TrainConfig and FusionModelConfig as they were), and the current ones.
+BEFORE = "lr=1e-3 epochs=50 early_stopping_patience=10 weight_decay=0.01 input_norm=True head=mlp"
+NOW = "head=mlp"
 DEMO_MODEL = {"d_model": 64, "n_heads": 4, "head_hidden": 128}  # fusion.demo's model size
 
 
-def parse_grid(items: list[str]) -> dict[str, list]:
-    grid = {}
-    for item in items:
-        name, _, values = item.partition("=")
+def parse_setting(text: str) -> dict:
+    """'lr=3e-4 head=mlp input_norm=False' -> {"lr": 0.0003, "head": "mlp", "input_norm": False}."""
+    out = {}
+    for item in text.split():
+        name, _, value = item.partition("=")
         if name not in TRAIN_FIELDS | MODEL_FIELDS | {"aggregator"}:
-            raise SystemExit(f"unknown grid field {name!r}; valid: {sorted(TRAIN_FIELDS | MODEL_FIELDS | {'aggregator'})}")
-        kind = {"head": str, "aggregator": str}.get(name) or (int if name in {"epochs", "early_stopping_patience", "batch_size", "d_model", "head_hidden", "n_layers"} else float)
-        grid[name] = [kind(v) for v in values.split(",")]
-    return grid
+            raise SystemExit(f"unknown setting field {name!r}; valid: {sorted(TRAIN_FIELDS | MODEL_FIELDS | {'aggregator'})}")
+        if value in ("True", "False"):
+            out[name] = value == "True"
+        elif name in ("head", "aggregator"):
+            out[name] = value
+        else:
+            out[name] = int(value) if name in {"epochs", "early_stopping_patience", "batch_size", "d_model", "head_hidden", "n_layers"} else float(value)
+    return out
 
 
 def train_and_score(batches, aggregator: str, model_options: dict, train_config: TrainConfig, run_dir: Path) -> tuple[float, int]:
@@ -68,15 +76,15 @@ def as_markdown(table: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="planted-data seeds (the training seed is the same)")
-    p.add_argument("--grid", nargs="*", default=["head=mlp,residual"], help="FIELD=v1,v2 ... (TrainConfig / model fields, or aggregator)")
+    p.add_argument("--setting", action="append", help=f"'FIELD=VALUE ...' replacing defaults; repeat (default: '{BEFORE}' and '{NOW}')")
     p.add_argument("--aggregator", default="mean-concat", help="aggregator when the grid does not vary it")
     p.add_argument("--n-genes", type=int, default=400, help="planted genes (the demo's 400)")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "embedcache-demo-data"), help="cache of built demo data")
     p.add_argument("--json", help="write every run and the summary here")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    grid = parse_grid(args.grid)
-    settings = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    texts = args.setting or [BEFORE, NOW]
+    settings = [parse_setting(t) for t in texts]
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
@@ -91,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 probe_r2 = probe.metrics["test"]["mean_r2"]
                 rows.append({**base, "setting": "ridge probe", "test_mean_r2": probe_r2, "best_epoch": None})
                 for setting in settings:
-                    train = TrainConfig(**{"epochs": 40, "early_stopping_patience": 8, **{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, "seed": seed})
+                    train = TrainConfig(**{**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, "seed": seed})
                     model = {**DEMO_MODEL, **{k: v for k, v in setting.items() if k in MODEL_FIELDS}}
                     r2, best_epoch = train_and_score(view, setting.get("aggregator", args.aggregator), model, train, Path(tmp) / "run")
-                    name = " ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
+                    name = texts[settings.index(setting)]
                     rows.append({**base, "setting": name, "test_mean_r2": r2, "best_epoch": best_epoch})
                     print(f"seed {seed} {base['modalities']:>16} {name:>40}: {r2:.3f} (probe {probe_r2:.3f}, "
                           f"best epoch {best_epoch}) [{time.time() - started:.0f} s]", flush=True)
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nstd over data seeds:")
     print(as_markdown(spread[[c for c in order if c in spread.columns]]))
     if args.json:
-        write_json(args.json, {"machine": machine_info(), "seeds": seeds, "grid": grid, "runs": rows,
+        write_json(args.json, {"machine": machine_info(), "seeds": seeds, "settings": texts, "runs": rows,
                                "mean": table.reset_index().to_dict(orient="records")})
     return 0
 

@@ -54,44 +54,48 @@ class TargetStandardizer(nn.Module):
         return z * self.std + self.mean  # (b, t)
 
 
-class RegressionHead(nn.Module):
-    """h_multi (b, h) -> standardised predictions (b, t); `kind` is one of HEADS.
+def mlp_head(h: int, hidden: int, n_targets: int, dropout: float) -> nn.Sequential:
+    """Linear -> GELU -> Dropout -> Linear: (b, h) -> (b, n_targets)."""
+    return nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_targets))
 
-    mlp:      Linear -> GELU -> Dropout -> Linear
-    residual: the mlp plus a Linear straight from h_multi. The linear path alone is a ridge-like
-              probe on the pooled inputs, so the model starts from what a probe can learn and the MLP
-              only adds to it (the sweep in benchmarks/README.md: the plain mlp stayed below the probe).
-    linear:   one Linear (the paper's 'linear projection' baseline)
+
+class ResidualHead(nn.Module):
+    """The MLP head plus a Linear straight from h_multi: (b, h) -> (b, n_targets).
+
+    The linear path alone is a ridge-like probe on the pooled inputs, so the model contains what a
+    probe learns and the MLP adds to it. A choice offered, not the default: in the sweep
+    (benchmarks/README.md) it was within seed noise of the plain MLP.
     """
 
-    def __init__(self, h: int, hidden: int, n_targets: int, *, kind: str, dropout: float) -> None:
+    def __init__(self, h: int, hidden: int, n_targets: int, dropout: float) -> None:
         super().__init__()
-        if kind not in HEADS:
-            raise ValueError(f"unknown head {kind!r}; valid heads are {list(HEADS)}")
-        self.linear = nn.Linear(h, n_targets) if kind in ("residual", "linear") else None
-        self.mlp = (
-            nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_targets))
-            if kind in ("residual", "mlp") else None
-        )
+        self.linear = nn.Linear(h, n_targets)
+        self.mlp = mlp_head(h, hidden, n_targets, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = 0
-        if self.linear is not None:
-            out = out + self.linear(h)  # (b, t)
-        if self.mlp is not None:
-            out = out + self.mlp(h)  # (b, t)
-        return out
+        return self.linear(h) + self.mlp(h)  # (b, t)
+
+
+def make_head(kind: str, h: int, hidden: int, n_targets: int, dropout: float) -> nn.Module:
+    """The regression head named `kind` (one of HEADS): mlp, residual (mlp + linear skip) or linear."""
+    if kind == "mlp":
+        return mlp_head(h, hidden, n_targets, dropout)
+    if kind == "residual":
+        return ResidualHead(h, hidden, n_targets, dropout)
+    if kind == "linear":
+        return nn.Linear(h, n_targets)
+    raise ValueError(f"unknown head {kind!r}; valid heads are {list(HEADS)}")
 
 
 class FusionModel(nn.Module):
     """features {modality: ModalityBatch (x (b, n_m, d_m), mask (b, n_m), present (b,))} -> (b, n_targets).
 
     Per modality: standardisation (fitted on the training split by `fit_feature_stats_`), then
-    Linear(d_m -> d_model) + LayerNorm, plus a learned modality embedding;
+    Linear(d_m -> d_model) (+ LayerNorm with config.input_norm), plus a learned modality embedding;
     then the configured aggregator -> h_multi (b, out_dim); then the head: an MLP
-    (Linear -> GELU -> Dropout -> Linear) plus a linear skip from h_multi (so the model contains the
-    linear probe and the MLP adds to it), or a single Linear for the 'linear' aggregator; the head
-    predicts standardised targets, which `target_norm` maps back to the targets' units.
+    (Linear -> GELU -> Dropout -> Linear; config.head: or that plus a linear skip, or one Linear), a
+    single Linear for the 'linear' aggregator; the head predicts standardised targets, which
+    `target_norm` maps back to the targets' units.
 
     A token counts only where `mask & present`; values of x elsewhere never enter (they
     may be anything, NaN included). An absent modality contributes zeros to h_multi.
@@ -104,13 +108,13 @@ class FusionModel(nn.Module):
         self.standardize = nn.ModuleDict({m: FeatureStandardizer(d_in) for m, d_in in config.input_dims})
         self.target_norm = TargetStandardizer(config.n_targets)
         self.input_proj = nn.ModuleDict(
-            {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d)) for m, d_in in config.input_dims}
+            {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d) if config.input_norm else nn.Identity()) for m, d_in in config.input_dims}
         )
         self.modality_embedding = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in config.modalities})
         self.aggregator = get_aggregator(config.aggregator).from_config(config)
         h = self.aggregator.out_dim
         head = config.head if self.aggregator.mlp_head else "linear"
-        self.head = RegressionHead(h, config.head_hidden, config.n_targets, kind=head, dropout=config.dropout)
+        self.head = make_head(head, h, config.head_hidden, config.n_targets, config.dropout)
 
     def forward(self, features: dict[str, ModalityBatch]) -> torch.Tensor:
         """features keyed by exactly the configured modalities -> predictions (b, n_targets)."""
