@@ -40,7 +40,7 @@ class DemoConfig:
     ablation_features: str = "pooled"  # the ablation grid's inputs: pooled vectors keep 42 runs within minutes on a CPU
     aggregators: tuple[str, ...] = ("cross-attention", "mean-concat")  # compared in the ablation
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of the ablation
-    epochs: int = TrainConfig.epochs  # maximum epochs (early stopping usually ends runs sooner)
+    epochs: int = TrainConfig().epochs  # maximum epochs (early stopping usually ends runs sooner)
     d_model: int = 64  # fusion width
     batch_size: int = 32
 

@@ -360,7 +360,7 @@ def ablation_plot(rows_or_table: list[dict[str, Any]] | pd.DataFrame, path: str 
         raise KeyError(f"metric {metric!r} not in the ablation table; columns: {list(table.columns)}")
     order = {m: i for i, m in enumerate(CANONICAL_MODALITY_ORDER)}
     groups = sorted(table["modalities"].unique(), key=lambda k: (len(k.split("+")), [order.get(p, len(order)) for p in k.split("+")]))
-    aggregators = list(dict.fromkeys(table["aggregator"]))
+    aggregators = sorted(dict.fromkeys(table["aggregator"]), key=lambda a: a == "ridge probe")  # the probe last, learned models first
     colours = dict(zip(aggregators, plt.get_cmap("tab10").colors))
     width = 0.8 / len(aggregators)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(aggregators) / 2) + 1.5), 4.8))

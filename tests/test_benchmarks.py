@@ -73,3 +73,13 @@ def test_bench_fusion_refuses_contradictory_inputs() -> None:
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fusion.py"), *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--max-tokens 4 applies to --features tokens only" in proc.stderr
+
+
+def test_bench_fusion_sweep_compares_settings_with_the_probe(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    run_script("bench_fusion_sweep.py", "--seeds", "0", "--n-genes", "40", "--setting", "epochs=1", "--setting", "epochs=2 head=residual",
+               "--data", str(tmp_path / "data"), "--json", str(out), timeout=600)  # fmt: skip
+    result = json.loads(out.read_text())
+    settings = {r["setting"] for r in result["runs"]}
+    assert settings == {"ridge probe", "epochs=1", "epochs=2 head=residual"}
+    assert len(result["runs"]) == 7 * 3  # every modality subset: the probe and both settings
