@@ -11,7 +11,7 @@ otherwise the train split is iterated once up front to count its batches.
 
 A run directory receives (see `train` and `evaluate_run`):
     train_config.json   TrainConfig values + one-line comment per field + resolved device/amp/schedule
-    history.csv         one row per epoch: epoch, step, train_loss, val_loss, val_mean_r2, val_mean_spearman, lr, seconds, best
+    history.csv         one row per epoch: epoch, step, train_loss, val_loss (masked MSE in standardised target units), val_mean_r2, val_mean_spearman, lr, seconds, best
     log.txt             every line train() logged
     checkpoint.pt       best (lowest validation loss) model, see fusion.checkpoint
     metrics.json        per split: fusion.metrics.regression_metrics (evaluate_run)
