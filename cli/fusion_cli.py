@@ -13,6 +13,7 @@ from cli.common import HelpFormatter, add_debug_flag, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
 from fusion.errors import ConfigError, checked_config
 from fusion.models import AGGREGATORS
+from fusion.probe import ProbeConfig
 from fusion.train import TrainConfig
 
 MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden")
@@ -163,10 +164,27 @@ def create_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", required=False, help="output directory")
     ab.add_argument("--aggregators", default="cross-attention,mean-concat", help=f"comma-separated, from: {', '.join(AGGREGATORS)}")
     ab.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ab.add_argument("--no-probe", dest="probe", action="store_false", help="leave out the ridge-probe rows")
+    ab.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (the k-of-N lines stay)")
     _add_data_args(ab)
     _add_model_args(ab)
     _add_train_args(ab)
     ab.set_defaults(func=run_ablate_cmd)
+
+    pb = sub.add_parser("probe", formatter_class=fmt, help="ridge-regression baseline on pooled features",
+                        description="Ridge regression per target on the stores' pooled vectors (scikit-learn: StandardScaler -> Ridge, alpha by "
+                                    "GroupKFold cross-validation by gene on the training split); writes the same metrics.json, predictions.csv "
+                                    "and report.md as `fusion train`, plus probe.json. A TOML --config may give any option.")
+    pb.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
+    pb.add_argument("--out", required=False, help="run directory")
+    pb.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table")
+    pb.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality")
+    pb.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options", help="option for remote stores' filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000")
+    pb.add_argument("--modalities", help="comma-separated subset of the stores' modalities (default: all)")
+    pb.add_argument("--alphas", default=",".join(f"{a:g}" for a in ProbeConfig().alphas), help="comma-separated ridge penalties tried per target")
+    pb.add_argument("--folds", type=int, default=ProbeConfig().folds, help="GroupKFold folds on the training split")
+    pb.add_argument("--group-column", default=ProbeConfig().group_column, help="manifest column whose groups (genes) never straddle folds")
+    pb.set_defaults(func=run_probe_cmd)
     add_debug_flag(parser)
     return parser
 
@@ -354,16 +372,32 @@ def run_predict_cmd(args: argparse.Namespace) -> int:
 
 
 def run_ablate_cmd(args: argparse.Namespace) -> int:
-    from fusion.experiment import run_ablation
+    from fusion.ablation import run_ablation
 
     seeds = parse_ints(args.seeds, "--seeds")
     aggregators = [a for a in args.aggregators.split(",") if a]
     unknown = [a for a in aggregators if a not in AGGREGATORS]
     if unknown or not aggregators:
         raise ConfigError(f"--aggregators {args.aggregators!r}: unknown {unknown}; choose from {list(AGGREGATORS)}")
-    markdown, _ = run_ablation(data_config(args), aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args))
+    markdown, _ = run_ablation(data_config(args), aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args),
+                               probe=ProbeConfig() if args.probe else None, progress=args.progress)
     print(markdown)
     print(f"written: {Path(args.out) / 'ablation.md'}")
+    return 0
+
+
+def run_probe_cmd(args: argparse.Namespace) -> int:
+    from fusion.probe import run_probe
+
+    if not args.manifest or not args.store:
+        raise ConfigError("--manifest and at least one --store MODALITY=STORE are required (on the command line or in --config)")
+    data = checked_config(DataConfig, "data options", manifest=args.manifest, stores=parse_stores(args.store), features="pooled",
+                          storage_options=parse_storage_options(getattr(args, "storage_options", None)),
+                          modalities=tuple(m for m in (args.modalities or "").split(",") if m))
+    config = ProbeConfig(alphas=tuple(float(a) for a in str(args.alphas).split(",") if a), folds=args.folds, group_column=args.group_column)
+    result = run_probe(data, _require_out(args), config)
+    test = result.metrics["test"]
+    print(f"test: mean R^2 {test['mean_r2']:.4f}, mean Spearman {test['mean_spearman']:.4f}; report: {result.run_dir / 'report.md'}")
     return 0
 
 

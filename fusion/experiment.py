@@ -1,4 +1,4 @@
-"""One function per `fusion` command: train, evaluate, predict, ablate.
+"""One function per `fusion` command: train, evaluate, predict (ablate: fusion.ablation; probe: fusion.probe).
 
 Training, evaluation and reports are the shared run pipeline of `fusion.run` (the same for
 `fusion finetune`); this module holds what the commands add: where evaluations go, the
@@ -8,17 +8,12 @@ predictions file, and the ablation grid.
 from __future__ import annotations
 
 import datetime as _dt
-import itertools
 from pathlib import Path
 from typing import Callable
 
-import pandas as pd
-
-from fusion.data import DataConfig, open_batches
 from fusion.errors import ConfigError
-from fusion.report import ablation_plot, ablation_table
 from fusion.run import RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, load_run, open_run, read_manifest, train_run
-from fusion.train import TrainConfig, predict, write_predictions_csv
+from fusion.train import predict, write_predictions_csv
 
 Log = Callable[[str], None]
 
@@ -86,66 +81,3 @@ def run_predict(
     preds = {s: predict(run.model, run.batches(s), target_names=run.batches.target_names) for s in splits}
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_predictions_csv(out, preds)
-
-
-# -- ablation --------------------------------------------------------------------------------------
-
-
-def modality_subsets(modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Every non-empty subset, singles first, in the given modality order."""
-    return [c for r in range(1, len(modalities) + 1) for c in itertools.combinations(modalities, r)]
-
-
-def run_ablation(
-    data: DataConfig,
-    aggregators: list[str],
-    seeds: list[int],
-    model_options: dict,
-    train_config: TrainConfig,
-    out_dir: str | Path,
-    *,
-    subsets: list[tuple[str, ...]] | None = None,
-    log: Log = print,
-) -> tuple[str, pd.DataFrame]:
-    """Train every (modality subset, aggregator, seed) on features loaded once; write ablation.md/.csv/.png."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    everything = open_batches(data, read_manifest(data.manifest), log=log)
-    subsets = subsets or modality_subsets(everything.modalities)
-    rows = []
-    for subset, aggregator, seed in itertools.product(subsets, aggregators, seeds):
-        name = f"{'+'.join(subset)}__{aggregator}__seed{seed}"
-        quiet: list[str] = []
-        result = run_train(
-            DataConfig.from_dict({**data.to_dict(), "modalities": list(subset)}),
-            aggregator,
-            model_options,
-            TrainConfig.from_dict({**train_config.to_dict(), "seed": seed}),
-            out_dir / "runs" / name,
-            batches=everything.with_modalities(subset),
-            progress=False,
-            log=quiet.append,
-        )
-        test = result.metrics["test"]
-        rows.append(
-            {
-                "modalities": "+".join(subset),
-                "aggregator": aggregator,
-                "seed": seed,
-                "test_mean_r2": test["mean_r2"],
-                "test_mean_spearman": test["mean_spearman"],
-                "test_all_pairs_r2": test["all_pairs_r2"],
-                "best_epoch": result.train.best_epoch,
-            }
-        )
-        log(f"{name}: test mean R2 {test['mean_r2']:.3f}, Spearman {test['mean_spearman']:.3f} (best epoch {result.train.best_epoch})")
-    pd.DataFrame(rows).to_csv(out_dir / "ablation_runs.csv", index=False)
-    markdown, table = ablation_table(rows)
-    table.to_csv(out_dir / "ablation.csv", index=False)
-    (out_dir / "ablation.md").write_text(markdown + "\n")
-    ablation_plot(table, out_dir / "ablation.png", title="Modality ablation (test split)")
-    return markdown, table
-
-
-__all__ = ["RUN_FILE", "RunResult", "build_model", "evaluation_dir", "load_run", "modality_subsets", "read_manifest", "run_ablation", "run_evaluate", "run_predict", "run_train"]
-

@@ -121,16 +121,37 @@ def plot_per_target_r2(path: str | Path, split_metrics: dict[str, Any], title: s
 
 
 def plot_learning_curves(path: str | Path, history: pd.DataFrame, title: str = "") -> Path:
-    """Train and validation loss per epoch (left axis), validation mean R^2 (right axis)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Train and validation loss per epoch (left axis), validation mean R^2 (right axis).
+
+    The y-axes cover the epochs after the first: epoch 0's loss (the untrained model) is often several
+    times the rest and would flatten the part that decides the run; a clipped point is drawn at the
+    top edge. Epoch ticks are integers and the legend sits below the axes, off the data.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
     ax.plot(history["epoch"], history["train_loss"], marker="o", ms=3, label="train loss")
     ax.plot(history["epoch"], history["val_loss"], marker="o", ms=3, label="validation loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("masked MSE")
+    ax.set_ylabel("masked MSE (standardised targets)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    later = history[history["epoch"] > history["epoch"].min()] if len(history) > 2 else history
+    losses = pd.concat([later["train_loss"], later["val_loss"]]).astype(float)
+    losses = losses[np.isfinite(losses)]
+    if len(losses):
+        lo, hi = float(losses.min()), float(losses.max())
+        pad = 0.05 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3
+        ax.set_ylim(lo - pad, hi + pad)
     handles, labels = ax.get_legend_handles_labels()
     if "val_mean_r2" in history:
         ax2 = ax.twinx()
         (h,) = ax2.plot(history["epoch"], history["val_mean_r2"], color="tab:green", ls=":", marker="s", ms=3, label="validation mean R²")
+        r2 = later["val_mean_r2"].astype(float)
+        r2 = r2[np.isfinite(r2)]
+        if len(r2):
+            lo, hi = float(r2.min()), float(r2.max())
+            pad = 0.05 * (hi - lo) if hi > lo else 0.02
+            ax2.set_ylim(lo - pad, hi + pad)
         ax2.set_ylabel("validation mean R²")
         handles.append(h)
         labels.append(h.get_label())
@@ -138,15 +159,45 @@ def plot_learning_curves(path: str | Path, history: pd.DataFrame, title: str = "
         best = history.loc[history["val_loss"].idxmin()]
         ax.axvline(best["epoch"], color="grey", lw=0.8, ls="--")
         title = title or f"best epoch {int(best['epoch'])}: val loss {best['val_loss']:.4f}"
-    ax.legend(handles, labels, loc="upper right", fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
 # ---------------------------------------------------------------- report of one run
+
+
+def _inputs_section(run_dir: Path) -> list[str]:
+    """What the model saw, from the run's run.json (fusion train / finetune) or probe.json (fusion probe)."""
+    for name in ("run.json", "probe.json"):
+        if (run_dir / name).is_file():
+            meta = json.loads((run_dir / name).read_text())
+            break
+    else:
+        return []
+    data = meta.get("data", {})
+    stores = data.get("stores", {})
+    used = meta.get("modalities") or data.get("modalities") or list(stores)
+    features = data.get("features", "?")
+    if features == "tokens":
+        seen = "per-token rows with masks" + (f", longer inputs group-averaged to at most {data['max_tokens']} rows"
+                                              if data.get("max_tokens") else ", every row (no max_tokens)")
+    else:
+        seen = "one pooled vector per modality"
+    loading = meta.get("loading") or {}
+    rows = [[m, f"`{stores.get(m, '?')}`", loading.get(m, features), f"`{(meta.get('fingerprints') or {}).get(m, '')}`"] for m in used]
+    return [
+        "## Inputs: what the model saw", "",
+        f"- mode: {meta.get('mode', 'ridge probe' if name == 'probe.json' else '?')}",
+        f"- features: {features} ({seen})",
+        f"- manifest: `{data.get('manifest', '?')}`",
+        f"- batch size: {data.get('batch_size', '?')}, shuffling seed: {data.get('seed', '?')}", "",
+        markdown_table(["modality", "store", "loading", "fingerprint"], rows), "",
+    ]
+
 
 HEADLINE = (
     ("mean_r2", "mean R²"),
@@ -216,6 +267,7 @@ def write_report(
     if m.get("excluded_targets"):
         lines += [f"Excluded from means (fewer than 2 values or zero variance): {', '.join(m['excluded_targets'])}", ""]
 
+    lines += _inputs_section(run_dir)
     lines += ["## Plots", ""]
     for p in paths:
         lines += [f"![{p.stem}]({p.name})", ""]
@@ -250,13 +302,16 @@ def _modality_key(modalities: str | Sequence[str]) -> str:
     return "+".join(sorted(parts, key=lambda m: (order.get(m, len(order)), m)))
 
 
-def ablation_table(rows: list[dict[str, Any]], metrics: Sequence[str] = ABLATION_METRICS) -> tuple[str, pd.DataFrame]:
+def ablation_table(
+    rows: list[dict[str, Any]], metrics: Sequence[str] = ABLATION_METRICS, *, ceilings: dict[str, float] | None = None
+) -> tuple[str, pd.DataFrame]:
     """Mean ± std over seeds of each metric, per (modalities, aggregator), sorted by the first metric (best first).
 
     rows: one dict per run with "modalities" (list or 'dna+rna'), "aggregator", "seed" and
     the metric values (None/NaN ignored). std is the sample standard deviation (ddof=1) over
-    seeds; with one seed it is undefined (n/a). Returns (markdown, DataFrame with columns
-    modalities, aggregator, n_seeds, <metric>_mean, <metric>_std for each metric).
+    seeds; with one seed it is undefined (n/a). ceilings: best achievable R^2 per modality set
+    ("dna+rna"), shown as a column when given. Returns (markdown, DataFrame with columns
+    modalities, aggregator, n_seeds, <metric>_mean, <metric>_std for each metric[, ceiling_r2]).
     """
     if not rows:
         raise ValueError("ablation_table got no rows")
@@ -277,32 +332,55 @@ def ablation_table(rows: list[dict[str, Any]], metrics: Sequence[str] = ABLATION
         out[f"{m}_mean"] = grouped[m].mean()
         out[f"{m}_std"] = grouped[m].std(ddof=1)
     out = out.reset_index().sort_values(f"{metrics[0]}_mean", ascending=False, na_position="last").reset_index(drop=True)
+    if ceilings:
+        known = {_modality_key(k): float(v) for k, v in ceilings.items()}
+        out["ceiling_r2"] = [known.get(m, math.nan) for m in out["modalities"]]
 
     def pm(mean: float, std: float) -> str:
         if math.isnan(mean):
             return "n/a"
         return f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f} ± n/a"
 
-    header = ["modalities", "aggregator", "seeds"] + [m.replace("_", " ") for m in metrics]
+    header = ["modalities", "aggregator", "seeds"] + [m.replace("_", " ") for m in metrics] + (["ceiling R²"] if ceilings else [])
     body = [[r.modalities, r.aggregator, int(r.n_seeds)] + [pm(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std")) for m in metrics]
-            for r in out.itertuples()]
-    md = markdown_table(header, body) + "\n\nmean ± sample standard deviation (ddof=1) over seeds.\n"
+            + ([_fmt(r.ceiling_r2)] if ceilings else []) for r in out.itertuples()]
+    md = markdown_table(header, body) + "\n\nmean ± sample standard deviation (ddof=1) over seeds"
+    md += ("; ceiling R² = best achievable mean R² from the planted signal of those modalities (noise and the other terms unexplainable).\n"
+           if ceilings else ".\n")
     return md, out
 
 
 def ablation_plot(rows_or_table: list[dict[str, Any]] | pd.DataFrame, path: str | Path, *, metric: str = "test_mean_r2",
                   title: str = "") -> Path:
-    """Bar per (modalities, aggregator), height = mean of `metric` over seeds, error bar = std."""
+    """Bars grouped by modality set (in canonical subset order), one colour per aggregator (the probe too),
+    height = mean of `metric` over seeds, error bar = std; a black line over a group marks its ceiling
+    (table column ceiling_r2) where one is known."""
     table = rows_or_table if isinstance(rows_or_table, pd.DataFrame) else ablation_table(rows_or_table, metrics=(metric,))[1]
     if f"{metric}_mean" not in table:
         raise KeyError(f"metric {metric!r} not in the ablation table; columns: {list(table.columns)}")
-    labels = [f"{r.modalities}\n{r.aggregator}" for r in table.itertuples()]
-    means = table[f"{metric}_mean"].to_numpy(dtype=float)
-    stds = np.nan_to_num(table[f"{metric}_std"].to_numpy(dtype=float))
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 1.5), 4.5))
-    ax.bar(np.arange(len(labels)), means, yerr=stds, capsize=4, color="tab:blue")
-    ax.set_xticks(np.arange(len(labels)), labels=labels, rotation=45, ha="right", fontsize=8)
+    order = {m: i for i, m in enumerate(CANONICAL_MODALITY_ORDER)}
+    groups = sorted(table["modalities"].unique(), key=lambda k: (len(k.split("+")), [order.get(p, len(order)) for p in k.split("+")]))
+    aggregators = sorted(dict.fromkeys(table["aggregator"]), key=lambda a: a == "ridge probe")  # the probe last, learned models first
+    colours = dict(zip(aggregators, plt.get_cmap("tab10").colors))
+    width = 0.8 / len(aggregators)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(aggregators) / 2) + 1.5), 4.8))
+    for j, agg in enumerate(aggregators):
+        part = table[table["aggregator"] == agg].set_index("modalities")
+        xs = [i for i, g in enumerate(groups) if g in part.index]
+        means = [float(part.loc[groups[i], f"{metric}_mean"]) for i in xs]
+        stds = [float(np.nan_to_num(part.loc[groups[i], f"{metric}_std"])) for i in xs]
+        offset = (j - (len(aggregators) - 1) / 2) * width
+        ax.bar(np.array(xs) + offset, means, width=width * 0.95, yerr=stds, capsize=3, color=colours[agg], label=agg)
+    if "ceiling_r2" in table and metric.endswith("r2"):
+        ceiling = table.groupby("modalities")["ceiling_r2"].first()
+        for i, g in enumerate(groups):
+            c = ceiling.get(g, math.nan)
+            if not math.isnan(c):
+                ax.hlines(c, i - 0.45, i + 0.45, color="black", lw=1.5, label="ceiling (planted signal)" if i == 0 else None)
+    ax.set_xticks(np.arange(len(groups)), labels=groups, rotation=30, ha="right", fontsize=9)
     ax.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

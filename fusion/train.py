@@ -11,7 +11,7 @@ otherwise the train split is iterated once up front to count its batches.
 
 A run directory receives (see `train` and `evaluate_run`):
     train_config.json   TrainConfig values + one-line comment per field + resolved device/amp/schedule
-    history.csv         one row per epoch: epoch, step, train_loss, val_loss, val_mean_r2, val_mean_spearman, lr, seconds, best
+    history.csv         one row per epoch: epoch, step, train_loss, val_loss (masked MSE in standardised target units), val_mean_r2, val_mean_spearman, lr, seconds, best
     log.txt             every line train() logged
     checkpoint.pt       best (lowest validation loss) model, see fusion.checkpoint
     metrics.json        per split: fusion.metrics.regression_metrics (evaluate_run)
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from fusion.batch import Batch
 from fusion.checkpoint import save_checkpoint
 from fusion.metrics import METRIC_DEFINITIONS, Predictions, json_safe, masked_mse_np, regression_metrics
+from fusion.models.fusion_model import TargetStandardizer
 
 __all__ = [
     "TrainConfig",
@@ -52,6 +53,7 @@ __all__ = [
     "train",
     "predict",
     "evaluate_run",
+    "write_evaluation",
     "masked_mse",
     "lr_at_step",
     "seed_everything",
@@ -81,16 +83,17 @@ def field_comments(cls: type) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """Optimisation settings of the fusion stage. Defaults are choices, not values from the paper."""
+    """Optimisation settings of the fusion stage. Defaults are choices, not values from the paper: lr, epochs,
+    patience and weight decay were picked by benchmarks/bench_fusion_sweep.py (table in benchmarks/README.md)."""
 
-    epochs: int = 50  # maximum number of passes over the train split
+    epochs: int = 80  # maximum number of passes over the train split
     batch_size: int = 32  # samples per batch; the batch source uses it, train() records it
-    lr: float = 1e-3  # peak learning rate of AdamW, reached at the end of warmup
-    weight_decay: float = 0.01  # AdamW decoupled weight decay, only on >= 2-d weights (not biases, norms, embeddings)
+    lr: float = 3e-4  # peak learning rate of AdamW, reached at the end of warmup
+    weight_decay: float = 0.1  # AdamW decoupled weight decay, only on >= 2-d weights (not biases, norms, embeddings)
     warmup_fraction: float = 0.05  # fraction of all optimiser steps spent in linear warmup from ~0 to lr
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio on the last step of the last epoch
     grad_clip: float = 1.0  # clip the global gradient L2 norm to this; 0 disables clipping
-    early_stopping_patience: int = 10  # stop after this many epochs without a validation-loss improvement; 0 disables
+    early_stopping_patience: int = 12  # stop after this many epochs without a validation-loss improvement; 0 disables
     seed: int = 0  # seeds python, numpy and torch at the start of train()
     amp: str = "auto"  # autocast: auto (bf16 on CUDA if supported, else off), off, bf16, fp16 (CUDA, with GradScaler)
     device: str = "auto"  # auto (cuda if available, else cpu) or a torch device string like cuda:1
@@ -141,7 +144,7 @@ class TrainResult:
     """What `train` returns; the model passed in holds the best weights afterwards."""
 
     best_epoch: int  # 0-based epoch with the lowest validation loss
-    best_val_loss: float  # masked MSE over all valid validation (sample, target) pairs at best_epoch
+    best_val_loss: float  # masked MSE over all valid validation (sample, target) pairs at best_epoch, in standardised target units
     best_val_metrics: dict[str, Any]  # regression_metrics of the validation split at best_epoch
     history: list[dict[str, Any]]  # one row per epoch run, the rows of history.csv
     epochs_run: int  # epochs actually run (< config.epochs when stopped early)
@@ -203,6 +206,28 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     target = torch.where(mask, target, torch.zeros_like(target))
     sq = torch.where(mask, (pred - target) ** 2, torch.zeros_like(pred))  # (b, t)
     return sq.sum() / mask.sum().clamp(min=1)
+
+
+def target_standardizer(model: nn.Module) -> TargetStandardizer | None:
+    """The model's target standardisation (also inside a wrapper such as finetune's), or None."""
+    return next((m for m in model.modules() if isinstance(m, TargetStandardizer)), None)
+
+
+def standardized_loss(model: nn.Module, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """masked_mse in the model's standardised target units (every target weighs the same), else in raw units."""
+    norm = target_standardizer(model)
+    if norm is None:
+        return masked_mse(pred, target, mask)
+    return masked_mse(norm.encode(pred), norm.encode(target), mask)
+
+
+def standardized_loss_np(model: nn.Module, p: Predictions) -> float:
+    """`standardized_loss` of numpy predictions (validation), NaN when no target is valid."""
+    norm = target_standardizer(model)
+    if norm is None:
+        return masked_mse_np(p.pred, p.target, p.mask)
+    mean, std = norm.mean.detach().cpu().numpy(), norm.std.detach().cpu().numpy()
+    return masked_mse_np((p.pred - mean) / std, (p.target - mean) / std, p.mask)
 
 
 def lr_at_step(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -441,7 +466,7 @@ def train(
                 if pred.shape != batch.targets.shape:
                     raise ValueError(f"model returned predictions of shape {tuple(pred.shape)}, targets have shape "
                                      f"{tuple(batch.targets.shape)} (epoch {epoch}, step {step})")
-                loss = masked_mse(pred.float(), batch.targets.float(), batch.target_mask)  # loss in fp32 even under autocast
+                loss = standardized_loss(model, pred.float(), batch.targets.float(), batch.target_mask)  # fp32 even under autocast
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"non-finite training loss {loss_value} at epoch {epoch}, step {step}, lr {lr:.3g}; "
@@ -465,7 +490,7 @@ def train(
 
             # validate
             val = predict(model, batches(val_split, shuffle=False, epoch=epoch), target_names=target_names, autocast_dtype=amp_dtype)
-            val_loss = masked_mse_np(val.pred, val.target, val.mask)
+            val_loss = standardized_loss_np(model, val)
             if math.isnan(val_loss):
                 raise ValueError(f"validation split {val_split!r} has no valid (unmasked) target values")
             if not math.isfinite(val_loss):
@@ -560,15 +585,22 @@ def evaluate_run(
     metrics.json: {"format": "fusion-metrics", "target_names": [...], "definitions": {...},
                    "splits": {split: regression_metrics}, "extra": {...}}; NaN is null.
     """
+    predictions = {split: predict(model, batches(split, shuffle=False, epoch=0), target_names=target_names) for split in splits}
+    return write_evaluation(run_dir, predictions, extra=extra, log=log)
+
+
+def write_evaluation(
+    run_dir: str | Path, predictions: dict[str, Predictions], *, extra: dict[str, Any] | None = None, log: Callable[[str], Any] = print
+) -> EvalResult:
+    """metrics.json and predictions.csv of split -> predictions (from a model, a probe, ...); see `evaluate_run`."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics, predictions = {}, {}
-    for split in splits:
-        p = predict(model, batches(split, shuffle=False, epoch=0), target_names=target_names)
-        predictions[split] = p
+    metrics = {}
+    for split, p in predictions.items():
         metrics[split] = regression_metrics(p.pred, p.target, p.mask, p.target_names)
         log(f"{split}: n {len(p)} | mean_r2 {metrics[split]['mean_r2']:.4f} | mean_spearman {metrics[split]['mean_spearman']:.4f} "
             f"| all_pairs_r2 {metrics[split]['all_pairs_r2']:.4f}")
+    target_names = next(iter(predictions.values())).target_names
     metrics_path = run_dir / "metrics.json"
     payload = {"format": "fusion-metrics", "target_names": list(target_names), "definitions": METRIC_DEFINITIONS,
                "splits": metrics, "extra": extra or {}}

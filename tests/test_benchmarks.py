@@ -114,3 +114,13 @@ def test_bench_store_remote_compares_local_and_s3(tmp_path: Path) -> None:
     assert set(result["throughput"]) == {"local", "s3"}
     assert all(r["write_mb_s"] > 0 and r["random_reads_per_s"] > 0 for r in result["throughput"].values())
     assert [r["commits_before"] for r in result["commit_cost"]["s3"]] == [10, 200]
+
+
+def test_bench_fusion_sweep_compares_settings_with_the_probe(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    run_script("bench_fusion_sweep.py", "--seeds", "0", "--n-genes", "40", "--setting", "epochs=1", "--setting", "epochs=2 head=residual",
+               "--data", str(tmp_path / "data"), "--json", str(out), timeout=600)  # fmt: skip
+    result = json.loads(out.read_text())
+    settings = {r["setting"] for r in result["runs"]}
+    assert settings == {"ridge probe", "epochs=1", "epochs=2 head=residual"}
+    assert len(result["runs"]) == 7 * 3  # every modality subset: the probe and both settings

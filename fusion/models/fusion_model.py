@@ -10,7 +10,7 @@ from torch import nn
 
 from fusion.batch import Batch, ModalityBatch
 from fusion.models import get_aggregator
-from fusion.models.config import FusionModelConfig
+from fusion.models.config import HEADS, FusionModelConfig
 
 
 class FeatureStandardizer(nn.Module):
@@ -31,13 +31,71 @@ class FeatureStandardizer(nn.Module):
         return (x - self.mean) / self.std  # (b, n, d)
 
 
+class TargetStandardizer(nn.Module):
+    """Per-target (y - mean) / std with statistics fitted on the training split (buffers, not learned).
+
+    The model predicts standardised targets and `decode` maps them back, so predictions and metrics
+    stay in the manifest's units while the head starts at the training mean with unit-scale outputs
+    (log1p TPM sits around 2-4: unstandardised, the head's bias spends the first epochs walking there,
+    and tissues with wide spread dominate the loss). The training loss is taken in standardised units
+    (`encode` both sides), so every target weighs the same. The statistics live in the state dict, so
+    a checkpoint carries them; unfitted they are the identity.
+    """
+
+    def __init__(self, n_targets: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_targets))
+        self.register_buffer("std", torch.ones(n_targets))
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.mean) / self.std  # (b, t)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std + self.mean  # (b, t)
+
+
+def mlp_head(h: int, hidden: int, n_targets: int, dropout: float) -> nn.Sequential:
+    """Linear -> GELU -> Dropout -> Linear: (b, h) -> (b, n_targets)."""
+    return nn.Sequential(nn.Linear(h, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_targets))
+
+
+class ResidualHead(nn.Module):
+    """The MLP head plus a Linear straight from h_multi: (b, h) -> (b, n_targets).
+
+    The linear path alone is a ridge-like probe on the pooled inputs, so the model contains what a
+    probe learns and the MLP adds to it. A choice offered, not the default: in the sweep
+    (benchmarks/README.md) it was within seed noise of the plain MLP.
+    """
+
+    def __init__(self, h: int, hidden: int, n_targets: int, dropout: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(h, n_targets)
+        self.mlp = mlp_head(h, hidden, n_targets, dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h) + self.mlp(h)  # (b, t)
+
+
+def make_head(kind: str, h: int, hidden: int, n_targets: int, dropout: float) -> nn.Module:
+    """The regression head named `kind` (one of HEADS): mlp, residual (mlp + linear skip) or linear."""
+    if kind == "mlp":
+        return mlp_head(h, hidden, n_targets, dropout)
+    if kind == "residual":
+        return ResidualHead(h, hidden, n_targets, dropout)
+    if kind == "linear":
+        return nn.Linear(h, n_targets)
+    raise ValueError(f"unknown head {kind!r}; valid heads are {list(HEADS)}")
+
+
 class FusionModel(nn.Module):
     """features {modality: ModalityBatch (x (b, n_m, d_m), mask (b, n_m), present (b,))} -> (b, n_targets).
 
     Per modality: standardisation (fitted on the training split by `fit_feature_stats_`), then
-    Linear(d_m -> d_model) + LayerNorm, plus a learned modality embedding;
+    Linear(d_m -> d_model) (+ LayerNorm with config.input_norm), plus a learned modality embedding;
     then the configured aggregator -> h_multi (b, out_dim); then the head: an MLP
-    (Linear -> GELU -> Dropout -> Linear), or a single Linear for the 'linear' aggregator.
+    (Linear -> GELU -> Dropout -> Linear; config.head: or that plus a linear skip, or one Linear), a
+    single Linear for the 'linear' aggregator; the head predicts standardised targets, which
+    `target_norm` maps back to the targets' units.
 
     A token counts only where `mask & present`; values of x elsewhere never enter (they
     may be anything, NaN included). An absent modality contributes zeros to h_multi.
@@ -48,21 +106,15 @@ class FusionModel(nn.Module):
         self.config = config
         d = config.d_model
         self.standardize = nn.ModuleDict({m: FeatureStandardizer(d_in) for m, d_in in config.input_dims})
+        self.target_norm = TargetStandardizer(config.n_targets)
         self.input_proj = nn.ModuleDict(
-            {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d)) for m, d_in in config.input_dims}
+            {m: nn.Sequential(nn.Linear(d_in, d), nn.LayerNorm(d) if config.input_norm else nn.Identity()) for m, d_in in config.input_dims}
         )
         self.modality_embedding = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in config.modalities})
         self.aggregator = get_aggregator(config.aggregator).from_config(config)
         h = self.aggregator.out_dim
-        if self.aggregator.mlp_head:
-            self.head: nn.Module = nn.Sequential(
-                nn.Linear(h, config.head_hidden),
-                nn.GELU(),
-                nn.Dropout(config.dropout),
-                nn.Linear(config.head_hidden, config.n_targets),
-            )
-        else:
-            self.head = nn.Linear(h, config.n_targets)
+        head = config.head if self.aggregator.mlp_head else "linear"
+        self.head = make_head(head, h, config.head_hidden, config.n_targets, config.dropout)
 
     def forward(self, features: dict[str, ModalityBatch]) -> torch.Tensor:
         """features keyed by exactly the configured modalities -> predictions (b, n_targets)."""
@@ -78,7 +130,7 @@ class FusionModel(nn.Module):
             tokens[m] = torch.where(keep, h, 0.0)  # (b, n, d): zero where masked, as ModalityBatch promises
             masks[m] = mask
         h_multi = self.aggregator(tokens, masks)  # (b, out_dim)
-        return self.head(h_multi)  # (b, n_targets)
+        return self.target_norm.decode(self.head(h_multi))  # (b, n_targets), in the targets' units
 
     def _check_features(self, features: dict[str, ModalityBatch]) -> None:
         expected = set(self.config.modalities)
@@ -102,14 +154,19 @@ class FusionModel(nn.Module):
 
 @torch.no_grad()
 def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str, int]:
-    """Set each modality's standardisation from the real tokens of `batches` (pass the training split).
+    """Set each modality's standardisation from the real tokens of `batches` (pass the training split),
+    and the target standardisation from their valid target values.
 
     Returns the number of tokens each modality's statistics were computed from.
     """
     total: dict[str, torch.Tensor] = {}
     total_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
+    y_sum = y_sq = y_n = 0
     for batch in batches:
+        valid = batch.target_mask.bool()  # (b, t)
+        y = torch.where(valid, batch.targets, 0.0).double()  # (b, t)
+        y_sum, y_sq, y_n = y_sum + y.sum(0), y_sq + (y * y).sum(0), y_n + valid.sum(0)
         for m, f in batch.features.items():
             if m not in model.standardize:
                 continue
@@ -129,4 +186,17 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
         # float16 rounding of stored features into visible noise once divided by its std: floor it.
         std = var.sqrt().float()
         norm.std.copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.median()))))
+    _fit_target_stats_(model.target_norm, y_sum, y_sq, y_n)
     return count
+
+
+def _fit_target_stats_(norm: TargetStandardizer, y_sum, y_sq, y_n) -> None:
+    """Mean and std per target from sums over valid values; a target seen < 2 times or constant keeps std 1."""
+    if not torch.is_tensor(y_n):
+        return  # no batches
+    n = y_n.double().clamp_min(1)
+    mean = y_sum / n
+    std = (y_sq / n - mean * mean).clamp_min(0).sqrt()
+    usable = (y_n >= 2) & (std > 1e-8)
+    norm.mean.copy_(torch.where(y_n > 0, mean, 0.0).float())
+    norm.std.copy_(torch.where(usable, std, 1.0).float())

@@ -339,3 +339,42 @@ def test_overfits_a_small_learnable_target(aggregator: str) -> None:
     with torch.no_grad():
         end = F.mse_loss(model(features), target).item()
     assert end < 0.1 * start, f"MSE went from {start:.4f} to {end:.4f}"
+
+
+def test_targets_are_standardised_inside_the_model_and_predicted_in_their_units() -> None:
+    """fit_feature_stats_ fits the target statistics on valid values only; forward() answers in target units;
+    the statistics travel in the state dict; the training loss weighs every target the same."""
+    from fusion.batch import Batch
+    from fusion.models.fusion_model import fit_feature_stats_
+    from fusion.train import standardized_loss
+
+    torch.manual_seed(0)
+    config = FusionModelConfig(modalities=("rna",), input_dims=input_dims_from_dict(DIMS, ("rna",)), n_targets=2,
+                               target_names=("a", "b"), aggregator="mean-concat", d_model=16, head_hidden=16, dropout=0.0)
+    model = FusionModel(config)
+    features = make_features(("rna",), b=64, pooled=True)
+    targets = torch.stack([100 + 10 * torch.randn(64), -3 + 0.1 * torch.randn(64)], dim=1)  # (64, 2): far apart in level and spread
+    mask = torch.ones(64, 2, dtype=torch.bool)
+    mask[:5, 0] = False
+    garbage = targets.clone()
+    garbage[:5, 0] = 1e9  # masked: must not enter the statistics
+    fit_feature_stats_(model, [Batch(features=features, targets=garbage, target_mask=mask, sample_ids=[str(i) for i in range(64)])])
+    norm = model.target_norm
+    assert norm.mean[0] == pytest.approx(float(targets[5:, 0].mean()), rel=1e-5)
+    assert norm.std[1] == pytest.approx(float(targets[:, 1].std(unbiased=False)), rel=1e-4)
+    model.eval()
+    with torch.no_grad():
+        pred = model(features)  # (64, 2): an untrained head predicts near the training mean, in target units
+    assert (pred[:, 0] - 100).abs().max() < 30 and (pred[:, 1] + 3).abs().max() < 0.5
+    assert {"target_norm.mean", "target_norm.std"} <= set(model.state_dict())
+    # Standardised loss: the wide target does not drown the narrow one.
+    off = targets + torch.stack([norm.std[0].expand(64), norm.std[1].expand(64)], dim=1)  # one std off on both
+    assert float(standardized_loss(model, off, targets, torch.ones_like(mask))) == pytest.approx(1.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("head", ["mlp", "residual", "linear"])
+def test_heads_build_and_run(head: str) -> None:
+    model = make_model("mean-concat", head=head)
+    assert model(make_features(pooled=True)).shape == (4, model.config.n_targets)
+    with pytest.raises(ValueError, match="unknown head 'big'"):
+        make_config("mean-concat", head="big")

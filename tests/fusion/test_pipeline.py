@@ -113,13 +113,44 @@ def test_toml_config_gives_options(demo_data, tmp_path):
     assert run["model"]["aggregator"] == "mean-concat" and run["train"]["epochs"] == 1
 
 
-def test_ablation_writes_a_table(demo_data, tmp_path):
+def test_ablation_writes_a_table_with_probe_rows(demo_data, tmp_path, capsys):
     out = tmp_path / "abl"
     args = ["ablate", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled",
-            "--aggregators", "mean-concat", "--seeds", "0,1", "--epochs", "1", "--d-model", "16", "--out", str(out)]  # fmt: skip
+            "--aggregators", "cross-attention,mean-concat", "--seeds", "0,1", "--epochs", "1", "--d-model", "16", "--out", str(out),
+            "--no-progress"]  # fmt: skip
     assert fusion_main(args) == 0
     table = pd.read_csv(out / "ablation.csv")
-    assert len(table) == 7 and set(table["n_seeds"]) == {2}
-    assert (out / "ablation.md").read_text().count("\n") >= 9 and (out / "ablation.png").stat().st_size > 0
+    # 3 single-modality subsets trained once (cross-attention is mean-concat there), 4 multi-modal x 2 aggregators, 7 probe rows
+    assert len(table) == 3 + 4 * 2 + 7
+    singles = table[~table["modalities"].str.contains("+", regex=False)]
+    assert set(singles["aggregator"]) == {"mean-concat", "ridge probe"}
+    learned = table[table["aggregator"] != "ridge probe"]
+    assert set(learned["n_seeds"]) == {2} and set(table[table["aggregator"] == "ridge probe"]["n_seeds"]) == {1}
+    assert table["ceiling_r2"].between(0, 1).all()  # planted data: synthetic.json found through prepare.json
+    markdown = (out / "ablation.md").read_text()
+    assert "ridge probe" in markdown and "ceiling R²" in markdown and (out / "ablation.png").stat().st_size > 0
     runs = pd.read_csv(out / "ablation_runs.csv")
-    assert np.isfinite(runs["test_mean_r2"]).all()
+    assert len(runs) == (3 + 4 * 2) * 2 + 7 and np.isfinite(runs["test_mean_r2"]).all()
+    assert "[29/29]" in capsys.readouterr().out  # k of N progress with elapsed and ETA
+
+
+def test_probe_writes_the_report_files_of_train(demo_data, tmp_path, capsys):
+    run = tmp_path / "probe"
+    assert fusion_main(["probe", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--modalities", "rna,protein",
+                        "--folds", "3", "--out", str(run)]) == 0
+    for name in ("probe.json", "metrics.json", "predictions.csv", "report.md", "pred_vs_observed.png", "per_target_r2.png"):
+        assert (run / name).stat().st_size > 0, name
+    probe = json.loads((run / "probe.json").read_text())
+    assert probe["modalities"] == ["rna", "protein"] and probe["n_features"] == 16 + 16 + 1  # + the protein presence flag
+    assert len(probe["alpha_per_target"]) == 30
+    metrics = json.loads((run / "metrics.json").read_text())["splits"]
+    assert set(metrics) == {"train", "validation", "test"} and np.isfinite(metrics["test"]["mean_r2"])
+    pred = pd.read_csv(run / "predictions.csv")
+    assert len(pred) == len(read_manifest(demo_data["prep"]))
+    assert "one pooled vector per modality" in (run / "report.md").read_text()
+
+
+def test_probe_refuses_too_few_gene_groups(demo_data, tmp_path, capsys):
+    code = fusion_main(["probe", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--folds", "500", "--out", str(tmp_path / "p")])
+    assert code != 0
+    assert "fewer than folds=500" in capsys.readouterr().err

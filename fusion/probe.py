@@ -1,0 +1,165 @@
+"""The linear-probe baseline: ridge regression per target on pooled features, with scikit-learn.
+
+For a modality subset, each sample's input is the concatenation of its pooled vectors (one per
+modality, read through the same data layer as `fusion train --features pooled`); a modality some
+samples lack (a non-coding isoform's protein) enters as zeros plus a presence flag. Per target
+(tissue): StandardScaler -> Ridge, alpha from `alphas` by cross-validation with GroupKFold folds by gene
+on the training split only (isoforms of one gene share its DNA: an ungrouped fold would leak), the
+target's missing values left out of its fit. The refitted pipeline predicts every split; metrics,
+predictions and the report are the same files `fusion train` writes.
+
+A run directory receives:
+    probe.json        format fusion-probe: ProbeConfig, data config, modalities, feature width, chosen alpha per target
+    metrics.json      as fusion.train.evaluate_run
+    predictions.csv   as fusion.train.evaluate_run
+    report.md + plots as fusion.report.write_report (no learning curves: nothing is trained by epochs)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from fusion.data import DataConfig, DataError, StoreBatches, open_batches
+from fusion.metrics import Predictions, json_safe
+from fusion.prepare.manifest import load_manifest, load_prepared
+from fusion.report import write_report
+from fusion.train import write_evaluation
+
+Log = Callable[[str], None]
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the ridge probe picks its penalty. Written into probe.json."""
+
+    alphas: tuple[float, ...] = (1e-1, 1.0, 1e1, 1e2, 1e3, 1e4, 1e5)  # ridge penalties tried per target (on standardised features)
+    folds: int = 5  # GroupKFold folds over the training split's genes
+    group_column: str = "gene_id"  # manifest column whose groups never straddle a fold
+
+    def __post_init__(self) -> None:
+        if not self.alphas or min(self.alphas) <= 0:
+            raise ValueError(f"alphas must be non-empty and positive, got {self.alphas}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+
+
+@dataclass
+class ProbeResult:
+    run_dir: Path
+    alphas: dict[str, float]  # target -> chosen alpha
+    metrics: dict  # split -> regression metrics
+
+
+def pooled_design(batches: StoreBatches, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(x (n, sum d_m [+ presence flags]), y (n, t) with NaN = missing, sample ids) of one split.
+
+    Presence flags are added for every modality the split's samples lack somewhere in the whole
+    manifest, so all splits get the same columns.
+    """
+    arrays = batches.split_arrays(split)
+    parts = []
+    for m, feats in batches.features.items():
+        f = feats.gather(arrays.keys[m])  # (n, 1, d) pooled, zeros where absent
+        if f.x.shape[1] != 1:
+            raise DataError(f"the probe needs pooled features; modality {m!r} gives {f.x.shape[1]} rows per sample")
+        parts.append(f.x[:, 0].double().numpy())
+        if not batches.manifest.present(m).all():
+            parts.append(f.present.double().numpy()[:, None])
+    y = arrays.targets.double().numpy()
+    return np.hstack(parts), y, arrays.sample_ids
+
+
+def fit_probe(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, config: ProbeConfig, target_names: list[str]
+) -> tuple[list, dict[str, float]]:
+    """One fitted StandardScaler -> Ridge pipeline per target, alpha by grouped CV; returns (models, alpha per target).
+
+    The folds (GroupKFold over `groups`) and each fold's StandardScaler are shared by all targets and
+    alphas (the features do not depend on the target); per target, the fold's rows with a valid value
+    enter its Ridge fit and its validation error. The alpha with the lowest summed squared error over
+    the folds wins and the pipeline is refitted on all of the target's valid training rows. (Same
+    selection as GridSearchCV(Pipeline, GroupKFold) with the scaler fitted on all of a fold's rows,
+    without refitting the scaler per target and alpha: ~10x faster at 30 targets.)
+    """
+    n_groups = len(set(groups.tolist()))
+    if n_groups < config.folds:
+        raise ValueError(f"the training split has {n_groups} {config.group_column} groups, fewer than folds={config.folds}")
+    valid = ~np.isnan(y)  # (n, t)
+    folds = []
+    for train_rows, test_rows in GroupKFold(n_splits=config.folds).split(x, groups=groups):
+        scaled = StandardScaler().fit(x[train_rows]).transform(x)  # (n, d), fitted on the fold's training rows
+        folds.append((scaled, train_rows, test_rows))
+    models, alphas = [], {}
+    for j, name in enumerate(target_names):
+        if valid[:, j].sum() < config.folds:
+            raise ValueError(f"target {name!r} has {int(valid[:, j].sum())} valid training values, fewer than folds={config.folds}")
+        sse = np.zeros(len(config.alphas))
+        for scaled, train_rows, test_rows in folds:
+            fit_rows, score_rows = train_rows[valid[train_rows, j]], test_rows[valid[test_rows, j]]
+            for a, alpha in enumerate(config.alphas):
+                ridge = Ridge(alpha=alpha).fit(scaled[fit_rows], y[fit_rows, j])
+                sse[a] += float(np.sum((ridge.predict(scaled[score_rows]) - y[score_rows, j]) ** 2))
+        best = float(config.alphas[int(np.argmin(sse))])
+        ok = valid[:, j]
+        models.append(make_pipeline(StandardScaler(), Ridge(alpha=best)).fit(x[ok], y[ok, j]))
+        alphas[name] = best
+    return models, alphas
+
+
+def run_probe(
+    data: DataConfig, run_dir: str | Path, config: ProbeConfig = ProbeConfig(), *, batches: StoreBatches | None = None, log: Log = print
+) -> ProbeResult:
+    """Fit the ridge probe on the training split of `data` (pooled features), evaluate every split, write the report.
+
+    `batches` lets an ablation reuse pooled features already loaded (a view with the run's modalities).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if data.features != "pooled":
+        data = DataConfig.from_dict({**data.to_dict(), "features": "pooled", "max_tokens": None})
+    if batches is None:
+        path = Path(data.manifest)
+        batches = open_batches(data, load_prepared(path) if path.is_dir() else load_manifest(path), log=log)
+    frame = batches.manifest.frame
+    if config.group_column not in frame.columns:
+        raise DataError(
+            f"manifest {batches.manifest.path} has no group column {config.group_column!r} for the probe's folds; "
+            f"columns: {list(frame.columns)}"
+        )
+    x_train, y_train, _ = pooled_design(batches, "train")
+    groups = batches.split_manifest("train").frame[config.group_column].astype(str).to_numpy()
+    names = batches.target_names
+    log(f"probe: ridge per target on {x_train.shape[1]} pooled features of {'+'.join(batches.modalities)}, "
+        f"{len(x_train)} training samples, {config.folds}-fold CV grouped by {config.group_column}")
+    models, alphas = fit_probe(x_train, y_train, groups, config, names)
+    (run_dir / "probe.json").write_text(json.dumps(json_safe({
+        "format": "fusion-probe",
+        "probe": asdict(config),
+        "data": data.to_dict(),
+        "modalities": list(batches.modalities),
+        "n_features": int(x_train.shape[1]),
+        "fingerprints": batches.fingerprints,
+        "alpha_per_target": alphas,
+    }), indent=2) + "\n")
+    predictions = {}
+    for split in SPLITS:
+        x, y, ids = pooled_design(batches, split)
+        pred = np.stack([m.predict(x) for m in models], axis=1).astype(np.float32)  # (n, t)
+        mask = ~np.isnan(y)
+        predictions[split] = Predictions(sample_ids=ids, pred=pred, target=np.nan_to_num(y).astype(np.float32), mask=mask, target_names=names)
+    evaluation = write_evaluation(run_dir, predictions, extra={"model": "ridge probe"}, log=log)
+    write_report(run_dir, evaluation.metrics, predictions["test"], None)
+    return ProbeResult(run_dir=run_dir, alphas=alphas, metrics=evaluation.metrics)
+
+
+__all__ = ["ProbeConfig", "ProbeResult", "fit_probe", "pooled_design", "run_probe"]
