@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -73,3 +75,30 @@ def test_bench_fusion_refuses_contradictory_inputs() -> None:
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fusion.py"), *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--max-tokens 4 applies to --features tokens only" in proc.stderr
+
+
+def test_bench_scale_memory_and_coordinator_at_toy_size(tmp_path: Path) -> None:
+    """Peak RSS of the real CLI in child processes, and the simulated-GPU build through a thread LocalCluster."""
+    out = tmp_path / "scale.json"
+    run_script("bench_scale.py", "--only", "memory,coordinator", "--plan-sizes", "50,100", "--build-sizes", "50",
+               "--sim-workers", "2", "--sim-unit-mb", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = result["memory"]["runs"]
+    assert [(r["kind"], r["records"]) for r in runs] == [("plan", 50), ("plan", 100), ("build", 50)]
+    assert all(r["peak_rss_mb"] > 50 for r in runs)  # a Python process with torch loaded: rusage was read
+    assert [t["kind"] for t in result["memory"]["targets"]] == ["plan"]
+    (sim,) = result["coordinator"]["runs"]
+    assert sim["workers"] == 2 and sim["units"] == 4  # 2 units per worker
+    assert 0 < sim["fraction_end_to_end"] <= sim["fraction_executor_phase"] <= 1
+    assert sim["commit_ms_per_unit"] > 0 and sim["units_seen"] == 4  # every unit in Dask's task stream
+
+
+@pytest.mark.slow
+def test_bench_scale_executors_at_toy_size(tmp_path: Path) -> None:
+    """In-process vs local:1 vs local:2 (starts two LocalClusters of worker processes: slow)."""
+    out = tmp_path / "exec.json"
+    run_script("bench_scale.py", "--only", "executors", "--exec-sequences", "20", "--exec-unit-mb", "0.05",
+               "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["executors"]["runs"]
+    assert [r["executor"] for r in runs] == ["in-process", "local:1", "local:2"]
+    assert len({r["tokens"] for r in runs}) == 1 and all(r["tokens_per_s"] > 0 for r in runs)
