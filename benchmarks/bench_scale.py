@@ -28,6 +28,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # the model is made locally; never reach for the hub
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,10 +123,7 @@ def measure_memory(args: argparse.Namespace, work: Path) -> dict:
             child = run_cli_child(argv, work / f"mem_{kind}_{n}.log")
             rows.append({"kind": kind, "records": n, "peak_rss_mb": round(child.peak_rss_mb, 1), "seconds": round(child.seconds, 2)})
             print(f"  {kind:<10}{n:>11,}{child.peak_rss_mb:>13.1f}{child.seconds:>10.1f}")
-            if store.exists():
-                import shutil
-
-                shutil.rmtree(store)
+            shutil.rmtree(store, ignore_errors=True)
     verdicts = []
     for kind, limit in (("plan", 2.0), ("build", 1.5)):
         mine = [r for r in rows if r["kind"] == kind]
@@ -260,29 +258,43 @@ def _task_overheads(task_stream: list[dict], sleep_of_unit: dict[int, float]) ->
     return {"worker_extra_s_per_unit": median(extra), "gap_s_between_units": median(gaps), "units_seen": sum(map(len, spans.values()))}
 
 
-def run_simulated_build(client, cluster, fasta: Path, store: Path, unit_sequences: int, args: argparse.Namespace) -> dict:
-    """One build() through the cluster; the real functions are timed in place (nothing replaced)."""
-    from distributed import get_task_stream
+def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path, unit_sequences: int,
+                        args: argparse.Namespace) -> dict:
+    """One build() through `scheduler` (None: in this process); the real functions are timed in place."""
+    from contextlib import nullcontext
 
     config = BuildConfig.create("sim-gpu", "sim-gpu", tokens=False, device="cpu", max_tokens=args.sim_max_tokens)
     plan_s, commit_s, records_s = [], [], []
     saved = build_module.UNIT_SEQUENCES
     build_module.UNIT_SEQUENCES = unit_sequences  # pooled-only units are cut by sequence count, not --unit-mb
+    if client is not None:
+        from distributed import get_task_stream
+
+        stream = get_task_stream(client)
+    else:
+        stream = nullcontext()
     started = time.perf_counter()
     try:
         with timing(build_module, "plan_build", plan_s), timing(StoreWriter, "commit_unit", commit_s), \
-                timing(build_module, "_commit_records", records_s), get_task_stream(client) as ts:  # fmt: skip
-            report = build(config, [fasta], store, scheduler=cluster.scheduler_address, progress=False, log=lambda _: None)
+                timing(build_module, "_commit_records", records_s), stream as ts:  # fmt: skip
+            report = build(config, [fasta], store, scheduler=scheduler, progress=False, log=lambda _: None)
     finally:
         build_module.UNIT_SEQUENCES = saved
     wall = time.perf_counter() - started
     units = report.plan.units
     sleep_of_unit = {u.index: u.n_tokens / args.gpu_tokens_per_s for u in units}
-    tasks = _task_overheads(ts.data, sleep_of_unit)
-    n_tokens, workers = report.plan.n_tokens, len(cluster.scheduler_info["workers"])
-    ideal = n_tokens / (workers * args.gpu_tokens_per_s)
+    n_tokens = report.plan.n_tokens
     executor_s = report.seconds - records_s[0]  # build's own timer: units run and committed (records excluded)
+    if client is not None:
+        tasks = _task_overheads(ts.data, sleep_of_unit)
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    else:  # one unit after another in this thread: what is not sleep or commit is the worker's CPU
+        extra = (executor_s - sum(sleep_of_unit.values()) - sum(commit_s)) / len(units)
+        tasks = {"worker_extra_s_per_unit": extra, "gap_s_between_units": 0.0, "units_seen": len(units)}
+        workers = 1
+    ideal = n_tokens / (workers * args.gpu_tokens_per_s)
     return {
+        "executor": "in-process" if client is None else "dask threads",
         "workers": workers,
         "unit_sequences": unit_sequences,
         "units": len(units),
@@ -306,12 +318,44 @@ def run_simulated_build(client, cluster, fasta: Path, store: Path, unit_sequence
 
 
 def project(r: dict, rate: float, mean_length: float) -> dict:
-    """What the measured per-unit costs allow on a real cluster, where worker CPU is spread out:
-    the client commits units one after another, and planning runs before any unit starts."""
+    """Bounds from one run's per-unit costs: the client commits units one after another, and planning
+    runs before any unit starts."""
     commit_bound_workers = r["tokens_per_unit"] / (r["commit_ms_per_unit"] / 1e3) / rate
     plan_tokens_per_s = mean_length / (r["plan_us_per_sequence"] / 1e6)
     return {"commit_bound_workers": commit_bound_workers, "plan_tokens_per_s": plan_tokens_per_s,
             "plan_bound_workers": plan_tokens_per_s / rate}  # fmt: skip
+
+
+def projection_table(rows: list[dict], args: argparse.Namespace, targets=(8, 16, 64, 256)) -> list[dict]:
+    """Fraction of ideal a real cluster of N GPUs would keep, from the uncontended in-process costs
+    (planning per sequence, commit per unit, worker CPU per unit) and --sched-overhead-ms per unit
+    (the gaps measured here are those of one contended process, not of a cluster), for a build of
+    `--sim-units-per-worker` units per GPU (the fractions do not depend on it):
+
+        unit time on a GPU = simulated compute + worker CPU + scheduling gap (run_unit does not overlap them)
+        executor phase     = max(units per GPU x unit time, units x commit time)   (one client commits)
+        whole build        = planning (all of it before the first unit) + executor phase
+    """
+    out = []
+    print("  projection to N real GPUs (worker CPU on their own hosts), from the in-process baseline's costs and "
+          f"{args.sched_overhead_ms:g} ms of scheduling per unit (the fractions do not depend on units per GPU):")  # fmt: skip
+    print(f"  {'unit MB':>9}{'GPUs':>6}{'GPU busy':>10}{'commit-bound':>14}{'exec kept':>11}{'kept (with planning)':>22}")
+    for base in (r for r in rows if r["executor"] == "in-process"):
+        gap = args.sched_overhead_ms / 1e3
+        sim = base["simulated_s_per_unit"]
+        unit_s = sim + max(base["worker_extra_s_per_unit"], 0.0) + gap
+        commit_s = base["commit_ms_per_unit"] / 1e3
+        for n in targets:
+            units = n * args.sim_units_per_worker
+            ideal = units * sim / n
+            executor = max(args.sim_units_per_worker * unit_s, units * commit_s)
+            plan = units * base["unit_sequences"] * base["plan_us_per_sequence"] / 1e6
+            row = {"unit_mb": base["unit_mb"], "gpus": n, "gpu_busy": sim / unit_s, "commit_bound": units * commit_s > args.sim_units_per_worker * unit_s,
+                   "fraction_executor_phase": ideal / executor, "fraction_end_to_end": ideal / (plan + executor)}  # fmt: skip
+            out.append(row)
+            print(f"  {base['unit_mb']:>9g}{n:>6}{row['gpu_busy']:>10.1%}{'yes' if row['commit_bound'] else 'no':>14}"
+                  f"{row['fraction_executor_phase']:>11.1%}{row['fraction_end_to_end']:>22.1%}")  # fmt: skip
+    return out
 
 
 def measure_coordinator(args: argparse.Namespace, work: Path) -> dict:
@@ -324,37 +368,43 @@ def measure_coordinator(args: argparse.Namespace, work: Path) -> dict:
           f"pooled only (--no-tokens); proteins {args.sim_min_length}-{args.sim_max_length} aa")  # fmt: skip
     print(f"  unit size: --unit-mb X of a per-token build with {args.sim_row_bytes}-byte rows (ESM2-150M fp16) = "
           f"X * 2^20 / {args.sim_row_bytes} tokens; pooled-only units are cut by sequence count, set to match")  # fmt: skip
-    header = (f"  {'workers':>7}{'unit MB':>8}{'seq/unit':>9}{'units':>7}{'sim s/unit':>11}{'wall s':>8}{'ideal s':>8}"
+    header = (f"  {'executor':<13}{'workers':>7}{'unit MB':>8}{'seq/unit':>9}{'units':>7}{'sim s/unit':>11}{'wall s':>8}{'ideal s':>8}"
               f"{'kept':>7}{'exec kept':>10}{'plan us/seq':>12}{'commit ms/unit':>15}{'gap ms':>8}{'wkr extra ms':>13}")  # fmt: skip
     print(header)
     rows = []
-    for workers in args.sim_workers:
-        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, resources={"GPU": 1},
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:  # fmt: skip
-            for unit_mb in args.sim_unit_mb:
-                per_unit = sequences_per_unit(unit_mb, args.sim_row_bytes, mean_length)
-                n = per_unit * workers * args.sim_units_per_worker
-                fasta = fasta_for(work, n, args, min_length=args.sim_min_length, max_length=args.sim_max_length)
-                store = work / f"sim_{workers}_{unit_mb}.zarr"
-                r = run_simulated_build(client, cluster, fasta, store, per_unit, args)
-                r.update(unit_mb=unit_mb, **project(r, args.gpu_tokens_per_s, mean_length))
-                rows.append(r)
-                print(f"  {workers:>7}{unit_mb:>8g}{per_unit:>9}{r['units']:>7}{r['simulated_s_per_unit']:>11.3f}"
-                      f"{r['wall_s']:>8.1f}{r['ideal_s']:>8.2f}{r['fraction_end_to_end']:>7.1%}{r['fraction_executor_phase']:>10.1%}"
-                      f"{r['plan_us_per_sequence']:>12.1f}{r['commit_ms_per_unit']:>15.1f}{1e3 * r['gap_s_between_units']:>8.1f}"
-                      f"{1e3 * r['worker_extra_s_per_unit']:>13.1f}")  # fmt: skip
-                import shutil
 
-                shutil.rmtree(store, ignore_errors=True)
+    def show(r: dict) -> None:
+        print(f"  {r['executor']:<13}{r['workers']:>7}{r['unit_mb']:>8g}{r['unit_sequences']:>9}{r['units']:>7}"
+              f"{r['simulated_s_per_unit']:>11.3f}{r['wall_s']:>8.1f}{r['ideal_s']:>8.2f}{r['fraction_end_to_end']:>7.1%}"
+              f"{r['fraction_executor_phase']:>10.1%}{r['plan_us_per_sequence']:>12.1f}{r['commit_ms_per_unit']:>15.1f}"
+              f"{1e3 * r['gap_s_between_units']:>8.1f}{1e3 * r['worker_extra_s_per_unit']:>13.1f}")  # fmt: skip
+
+    def one(client, scheduler, workers: int, unit_mb: float, units_per_worker: int) -> None:
+        per_unit = sequences_per_unit(unit_mb, args.sim_row_bytes, mean_length)
+        n = per_unit * workers * units_per_worker
+        fasta = fasta_for(work, n, args, min_length=args.sim_min_length, max_length=args.sim_max_length)
+        store = work / f"sim_{workers}_{unit_mb}_{scheduler is None}.zarr"
+        r = run_simulated_build(client, scheduler, fasta, store, per_unit, args)
+        r.update(unit_mb=unit_mb, **project(r, args.gpu_tokens_per_s, mean_length))
+        rows.append(r)
+        show(r)
+        shutil.rmtree(store, ignore_errors=True)
+
+    # Baseline: one simulated GPU in this thread, nothing else running: the worker's CPU per unit uncontended.
+    for unit_mb in args.sim_unit_mb:
+        one(None, None, 1, unit_mb, args.sim_baseline_units)
+    for workers in args.sim_workers:
+        # Thread workers share this process: no per-worker memory limit (the default would pause them).
+        with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                                      dashboard_address=None, memory_limit=0) as cluster, \
+                distributed.Client(cluster) as client:  # fmt: skip
+            for unit_mb in args.sim_unit_mb:
+                one(client, cluster.scheduler_address, workers, unit_mb, args.sim_units_per_worker)
     print("  kept = ideal / wall of the whole build() (plan + units + commits); exec kept = ideal / the build's own "
           "executor phase (units run and committed). On this VM every worker is a thread of one process, so worker "
           "CPU (spool reads, tokenising, pooling, hashing) shares one GIL and two cores with the client and scheduler.")
-    print("  projection to a real cluster (worker CPU spread over machines), from the per-unit costs above:")
-    for r in rows:
-        print(f"    {r['workers']:>4} workers, {r['unit_mb']:g} MB units: commits keep up with <= {r['commit_bound_workers']:,.1f} "
-              f"GPUs; planning ({r['plan_tokens_per_s'] / 1e6:.2f}M tokens/s, before any unit runs) equals "
-              f"{r['plan_bound_workers']:.1f} GPUs")  # fmt: skip
-    return {"gpu_tokens_per_s": args.gpu_tokens_per_s, "row_bytes": args.sim_row_bytes, "runs": rows}
+    projections = projection_table(rows, args)
+    return {"gpu_tokens_per_s": args.gpu_tokens_per_s, "row_bytes": args.sim_row_bytes, "runs": rows, "projection": projections}
 
 
 # -- 3. executors on this CPU ----------------------------------------------------------------------
@@ -379,8 +429,6 @@ def measure_executors(args: argparse.Namespace, work: Path) -> dict:
         rows.append({"executor": name, "wall_s": wall, "build_s": report.seconds, "tokens": report.plan.n_tokens,
                      "tokens_per_s": report.plan.n_tokens / wall, "units": len(report.plan.units)})  # fmt: skip
         print(f"  {name:<12}{wall:>8.1f}{report.seconds:>9.1f}{report.plan.n_tokens / wall:>11,.0f}{len(report.plan.units):>7}")
-        import shutil
-
         shutil.rmtree(store, ignore_errors=True)
     print("  wall = the whole build() call (planning, cluster start, units, commits); units s = the build's own timer "
           "from the first unit to the last commit (cluster start included for local:N)")
@@ -413,12 +461,14 @@ def create_parser() -> argparse.ArgumentParser:
     m.add_argument("--profile", type=int, default=0, metavar="N", help="also profile planning of N records in this process with tracemalloc (0: only when a target fails, at the largest build size)")
     c = p.add_argument_group("coordinator")
     c.add_argument("--sim-workers", type=_ints, default=[16, 64, 256], help="simulated GPU workers (threads of one LocalCluster)")
-    c.add_argument("--sim-unit-mb", type=_floats, default=[16.0, 256.0], help="unit sizes as --unit-mb of a per-token build (256 = the CLI default)")
+    c.add_argument("--sim-unit-mb", type=_floats, default=[16.0, 64.0], help="unit sizes as --unit-mb of a per-token build (the CLI default is 256)")
     c.add_argument("--sim-row-bytes", type=int, default=1280, help="bytes of one per-token row that --unit-mb counts (640-d fp16 = ESM2-150M)")
     c.add_argument("--sim-units-per-worker", type=int, default=2, help="units per worker in each simulated build (input size follows)")
+    c.add_argument("--sim-baseline-units", type=int, default=4, help="units of the in-process baseline (one simulated GPU, no Dask) per unit size")
     c.add_argument("--sim-min-length", type=int, default=100, help="shortest protein of the simulated builds (aa)")
     c.add_argument("--sim-max-length", type=int, default=500, help="longest protein of the simulated builds (aa)")
     c.add_argument("--sim-max-tokens", type=int, default=65536, help="token budget of one simulated GPU batch")
+    c.add_argument("--sched-overhead-ms", type=float, default=1.0, help="scheduling cost per unit in the projection (distributed's docs: about 1 ms per task)")
     c.add_argument("--gpu-tokens-per-s", type=float, default=1e6, help="simulated GPU speed (ESM2-150M forward on an H100: ~1M tokens/s)")
     e = p.add_argument_group("executors")
     e.add_argument("--exec-sequences", type=int, default=2000, help="proteins (50-300 aa) of the executor comparison")
