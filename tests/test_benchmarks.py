@@ -81,16 +81,20 @@ def test_bench_scale_memory_and_coordinator_at_toy_size(tmp_path: Path) -> None:
     """Peak RSS of the real CLI in child processes, and the simulated-GPU build through a thread LocalCluster."""
     out = tmp_path / "scale.json"
     run_script("bench_scale.py", "--only", "memory,coordinator", "--plan-sizes", "50,100", "--build-sizes", "50",
-               "--sim-workers", "2", "--sim-unit-mb", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+               "--sim-workers", "2", "--sim-unit-mb", "2", "--sim-baseline-units", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
     runs = result["memory"]["runs"]
     assert [(r["kind"], r["records"]) for r in runs] == [("plan", 50), ("plan", 100), ("build", 50)]
     assert all(r["peak_rss_mb"] > 50 for r in runs)  # a Python process with torch loaded: rusage was read
     assert [t["kind"] for t in result["memory"]["targets"]] == ["plan"]
-    (sim,) = result["coordinator"]["runs"]
-    assert sim["workers"] == 2 and sim["units"] == 4  # 2 units per worker
-    assert 0 < sim["fraction_end_to_end"] <= sim["fraction_executor_phase"] <= 1
-    assert sim["commit_ms_per_unit"] > 0 and sim["units_seen"] == 4  # every unit in Dask's task stream
+    baseline, sim = result["coordinator"]["runs"]
+    assert (baseline["executor"], baseline["workers"], baseline["units"]) == ("in-process", 1, 2)
+    assert (sim["executor"], sim["workers"], sim["units"]) == ("dask threads", 2, 4)  # 2 units per worker
+    for run in (baseline, sim):
+        assert 0 < run["fraction_end_to_end"] <= run["fraction_executor_phase"] <= 1
+        assert run["commit_ms_per_unit"] > 0 and run["plan_us_per_sequence"] > 0
+    assert sim["units_seen"] == 4  # every unit in Dask's task stream
+    assert [p["gpus"] for p in result["coordinator"]["projection"]] == [8, 16, 64, 256]
 
 
 @pytest.mark.slow
