@@ -14,7 +14,9 @@ Three measurements, each one function, all in one run (choose with --only):
                  declaring resources={"GPU": 1}. Pooled-only (--no-tokens) so per-token disk writes on
                  a small VM do not mask the coordinator. Fraction of ideal throughput (workers x
                  tokens/s) kept end to end and in the executor phase, and per-unit overheads: planning
-                 time per sequence, commit time per unit, scheduling gap per unit, worker CPU per unit.
+                 time per sequence, commit time per unit, scheduling gap per unit, worker CPU per unit,
+                 and a projection to N real GPUs from the uncontended costs. On a 2-core VM the thread
+                 workers share one process, event loop and GIL: 256 of them take 15+ minutes per case.
     executors    the same small per-token build with the tiny ESM2 in-process vs --scheduler local:1
                  vs local:2 (wall time including cluster start, tokens/s), one after the other.
 
