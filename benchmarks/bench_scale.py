@@ -184,11 +184,14 @@ class SimulatedGPU(Encoder):
 
     def __init__(self, settings: EncoderSettings, tokens_per_s: float, embed_dim: int):
         self.settings, self.tokens_per_s, self.embed_dim = settings, tokens_per_s, embed_dim
-        self.device = torch.device("cpu")
         self.model = torch.nn.Identity()
         self._table = np.full(256, 3, np.int64)  # <unk> outside the alphabet (never reached: input is checked)
         for i, letter in enumerate(sorted(PROTEIN.letters)):
             self._table[ord(letter)] = 4 + i
+
+    @property
+    def device(self) -> torch.device:  # a property, as newer Encoders derive it from the model
+        return torch.device("cpu")
 
     def tokenize(self, seq: str) -> np.ndarray:
         return self._table[np.frombuffer(seq.encode(), np.uint8)]
@@ -209,7 +212,8 @@ SIM_TOKENS_PER_S = 1e6  # overwritten from --gpu-tokens-per-s before any build
 SIM_EMBED_DIM = 8
 
 
-def _load_simulated(settings: EncoderSettings) -> Encoder:
+def _load_simulated(settings: EncoderSettings, *, weights: bool = True) -> Encoder:
+    # `weights` is part of the registry's loader signature; a stand-in has no weights either way.
     return SimulatedGPU(settings, SIM_TOKENS_PER_S, SIM_EMBED_DIM)
 
 
