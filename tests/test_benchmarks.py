@@ -16,6 +16,7 @@ import pytest
 
 from embedcache.encoders.enformer import EXTRA, enformer_available
 
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -124,3 +125,34 @@ def test_bench_fusion_sweep_compares_settings_with_the_probe(tmp_path: Path) -> 
     settings = {r["setting"] for r in result["runs"]}
     assert settings == {"ridge probe", "epochs=1", "epochs=2 head=residual"}
     assert len(result["runs"]) == 7 * 3  # every modality subset: the probe and both settings
+
+
+def test_bench_scale_memory_and_coordinator_at_toy_size(tmp_path: Path) -> None:
+    """Peak RSS of the real CLI in child processes, and the simulated-GPU build through a thread LocalCluster."""
+    out = tmp_path / "scale.json"
+    run_script("bench_scale.py", "--only", "memory,coordinator", "--plan-sizes", "50,100", "--build-sizes", "50",
+               "--sim-workers", "2", "--sim-unit-mb", "2", "--sim-baseline-units", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    result = json.loads(out.read_text())
+    runs = result["memory"]["runs"]
+    assert [(r["kind"], r["records"]) for r in runs] == [("plan", 50), ("plan", 100), ("build", 50)]
+    assert all(r["peak_rss_mb"] > 50 for r in runs)  # a Python process with torch loaded: rusage was read
+    assert [t["kind"] for t in result["memory"]["targets"]] == ["plan"]
+    baseline, sim = result["coordinator"]["runs"]
+    assert (baseline["executor"], baseline["workers"], baseline["units"]) == ("in-process", 1, 2)
+    assert (sim["executor"], sim["workers"], sim["units"]) == ("dask threads", 2, 4)  # 2 units per worker
+    for run in (baseline, sim):
+        assert 0 < run["fraction_end_to_end"] <= run["fraction_executor_phase"] <= 1
+        assert run["commit_ms_per_unit"] > 0 and run["plan_us_per_sequence"] > 0
+    assert sim["units_seen"] == 4  # every unit in Dask's task stream
+    assert [p["gpus"] for p in result["coordinator"]["projection"]] == [8, 16, 64, 256]
+
+
+@pytest.mark.slow
+def test_bench_scale_executors_at_toy_size(tmp_path: Path) -> None:
+    """In-process vs local:1 vs local:2 (starts two LocalClusters of worker processes: slow)."""
+    out = tmp_path / "exec.json"
+    run_script("bench_scale.py", "--only", "executors", "--exec-sequences", "20", "--exec-unit-mb", "0.05",
+               "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["executors"]["runs"]
+    assert [r["executor"] for r in runs] == ["in-process", "local:1", "local:2"]
+    assert len({r["tokens"] for r in runs}) == 1 and all(r["tokens_per_s"] > 0 for r in runs)
