@@ -210,12 +210,12 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
     n_tokens = 0
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not progress, dynamic_ncols=True)
 
-    def commit(result: UnitResult) -> None:
+    def commit(results: list[UnitResult]) -> None:
         nonlocal n_tokens
         lease.check()
-        writer.commit_unit(result)
-        n_tokens += result.n_tokens
-        bar.update(len(result.keys))
+        writer.commit_units(results)
+        n_tokens += sum(r.n_tokens for r in results)
+        bar.update(sum(len(r.keys) for r in results))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
     executor = make_executor(scheduler, scheduler_file, log) if tasks else None

@@ -147,25 +147,30 @@ def _check_ranges(ranges: np.ndarray, head: Head, where: str) -> None:
 
 
 def append_commit(root: zarr.Group, head: Head, row: tuple[int, ...], crc: list[int]) -> Head:
-    """Write one commit: its log rows first, then the head (the single write that makes it count).
+    """Write one commit: its log row first, then the head (the single write that makes it count)."""
+    return append_commits(root, head, [row], [crc])
 
-    Returns the new head. Cost: one chunk of each log array and one head object, whatever `head.n`.
+
+def append_commits(root: zarr.Group, head: Head, rows: list[tuple[int, ...]], crcs: list[list[int]]) -> Head:
+    """Write several log rows (e.g. the units that finished together), then ONE head for all of them.
+
+    Returns the new head. Cost: the log chunks the rows fall in and one head object, whatever `head.n`.
     """
     group = root[COMMITS_GROUP]
-    n = head.n
+    n, k = head.n, len(rows)
 
     async def write(name: str, values: np.ndarray) -> None:
         arr = await group._async_group.getitem(name)
-        if arr.shape[0] < n + 1:  # grown ahead in whole chunks; rows past the head never count
-            await arr.resize((max(n + 1, (n // LOG_CHUNK + 1) * LOG_CHUNK), arr.shape[1]))
+        if arr.shape[0] < n + k:  # grown ahead in whole chunks; rows past the head never count
+            await arr.resize((max(n + k, ((n + k) // LOG_CHUNK + 1) * LOG_CHUNK), arr.shape[1]))
             arr = await group._async_group.getitem(name)
-        await arr.setitem(n, values)
+        await arr.setitem(slice(n, n + k), values)
 
     async def write_both() -> None:
-        await asyncio.gather(write("ranges", np.asarray(row, np.int64)), write("crc", np.asarray(crc, np.int64)))
+        await asyncio.gather(write("ranges", np.asarray(rows, np.int64)), write("crc", np.asarray(crcs, np.int64)))
 
     sync(write_both())
-    new = Head(n + 1, int(row[1]), "incomplete", head.builds)
+    new = Head(n + k, int(rows[-1][1]), "incomplete", head.builds)
     write_head(root, new)
     return new
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 from embedcache.errors import EmbedcacheError
 from embedcache.partition import UnitResult, UnitTask, run_unit
 
-OnResult = Callable[[UnitResult], None]
+OnResults = Callable[[list[UnitResult]], None]
 Log = Callable[[str], None]
 RESOURCE = "GPU"  # one unit per worker at a time: declared by workers, asked for by every unit
 
@@ -27,8 +27,8 @@ class Executor(ABC):
     name: str
 
     @abstractmethod
-    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
-        """Run every task; call `on_result` in this process, in completion order."""
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
+        """Run every task; call `on_results` in this process with the units that finished, in completion order."""
 
     def close(self) -> None:
         pass
@@ -40,9 +40,9 @@ class InProcess(Executor):
     def __init__(self, log: Log = print):
         self.log = log
 
-    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
         for task in tasks:
-            on_result(run_unit(task, log=self.log))
+            on_results([run_unit(task, log=self.log)])
 
 
 class DaskExecutor(Executor):
@@ -58,7 +58,7 @@ class DaskExecutor(Executor):
         self.resources = {RESOURCE: 1} if declared else None
         log(f"dask: {len(workers)} workers at {client.scheduler.address}" + (f"; dashboard {link}" if link else ""))
 
-    def run(self, tasks: Iterable[UnitTask], on_result: OnResult) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
         from distributed import as_completed
 
         futures = [
@@ -67,8 +67,9 @@ class DaskExecutor(Executor):
             for task in tasks
         ]
         try:
-            for future in as_completed(futures):
-                on_result(future.result())  # a unit's own error (UnitError) re-raises here, naming it
+            # Units that finish while the last commit is written are committed together (one commit).
+            for done in as_completed(futures).batches():
+                on_results([f.result() for f in done])  # a unit's own error (UnitError) re-raises here, naming it
         finally:
             for f in futures:
                 f.cancel()

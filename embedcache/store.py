@@ -53,6 +53,7 @@ from embedcache.commits import (
     CommitLog,
     Head,
     append_commit,
+    append_commits,
     crc_of,
     create_log,
     read_log,
@@ -530,12 +531,45 @@ class StoreWriter:
 
     def commit_unit(self, result) -> None:
         """Commit a unit a worker embedded: its token rows are already written (embedcache.partition)."""
-        columns = _content_columns(result.keys, result.residues, result.n_input_tokens, result.n_cropped, result.n_windows)
-        if self.has_tokens:
-            columns.update(token_offset=result.token_offset, token_length=result.token_length)
-        if self.has_pooled:
-            columns["pooled"] = result.pooled
-        self._commit(columns, (result.token_start, result.token_end), result.token_crc, [], [])
+        self.commit_units([result])
+
+    def commit_units(self, results: list) -> None:
+        """Commit units that finished together in one write of each array, one log row per unit and one
+        head: the client's cost per commit, not per unit, so many workers do not queue behind it."""
+        try:
+            self._commit_units(results)
+        except _io_errors() as e:
+            raise StoreError(
+                f"writing to store {self.where!r} failed: {type(e).__name__}: {e}; everything committed before it is "
+                f"kept: run the same command again to resume"
+            ) from e
+
+    def _commit_units(self, results: list) -> None:
+        c0 = self.content_end
+        parts = []
+        for result in results:
+            columns = _content_columns(result.keys, result.residues, result.n_input_tokens, result.n_cropped, result.n_windows)
+            if self.has_tokens:
+                columns.update(token_offset=result.token_offset, token_length=result.token_length)
+            if self.has_pooled:
+                columns["pooled"] = result.pooled
+            parts.append(columns)
+        rows, crcs, start = [], [], c0
+        r = self.head.records
+        for result, columns in zip(results, parts):
+            n = len(columns["content"])
+            crc = {"tokens": result.token_crc, **{name: crc_of(values) for name, values in columns.items()}}
+            rows.append((r, r, start, start + n, result.token_start, result.token_end))
+            crcs.append([crc.get(name, 0) for name in CHECKED_ARRAYS])
+            start += n
+        for name in parts[0]:
+            self._write(name, c0, np.concatenate([p[name] for p in parts]))
+        self._flush_writes()
+        self.head = append_commits(self.root, self.head, rows, crcs)
+        self.content_end = start
+        self.token_end = max([self.token_end, *(res.token_end for res in results)])
+        keys = np.concatenate([p["content"] for p in parts]).tolist()
+        self.keys.update({str(k): c0 + i for i, k in enumerate(keys)})
 
     def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
         """Commit records whose sequences the store already holds."""
