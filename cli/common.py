@@ -85,6 +85,10 @@ def run_main(
     from fusion.errors import FusionError
 
     quiet_libraries()
+    # Line by line even into a pipe or a log file: a build waiting for another, or a long run's
+    # progress lines, show up when they happen, not when a buffer fills.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         if load_config is not None:

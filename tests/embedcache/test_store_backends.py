@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,7 @@ def test_verify_names_a_changed_value_that_passes_chunk_checksums(tmp_path, mode
 
 
 def _env(extra: dict | None = None) -> dict:
-    return {**os.environ, **S3_ENV, "PYTHONPATH": str(REPO), **(extra or {})}
+    return {**os.environ, **S3_ENV, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 def _lease_exists(backend: Backend, name: str) -> bool:
@@ -216,12 +217,16 @@ def test_concurrent_builds_one_writer_at_a_time(backend_name, request, tmp_path,
         assert "--wait" in refused.stderr and "Traceback" not in refused.stderr
         waiting = [subprocess.Popen([*CLI, *base, "--wait", str(f)], env=_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for f in (a, b)]
+        readers = [_LineReader(p) for p in waiting]
         deadline = time.time() + 120
-        while not all("waiting for the build" in _peek(p) for p in waiting) and time.time() < deadline:
+        while not all(r.saw("waiting for the build") for r in readers) and time.time() < deadline:
             time.sleep(0.1)
+        assert all(r.saw("waiting for the build") for r in readers), [r.lines for r in readers]
     finally:
         holder.release()
-    outputs = [p.communicate(timeout=300)[0] for p in waiting]
+    for p in waiting:
+        p.wait(timeout=300)
+    outputs = [r.join() for r in readers]
     assert [p.returncode for p in waiting] == [0, 0], outputs
     store = open_store(url, backend.options)
     assert sorted(store.ids) == sorted({*first, *second}) and len(store.ids) == len(set(store.ids))
@@ -230,17 +235,20 @@ def test_concurrent_builds_one_writer_at_a_time(backend_name, request, tmp_path,
         assert store.sequence(rid) == first["s0_40"]
 
 
-_peeked: dict[int, str] = {}
+class _LineReader:
+    """Collects a running process's output lines on a thread, so waiting for one never blocks the test."""
 
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stdout), daemon=True)
+        self.thread.start()
 
-def _peek(proc: subprocess.Popen) -> str:
-    """What a running process has printed so far (its first line is enough here)."""
-    if proc.pid not in _peeked:
-        line = proc.stdout.readline() if proc.poll() is None else ""
-        if line:
-            _peeked[proc.pid] = line
-        return line
-    return _peeked[proc.pid]
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    def join(self) -> str:
+        self.thread.join(timeout=60)
+        return "".join(self.lines)
 
 
 def _backend_by_name(name: str, request, tmp_path) -> Backend:
