@@ -33,14 +33,18 @@ def proteome_lengths(n: int, rng: np.random.Generator, cap: int) -> np.ndarray:
 def write_store(path: Path, rows: list[np.ndarray], dim: int, chunk_kb: int, shard_mb: float, group_rows: int) -> float:
     create_store(path, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=True, tokens=True, token_dtype="float16",
                  shard_mb=shard_mb, chunk_bytes=chunk_kb * 1024)  # fmt: skip
-    writer = open_writer(path)
+    return commit_rows(open_writer(path), rows, group_rows)
+
+
+def commit_rows(writer, rows: list[np.ndarray], group_rows: int) -> float:
+    """Commit synthetic per-token rows in whole-shard groups, as a build does; mark complete; seconds taken."""
     start = time.perf_counter()
     buffer, n = [], 0
     for i, r in enumerate(rows):
         buffer.append(ContentResult(key=f"k{i}", residues="A" * len(r), tokens=r, pooled=r.mean(0).astype(np.float32),
                                     n_input_tokens=len(r), n_cropped=0, n_windows=1))  # fmt: skip
         n += len(r)
-        if n >= group_rows or i == len(rows) - 1:  # whole-shard groups, as the build does
+        if n >= group_rows or i == len(rows) - 1:
             writer.commit(buffer, [(f"id{i - len(buffer) + 1 + j}", b.key) for j, b in enumerate(buffer)])
             buffer, n = [], 0
     writer.set_status("complete")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_store_layout import commit_rows
 from benchlib import machine_info, write_json
 from embedcache.commits import COMMITS_GROUP, Head, write_head
 from embedcache.location import Location
@@ -53,19 +54,8 @@ def throughput(location: Location, rows: list[np.ndarray], dim: int, shard_mb: f
     create_store(location, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=True, tokens=True,
                  token_dtype="float16", shard_mb=shard_mb)  # fmt: skip
     writer = open_writer(location)
-    group_rows = writer.shard_tokens
     mb = sum(r.nbytes for r in rows) / 1e6
-    start = time.perf_counter()
-    buffer, n = [], 0
-    for i, r in enumerate(rows):
-        buffer.append(ContentResult(key=f"k{i}", residues="A" * len(r), tokens=r, pooled=r.mean(0).astype(np.float32),
-                                    n_input_tokens=len(r), n_cropped=0, n_windows=1))  # fmt: skip
-        n += len(r)
-        if n >= group_rows or i == len(rows) - 1:  # whole-shard commits, as the build makes them
-            writer.commit(buffer, [(f"id{i - len(buffer) + 1 + j}", b.key) for j, b in enumerate(buffer)])
-            buffer, n = [], 0
-    writer.set_status("complete")
-    write_s = time.perf_counter() - start
+    write_s = commit_rows(writer, rows, writer.shard_tokens)  # whole-shard commits, as the build makes them
 
     start = time.perf_counter()
     store = EmbeddingStore(location)
