@@ -117,6 +117,7 @@ def test_bench_store_remote_compares_local_and_s3(tmp_path: Path) -> None:
     assert [r["commits_before"] for r in result["commit_cost"]["s3"]] == [10, 200]
 
 
+@requires_enformer  # its planted data is the demo's, whose DNA encoder is Enformer
 def test_bench_fusion_sweep_compares_settings_with_the_probe(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
     run_script("bench_fusion_sweep.py", "--seeds", "0", "--n-genes", "40", "--setting", "epochs=1", "--setting", "epochs=2 head=residual",
