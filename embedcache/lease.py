@@ -28,6 +28,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
 from embedcache.errors import StoreError
+from embedcache.location import Location, describe_io_error, io_errors
 
 LEASE_KEY = "_writer_lease.json"
 DEFAULT_TTL_S = 120.0  # a lease not renewed for this long, by a holder on another host, counts as dead
@@ -112,6 +113,12 @@ class WriterLease:
 
     # -- acquire / release --------------------------------------------------------------------
     def acquire(self) -> "WriterLease":
+        try:
+            return self._acquire()
+        except io_errors() as e:  # unreachable endpoint, no credentials, missing bucket: one line
+            raise StoreError(describe_io_error(Location.of(self.where), e)) from e
+
+    def _acquire(self) -> "WriterLease":
         waited = False
         while True:
             current = self._current()

@@ -125,6 +125,18 @@ def why_absent(location: Location, store: Store) -> str:
     return "no zarr.json" if exists else f"the bucket {bucket!r} does not exist"
 
 
+def io_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a store backend raises for I/O trouble (not for programming errors)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def describe_io_error(location: Location, e: BaseException) -> str:
     """One line for an I/O failure against a store: unreachable endpoint, credentials, missing bucket."""
     text = f"{type(e).__name__}: {e}".strip()

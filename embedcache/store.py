@@ -63,7 +63,7 @@ from embedcache.commits import (
 from embedcache.errors import FingerprintMismatch, StoreError
 from embedcache.lease import LEASE_KEY
 from embedcache.spool import SPOOL_PREFIX
-from embedcache.location import Location, describe_io_error, open_location, why_absent
+from embedcache.location import Location, describe_io_error, io_errors, open_location, why_absent
 
 FORMAT = "embedcache-store"
 LEGACY_BUILD_GROUP = "_build"  # schema 1: the commit log lived in this group's attrs
@@ -121,16 +121,7 @@ def _now() -> str:
 
 # -- opening ------------------------------------------------------------------------------------
 
-def _io_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a store backend raises for I/O trouble (not for programming errors)."""
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        errors += [BotoCoreError, ClientError]
-    except ImportError:
-        pass
-    return tuple(errors)
+_io_errors = io_errors
 
 
 def _check_regular_files(location: Location) -> None:
