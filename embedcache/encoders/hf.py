@@ -9,6 +9,7 @@ Special tokens are added around each window by the tokenizer's own
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
         auto = getattr(transformers, name)
         try:
             if weights:
-                return auto.from_pretrained(settings.model, revision=settings.revision, **kwargs)
+                return _from_pretrained(auto, settings, kwargs)
             with torch.device("meta"):
                 return auto.from_config(config, **kwargs)
         except ImportError as e:  # flash_attention_2 without the flash-attn package
@@ -121,6 +122,40 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
                 raise attn from e
             errors.append(f"{name}: {e}")
     raise EncoderError(f"cannot load model {settings.model!r} with transformers: " + " | ".join(errors))
+
+
+def _from_pretrained(auto, settings: EncoderSettings, kwargs: dict):
+    """`auto.from_pretrained`, saying in one line what matters about the weights and nothing else.
+
+    Checkpoints carry heads the encoder does not use (ESM's and NT's MLM head): transformers reports
+    them as UNEXPECTED in a table on every load (5.x) or a long warning (4.x), which reads as a
+    problem to users. Weights the model needs but the checkpoint lacks are randomly initialised:
+    that one is a problem, so it is named.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto.from_pretrained(settings.model, revision=settings.revision, output_loading_info=True, **kwargs)
+    except RuntimeError:  # weights that do not fit the config: load again with transformers' report shown
+        hf_logging.set_verbosity(verbosity)
+        try:
+            auto.from_pretrained(settings.model, revision=settings.revision, **kwargs)
+        except RuntimeError as e:
+            raise EncoderError(f"cannot load model {settings.model!r}: its weights do not fit its config: {str(e).strip()}") from e
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        warnings.warn(
+            f"model {settings.model!r}: {len(missing)} weight{'s' * (len(missing) > 1)} of {type(model).__name__} {'are' if len(missing) > 1 else 'is'} not in the checkpoint and were "
+            f"randomly initialised (e.g. {', '.join(sorted(missing)[:3])}); embeddings depending on them are not the released "
+            f"model's",
+            stacklevel=2,
+        )
+    return model
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
