@@ -162,6 +162,6 @@ def test_bench_scale_executors_at_toy_size(tmp_path: Path) -> None:
 def test_bench_layers_checks_every_layer_against_its_own_build(tmp_path: Path) -> None:
     out = tmp_path / "layers.json"
     run_script("bench_layers.py", "--n-sequences", "8", "--median-length", "40", "--hidden", "16", "--model-layers", "2",
-               "--layers", "0,-1", "--json", str(out))  # fmt: skip
+               "--layers", "0,-1", "--repeats", "1", "--json", str(out))  # fmt: skip
     figures = json.loads(out.read_text())
     assert figures["layers"] == [0, 2] and figures["every_layer_equal"] and len(figures["one_build_per_layer_s"]) == 2
