@@ -34,7 +34,7 @@ def run_recipe(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_recipe_runs_offline_end_to_end(tmp_path):
-    info = generate_synthetic(tmp_path / "data", SyntheticConfig(n_genes=30, seed=1))
+    info = generate_synthetic(tmp_path / "data", SyntheticConfig(n_genes=24, seed=1))
     # Where tiny.toml points (relative to the working directory), at the smallest useful sizes.
     make_tiny_nucleotide_transformer(tmp_path / "tiny" / "nt", hidden=16)
     make_tiny_esm2(tmp_path / "tiny" / "esm2", hidden=16)
