@@ -105,6 +105,7 @@ class BuildPlan:
                 f"to embed: {self.n_new} sequences, {self.n_tokens:,} {self.unit} in {self.n_windows} model windows, "
                 f"{len(self.units)} work units",
                 f"cropped on request: {self.n_cropped_sequences} sequences",
+                f"per-token rows to store: {self.n_rows:,}",
                 f"estimated size added: {self.estimated_bytes / 1e6:,.1f} MB (embedding dim {self.embed_dim}{layers})",
             ]
         )

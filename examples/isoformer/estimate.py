@@ -148,12 +148,9 @@ def run_plan(work: Path, sample: dict, with_enformer: bool) -> dict[str, dict]:
         records = re.search(r"records: ([\d,]+) \(([\d,]+) unique", block)
         embed = re.search(r"to embed: ([\d,]+) sequences, ([\d,]+) (\w+) in ([\d,]+) model windows", block)
         cropped = re.search(r"cropped on request: ([\d,]+)", block)
-        size = re.search(r"estimated size added: ([\d,.]+) MB \(embedding dim (\d+)\)", block)
         n = lambda m, i=1: int(m.group(i).replace(",", ""))  # noqa: E731
-        # The plan's estimate is rows x dim x 2 (fp16 per-token) + sequences x dim x 4 (fp32 pooled) + one byte per
-        # token or bp (the residues kept); the rows are recovered from it to be priced at the released width.
-        sequences, tokens, dim = n(embed), n(embed, 2), int(size.group(2))
-        rows = (float(size.group(1).replace(",", "")) * 1e6 - sequences * dim * 4 - tokens) / (dim * 2)
+        sequences, tokens = n(embed), n(embed, 2)
+        rows = n(re.search(r"per-token rows to store: ([\d,]+)", block))  # priced below at the released width
         plans[store.group(1)] = {
             "records": n(records), "sequences": sequences, "tokens": tokens, "unit": embed.group(3),
             "windows": n(embed, 4), "cropped": n(cropped), "rows": rows,
