@@ -2,16 +2,15 @@
 
 Per modality, features come from one store, either pooled vectors (n = 1) or per-token rows.
 Per-token data is loaded into RAM when it fits (one sequential read of the flat `tokens` array)
-and otherwise streamed: each batch reads its sequences with concurrent per-sequence reads, and
-a background thread prepares the next batches while the model trains (store-design.md: never
-xarray or sharded oindex in the training loop).
+and otherwise streamed: each batch reads its sequences in one zarr call (concurrent per-sequence
+reads on zarr's event loop), and a background thread prepares the next batches while the model
+trains (store-design.md: never xarray or sharded oindex in the training loop).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -172,16 +171,22 @@ class InMemoryTokens(ModalityFeatures):
 
 
 class StreamedTokens(ModalityFeatures):
-    """Per-token rows read from the store per batch, one concurrent read per sequence."""
+    """Per-token rows read from the store per batch: one zarr call reads the batch's records concurrently.
 
-    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None, threads: int = 8):
+    zarr's own event loop runs the reads (`EmbeddingStore.tokens_many`), so there is no thread pool
+    here; on the 2-core VM this matched 8 threads of per-record reads (benchmarks/README.md,
+    bench_fusion_data.py), and every chunk's crc32c is still checked.
+    """
+
+    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
         self.dim, self.max_rows = store.embed_dim, max_rows
         self.store = store
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusion-read")
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
-        arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
-        return _pad([None if a is None else torch.from_numpy(a) for a in arrays], self.dim, self.max_rows)
+        present = [k for k in keys if k is not None]
+        rows = iter(self.store.tokens_many(present))
+        pieces = [None if k is None else torch.from_numpy(next(rows)) for k in keys]
+        return _pad(pieces, self.dim, self.max_rows)
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
