@@ -14,6 +14,7 @@ import torch
 from embedcache.config import BuildConfig
 from embedcache.encoders import Encoder, WindowOutput
 from embedcache.errors import InputError
+from embedcache.reduce import pool_rows
 from embedcache.windows import SequencePlan, central, plan_sequence, stitch
 
 
@@ -54,10 +55,11 @@ def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePla
 
 
 def assemble(plan: SequencePlan, outs: list[WindowOutput], config: BuildConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per-token rows (L, d) as stored: central token_bins only, pooled (d,) or None) of one sequence."""
+    """(per-token rows (L, d) as stored: central token_bins only, mean of every token_pool rows; pooled (d,) or None)
+    of one sequence. The pooled vector is taken from every row, before either reduction."""
     hidden = stitch(plan.windows, [o.hidden for o in outs])  # (n, d)
     pooled = pool(hidden, [o.cls for o in outs], plan, config)
-    return central(hidden, config.token_bins), pooled
+    return pool_rows(central(hidden, config.token_bins), config.token_pool), pooled
 
 
 def make_batches(

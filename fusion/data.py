@@ -387,6 +387,8 @@ def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreB
             kind = InMemoryTokens if in_memory else StreamedTokens
             features[m] = kind(store, keys, max_rows=config.max_tokens)
             loading[m] = "memory" if in_memory else "stream"
-            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]})")
+            pool = store.attrs.get("config", {}).get("token_pool")
+            pooled_note = f", every {pool} rows averaged at build (--token-pool)" if pool and pool > 1 else ""
+            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]}{pooled_note})")
         stores[m] = store
     return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)
