@@ -131,7 +131,7 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
 
     prepared = work / "prepared"
     stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITIES}
-    if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=("prepared", "stores", "memmap", "layouts")):
+    if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=("prepared", "stores", "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))):
         log(f"  reusing the data set in {work} ({SETUP_FILE} matches)")
         return prepared, stores, 0.0
     started = time.perf_counter()
@@ -168,6 +168,22 @@ def write_memmaps(work: Path, stores: dict[str, str]) -> dict[str, Path]:
             out[m].parent.mkdir(parents=True, exist_ok=True)
             flat, _, _ = open_store(path).token_arrays()
             np.save(out[m], flat)
+    return out
+
+
+def write_pooled(work: Path, stores: dict[str, str], k: int) -> dict[str, str]:
+    """The same stores with every k rows averaged, as `embedcache build --token-pool k` stores them."""
+    from embedcache import open_store
+    from embedcache.reduce import pool_rows
+
+    out = {m: str(work / f"stores-pool{k}" / f"{m}.zarr") for m in stores}
+    for m, path in stores.items():
+        if Path(out[m]).exists():
+            continue
+        store = open_store(path)
+        flat, offsets, lengths = store.token_arrays()
+        rows = (pool_rows(torch.from_numpy(flat[o : o + n]), k).numpy() for o, n in zip(offsets, lengths))
+        write_store(Path(out[m]), rows, store.ids, store.embed_dim)
     return out
 
 
@@ -299,14 +315,17 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("before", "stream", "stream-2-workers", "zarrs", "memmap", "memory")
+LOADERS = ("before", "stream", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled")
 
 
-def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int):
-    """A StoreBatches whose per-token features are read the given way."""
+def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
+                pooled: dict[str, str] | None = None):
+    """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores)."""
     from fusion.data import DataConfig, StreamedTokens, open_batches
     from fusion.run import read_manifest
 
+    if way == "stream-pooled":
+        way, stores = "stream", pooled
     loading = "memory" if way == "memory" else "stream"
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading, seed=seed)
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
@@ -474,6 +493,7 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-scale", type=float, default=1.0, help="multiply every token count (tests: 0.02)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per loader batch")
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
+    p.add_argument("--token-pool", type=int, default=8, help="rows averaged per stored row in the stream-pooled case (embedcache build --token-pool)")
     p.add_argument("--no-layouts", action="store_true", help="skip the store-layout table")
     p.add_argument("--model-steps", type=int, default=3, help="timed training steps of the model (after one counted for FLOPs)")
     p.add_argument("--model-batch", type=int, default=8, help="samples per training step of the model (CPU)")
@@ -516,6 +536,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     setup = Setup(n_genes=args.n_genes, shapes=shapes, seed=args.seed)
     prepared, stores, setup_s = make_data(work, setup, print)
     memmaps = write_memmaps(work, stores)
+    pooled = write_pooled(work, stores, args.token_pool)
     dims = shapes.dims()
     sizes = {}
     for m, path in stores.items():
@@ -544,10 +565,10 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         if way == "zarrs" and zarrs_store(stores["rna"]) is None:
             print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
             continue
-        files = [*token_dirs, *memmaps.values()]
+        files = [*token_dirs, *memmaps.values(), *pooled.values()]
         resident = evict(files)
         t0 = time.perf_counter()
-        batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed)
+        batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
         open_s = time.perf_counter() - t0
         res = {"open_s": open_s, "resident_before": resident}
         for temp, no in (("cold", 0), ("warm", 1)):
@@ -555,7 +576,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             if temp == "cold" and way == "memory":
                 s += open_s  # its cold read is the load into RAM
             res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
-        if not same_batch(first_batch(batches, way), reference):
+        # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
+        if way != "stream-pooled" and not same_batch(first_batch(batches, way), reference):
             raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
         loaders[way] = res
         print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
@@ -571,14 +593,16 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             print(f"  {name:62s} cold {r['cold_mb_s']:5.0f} MB/s, warm {r['warm_mb_s']:5.0f} MB/s, {r['file_bytes'] / 1e6:6.1f} MB of files")
 
     print(f"== model: cross-attention fusion (FusionModelConfig defaults), batch {args.model_batch}, {args.model_steps} timed steps")
-    batches = open_loader("memmap", prepared, stores, memmaps, args.model_batch, args.seed)
-    model = model_rate(batches, args.model_steps, args.model_batch, args.seed)
     h200 = dict(GPU_BF16_PEAK_TFLOPS)["H200"] * 1e12
-    model["h200_bound_samples_per_s"] = h200 / model["flops_per_sample"]
-    print(f"  {model['params']:,} parameters; {model['flops_per_sample'] / 1e9:.1f} GFLOP per sample and step "
-          f"(tokens per sample {', '.join(f'{m} {t:.0f}' for m, t in model['mean_tokens_per_sample'].items())}); "
-          f"CPU {model['samples_per_s']:.2f} samples/s; an H200 at its data-sheet bf16 peak: at most "
-          f"{model['h200_bound_samples_per_s']:,.0f} samples/s")  # fmt: skip
+    models = {}
+    for rows, way in (("full", "memmap"), (f"pooled x{args.token_pool}", "stream-pooled")):
+        batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled)
+        model = models[rows] = model_rate(batches, args.model_steps, args.model_batch, args.seed)
+        model["h200_bound_samples_per_s"] = h200 / model["flops_per_sample"]
+        print(f"  {rows} rows: {model['params']:,} parameters; {model['flops_per_sample'] / 1e9:.2f} GFLOP per sample and step "
+              f"(tokens per sample {', '.join(f'{m} {t:.0f}' for m, t in model['mean_tokens_per_sample'].items())}); "
+              f"CPU {model['samples_per_s']:.2f} samples/s; an H200 at its data-sheet bf16 peak: at most "
+              f"{model['h200_bound_samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
 
     # the table
     print()
@@ -591,15 +615,20 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"| raw read of the chunk files | | {raw['cold']['mb_s']:,.0f} | 100% | | {raw['warm']['mb_s']:,.0f} | 100% | | |")
     for way, r in loaders.items():
         c, w = r["cold"], r["warm"]
+        model = models[f"pooled x{args.token_pool}" if way == "stream-pooled" else "full"]
         print(f"| {way} | {c['samples_per_s']:,.1f} | {c['mb_s']:,.0f} | {c['mb_s'] / raw['cold']['mb_s']:.0%} | "
               f"{w['samples_per_s']:,.1f} | {w['mb_s']:,.0f} | {w['mb_s'] / raw['warm']['mb_s']:.0%} | "
               f"{c['samples_per_s'] / model['samples_per_s']:,.1f}x | {c['samples_per_s'] / model['h200_bound_samples_per_s']:.2g}x |")  # fmt: skip
-    print(f"  model step: CPU {model['samples_per_s']:.2f} samples/s here; H200 bound {model['h200_bound_samples_per_s']:,.0f} "
-          f"samples/s ({model['flops_per_sample'] / 1e9:.1f} GFLOP per sample at {h200 / 1e12:.0f} TFLOP/s: no GPU reaches it)")  # fmt: skip
+    for rows, model in models.items():
+        print(f"  model step on {rows} rows: CPU {model['samples_per_s']:.2f} samples/s here; H200 bound "
+              f"{model['h200_bound_samples_per_s']:,.0f} samples/s ({model['flops_per_sample'] / 1e9:.2f} GFLOP per sample at "
+              f"{h200 / 1e12:.0f} TFLOP/s, a ceiling no real step reaches)")  # fmt: skip
+    print(f"  stream-pooled: the same stores with every {args.token_pool} rows averaged at build (--token-pool); its ratios "
+          f"are to the model on pooled rows; its % of raw compares with the full stores' files")  # fmt: skip
     total = time.perf_counter() - started
     print(f"== took {total:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.2f}")
     results = {"benchmark": "bench_fusion_data", "date": time.strftime("%Y-%m-%d"), "machine": machine, "setup": asdict(setup),
-               "sizes": sizes, "raw": raw, "loaders": loaders, "layouts": layouts, "model": model, "seconds": total,
+               "sizes": sizes, "raw": raw, "loaders": loaders, "layouts": layouts, "model": models, "seconds": total,
                "load_average_at_end": os.getloadavg()[0],
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}  # fmt: skip
     write_json(args.json, results)
