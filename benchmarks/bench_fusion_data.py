@@ -360,10 +360,15 @@ def worker_batches(batches, workers: int, epoch: int):
     return iter(loader)
 
 
-def first_batch(batches, way: str):
-    """The first batch of the shuffled epoch 0, made the way `way` makes batches."""
-    it = worker_batches(batches, 2, 0) if way == "stream-2-workers" else batches("train", shuffle=True, epoch=0)
-    return next(iter(it))
+def first_batch(batches):
+    """The first batch of the shuffled epoch 0 (as StoreBatches and worker_batches order it), made in this thread.
+
+    Not through the prefetching iterator: left unfinished, its thread would keep the loader (and any
+    memmap, whose mapped pages posix_fadvise cannot drop) alive for the rest of the run.
+    """
+    arrays = batches.split_arrays("train")
+    order = np.random.default_rng([batches.config.seed, 0]).permutation(len(arrays.sample_ids))
+    return batches._batch(arrays, order[: batches.config.batch_size])
 
 
 def same_batch(a, b) -> bool:
@@ -394,8 +399,10 @@ def model_rate(batches, steps: int, batch_size: int, seed: int) -> dict:
     from fusion.train import TrainConfig, make_optimizer, masked_mse, seed_everything
 
     seed_everything(seed)
-    it = batches("train", shuffle=True, epoch=99)
-    ready = [next(it) for _ in range(steps + 1)]
+    arrays = batches.split_arrays("train")
+    order = np.random.default_rng([seed, 99]).permutation(len(arrays.sample_ids))
+    ready = [batches._batch(arrays, order[i * batch_size : (i + 1) * batch_size]) for i in range(steps + 1)]
+    ready = [b for b in ready if len(b)]
     ready = [b for b in ready if len(b) == batch_size] or ready
     model = build_model(batches, "cross-attention", {})
     config = TrainConfig()
@@ -560,7 +567,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
           f"{raw['cold']['resident_before']:.0%}), warm {raw['warm']['mb_s']:,.0f} MB/s")  # fmt: skip
 
     loaders = {}
-    reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed), "memmap")
+    reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
     for way in args.loaders.split(","):
         if way == "zarrs" and zarrs_store(stores["rna"]) is None:
             print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
@@ -577,7 +584,12 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
                 s += open_s  # its cold read is the load into RAM
             res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
         # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-        if way != "stream-pooled" and not same_batch(first_batch(batches, way), reference):
+        first = first_batch(batches)
+        if way == "stream-2-workers":  # through the worker processes, then shut them down
+            workers = worker_batches(batches, 2, 0)
+            first = next(workers)
+            del workers
+        if way != "stream-pooled" and not same_batch(first, reference):
             raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
         loaders[way] = res
         print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
