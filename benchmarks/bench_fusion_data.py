@@ -499,6 +499,7 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--dna-encoder", choices=("nt", "enformer"), default="nt", help="DNA rows: NT-v2 (1024 x 2,000) or Enformer (3072 x 896)")
     p.add_argument("--token-scale", type=float, default=1.0, help="multiply every token count (tests: 0.02)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per loader batch")
+    p.add_argument("--repeats", type=int, default=1, help="passes over every loader (cold + warm epoch each), alternating; medians reported")
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
     p.add_argument("--token-pool", type=int, default=8, help="rows averaged per stored row in the stream-pooled case (embedcache build --token-pool)")
     p.add_argument("--no-layouts", action="store_true", help="skip the store-layout table")
@@ -566,36 +567,41 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"== raw read of the chunk files: cold {raw['cold']['mb_s']:,.0f} MB/s (resident before "
           f"{raw['cold']['resident_before']:.0%}), warm {raw['warm']['mb_s']:,.0f} MB/s")  # fmt: skip
 
-    loaders = {}
+    loaders: dict[str, dict] = {}
     reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
-    for way in args.loaders.split(","):
-        if way == "zarrs" and zarrs_store(stores["rna"]) is None:
-            print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
-            continue
-        files = [*token_dirs, *memmaps.values(), *pooled.values()]
-        resident = evict(files)
-        t0 = time.perf_counter()
-        batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
-        open_s = time.perf_counter() - t0
-        res = {"open_s": open_s, "resident_before": resident}
-        for temp, no in (("cold", 0), ("warm", 1)):
-            s, n, nbytes = epoch(batches, way, no)
-            if temp == "cold" and way == "memory":
-                s += open_s  # its cold read is the load into RAM
-            res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
-        # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-        first = first_batch(batches)
-        if way == "stream-2-workers":  # through the worker processes, then shut them down
-            workers = worker_batches(batches, 2, 0)
-            first = next(workers)
-            del workers
-        if way != "stream-pooled" and not same_batch(first, reference):
-            raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
-        loaders[way] = res
-        print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
-              f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before {resident:.0%})",
-              flush=True)  # fmt: skip
-        del batches
+    ways = [w for w in args.loaders.split(",") if w != "zarrs" or zarrs_store(stores["rna"]) is not None]
+    if len(ways) < len(args.loaders.split(",")):
+        print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
+    for rep in range(args.repeats):
+        for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
+            files = [*token_dirs, *memmaps.values(), *pooled.values()]
+            resident = evict(files)
+            t0 = time.perf_counter()
+            batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
+            open_s = time.perf_counter() - t0
+            res = {"open_s": open_s, "resident_before": resident}
+            for temp, no in (("cold", 0), ("warm", 1)):
+                s, n, nbytes = epoch(batches, way, no)
+                if temp == "cold" and way == "memory":
+                    s += open_s  # its cold read is the load into RAM
+                res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
+            first = first_batch(batches)
+            if way == "stream-2-workers":  # through the worker processes, then shut them down
+                workers = worker_batches(batches, 2, 0)
+                first = next(workers)
+                del workers
+            # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
+            if way != "stream-pooled" and not same_batch(first, reference):
+                raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
+            loaders.setdefault(way, {"runs": []})["runs"].append(res)
+            print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
+                  f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before {resident:.0%})",
+                  flush=True)  # fmt: skip
+            del batches
+    for way, r in loaders.items():
+        for temp in ("cold", "warm"):
+            runs = [x[temp] for x in r["runs"]]
+            r[temp] = {"samples": runs[0]["samples"], **{k: statistics.median(x[k] for x in runs) for k in ("samples_per_s", "mb_s")}}
 
     layouts = None
     if not args.no_layouts:
@@ -619,7 +625,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     # the table
     print()
     rows_mb = sum(s["rows_mb"] for s in sizes.values())
-    print(f"== per-token loaders, one shuffled train epoch (batch {args.batch_size}); {rows_mb:,.0f} MB of rows in the stores; "
+    print(f"== per-token loaders, one shuffled train epoch (batch {args.batch_size}, median of {args.repeats}); {rows_mb:,.0f} MB of rows in the stores; "
           f"MB/s = fp16 rows delivered; raw = chunk-file bytes")  # fmt: skip
     print("| read path | cold samples/s | cold MB/s | % of raw cold | warm samples/s | warm MB/s | % of raw warm "
           "| x CPU model step (cold) | x H200 bound (cold) |")  # fmt: skip

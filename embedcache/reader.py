@@ -166,10 +166,12 @@ class EmbeddingStore:
         spans = {i: self.token_span(i) for i in dict.fromkeys(record_ids)}
         pos = None if self.schema_version == 1 else self.layer_position(layer)
         array = self._tokens._async_array
-        pick = (lambda o, n: slice(o, o + n)) if pos is None else (lambda o, n: (slice(o, o + n), pos))
+        # A one-layer slice, not an integer: codec pipelines that cannot drop an axis (zarrs) then stay on their fast path.
+        pick = (lambda o, n: slice(o, o + n)) if pos is None else (lambda o, n: (slice(o, o + n), slice(pos, pos + 1)))
 
         async def read_all() -> list[np.ndarray]:
-            return await asyncio.gather(*(array.getitem(pick(o, n)) for o, n in spans.values()))
+            rows = await asyncio.gather(*(array.getitem(pick(o, n)) for o, n in spans.values()))
+            return rows if pos is None else [r[:, 0] for r in rows]  # (L, 1, d) -> (L, d) views
 
         try:
             rows = dict(zip(spans, sync(read_all())))
