@@ -24,7 +24,7 @@ posix_fadvise, checked with mincore) and warm:
 Samples/s and MB/s of per-token rows delivered (fp16 bytes of the samples' rows, all modalities) are
 reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
-    .venv/bin/python benchmarks/bench_fusion_data.py            # ~3-5 min on the 2-core VM
+    .venv/bin/python benchmarks/bench_fusion_data.py            # 40 genes, ~1 GB of rows: 5-10 min on the 2-core VM
     .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
 """
 
