@@ -178,7 +178,7 @@ class SimulatedGPU(Encoder):
     alphabet = PROTEIN
     window = 1022
     has_cls = False
-    layer_index = 1
+    layer_indices = (1,)
     autocast_dtype = None
     precision = "fp32"
 
@@ -198,14 +198,14 @@ class SimulatedGPU(Encoder):
 
     def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         time.sleep(sum(len(w) for w in windows) / self.tokens_per_s)
-        return [WindowOutput(hidden=torch.zeros(len(w), self.embed_dim), cls=None) for w in windows]
+        return [WindowOutput(hidden=torch.zeros(len(w), 1, self.embed_dim), cls=None) for w in windows]
 
     def cost(self, n_tokens: int) -> int:
         return n_tokens + 2  # as ESM2: <cls> and <eos> around each window
 
     def provenance(self) -> dict:
         return {"encoder": self.name, "model": self.settings.model, "tokens_per_s": self.tokens_per_s, "embed_dim": self.embed_dim,
-                "layer": self.layer_index, "window": self.window, "precision": self.precision}  # fmt: skip
+                "layer": self.layer_indices[0], "window": self.window, "precision": self.precision}  # fmt: skip
 
 
 SIM_TOKENS_PER_S = 1e6  # overwritten from --gpu-tokens-per-s before any build

@@ -52,7 +52,7 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="hub id or local directory (default: the encoder's default model)")
     b.add_argument("--revision", help="hub revision: branch, tag or commit (default: the default branch)")
     b.add_argument("--trust-remote-code", action="store_true", help="allow the checkpoint's own code (NT v2 needs it)")
-    b.add_argument("--layer", type=int, default=-1, help="hidden state to keep: -1 last layer, 0 embeddings, i after block i")
+    b.add_argument("--layer", dest="layers", type=int, nargs="+", default=[-1], metavar="I", help="hidden states to keep, one or more (as ESM's --repr_layers 0 32 33): -1 last layer, 0 embeddings, i after block i. Several are computed in one forward pass and stored on the store's layer axis (select one with open_store(..., layer=I), xarray's .sel(layer=I) or fusion's --layer MODALITY=I); give them after the INPUT files")
     b.add_argument("--window", type=int, help="content tokens per model call (Enformer: input window in bp, default 196608); default: the model's maximum")
     b.add_argument("--overlap", type=int, help="tokens shared by consecutive windows of a long sequence (default: window // 4)")
     b.add_argument("--crop", choices=CROPS, help="crop long sequences instead of windowing them: left removes the start (keeps the 3' end), right the end, center both; recorded in the store")
@@ -116,7 +116,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.model,
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
-        layer=args.layer,
+        layers=tuple(args.layers),
         window=args.window,
         overlap=args.overlap,
         crop=args.crop,

@@ -37,6 +37,20 @@ def parse_stores(items: list[str] | None) -> dict[str, str]:
     return parse_pairs(items, "--store", "PATH", "rna=stores/rna.zarr")
 
 
+def parse_layers(items: list[str] | dict | None) -> dict[str, int]:
+    """--layer MODALITY=I (repeated) as {modality: hidden-state index}."""
+    pairs = parse_pairs(items, "--layer", "I", "protein=12")
+    try:
+        return {m: int(v) for m, v in pairs.items()}
+    except ValueError:
+        bad = next(f"{m}={v}" for m, v in pairs.items() if not str(v).lstrip("-").isdigit())
+        raise ConfigError(f"--layer {bad!r}: a layer is an integer hidden-state index, e.g. protein=12 or protein=-1") from None
+
+
+_LAYER_HELP = ("hidden state to read from a store built with several (embedcache build --layer 6 -1), e.g. protein=6; "
+               "repeat per modality; negative counts from the last layer (recorded in run.json; default: the store's only layer)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, *, aggregator_help: str) -> None:
     """What `train` and `finetune` share: config file, run directory, aggregator, seed, data, model, training."""
     p.add_argument("--config", help="TOML file with any of these options (flags given on the command line win)")
@@ -52,6 +66,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table (CSV/TSV/Parquet with prepare.json beside it)")
     p.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality, a path or URL (s3://...); repeat per modality (e.g. --store dna=dna.zarr --store rna=rna.zarr)")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options", help="option for remote stores' filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000; recorded in run.json, so give credentials through the environment (AWS_ACCESS_KEY_ID, ...)")
+    p.add_argument("--layer", action="append", metavar="MODALITY=I", dest="layers", help=_LAYER_HELP)
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
     p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows)")
@@ -180,6 +195,7 @@ def create_parser() -> argparse.ArgumentParser:
     pb.add_argument("--manifest", help="prepared directory (with prepare.json) or a manifest table")
     pb.add_argument("--store", action="append", metavar="MODALITY=STORE", help="embedding store of one modality; repeat per modality")
     pb.add_argument("--storage-option", action="append", metavar="KEY=VALUE", dest="storage_options", help="option for remote stores' filesystem (repeatable), e.g. endpoint_url=http://127.0.0.1:9000")
+    pb.add_argument("--layer", action="append", metavar="MODALITY=I", dest="layers", help=_LAYER_HELP)
     pb.add_argument("--modalities", help="comma-separated subset of the stores' modalities (default: all)")
     pb.add_argument("--alphas", default=",".join(f"{a:g}" for a in ProbeConfig().alphas), help="comma-separated ridge penalties tried per target")
     pb.add_argument("--folds", type=int, default=ProbeConfig().folds, help="GroupKFold folds on the training split")
@@ -211,7 +227,7 @@ def apply_toml(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[
         raise ConfigError(f"{args.config}: unknown option(s) {unknown} for `fusion {args.command}`; valid: {sorted(actions)}")
     for key, value in values.items():
         check_toml_value(args.config, key, value, actions[key])
-    for key in ("store", "encoder_mode"):  # [store] table: dna = "..."
+    for key in ("store", "encoder_mode", "layers"):  # [store] table: dna = "..."
         if isinstance(values.get(key), dict):
             values[key] = [f"{k}={v}" for k, v in values[key].items()]
     sub.set_defaults(**values)
@@ -227,8 +243,9 @@ def check_toml_value(path: str, key: str, value: object, action: argparse.Action
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             fail("true or false")
-    elif isinstance(action, argparse._AppendAction):  # --store / --encoder-mode: a table or a list of "MODALITY=VALUE"
-        if not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())) and not (
+    elif isinstance(action, argparse._AppendAction):  # --store / --encoder-mode / --layer: a table or a list of "MODALITY=VALUE"
+        scalar = (str, int) if key == "layers" else (str,)  # [layers] protein = 6
+        if not (isinstance(value, dict) and all(isinstance(v, scalar) and not isinstance(v, bool) for v in value.values())) and not (
             isinstance(value, list) and all(isinstance(v, str) for v in value)
         ):
             fail('a table (dna = "...") or a list of "MODALITY=VALUE" strings')
@@ -254,6 +271,7 @@ def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
         stores=parse_stores(args.store),
         storage_options=parse_storage_options(getattr(args, "storage_options", None)),
         modalities=tuple(m for m in (args.modalities or "").split(",") if m),
+        layers=parse_layers(args.layers),
         features=args.features,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
@@ -393,7 +411,7 @@ def run_probe_cmd(args: argparse.Namespace) -> int:
         raise ConfigError("--manifest and at least one --store MODALITY=STORE are required (on the command line or in --config)")
     data = checked_config(DataConfig, "data options", manifest=args.manifest, stores=parse_stores(args.store), features="pooled",
                           storage_options=parse_storage_options(getattr(args, "storage_options", None)),
-                          modalities=tuple(m for m in (args.modalities or "").split(",") if m))
+                          modalities=tuple(m for m in (args.modalities or "").split(",") if m), layers=parse_layers(args.layers))
     config = ProbeConfig(alphas=tuple(float(a) for a in str(args.alphas).split(",") if a), folds=args.folds, group_column=args.group_column)
     result = run_probe(data, _require_out(args), config)
     test = result.metrics["test"]

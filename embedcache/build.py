@@ -61,8 +61,14 @@ class BuildReport:
     summary: str = ""
 
 
+def _token_layout(config: BuildConfig, encoder: Encoder) -> tuple[int, int]:
+    """(tokens per chunk, tokens per shard) of this build's per-token array (as `create_store` lays it out)."""
+    row = encoder.embed_dim * np.dtype(config.dtype).itemsize
+    return token_chunking(row, config.shard_mb, n_layers=len(encoder.layer_indices))
+
+
 def _store_attrs(config: BuildConfig, encoder: Encoder, fp: str, fp_fields: dict, overlap: int) -> dict:
-    chunk, shard = token_chunking(encoder.embed_dim * np.dtype(config.dtype).itemsize, config.shard_mb)
+    chunk, shard = _token_layout(config, encoder)
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
@@ -107,7 +113,7 @@ def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tup
     """(token rows, sequences) per unit: whole shards of about `config.unit_mb`."""
     if not config.tokens:
         return 1 << 62, UNIT_SEQUENCES
-    row = encoder.embed_dim * np.dtype(config.dtype).itemsize
+    row = encoder.embed_dim * np.dtype(config.dtype).itemsize * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
     return shards * shard_tokens, UNIT_SEQUENCES
 
@@ -142,7 +148,7 @@ def build(
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
     fp = fingerprint(fp_fields)
     attrs = _store_attrs(config, encoder, fp, fp_fields, overlap)
-    _, shard = token_chunking(encoder.embed_dim * np.dtype(config.dtype).itemsize, config.shard_mb)
+    _, shard = _token_layout(config, encoder)
     unit_rows, unit_sequences = _unit_sizes(config, encoder, shard)
     plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard, unit_rows=unit_rows,
                      unit_sequences=unit_sequences)  # fmt: skip
@@ -182,7 +188,7 @@ def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_f
         if writer is None:
             if state == "partial":
                 log(f"{location.url}: a store creation was interrupted before; creating it again")
-            create_store(location, attrs=attrs, embed_dim=encoder.embed_dim, layers=[encoder.layer_index],
+            create_store(location, attrs=attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
                          pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
                          shard_mb=config.shard_mb)  # fmt: skip
             writer = open_writer(location)

@@ -25,7 +25,7 @@ class BuildConfig:
     model: str  # hub id or local directory (default: the encoder's default model)
     revision: str | None = None  # hub revision; None = default branch
     trust_remote_code: bool = False  # allow the checkpoint's own code (NT v2)
-    layer: int = -1  # hidden-state index; -1 = last layer, 0 = embedding output
+    layers: tuple[int, ...] = (-1,)  # hidden-state indices, all from one forward pass; -1 = last layer, 0 = embedding output
     window: int | None = None  # content tokens per model call (Enformer: input bp); None = model maximum
     overlap: int | None = None  # tokens shared by consecutive windows of a long sequence; None = window // 4
     crop: str | None = None  # None = never crop (window long sequences); left | right | center = crop to max_length
@@ -46,6 +46,10 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         encoder_entry(self.encoder)  # unknown name -> error listing the valid ones
+        layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)  # JSON gives a list
+        if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise EncoderError(f"--layer takes one or more integer hidden-state indices, got {self.layers!r}")
+        object.__setattr__(self, "layers", layers)
         if self.pooling not in POOLINGS:
             raise EncoderError(f"unknown --pooling {self.pooling!r}; expected one of {list(POOLINGS)}")
         if self.pooling == "center" and not self.pool_bins:
@@ -85,7 +89,7 @@ class BuildConfig:
             model=self.model,
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
-            layer=self.layer,
+            layers=self.layers,
             window=self.window,
             device=self.device,
             precision=self.precision,
@@ -94,11 +98,13 @@ class BuildConfig:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BuildConfig":
         names = {f.name for f in fields(cls)}
+        if "layer" in d and "layers" not in d:  # stores built before several layers per build
+            d = {**d, "layers": (d["layer"],)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 

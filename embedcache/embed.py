@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from einops import einsum
 
 from embedcache.config import BuildConfig
 from embedcache.encoders import Encoder, WindowOutput
@@ -35,7 +36,7 @@ def plan_windows(encoder: Encoder, n_tokens: int, config: BuildConfig) -> Sequen
 
 
 def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePlan, config: BuildConfig) -> torch.Tensor | None:
-    """The pooled vector of one sequence from its stitched (n, d) output."""
+    """The pooled vectors (k, d) of one sequence from its stitched (n, k, d) output: one per layer."""
     if config.pooling == "none":
         return None
     if config.pooling == "mean":
@@ -49,15 +50,15 @@ def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePla
                 f"model {config.model!r} adds none. Use --pooling mean."
             )
         # A windowed sequence has one CLS per window: average them, weighted by the tokens each saw.
-        weights = torch.tensor([float(e - s) for s, e in plan.windows], device=hidden.device)
-        return (torch.stack(cls).float() * weights[:, None]).sum(0) / weights.sum()
+        weights = torch.tensor([float(e - s) for s, e in plan.windows], device=hidden.device)  # (w,)
+        return einsum(torch.stack(cls).float(), weights, "w k d, w -> k d") / weights.sum()
     raise AssertionError(config.pooling)
 
 
 def assemble(plan: SequencePlan, outs: list[WindowOutput], config: BuildConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per-token rows (L, d) as stored: central token_bins only, mean of every token_pool rows; pooled (d,) or None)
-    of one sequence. The pooled vector is taken from every row, before either reduction."""
-    hidden = stitch(plan.windows, [o.hidden for o in outs])  # (n, d)
+    """(per-token rows (L, k, d) as stored: central token_bins only, mean of every token_pool rows; pooled (k, d)
+    or None) of one sequence. The pooled vector is taken from every row, before either reduction."""
+    hidden = stitch(plan.windows, [o.hidden for o in outs])  # (n, k, d)
     pooled = pool(hidden, [o.cls for o in outs], plan, config)
     return pool_rows(central(hidden, config.token_bins), config.token_pool), pooled
 

@@ -81,6 +81,7 @@ class BuildPlan:
     n_cropped_sequences: int
     estimated_bytes: int  # added to the store (uncompressed; fp16 embeddings barely compress)
     embed_dim: int
+    layers: tuple[int, ...] = (0,)  # hidden states stored per row
     unit: str = "tokens"  # what n_tokens counts: tokens, or bp for encoders that read bases (Enformer)
     n_rows: int = 0  # per-token rows the new sequences will store
     units: list[Unit] = field(default_factory=list)
@@ -96,6 +97,7 @@ class BuildPlan:
         return int(self.record_is_new.sum())
 
     def describe(self) -> str:
+        layers = f" x {len(self.layers)} layers {list(self.layers)}" if len(self.layers) > 1 else ""
         return "\n".join(
             [
                 f"store: {self.store} (fingerprint {self.fingerprint})",
@@ -104,7 +106,7 @@ class BuildPlan:
                 f"to embed: {self.n_new} sequences, {self.n_tokens:,} {self.unit} in {self.n_windows} model windows, "
                 f"{len(self.units)} work units",
                 f"cropped on request: {self.n_cropped_sequences} sequences",
-                f"estimated size added: {self.estimated_bytes / 1e6:,.1f} MB (embedding dim {self.embed_dim})",
+                f"estimated size added: {self.estimated_bytes / 1e6:,.1f} MB (embedding dim {self.embed_dim}{layers})",
             ]
         )
 
@@ -220,8 +222,9 @@ def plan_build(
                       unit_rows=unit_rows, unit_sequences=unit_sequences)  # fmt: skip
     itemsize = np.dtype(config.dtype).itemsize
     new_records = ~already
-    estimated = int(rows.sum()) * encoder.embed_dim * itemsize * config.tokens
-    estimated += len(order) * encoder.embed_dim * 4 * (config.pooling != "none") + int(tokens[order].sum())
+    width = encoder.embed_dim * len(encoder.layer_indices)  # values per row, every layer
+    estimated = int(rows.sum()) * width * itemsize * config.tokens
+    estimated += len(order) * width * 4 * (config.pooling != "none") + int(tokens[order].sum())
     return BuildPlan(
         store=store_url,
         fingerprint=fingerprint(fp_fields),
@@ -236,6 +239,7 @@ def plan_build(
         n_cropped_sequences=int(n_cropped),
         estimated_bytes=estimated,
         embed_dim=encoder.embed_dim,
+        layers=encoder.layer_indices,
         unit="bp" if encoder.fixed_window else "tokens",
         n_rows=int(rows.sum()) if config.tokens else 0,
         units=units,

@@ -38,9 +38,11 @@ class EmbeddingStore:
     >>> store.ids[:3], store.embed_dim, store.layers
     >>> store.pooled(["P1", "P2"]).shape             # (2, d) float32
     >>> store.tokens("P1").shape                     # (L, d): real token positions only, special tokens stripped
+    >>> open_store("esm.zarr", layer=6).tokens("P1") # a store built with --layer 6 -1 holds layers [6, L]: pick one
+
     """
 
-    def __init__(self, location: str | Path | Location, storage_options: dict[str, Any] | None = None):
+    def __init__(self, location: str | Path | Location, storage_options: dict[str, Any] | None = None, layer: int | None = None):
         self.location = location if isinstance(location, Location) else Location.of(location, storage_options)
         self.path = self.location.url  # kept for messages and older callers
         self.store, self.root = open_root(self.location, mode="r")
@@ -68,6 +70,10 @@ class EmbeddingStore:
         self._offset = self._index.offsets
         self._length = self._index.lengths
         self.layers: list[int] = self.root["layer"][:].tolist() if "layer" in self.root else [self.attrs["provenance"].get("layer", -1)]
+        # The layer reads return when they name none: the one asked for here, else the store's only layer.
+        self.layer: int | None = self.layers[0] if len(self.layers) == 1 else None
+        if layer is not None:
+            self.layer = self.layers[self.layer_position(layer)]
         self._pooled_cache: np.ndarray | None = None
 
     # -- provenance ---------------------------------------------------------------------------
@@ -112,11 +118,17 @@ class EmbeddingStore:
         return np.fromiter((self._row[i] for i in ids), np.int64, len(ids))
 
     def layer_position(self, layer: int | None) -> int:
-        """Position of hidden-state `layer` on the store's layer axis; None = the store's only layer."""
+        """Position of hidden-state `layer` on the store's layer axis; None = the store's selected layer.
+
+        Negative indices count from the model's last hidden state (-1 = last), as `--layer` does.
+        """
         if layer is None:
-            if len(self.layers) != 1:
-                raise StoreError(f"store {self.path!r} holds layers {self.layers}; choose one (layer=...)")
-            return 0
+            if self.layer is None:
+                raise StoreError(f"store {self.path!r} holds layers {self.layers}; choose one (open_store(..., layer=I) or layer=I)")
+            layer = self.layer
+        n_layers = self.attrs.get("provenance", {}).get("n_layers")
+        if layer < 0 and isinstance(n_layers, int) and -(n_layers + 1) <= layer:
+            layer %= n_layers + 1
         if layer not in self.layers:
             raise StoreError(f"store {self.path!r} holds layers {self.layers}, not layer {layer}")
         return self.layers.index(layer)
@@ -285,9 +297,15 @@ def _read_legacy_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
     return StoreIndex(log, ids, content_index, keys, log.committed_content(c), offsets, lengths)
 
 
-def open_store(location: str | Path | Location, storage_options: dict[str, Any] | None = None) -> EmbeddingStore:
-    """Open an embedding store (a path or a URL such as s3://bucket/x.zarr) for reading."""
-    return EmbeddingStore(location, storage_options)
+def open_store(
+    location: str | Path | Location, storage_options: dict[str, Any] | None = None, layer: int | None = None
+) -> EmbeddingStore:
+    """Open an embedding store (a path or a URL such as s3://bucket/x.zarr) for reading.
+
+    `layer`: the hidden state that reads return when they name none; needed for a store built with
+    several layers (`--layer 6 -1`), optional otherwise. Negative values count from the last layer.
+    """
+    return EmbeddingStore(location, storage_options, layer)
 
 
 def describe(info: dict) -> str:

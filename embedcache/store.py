@@ -103,13 +103,15 @@ class Committed:
     tokens: int = 0  # one past the last token row in use
 
 
-def token_chunking(row_bytes: int, shard_mb: float, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
+def token_chunking(row_bytes: int, shard_mb: float, chunk_bytes: int = CHUNK_BYTES, n_layers: int = 1) -> tuple[int, int]:
     """(tokens per inner chunk, tokens per shard) for ~1 MiB chunks and ~shard_mb shards.
 
-    `row_bytes` is one token row of one layer. A shard smaller than a chunk makes the chunk the
-    whole shard (tests use tiny shards to get many commits from little data).
+    `row_bytes` is one token row of one layer. A chunk holds one layer (a reader of one layer reads
+    only its chunks); a shard holds all `n_layers`, so it spans 1 / n_layers as many tokens. A shard
+    smaller than a chunk makes the chunk the whole shard (tests use tiny shards to get many commits
+    from little data).
     """
-    shard_bytes = shard_mb * (1 << 20)
+    shard_bytes = shard_mb * (1 << 20) / n_layers
     chunk = max(1, int(min(chunk_bytes, shard_bytes) // row_bytes))
     per_shard = max(1, round(shard_bytes / (chunk * row_bytes)))
     return chunk, chunk * per_shard
@@ -228,7 +230,7 @@ def create_store(
     *,
     attrs: dict,
     embed_dim: int,
-    layers: list[int] = (0,),
+    layers: tuple[int, ...] = (0,),
     pooled: bool,
     tokens: bool,
     token_dtype: str,
@@ -260,7 +262,7 @@ def create_store(
         if tokens:
             for name in TOKEN_INDEX_ARRAYS:
                 _array(root, name, ("content",), "int64")
-            chunk, shard = token_chunking(embed_dim * np.dtype(token_dtype).itemsize, shard_mb, chunk_bytes)
+            chunk, shard = token_chunking(embed_dim * np.dtype(token_dtype).itemsize, shard_mb, chunk_bytes, n_layers=k)
             root.create_array(
                 "tokens", shape=(0, k, embed_dim), chunks=(chunk, 1, embed_dim), shards=(shard, k, embed_dim),
                 dtype=token_dtype, dimension_names=("token", "layer", "feature"), compressors=_TOKEN_CODECS,

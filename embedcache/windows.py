@@ -81,7 +81,7 @@ def plan_sequence(
 
 
 def stitch(windows: tuple[tuple[int, int], ...], outputs: list[torch.Tensor]) -> torch.Tensor:
-    """Join per-window outputs (each (end - start, d)) into (n, d).
+    """Join per-window outputs (each (end - start, ...): rows first) into (n, ...).
 
     Where windows overlap, each token is taken from the window in which it sits further from the
     edge: the boundary between consecutive windows is the middle of their overlap.
@@ -94,7 +94,7 @@ def stitch(windows: tuple[tuple[int, int], ...], outputs: list[torch.Tensor]) ->
         next_cut = e if i == len(windows) - 1 else (windows[i + 1][0] + e) // 2
         pieces.append(out[prev_cut - s : next_cut - s])
         prev_cut = next_cut
-    return torch.cat(pieces)  # (n, d)
+    return torch.cat(pieces)  # (n, ...)
 
 
 def central(x: torch.Tensor, k: int | None) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from embedcache import EmbeddingStore, open_store
+from embedcache.errors import StoreError
 from fusion.batch import Batch, ModalityBatch
 from fusion.errors import FusionError
 from fusion.prepare.manifest import Manifest
@@ -47,6 +48,7 @@ class DataConfig:
     memory_gb: float = 8.0  # per-token data larger than this is streamed under loading=auto
     prefetch: int = 4  # batches prepared ahead by the streaming loader
     seed: int = 0  # shuffling seed (the epoch number is mixed in)
+    layers: dict[str, int] = field(default_factory=dict)  # modality -> hidden state read from a store built with several; unset = its only one
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
@@ -60,6 +62,11 @@ class DataConfig:
         unknown = [m for m in self.modalities if m not in self.stores]
         if unknown:
             raise DataError(f"modalities {unknown} have no store; stores were given for {sorted(self.stores)}")
+        for m, layer in self.layers.items():
+            if m not in self.stores:
+                raise DataError(f"--layer {m}={layer}: no store was given for {m!r}; stores were given for {sorted(self.stores)}")
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise DataError(f"--layer {m}={layer!r}: a layer is an integer hidden-state index (e.g. {m}=12 or {m}=-1)")
 
     @property
     def used_modalities(self) -> tuple[str, ...]:
@@ -367,7 +374,18 @@ def open_modality_store(config: DataConfig, manifest: Manifest, modality: str) -
     Cached features and live encoders (fusion.finetune) open their stores through here.
     """
     path = config.stores[modality]
-    store = open_store(path, config.storage_options)
+    layer = config.layers.get(modality)
+    try:
+        store = open_store(path, config.storage_options, layer=layer)
+    except StoreError as e:
+        if layer is None:
+            raise
+        raise DataError(f"--layer {modality}={layer}: {e}") from e
+    if store.layer is None:
+        raise DataError(
+            f"store {path!r} ({modality}) holds layers {store.layers}; choose one with --layer {modality}=I "
+            f"(e.g. --layer {modality}={store.layers[-1]})"
+        )
     if not store.complete:
         raise DataError(f"store {path!r} ({modality}) is {store.status!r}, not complete: run its embedcache build again to finish it")
     check_modality(modality, store, path)

@@ -273,7 +273,10 @@ def load_store_encoder(
 
     The model's own code runs only with `trust_remote_code` (the user's flag), whatever the store says.
     """
+    # The one layer this run reads (a store may hold several, built in one pass): the live encoder outputs it alone.
     build = BuildConfig.from_dict(store.attrs["config"])
+    if len(store.layers) > 1:
+        build = replace(build, layers=(store.layer,))
     check_remote_code(build, modality, str(store.path), trust_remote_code, log)
     settings = replace(build.encoder_settings(), device=device, precision=precision, trust_remote_code=trust_remote_code)
     where = f"{modality}: store {str(store.path)!r} was built by {build.encoder} model {build.model!r}"
@@ -282,6 +285,8 @@ def load_store_encoder(
     except EmbedcacheError as e:
         raise FinetuneError(f"{where}, which cannot be loaded for end-to-end training: {e}") from e
     stored, live = store.attrs["provenance"], encoder.provenance()
+    if "layers" in stored:  # several layers stored; the live encoder computes the selected one
+        stored = {k: v for k, v in stored.items() if k != "layers"} | {"layer": store.layer}
     if live["weights"] != stored["weights"]:
         raise FinetuneError(
             f"{where}; the weights there now differ from those that built the store: store has {stored['weights']}, "
@@ -350,11 +355,11 @@ class EndToEndModel(nn.Module):
             for i, s in enumerate(f.sequences):
                 if s is None:
                     continue
-                tokens, pooled = embedded[s]
+                tokens, pooled = embedded[s]  # (L, 1, d), (1, d): the encoder outputs the run's one layer
                 if self.features == "pooled":
-                    pieces[i] = pooled.float()[None]  # (1, d): stored pooled vectors are float32
+                    pieces[i] = pooled.float()  # (1, d): stored pooled vectors are float32
                 else:
-                    pieces[i] = tokens.to(live.token_dtype).float()  # (L, d): rounded as the store rounded them
+                    pieces[i] = tokens[:, 0].to(live.token_dtype).float()  # (L, d): rounded as the store rounded them
             with torch.device(device):  # _pad allocates with the default device
                 out[m] = _pad(pieces, live.encoder.embed_dim, None if self.features == "pooled" else self.max_tokens)
         return out
@@ -505,7 +510,7 @@ def last_blocks(live: LiveEncoder, modality: str, n: int) -> list[str]:
     if not 1 <= n <= n_used:
         raise FinetuneError(
             f"{modality}: --last-n {n}, but store {live.store_path!r} used the output of block {n_used} of "
-            f"{live.build.model!r} (layer {live.build.layer}): 1..{n_used} blocks feed it"
+            f"{live.build.model!r} (layer {live.encoder.layer_index}): 1..{n_used} blocks feed it"
         )
     return blocks[n_used - n :] + live.encoder.modules_after_blocks()
 

@@ -164,3 +164,11 @@ def test_bench_scale_executors_at_toy_size(tmp_path: Path) -> None:
     runs = json.loads(out.read_text())["executors"]["runs"]
     assert [r["executor"] for r in runs] == ["in-process", "local:1", "local:2"]
     assert len({r["tokens"] for r in runs}) == 1 and all(r["tokens_per_s"] > 0 for r in runs)
+
+
+def test_bench_layers_checks_every_layer_against_its_own_build(tmp_path: Path) -> None:
+    out = tmp_path / "layers.json"
+    run_script("bench_layers.py", "--n-sequences", "8", "--median-length", "40", "--hidden", "16", "--model-layers", "2",
+               "--layers", "0,-1", "--repeats", "1", "--json", str(out))  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["layers"] == [0, 2] and figures["every_layer_equal"] and len(figures["one_build_per_layer_s"]) == 2

@@ -23,7 +23,7 @@ class EncoderSettings:
     model: str  # hub id or local directory
     revision: str | None = None  # hub revision (branch, tag or commit); None = the default branch
     trust_remote_code: bool = False  # allow the checkpoint's own Python code (NT v2 needs it)
-    layer: int = -1  # hidden-state index: 0 = embeddings, 1..L = after block i, -1 = last
+    layers: tuple[int, ...] = (-1,)  # hidden states to output, one forward pass: 0 = embeddings, i = after block i, -1 = last
     window: int | None = None  # tokens (bp for Enformer) per model call; None = the model's maximum
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
@@ -41,8 +41,8 @@ class LoraTargets:
 
 @dataclass
 class WindowOutput:
-    hidden: torch.Tensor  # (n, d): one row per content token (Enformer: per output bin)
-    cls: torch.Tensor | None  # (d,) the leading special token's state, when the tokenizer adds one
+    hidden: torch.Tensor  # (n, k, d): one row per content token (Enformer: per output bin) for each of k layers
+    cls: torch.Tensor | None  # (k, d) the leading special token's states, when the tokenizer adds one
 
 
 class Encoder(ABC):
@@ -60,7 +60,7 @@ class Encoder(ABC):
     fixed_window: bool = False  # True: one window per sequence; longer sequences need an explicit crop
     equal_length_batches: bool = False  # True when the model takes no attention mask
     has_cls: bool = False  # the tokenizer adds a leading special token
-    layer_index: int  # resolved, non-negative hidden-state index
+    layer_indices: tuple[int, ...]  # resolved hidden-state indices, ascending: the k layers of every output
     precision: str  # what the store records: fp32 | bf16 | fp16
     autocast_dtype: torch.dtype | None
     planning_only: bool = False  # loaded without weights (`load_encoder(..., weights=False)`): plans, never embeds
@@ -83,6 +83,15 @@ class Encoder(ABC):
         """`encode_windows` for building stores: no autograd, float32 outputs on the CPU."""
         with torch.inference_mode():
             return windows_to_host(self.encode_windows(windows))
+
+    @property
+    def layer_index(self) -> int:
+        """The one hidden state this encoder outputs (fine-tuning trains towards a single layer)."""
+        if len(self.layer_indices) != 1:
+            raise EncoderError(
+                f"the {self.name} encoder outputs layers {list(self.layer_indices)}; fine-tuning needs exactly one"
+            )
+        return self.layer_indices[0]
 
     @abstractmethod
     def cost(self, n_tokens: int) -> int:
@@ -183,14 +192,41 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.
     return precision, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def resolve_layer(layer: int, n_layers: int, model: str) -> int:
-    """Map a python-style hidden-state index to 0..n_layers (0 = embedding output)."""
-    if not -(n_layers + 1) <= layer <= n_layers:
-        raise EncoderError(
-            f"--layer {layer} is out of range for {model!r}, which has {n_layers} layers: "
-            f"use 0..{n_layers} (0 = embeddings) or -1..-{n_layers + 1}"
-        )
-    return layer % (n_layers + 1)
+def resolve_layers(layers: tuple[int, ...], n_layers: int, model: str) -> tuple[int, ...]:
+    """Map python-style hidden-state indices to 0..n_layers (0 = embedding output), ascending.
+
+    Ascending and without repeats, so `--layer 12 -1` and `--layer -1 12` build the same store.
+    """
+    if not layers:
+        raise EncoderError(f"--layer needs at least one hidden-state index for {model!r}")
+    resolved: dict[int, int] = {}
+    for layer in layers:
+        if not -(n_layers + 1) <= layer <= n_layers:
+            raise EncoderError(
+                f"--layer {layer} is out of range for {model!r}, which has {n_layers} layers: "
+                f"use 0..{n_layers} (0 = embeddings) or -1..-{n_layers + 1}"
+            )
+        index = layer % (n_layers + 1)
+        if index in resolved:
+            raise EncoderError(
+                f"--layer {resolved[index]} and {layer} are the same hidden state ({index} of 0..{n_layers}) of {model!r}; "
+                f"name each layer once"
+            )
+        resolved[index] = layer
+    return tuple(sorted(resolved))
+
+
+def layer_provenance(layer_indices: tuple[int, ...]) -> dict:
+    """How the provenance names the layers: `layer` for one (as before several could be built, so the
+    fingerprints of single-layer stores did not change), `layers` for several."""
+    if len(layer_indices) == 1:
+        return {"layer": layer_indices[0]}
+    return {"layers": list(layer_indices)}
+
+
+def stack_layers(states: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """k hidden states (each (..., d)) as one tensor with a layer axis at `dim`; a view when k = 1."""
+    return states[0].unsqueeze(dim) if len(states) == 1 else torch.stack(states, dim=dim)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

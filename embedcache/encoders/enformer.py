@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from embedcache.alphabets import DNA
 from embedcache.encoders.base import (
@@ -67,9 +68,10 @@ class EnformerEncoder(Encoder):
         from enformer_pytorch import EnformerConfig, from_pretrained
 
         check_model_location(settings.model)
-        if settings.layer not in (-1,):
+        if tuple(settings.layers) != (-1,):
             raise EncoderError(
-                f"--layer {settings.layer}: the enformer encoder returns the trunk output only; use --layer -1"
+                f"--layer {' '.join(map(str, settings.layers))}: the enformer encoder returns the trunk output only, "
+                f"one layer; use --layer -1"
             )
         if settings.attn_implementation is not None:
             raise EncoderError(
@@ -101,7 +103,7 @@ class EnformerEncoder(Encoder):
                 f"(at least {self.target_length * self.bin_size} bp)"
             )
         self.embed_dim = config.dim * 2
-        self.layer_index = 0
+        self.layer_indices = (0,)
         device = resolve_device(settings.device)
         self.precision, self.autocast_dtype = resolve_precision(settings.precision, device)
         if weights:
@@ -127,6 +129,7 @@ class EnformerEncoder(Encoder):
         one_hot = str_to_one_hot(padded).to(self.device)  # (b, window, 4)
         with self.autocast():
             emb = self.model(one_hot, return_only_embeddings=True)  # (b, target_length, 2 * dim)
+        emb = rearrange(emb, "b n d -> b n 1 d")  # the trunk is the one layer
         return [WindowOutput(hidden=emb[i], cls=None) for i in range(len(windows))]
 
     def n_output_rows(self, n_tokens: int) -> int:

@@ -9,6 +9,7 @@ Special tokens are added around each window by the tokenizer's own
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from embedcache.encoders.base import (
     LoraTargets,
     WindowOutput,
     check_model_location,
+    layer_provenance,
     resolve_device,
-    resolve_layer,
+    resolve_layers,
     resolve_precision,
+    stack_layers,
     weights_identity,
 )
 from embedcache.encoders.lookup import VocabLookup
@@ -104,7 +107,7 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
         auto = getattr(transformers, name)
         try:
             if weights:
-                return auto.from_pretrained(settings.model, revision=settings.revision, **kwargs)
+                return _from_pretrained(auto, settings, kwargs)
             with torch.device("meta"):
                 return auto.from_config(config, **kwargs)
         except ImportError as e:  # flash_attention_2 without the flash-attn package
@@ -119,6 +122,40 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
                 raise attn from e
             errors.append(f"{name}: {e}")
     raise EncoderError(f"cannot load model {settings.model!r} with transformers: " + " | ".join(errors))
+
+
+def _from_pretrained(auto, settings: EncoderSettings, kwargs: dict):
+    """`auto.from_pretrained`, saying in one line what matters about the weights and nothing else.
+
+    Checkpoints carry heads the encoder does not use (ESM's and NT's MLM head): transformers reports
+    them as UNEXPECTED in a table on every load (5.x) or a long warning (4.x), which reads as a
+    problem to users. Weights the model needs but the checkpoint lacks are randomly initialised:
+    that one is a problem, so it is named.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto.from_pretrained(settings.model, revision=settings.revision, output_loading_info=True, **kwargs)
+    except RuntimeError:  # weights that do not fit the config: load again with transformers' report shown
+        hf_logging.set_verbosity(verbosity)
+        try:
+            auto.from_pretrained(settings.model, revision=settings.revision, **kwargs)
+        except RuntimeError as e:
+            raise EncoderError(f"cannot load model {settings.model!r}: its weights do not fit its config: {str(e).strip()}") from e
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        warnings.warn(
+            f"model {settings.model!r}: {len(missing)} weight{'s' * (len(missing) > 1)} of {type(model).__name__} {'are' if len(missing) > 1 else 'is'} not in the checkpoint and were "
+            f"randomly initialised (e.g. {', '.join(sorted(missing)[:3])}); embeddings depending on them are not the released "
+            f"model's",
+            stacklevel=2,
+        )
+    return model
 
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -258,7 +295,7 @@ class HFTokenEncoder(Encoder):
         else:
             self.model = model  # on the meta device: modules and shapes only
             n_layers, self.embed_dim, self._has_last = self._plan_shapes()
-        self.layer_index = resolve_layer(settings.layer, n_layers, settings.model)
+        self.layer_indices = resolve_layers(settings.layers, n_layers, settings.model)
         self.n_layers = n_layers
         self.max_window = _model_max_positions(model, tokenizer, self.layout.n_special)
         self.window = settings.window or self.max_window
@@ -370,14 +407,16 @@ class HFTokenEncoder(Encoder):
     def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
         if self.planning_only:
             raise EncoderError(f"encoder {self.name} for {self.settings.model!r} was loaded without weights (planning only)")
+        if self.unpadded is not None and not torch.is_grad_enabled():
+            return self._encode_unpadded(windows)
         # The last layer is last_hidden_state where the output has it (some models apply a final norm
         # to it but not to hidden_states[-1], e.g. HyenaDNA); task-head models (MaskedLM / CausalLM,
         # which some remote-code checkpoints map exclusively) give the states only through hidden_states.
-        if self.unpadded is not None and not torch.is_grad_enabled():
-            return self._encode_unpadded(windows)
-        use_last = self.layer_index == self.n_layers and self._has_last
-        out = self._call(self._inputs(windows), output_hidden_states=not use_last)
-        hidden = out.last_hidden_state if use_last else out.hidden_states[self.layer_index]  # (b, n, d)
+        from_last = {i: i == self.n_layers and self._has_last for i in self.layer_indices}
+        out = self._call(self._inputs(windows), output_hidden_states=not all(from_last.values()))
+        hidden = stack_layers(
+            [out.last_hidden_state if last else out.hidden_states[i] for i, last in from_last.items()], dim=2
+        )  # (b, n, k, d)
         p = len(self.layout.prefix)
         return [
             WindowOutput(hidden=hidden[i, p : p + len(w)], cls=hidden[i, 0] if self.has_cls else None)
@@ -396,9 +435,9 @@ class HFTokenEncoder(Encoder):
                 torch.from_numpy(input_ids).to(self.device),
                 torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device),
                 int(lengths.max()),
-                output_hidden_states=self.layer_index != self.n_layers,
+                output_hidden_states=self.layer_indices != (self.n_layers,),
             )
-        hidden = last if states is None else states[self.layer_index]  # (T, d)
+        hidden = stack_layers([last if i == self.n_layers else states[i] for i in self.layer_indices], dim=1)  # (T, k, d)
         p = len(self.layout.prefix)
         return [
             WindowOutput(hidden=hidden[s + p : s + p + len(w)], cls=hidden[s] if self.has_cls else None)
@@ -452,7 +491,7 @@ class HFTokenEncoder(Encoder):
             "model": self.settings.model,
             "weights": self._weights,
             "architecture": type(self.model).__name__,
-            "layer": self.layer_index,
+            **layer_provenance(self.layer_indices),
             "n_layers": self.n_layers,
             "window": self.window,
             "special_tokens": {"prefix": len(self.layout.prefix), "suffix": len(self.layout.suffix)},

@@ -23,7 +23,7 @@ from .test_parity import random_seqs
 CASES = {
     "esm2": ("esm2", {}, ("encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.value"),
              ["encoder.layer.1", "encoder.emb_layer_norm_after"]),
-    "esm2-layer1": ("esm2", {"layer": 1}, None, ["encoder.layer.0"]),
+    "esm2-layer1": ("esm2", {"layers": (1,)}, None, ["encoder.layer.0"]),
     "gpt2": ("hf", {}, ("h.0.attn.c_attn", "h.1.attn.c_attn"), ["h.1", "ln_f"]),
     "bert": ("hf", {}, ("encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.value"), ["encoder.layer.1"]),
     "hyena": ("hf", {"trust_remote_code": True}, ("layers.0.in_proj", "layers.2.mlp.2"), ["layers.2", "ln_f"]),

@@ -102,3 +102,26 @@ def test_hyena_like_batches_never_pad(models):
     assert encoder.equal_length_batches and encoder.tokenizer.padding_side == "left"
     with pytest.raises(AssertionError, match="without attention mask got a padded batch"):
         encoder.forward([encoder.tokenize("ACGT"), encoder.tokenize("ACG")])
+
+
+def test_loading_is_quiet_about_an_unused_head_and_names_missing_weights(tmp_path, capfd):
+    """A checkpoint's MLM head is not used (transformers lists it as UNEXPECTED on every load); a weight
+    the model needs but the checkpoint lacks is randomly initialised, and that is said in one line."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from embedcache.encoders import EncoderSettings
+    from embedcache.tiny_models import make_tiny_esm2
+
+    model = make_tiny_esm2(tmp_path / "esm2")
+    capfd.readouterr()
+    load_encoder("esm2", EncoderSettings(model=str(model)))
+    err = capfd.readouterr().err
+    assert "UNEXPECTED" not in err and "LOAD REPORT" not in err and "were not used" not in err
+    damaged = shutil.copytree(model, tmp_path / "damaged")
+    weights = load_file(damaged / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("layer.1.output.dense.weight"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, damaged / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 weight of EsmModel is not in the checkpoint .*randomly initialised .*layer\.1\.output\.dense\.weight"):
+        load_encoder("esm2", EncoderSettings(model=str(damaged)))

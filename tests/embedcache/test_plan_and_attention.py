@@ -29,9 +29,9 @@ CASES = {  # models fixture name -> (encoder, alphabet, build options)
     "esm2": ("esm2", AA, {}),
     "nucleotide-transformer": ("nucleotide-transformer", "ACGT", {}),
     "gpt2": ("hf", AA, {}),
-    "bert": ("hf", AA, {"layer": 1}),
+    "bert": ("hf", AA, {"layers": (1,)}),
     "hyena": ("hf", "ACGT", {"trust_remote_code": True}),
-    "nodepth": ("hf", AA, {"trust_remote_code": True, "layer": -2}),
+    "nodepth": ("hf", AA, {"trust_remote_code": True, "layers": (-2,)}),
     "enformer": ("enformer", "ACGT", {"window": 1024}),
 }
 

@@ -416,7 +416,7 @@ def test_other_refusals(data, cached_run, tmp_path):
     # A warm start needs the stores the cached run was trained on.
     rna_layer1 = tmp_path / "rna_layer1.zarr"
     encoder, model_dir, _ = data["models"]["rna"]
-    build(BuildConfig.create(encoder, str(model_dir), layer=1), [Path(data["prep"]) / "rna.fa"], rna_layer1, progress=False, log=QUIET)
+    build(BuildConfig.create(encoder, str(model_dir), layers=(1,)), [Path(data["prep"]) / "rna.fa"], rna_layer1, progress=False, log=QUIET)
     other = DataConfig(manifest=data["prep"], stores={**data["stores"], "rna": str(rna_layer1)}, batch_size=8)
     with pytest.raises(FingerprintMismatch, match="rna"):
         warm_start_fusion(cached_run, open_sequence_batches(other, read_manifest(data["prep"]), log=QUIET), other)

@@ -78,7 +78,7 @@ def test_checkpoint_refuses_stores_with_other_fingerprints(demo_data, tmp_path, 
     assert fusion_main(["train", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled", "--out", str(run), *FAST]) == 0
     other = tmp_path / "protein_layer1.zarr"
     encoder, model_dir, _ = demo_data["models"]["protein"]
-    build(BuildConfig.create(encoder, str(model_dir), layer=1), [Path(demo_data["prep"]) / "protein.fa"], other, progress=False, log=lambda s: None)
+    build(BuildConfig.create(encoder, str(model_dir), layers=(1,)), [Path(demo_data["prep"]) / "protein.fa"], other, progress=False, log=lambda s: None)
     capsys.readouterr()
     code = fusion_main(["evaluate", str(run), "--store", f"protein={other}"])
     err = capsys.readouterr().err
