@@ -52,3 +52,17 @@ def test_a_pooled_build_stores_the_means_of_the_full_rows(tmp_path, models) -> N
         assert len(pooled.tokens(rid)) == math.ceil(len(rows) / 4)
         np.testing.assert_allclose(pooled.tokens(rid).astype(np.float32), pool_rows(torch.from_numpy(rows), 4).numpy(), **FP16)
         np.testing.assert_allclose(pooled.pooled([rid]), full.pooled([rid]), rtol=1e-5, atol=1e-6)  # from every row
+
+
+@torch.inference_mode()
+def test_a_pooled_build_of_several_layers_pools_each_layer(tmp_path, models) -> None:
+    from embedcache import open_store
+
+    records = random_seqs(AA, [9, 31])
+    full = build_store(tmp_path, "full", "esm2", models["esm2"], records, layers=(0, -1))
+    build_store(tmp_path, "pooled", "esm2", models["esm2"], records, layers=(0, -1), token_pool=3)
+    for layer in full.layers:
+        one, pooled = open_store(full.path, layer=layer), open_store(tmp_path / "pooled.zarr", layer=layer)
+        for rid in records:
+            rows = torch.from_numpy(one.tokens(rid).astype(np.float32))
+            np.testing.assert_allclose(pooled.tokens(rid).astype(np.float32), pool_rows(rows, 3).numpy(), **FP16)
