@@ -61,6 +61,7 @@ def create_parser() -> argparse.ArgumentParser:
     b.add_argument("--pool-bins", type=int, help="rows averaged by --pooling center (e.g. Enformer bins around the TSS)")
     b.add_argument("--no-tokens", dest="tokens", action="store_false", help="store pooled vectors only, no per-token embeddings (default: per-token embeddings are stored)")
     b.add_argument("--token-bins", type=int, help="keep only the central K per-token rows (Enformer: 896 bins x 3072 are 5.5 MB per gene in fp16)")
+    b.add_argument("--token-pool", type=int, help="store the mean of every K consecutive per-token rows (after --token-bins): K-fold less per-token data to store and stream; recorded in the store and its fingerprint")
     b.add_argument("--dtype", choices=TOKEN_DTYPES, default="float16", help="stored per-token dtype (pooled is always float32)")
     b.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     b.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, help="transformers attention backend, recorded in the store (default: sdpa where the model supports it, else its own); an unsupported choice is an error")
@@ -124,6 +125,7 @@ def run_build(args: argparse.Namespace) -> int:
         pool_bins=args.pool_bins,
         tokens=args.tokens,
         token_bins=args.token_bins,
+        token_pool=args.token_pool,
         dtype=args.dtype,
         precision=args.precision,
         alphabet=args.alphabet,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 
 from embedcache.encoders import EncoderSettings, encoder_entry
 from embedcache.errors import EncoderError
+from embedcache.reduce import fingerprint_part
 from embedcache.store import SCHEMA_VERSION
 from embedcache.windows import CROPS
 
@@ -33,6 +34,7 @@ class BuildConfig:
     pool_bins: int | None = None  # rows averaged by pooling=center (e.g. Enformer bins around the TSS)
     tokens: bool = True  # store per-token embeddings
     token_bins: int | None = None  # keep only the central K per-token rows (Enformer: 896 bins are 5.5 MB/gene in fp16)
+    token_pool: int | None = None  # store the mean of every K consecutive per-token rows (embedcache.reduce): K-fold less to store and stream
     dtype: str = "float16"  # stored per-token dtype; pooled vectors are always float32
     precision: str = "auto"  # compute: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     alphabet: str | None = None  # hf encoder: validate residues as dna | rna | protein; None = any text
@@ -66,7 +68,7 @@ class BuildConfig:
             raise EncoderError(f"--max-tokens must be positive, got {self.max_tokens}")
         if not (isinstance(self.shard_mb, (int, float)) and math.isfinite(self.shard_mb) and self.shard_mb > 0):
             raise EncoderError(f"--shard-mb must be a positive number of megabytes, got {self.shard_mb!r}")
-        for name in ("token_bins", "pool_bins", "window", "max_length"):
+        for name in ("token_bins", "token_pool", "pool_bins", "window", "max_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise EncoderError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -117,6 +119,7 @@ def fingerprint_fields(config: BuildConfig, provenance: dict, overlap: int) -> d
     d = {k: v for k, v in provenance.items() if k not in _PROVENANCE_NOT_IDENTITY}
     d.update({k: getattr(config, k) for k in _OUTPUT_FIELDS})
     d["overlap"] = overlap
+    d.update(fingerprint_part(config.token_pool))
     d["schema_version"] = SCHEMA_VERSION
     return d
 

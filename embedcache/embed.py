@@ -15,6 +15,7 @@ from einops import einsum
 from embedcache.config import BuildConfig
 from embedcache.encoders import Encoder, WindowOutput
 from embedcache.errors import InputError
+from embedcache.reduce import pool_rows
 from embedcache.windows import SequencePlan, central, plan_sequence, stitch
 
 
@@ -55,10 +56,11 @@ def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePla
 
 
 def assemble(plan: SequencePlan, outs: list[WindowOutput], config: BuildConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per-token rows (L, k, d) as stored: central token_bins only, pooled (k, d) or None) of one sequence."""
+    """(per-token rows (L, k, d) as stored: central token_bins only, mean of every token_pool rows; pooled (k, d)
+    or None) of one sequence. The pooled vector is taken from every row, before either reduction."""
     hidden = stitch(plan.windows, [o.hidden for o in outs])  # (n, k, d)
     pooled = pool(hidden, [o.cls for o in outs], plan, config)
-    return central(hidden, config.token_bins), pooled
+    return pool_rows(central(hidden, config.token_bins), config.token_pool), pooled
 
 
 def make_batches(

@@ -23,6 +23,7 @@ from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import plan_windows, resolve_overlap
 from embedcache.encoders import Encoder
 from embedcache.errors import InputError
+from embedcache.reduce import pooled_rows
 from embedcache.inputs import Record, iter_records
 from embedcache.spool import SpoolEntry, SpoolWriter, iter_entries, read_entries
 
@@ -217,7 +218,7 @@ def plan_build(
         n_cropped += p.n_cropped > 0
         n_kept += p.n_tokens
         out = encoder.n_output_rows(p.n_tokens)
-        rows[j] = min(out, config.token_bins) if config.token_bins else out
+        rows[j] = pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
     units = cut_units(order, rows, tokens, locators, shard_tokens=shard_tokens if config.tokens else 0,
                       unit_rows=unit_rows, unit_sequences=unit_sequences)  # fmt: skip
     itemsize = np.dtype(config.dtype).itemsize

@@ -7,6 +7,7 @@ listing of the store). Reading then checks each chunk's crc32c as zarr decodes i
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,28 @@ class EmbeddingStore:
         if self.schema_version == 1:
             return self._read("tokens", slice(offset, offset + length))
         return self._read("tokens", (slice(offset, offset + length), self.layer_position(layer)))
+
+    def tokens_many(self, record_ids: list[str], layer: int | None = None) -> list[np.ndarray]:
+        """(L_i, d) per-token rows of each record, in the stored dtype, read in ONE zarr call.
+
+        The reads run concurrently on zarr's event loop (up to `zarr.config` async.concurrency at a
+        time), each chunk checked against its crc32c as it is decoded; a repeated id is read once.
+        """
+        spans = {i: self.token_span(i) for i in dict.fromkeys(record_ids)}
+        pos = None if self.schema_version == 1 else self.layer_position(layer)
+        array = self._tokens._async_array
+        # A one-layer slice, not an integer: codec pipelines that cannot drop an axis (zarrs) then stay on their fast path.
+        pick = (lambda o, n: slice(o, o + n)) if pos is None else (lambda o, n: (slice(o, o + n), slice(pos, pos + 1)))
+
+        async def read_all() -> list[np.ndarray]:
+            rows = await asyncio.gather(*(array.getitem(pick(o, n)) for o, n in spans.values()))
+            return rows if pos is None else [r[:, 0] for r in rows]  # (L, 1, d) -> (L, d) views
+
+        try:
+            rows = dict(zip(spans, sync(read_all())))
+        except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
+            raise StoreError(f"store {self.path!r}: array 'tokens' rows of {len(spans)} records cannot be read: {e}; run embedcache verify") from e
+        return [rows[i] for i in record_ids]
 
     def token_arrays(self, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All per-token data at once: (flat (T, d), offset per record into flat, length per record).

@@ -2,16 +2,15 @@
 
 Per modality, features come from one store, either pooled vectors (n = 1) or per-token rows.
 Per-token data is loaded into RAM when it fits (one sequential read of the flat `tokens` array)
-and otherwise streamed: each batch reads its sequences with concurrent per-sequence reads, and
-a background thread prepares the next batches while the model trains (store-design.md: never
-xarray or sharded oindex in the training loop).
+and otherwise streamed: each batch reads its sequences in one zarr call (concurrent per-sequence
+reads on zarr's event loop), and a background thread prepares the next batches while the model
+trains (store-design.md: never xarray or sharded oindex in the training loop).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -121,18 +120,24 @@ def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
 
 
 def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = None) -> ModalityBatch:
-    """Right-pad per-sample (L_i, d) rows (any float dtype) into float32 (b, max L, d) with an explicit mask."""
+    """Right-pad per-sample (L_i, d) rows (any float dtype) into float32 (b, max L, d) with an explicit mask.
+
+    Built in numpy: `np.zeros` takes pages the kernel zeroes lazily, so the padding costs nothing here,
+    and the per-sample fp16 -> fp32 assignments make no torch (OpenMP) call. At IsoFormer shapes (an RNA
+    batch of 32 is 170 MB in float32) torch.zeros + copy_ took 190-670 ms a batch on the 2-core VM and
+    this 90 ms (benchmarks/README.md, bench_fusion_data.py): the collation, not the reads, was the limit.
+    """
     if max_rows is not None:
         pieces = [None if p is None else group_mean(p.float(), max_rows) for p in pieces]
     lengths = [0 if p is None else len(p) for p in pieces]
     width = max(max(lengths), 1)
-    x = torch.zeros(len(pieces), width, dim)
-    mask = torch.zeros(len(pieces), width, dtype=torch.bool)
+    x = np.zeros((len(pieces), width, dim), np.float32)  # (b, L, d)
+    mask = np.zeros((len(pieces), width), bool)  # (b, L)
     for i, p in enumerate(pieces):
         if p is not None:
-            x[i, : len(p)].copy_(p)  # casts fp16 rows straight into the float32 batch: one copy
+            x[i, : len(p)] = p.numpy()  # casts fp16 rows straight into the float32 batch: one copy
             mask[i, : len(p)] = True
-    return ModalityBatch(x=x, mask=mask, present=torch.tensor([n > 0 for n in lengths]))
+    return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
 
 
 class InMemoryTokens(ModalityFeatures):
@@ -179,16 +184,22 @@ class InMemoryTokens(ModalityFeatures):
 
 
 class StreamedTokens(ModalityFeatures):
-    """Per-token rows read from the store per batch, one concurrent read per sequence."""
+    """Per-token rows read from the store per batch: one zarr call reads the batch's records concurrently.
 
-    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None, threads: int = 8):
+    zarr's own event loop runs the reads (`EmbeddingStore.tokens_many`), so there is no thread pool
+    here; on the 2-core VM this matched 8 threads of per-record reads (benchmarks/README.md,
+    bench_fusion_data.py), and every chunk's crc32c is still checked.
+    """
+
+    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
         self.dim, self.max_rows = store.embed_dim, max_rows
         self.store = store
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusion-read")
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
-        arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
-        return _pad([None if a is None else torch.from_numpy(a) for a in arrays], self.dim, self.max_rows)
+        present = [k for k in keys if k is not None]
+        rows = iter(self.store.tokens_many(present))
+        pieces = [None if k is None else torch.from_numpy(next(rows)) for k in keys]
+        return _pad(pieces, self.dim, self.max_rows)
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
@@ -400,6 +411,8 @@ def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreB
             kind = InMemoryTokens if in_memory else StreamedTokens
             features[m] = kind(store, keys, max_rows=config.max_tokens)
             loading[m] = "memory" if in_memory else "stream"
-            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]})")
+            pool = store.attrs.get("config", {}).get("token_pool")
+            pooled_note = f", every {pool} rows averaged at build (--token-pool)" if pool and pool > 1 else ""
+            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]}{pooled_note})")
         stores[m] = store
     return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)

@@ -71,14 +71,21 @@ def test_bench_store_layout_reports_every_chunk_size(tmp_path: Path) -> None:
     assert all(r["write_mb_s"] > 0 and r["read_all_mb_s"] > 0 for r in result["results"])
 
 
-@requires_enformer
-def test_bench_fusion_data_runs_every_loading(tmp_path: Path) -> None:
+def test_bench_fusion_data_runs_every_read_path(tmp_path: Path) -> None:
     out = tmp_path / "data.json"
-    run_script("bench_fusion_data.py", "--n-genes", "10", "--hidden", "16", "--repeats", "1", "--aggregators", "mean-concat",
-               "--model-batches", "2", "--warmup-steps", "1", "--e2e-samples", "8", "--e2e-repeats", "1", "--cold", "none",
-               "--no-breakdown", "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+    proc = run_script("bench_fusion_data.py", "--quick", "--n-genes", "2", "--token-scale", "0.02", "--batch-size", "4",
+                      "--model-steps", "1", "--model-batch", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
-    assert result["model_only"] and result["end_to_end"]["runs"]
+    expected = {"before", "stream", "stream-2-workers", "memmap", "memory", "stream-pooled"} | ({"zarrs"} if result["machine"]["zarrs"] else set())
+    assert set(result["loaders"]) == expected
+    n_train = result["loaders"]["stream"]["cold"]["samples"]
+    for way, r in result["loaders"].items():
+        assert r["cold"]["samples"] == r["warm"]["samples"] == n_train, way  # every path delivers the whole epoch
+        assert r["cold"]["mb_s"] > 0 and r["warm"]["mb_s"] > 0
+    assert result["raw"]["cold"]["mb_s"] > 0
+    for model in result["model"].values():  # full rows and rows pooled at build
+        assert model["samples_per_s"] > 0 and model["flops_per_sample"] > 0
+    assert "| stream |" in proc.stdout
 
 
 @requires_enformer
