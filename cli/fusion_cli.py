@@ -129,6 +129,7 @@ def create_parser() -> argparse.ArgumentParser:
     ev.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
     ev.add_argument("--out", help="directory for metrics.json, predictions.csv and report.md (default: a new RUN/evaluate-<UTC time>; never the run's own files)")
     ev.add_argument("--trust-remote-code", action="store_true", help="finetune runs: allow the encoders' own code (never taken from the run or the stores)")
+    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar per split (default: shown)")
     ev.set_defaults(func=run_evaluate_cmd)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="predictions for a manifest", description="Predict every sample of a manifest with a trained run.")
@@ -357,7 +358,8 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
 def run_evaluate_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_evaluate
 
-    out, metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out, trust_remote_code=args.trust_remote_code)
+    out, metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out,
+                                trust_remote_code=args.trust_remote_code, progress=args.progress)
     for split, m in metrics.items():
         print(f"{split}: mean R^2 {m['mean_r2']:.4f}, mean Spearman {m['mean_spearman']:.4f}, n {m['n_samples']}")
     print(f"written: {out}")
