@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from benchlib import machine_info, write_json
 from demo_data import demo_data
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-genes", type=int, default=400, help="planted genes (the demo's 400)")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "embedcache-demo-data"), help="cache of built demo data")
     p.add_argument("--json", help="write every run and the summary here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's tiny models train fastest on one)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     texts = args.setting or [BEFORE, NOW]
     settings = [parse_setting(t) for t in texts]

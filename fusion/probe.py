@@ -19,6 +19,7 @@ A run directory receives:
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from fusion.data import DataConfig, DataError, StoreBatches, open_batches
 from fusion.metrics import Predictions, json_safe
@@ -37,6 +39,11 @@ from fusion.train import write_evaluation
 
 Log = Callable[[str], None]
 SPLITS = ("train", "validation", "test")
+# Up to this many features, the probe's solves run on one BLAS thread. Each is milliseconds of work there,
+# and a multi-threaded BLAS's threads wait on each other: on the shared 2-core VM under load a 968 x 160
+# multi-target Ridge fit took ~1 s with the default threads and ~5 ms with one. Wider designs (IsoFormer's
+# pooled vectors concatenate to ~4,500 features) keep the library's threads, where they pay.
+ONE_THREAD_UP_TO = 1024
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,11 @@ def fit_probe(
     for j, name in enumerate(target_names):
         if valid[:, j].sum() < config.folds:
             raise ValueError(f"target {name!r} has {int(valid[:, j].sum())} valid training values, fewer than folds={config.folds}")
+    with threadpool_limits(limits=1, user_api="blas") if x.shape[1] <= ONE_THREAD_UP_TO else nullcontext():
+        return _fit_probe(x, y, groups, config, target_names, valid)
+
+
+def _fit_probe(x, y, groups, config, target_names, valid) -> tuple[FittedProbe, dict[str, float]]:
     columns_by_rows = target_groups(valid)
     sse = np.zeros((len(config.alphas), y.shape[1]))  # (alphas, t)
     for train_rows, test_rows in GroupKFold(n_splits=config.folds).split(x, groups=groups):
@@ -190,7 +202,8 @@ def run_probe(
     predictions = {}
     for split in SPLITS:
         x, y, ids = pooled_design(batches, split)
-        pred = probe.predict(x).astype(np.float32)  # (n, t)
+        with threadpool_limits(limits=1, user_api="blas") if x.shape[1] <= ONE_THREAD_UP_TO else nullcontext():
+            pred = probe.predict(x).astype(np.float32)  # (n, t)
         mask = ~np.isnan(y)
         predictions[split] = Predictions(sample_ids=ids, pred=pred, target=np.nan_to_num(y).astype(np.float32), mask=mask, target_names=names)
     evaluation = write_evaluation(run_dir, predictions, extra={"model": "ridge probe"}, log=log)
