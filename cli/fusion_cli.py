@@ -12,11 +12,13 @@ from embedcache.location import parse_storage_options
 from cli.common import HelpFormatter, add_debug_flag, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
 from fusion.errors import ConfigError, checked_config
-from fusion.models import AGGREGATORS
+from fusion.models import AGGREGATORS, FusionModelConfig
+from fusion.models.config import HEADS
 from fusion.probe import ProbeConfig
 from fusion.train import TrainConfig
 
-MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden")
+MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden", "head")
+MODEL_DEFAULTS = {name: f.default for name, f in FusionModelConfig.__dataclass_fields__.items()}  # the config's own defaults
 TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "warmup_fraction", "min_lr_ratio", "grad_clip", "early_stopping_patience", "amp", "device")
 
 
@@ -65,8 +67,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-layers", type=int, default=2, help="attention layers / conv blocks of the aggregator")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads (must divide --d-model)")
     p.add_argument("--n-latents", type=int, default=16, help="perceiver latents / c-abstractor queries")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the aggregator and head")
-    p.add_argument("--head-hidden", type=int, default=256, help="hidden width of the MLP head")
+    p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="dropout in the aggregator and head")
+    p.add_argument("--head-hidden", type=int, default=MODEL_DEFAULTS["head_hidden"], help="hidden width of the MLP head")
+    p.add_argument("--head", choices=HEADS, default=MODEL_DEFAULTS["head"], help="residual = MLP + a linear skip (contains a linear probe on the fused vector)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
