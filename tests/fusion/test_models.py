@@ -20,6 +20,7 @@ from fusion.models import (
     masked_mean,
 )
 from fusion.models.c_abstractor import masked_adaptive_avg_pool
+from fusion.models.fusion_model import ResidualHead
 from fusion.models.cross_attention import CrossAttentionAggregator, MaskedAttention
 
 ALL = ("dna", "rna", "protein")
@@ -332,7 +333,8 @@ def test_config_errors_name_the_values() -> None:
 
 def test_linear_head_is_a_single_linear() -> None:
     assert isinstance(make_model("linear").head, torch.nn.Linear)
-    assert isinstance(make_model("mean-concat").head, torch.nn.Sequential)
+    assert isinstance(make_model("mean-concat").head, ResidualHead)  # the default head: MLP + linear skip
+    assert isinstance(make_model("mean-concat", head="mlp").head, torch.nn.Sequential)
 
 
 # --- learning ---------------------------------------------------------------------------
