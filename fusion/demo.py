@@ -153,7 +153,7 @@ def _run_demo(out: Path, config: DemoConfig, log: Log) -> dict:
     log(
         f"per-token cross-attention run: test mean R^2 {summary['tokens_run_test_mean_r2']:.3f}, Spearman "
         f"{summary['tokens_run_test_mean_spearman']:.3f} (the planted signals are sequence composition, which pooled "
-        f"vectors already summarise; per-token models overfit ~1,000 training samples)"
+        f"vectors already summarise)"
     )
     behind = [f"{m} ({a})" for m, v in versus_probe.items() for a, r2 in v["learned"].items() if r2 < v["probe"]]
     log("every learned aggregator vs the ridge probe on the same pooled features (mean over seeds): "
