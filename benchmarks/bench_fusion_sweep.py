@@ -9,7 +9,7 @@ per (setting, subset), averaged over data seeds, beside the probe and the plante
     .venv/bin/python benchmarks/bench_fusion_sweep.py --setting "lr=1e-3 input_norm=False" --setting "lr=3e-4"
 
 A setting is the current defaults of TrainConfig / FusionModelConfig (at the demo's model size) with
-the given fields replaced; --setting defaults: the defaults before the sweep ("before") and now.
+the given fields replaced; --setting defaults: the defaults after the first sweep (FIRST_SWEEP) and now.
 Training seed = data seed.
 """
 
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from benchlib import machine_info, write_json
 from demo_data import demo_data
@@ -36,9 +37,10 @@ from fusion.train import TrainConfig, predict, seed_everything, train
 
 TRAIN_FIELDS = {"lr", "epochs", "early_stopping_patience", "weight_decay", "warmup_fraction", "min_lr_ratio", "batch_size"}
 MODEL_FIELDS = {"d_model", "head", "head_hidden", "dropout", "n_layers", "input_norm"}
-# The defaults before the sweep (TrainConfig and FusionModelConfig as they were), and the current ones.
-BEFORE = "lr=1e-3 epochs=50 early_stopping_patience=10 weight_decay=0.01 input_norm=True head=mlp"
-NOW = "head=mlp"
+# The defaults before the first sweep (TrainConfig and FusionModelConfig as they were), after it, and the current ones.
+BEFORE = "lr=1e-3 epochs=50 early_stopping_patience=10 weight_decay=0.01 input_norm=True head=mlp dropout=0.1"
+FIRST_SWEEP = "weight_decay=0.1 head=mlp dropout=0.1"
+NOW = "head=residual"
 DEMO_MODEL = {"d_model": 64, "n_heads": 4, "head_hidden": 128}  # fusion.demo's model size
 
 
@@ -76,14 +78,16 @@ def as_markdown(table: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="planted-data seeds (the training seed is the same)")
-    p.add_argument("--setting", action="append", help=f"'FIELD=VALUE ...' replacing defaults; repeat (default: '{BEFORE}' and '{NOW}')")
+    p.add_argument("--setting", action="append", help=f"'FIELD=VALUE ...' replacing defaults; repeat (default: '{FIRST_SWEEP}' and '{NOW}')")
     p.add_argument("--aggregator", default="mean-concat", help="aggregator when the grid does not vary it")
     p.add_argument("--n-genes", type=int, default=400, help="planted genes (the demo's 400)")
     p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "embedcache-demo-data"), help="cache of built demo data")
     p.add_argument("--json", help="write every run and the summary here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's tiny models train fastest on one)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
-    texts = args.setting or [BEFORE, NOW]
+    texts = args.setting or [FIRST_SWEEP, NOW]
     settings = [parse_setting(t) for t in texts]
     rows, started = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:

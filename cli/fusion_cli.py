@@ -12,11 +12,13 @@ from embedcache.location import parse_storage_options
 from cli.common import HelpFormatter, add_debug_flag, run_main
 from fusion.data import FEATURES, LOADINGS, DataConfig
 from fusion.errors import ConfigError, checked_config
-from fusion.models import AGGREGATORS
+from fusion.models import AGGREGATORS, FusionModelConfig
+from fusion.models.config import HEADS
 from fusion.probe import ProbeConfig
 from fusion.train import TrainConfig
 
-MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden")
+MODEL_OPTIONS = ("d_model", "n_layers", "n_heads", "n_latents", "dropout", "head_hidden", "head")
+MODEL_DEFAULTS = {name: f.default for name, f in FusionModelConfig.__dataclass_fields__.items()}  # the config's own defaults
 TRAIN_OPTIONS = ("epochs", "lr", "weight_decay", "warmup_fraction", "min_lr_ratio", "grad_clip", "early_stopping_patience", "amp", "device")
 
 
@@ -80,8 +82,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-layers", type=int, default=2, help="attention layers / conv blocks of the aggregator")
     p.add_argument("--n-heads", type=int, default=4, help="attention heads (must divide --d-model)")
     p.add_argument("--n-latents", type=int, default=16, help="perceiver latents / c-abstractor queries")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout in the aggregator and head")
-    p.add_argument("--head-hidden", type=int, default=256, help="hidden width of the MLP head")
+    p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="dropout in the aggregator and head")
+    p.add_argument("--head-hidden", type=int, default=MODEL_DEFAULTS["head_hidden"], help="hidden width of the MLP head")
+    p.add_argument("--head", choices=HEADS, default=MODEL_DEFAULTS["head"], help="residual = MLP + a linear skip (contains a linear probe on the fused vector)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -144,6 +147,7 @@ def create_parser() -> argparse.ArgumentParser:
     ev.add_argument("--store", action="append", metavar="MODALITY=STORE", help="replace a modality's store")
     ev.add_argument("--out", help="directory for metrics.json, predictions.csv and report.md (default: a new RUN/evaluate-<UTC time>; never the run's own files)")
     ev.add_argument("--trust-remote-code", action="store_true", help="finetune runs: allow the encoders' own code (never taken from the run or the stores)")
+    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar per split (default: shown)")
     ev.set_defaults(func=run_evaluate_cmd)
 
     pr = sub.add_parser("predict", formatter_class=fmt, help="predictions for a manifest", description="Predict every sample of a manifest with a trained run.")
@@ -375,7 +379,8 @@ def run_finetune_cmd(args: argparse.Namespace) -> int:
 def run_evaluate_cmd(args: argparse.Namespace) -> int:
     from fusion.experiment import run_evaluate
 
-    out, metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out, trust_remote_code=args.trust_remote_code)
+    out, metrics = run_evaluate(args.run, manifest=args.manifest, stores=parse_stores(args.store), out=args.out,
+                                trust_remote_code=args.trust_remote_code, progress=args.progress)
     for split, m in metrics.items():
         print(f"{split}: mean R^2 {m['mean_r2']:.4f}, mean Spearman {m['mean_spearman']:.4f}, n {m['n_samples']}")
     print(f"written: {out}")

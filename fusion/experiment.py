@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from fusion.errors import ConfigError
-from fusion.run import RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, load_run, open_run, read_manifest, train_run
+from fusion.run import RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, evaluation_run_info, load_run, open_run, read_manifest, train_run
 from fusion.train import predict, write_predictions_csv
 
 Log = Callable[[str], None]
@@ -49,6 +49,7 @@ def run_evaluate(
     stores: dict[str, str] | None = None,
     out: str | Path | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
     log: Log = print,
 ) -> tuple[Path, dict]:
     """Metrics of a finished run (either mode) on its splits, or on a new manifest / stores; returns (where written, split -> metrics)."""
@@ -58,7 +59,8 @@ def run_evaluate(
     present = [s for s in SPLITS if column and (run.batches.manifest.frame[column] == s).any()]
     if not present:
         raise ConfigError(f"manifest {run.batches.manifest.path} has no train/validation/test rows to evaluate")
-    metrics = evaluate_and_report(run.model, run.batches, out_dir, present, history=run.run_dir / "history.csv", log=log)
+    metrics = evaluate_and_report(run.model, run.batches, out_dir, present, history=run.run_dir / "history.csv", run=evaluation_run_info(run),
+                                  progress=progress, log=log)
     return out_dir, metrics
 
 

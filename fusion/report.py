@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -170,14 +171,16 @@ def plot_learning_curves(path: str | Path, history: pd.DataFrame, title: str = "
 # ---------------------------------------------------------------- report of one run
 
 
-def _inputs_section(run_dir: Path) -> list[str]:
-    """What the model saw, from the run's run.json (fusion train / finetune) or probe.json (fusion probe)."""
+def run_description(run_dir: Path) -> dict | None:
+    """The run's own description: run.json (fusion train / finetune) or probe.json (fusion probe), else None."""
     for name in ("run.json", "probe.json"):
         if (run_dir / name).is_file():
-            meta = json.loads((run_dir / name).read_text())
-            break
-    else:
-        return []
+            return json.loads((run_dir / name).read_text())
+    return None
+
+
+def _inputs_section(meta: dict) -> list[str]:
+    """What the model saw: features (per-token or pooled, max_tokens), manifest, stores, loading, fingerprints."""
     data = meta.get("data", {})
     stores = data.get("stores", {})
     used = meta.get("modalities") or data.get("modalities") or list(stores)
@@ -191,12 +194,34 @@ def _inputs_section(run_dir: Path) -> list[str]:
     rows = [[m, f"`{stores.get(m, '?')}`", loading.get(m, features), f"`{(meta.get('fingerprints') or {}).get(m, '')}`"] for m in used]
     return [
         "## Inputs: what the model saw", "",
-        f"- mode: {meta.get('mode', 'ridge probe' if name == 'probe.json' else '?')}",
+        f"- mode: {meta.get('mode', 'ridge probe' if meta.get('format') == 'fusion-probe' else '?')}",
         f"- features: {features} ({seen})",
         f"- manifest: `{data.get('manifest', '?')}`",
         f"- batch size: {data.get('batch_size', '?')}, shuffling seed: {data.get('seed', '?')}", "",
         markdown_table(["modality", "store", "loading", "fingerprint"], rows), "",
     ]
+
+
+def _configuration_section(meta: dict) -> list[str]:
+    """The run's configs as run.json (or probe.json) holds them: training values with their meaning, resolved values, model."""
+    lines = []
+    if meta.get("train"):
+        from fusion.train import TrainConfig  # the fields' one-line comments live in the code (imported only for a trained run)
+
+        comments = TrainConfig.comments()
+        lines += ["## Training configuration", "", markdown_table(["field", "value", "meaning"],
+                  [[k, f"`{v}`", comments.get(k, "")] for k, v in meta["train"].items()]), ""]
+    if meta.get("resolved"):
+        lines += ["Resolved here: " + ", ".join(f"{k} `{v}`" for k, v in meta["resolved"].items()), ""]
+    if meta.get("finetune"):
+        lines += ["Finetune configuration:", "", "```json", json.dumps(meta["finetune"], indent=2), "```", ""]
+    if meta.get("model"):
+        lines += ["Model configuration:", "", "```json", json.dumps(meta["model"], indent=2), "```", ""]
+    if meta.get("probe"):
+        lines += ["## Probe configuration", "", "```json", json.dumps(meta["probe"], indent=2), "```", "",
+                  f"{meta.get('n_features', '?')} features; alpha chosen per target: "
+                  + ", ".join(f"{a:g} ×{n}" for a, n in sorted(Counter(meta.get("alpha_per_target", {}).values()).items())), ""]
+    return lines
 
 
 HEADLINE = (
@@ -216,12 +241,15 @@ def write_report(
     history: list[dict[str, Any]] | str | Path | pd.DataFrame | None,
     *,
     split: str | None = None,
+    run: dict | None = None,
 ) -> list[Path]:
     """Write the three plots and report.md into run_dir; return their paths.
 
     metrics: metrics.json content, {split: regression_metrics}, or one regression_metrics dict.
     predictions: the predictions of `split` (default: "test" if present, else the last split).
     history: rows of history.csv, its path, a DataFrame, or None (no learning curves).
+    run: what the run saw and how it was configured (run.json or probe.json content); default: read
+      from run_dir (an evaluation elsewhere passes its run's, with the data it evaluated).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,21 +295,12 @@ def write_report(
     if m.get("excluded_targets"):
         lines += [f"Excluded from means (fewer than 2 values or zero variance): {', '.join(m['excluded_targets'])}", ""]
 
-    lines += _inputs_section(run_dir)
+    run = run if run is not None else run_description(run_dir)
+    lines += _inputs_section(run) if run else []
     lines += ["## Plots", ""]
     for p in paths:
         lines += [f"![{p.stem}]({p.name})", ""]
-
-    config_path = run_dir / "train_config.json"
-    if config_path.is_file():
-        cfg = json.loads(config_path.read_text())
-        values, comments = cfg.get("train_config", {}), cfg.get("comments", {})
-        lines += ["## Training configuration", "", markdown_table(["field", "value", "meaning"],
-                  [[k, f"`{v}`", comments.get(k, "")] for k, v in values.items()]), ""]
-        if cfg.get("model_config"):
-            lines += ["Model configuration:", "", "```json", json.dumps(cfg["model_config"], indent=2), "```", ""]
-        if cfg.get("fingerprints"):
-            lines += ["Feature fingerprints:", ""] + [f"- {k}: `{v}`" for k, v in cfg["fingerprints"].items()] + [""]
+    lines += _configuration_section(run) if run else []
 
     report_path = run_dir / "report.md"
     report_path.write_text("\n".join(lines))

@@ -14,8 +14,9 @@ A run directory describes itself:
                     so `fusion evaluate RUN` works from any directory.
     checkpoint.pt   best weights (fusion.checkpoint); `extra["run"]` = {"manifest": "run.json",
                     "run_id": ...} ties it to the manifest it belongs to.
-    report.md, metrics.json, predictions.csv, plots, history.csv, log.txt, train_config.json
-                    (written by fusion.train / fusion.report)
+    report.md, metrics.json, predictions.csv, plots, history.csv, log.txt
+                    (written by fusion.train / fusion.report; the report's inputs and configuration
+                    sections are read from run.json, the only place the configs are written)
 
 `status` is "training" from the moment run.json is written and "complete" once the report is: a
 run that was interrupted or failed stays "training", and `open_run` (evaluate, predict,
@@ -54,7 +55,7 @@ RUN_FORMAT_VERSION = 2
 MODES = ("cached", "finetune")
 RUN_FIELDS = (
     "format", "format_version", "mode", "status", "run_id", "created_utc", "data", "model", "train",
-    "finetune", "encoder_modes", "encoders", "feature_stats", "fingerprints", "loading",
+    "finetune", "encoder_modes", "encoders", "feature_stats", "fingerprints", "loading", "resolved",
 )  # fmt: skip
 STATUSES = ("training", "complete")
 SPLITS = ("train", "validation", "test")
@@ -115,6 +116,7 @@ class RunManifest:
     feature_stats: str = ""  # where the feature standardisation came from
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the checkpoint names it: checkpoint and manifest belong together
     status: str = "training"  # training (also: interrupted or failed) | complete (report written)
+    resolved: dict = field(default_factory=dict)  # complete runs: what train() resolved (device, amp, steps, parameters); {} in runs before it was kept here
     created_utc: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict:
@@ -134,6 +136,7 @@ class RunManifest:
             "feature_stats": self.feature_stats,
             "fingerprints": self.fingerprints,
             "loading": self.loading,
+            "resolved": self.resolved,
         }
 
     def write(self, run_dir: Path) -> Path:
@@ -176,7 +179,7 @@ class RunManifest:
             train_config = TrainConfig.from_dict(d["train"])
         except (TypeError, ValueError) as e:  # the configs' own checks, on a hand-edited or foreign file
             raise RunError(f"{path}: {e}") from e
-        rest = {k: d[k] for k in ("fingerprints", "loading", "finetune", "encoder_modes", "encoders", "feature_stats", "run_id", "status", "created_utc") if k in d}
+        rest = {k: d[k] for k in ("fingerprints", "loading", "finetune", "encoder_modes", "encoders", "feature_stats", "run_id", "status", "created_utc", "resolved") if k in d}
         return cls(mode=d["mode"], data=data, model=model, train=train_config, **rest)
 
 
@@ -348,20 +351,38 @@ def train_run(
         )
     except FloatingPointError as e:  # train() names epoch, step and lr; the run stays "training"
         raise RunError(f"{run_dir}: training diverged: {e}") from e
-    metrics = evaluate_and_report(model, batches, run_dir, SPLITS, history=run_dir / "history.csv", log=log)
-    complete = replace(manifest, status="complete")
+    complete = replace(manifest, status="complete", resolved=result.resolved)
+    metrics = evaluate_and_report(model, batches, run_dir, SPLITS, history=run_dir / "history.csv", run=complete.to_dict(), progress=progress, log=log)
     complete.write(run_dir)
     return RunResult(run_dir=run_dir, train=result, metrics=metrics, model=model, manifest=complete)
 
 
 def evaluate_and_report(
-    model: nn.Module, batches: StoreBatches, out_dir: Path, splits: tuple[str, ...] | list[str], *, history: Path | None, log: Log
+    model: nn.Module,
+    batches: StoreBatches,
+    out_dir: Path,
+    splits: tuple[str, ...] | list[str],
+    *,
+    history: Path | None,
+    run: dict,
+    progress: bool = True,
+    log: Log,
 ) -> dict:
-    """Metrics of `splits`, predictions.csv, and the report with plots (of the test split if evaluated); returns split -> metrics."""
-    evaluation = evaluate_run(model, batches, out_dir, target_names=batches.target_names, splits=splits, log=log)
+    """Metrics of `splits`, predictions.csv, and the report with plots (of the test split if evaluated); returns split -> metrics.
+
+    `run`: the run manifest's content (RunManifest.to_dict()), whose inputs and configs the report shows.
+    `progress`: a bar per split (through live encoders, evaluation takes as long as an epoch).
+    """
+    evaluation = evaluate_run(model, batches, out_dir, target_names=batches.target_names, splits=splits, progress=progress, log=log)
     last = "test" if "test" in splits else list(splits)[-1]
-    write_report(out_dir, evaluation.metrics, evaluation.predictions[last], history if history and history.exists() else None)
+    write_report(out_dir, evaluation.metrics, evaluation.predictions[last], history if history and history.exists() else None, run=run)
     return evaluation.metrics
+
+
+def evaluation_run_info(opened: "OpenedRun") -> dict:
+    """The run manifest's content with the data actually evaluated (another manifest or stores may have been given)."""
+    return {**opened.manifest.to_dict(), "data": portable_data(opened.batches.config).to_dict(),
+            "fingerprints": opened.batches.fingerprints, "loading": opened.batches.loading}
 
 
 # -- reopening a finished run ------------------------------------------------------------------------
@@ -463,6 +484,7 @@ __all__ = [
     "build_model",
     "check_run_data",
     "evaluate_and_report",
+    "evaluation_run_info",
     "feed_for",
     "load_run",
     "open_run",

@@ -10,10 +10,12 @@ The model is any nn.Module whose `forward(features: dict[str, ModalityBatch])` r
 otherwise the train split is iterated once up front to count its batches.
 
 A run directory receives (see `train` and `evaluate_run`):
-    train_config.json   TrainConfig values + one-line comment per field + resolved device/amp/schedule
     history.csv         one row per epoch: epoch, step, train_loss, val_loss (masked MSE in standardised target units), val_mean_r2, val_mean_spearman, lr, seconds, best
     log.txt             every line train() logged
-    checkpoint.pt       best (lowest validation loss) model, see fusion.checkpoint
+    checkpoint.pt       best (lowest validation loss) model with its model and train configs and the resolved
+                        device/amp/schedule (`extra["resolved"]`), see fusion.checkpoint
+The configs themselves are written once, by the caller: `fusion.run` keeps them in the run manifest
+(run.json), with `TrainResult.resolved`.
     metrics.json        per split: fusion.metrics.regression_metrics (evaluate_run)
     predictions.csv     sample_id, split, then per target `<name>`, `<name>_pred` (evaluate_run)
 """
@@ -54,6 +56,7 @@ __all__ = [
     "predict",
     "evaluate_run",
     "write_evaluation",
+    "split_batches",
     "masked_mse",
     "lr_at_step",
     "seed_everything",
@@ -84,12 +87,14 @@ def field_comments(cls: type) -> dict[str, str]:
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Optimisation settings of the fusion stage. Defaults are choices, not values from the paper: lr, epochs,
-    patience and weight decay were picked by benchmarks/bench_fusion_sweep.py (table in benchmarks/README.md)."""
+    patience and weight decay were picked by benchmarks/bench_fusion_sweep.py (table in benchmarks/README.md).
+    Weight decay 3.0 looks large but is decoupled: each step shrinks weights by lr x 3.0 ~ 1e-3; at 0.1 it
+    shrank them by 2% over a whole run, i.e. did not regularise at all."""
 
     epochs: int = 80  # maximum number of passes over the train split
     batch_size: int = 32  # samples per batch; the batch source uses it, train() records it
     lr: float = 3e-4  # peak learning rate of AdamW, reached at the end of warmup
-    weight_decay: float = 0.1  # AdamW decoupled weight decay, only on >= 2-d weights (not biases, norms, embeddings)
+    weight_decay: float = 3.0  # AdamW decoupled weight decay (per step: lr x this), only on >= 2-d weights (not biases, norms, embeddings)
     warmup_fraction: float = 0.05  # fraction of all optimiser steps spent in linear warmup from ~0 to lr
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio on the last step of the last epoch
     grad_clip: float = 1.0  # clip the global gradient L2 norm to this; 0 disables clipping
@@ -154,6 +159,7 @@ class TrainResult:
     target_names: list[str]  # output columns, in order
     device: str  # device trained on
     amp: str  # resolved autocast dtype: off, bf16 or fp16
+    resolved: dict[str, Any]  # what the config resolved to here: device, amp, batches and steps per epoch, warmup steps, parameters
 
 
 @dataclass
@@ -277,6 +283,15 @@ def count_batches(batches: BatchSource, split: str) -> int:
     return sum(1 for _ in batches(split, shuffle=False, epoch=0))
 
 
+def split_batches(batches: BatchSource, split: str, *, epoch: int = 0, progress: bool = False, desc: str = "") -> Iterable[Batch]:
+    """`split` in order (unshuffled), under a tqdm bar when `progress` (a pass through live encoders takes minutes)."""
+    it = batches(split, shuffle=False, epoch=epoch)
+    if not progress:
+        return it
+    n_batches = getattr(batches, "n_batches", None)
+    return tqdm(it, total=n_batches(split) if callable(n_batches) else None, desc=desc or split, unit="batch", leave=False, dynamic_ncols=True)
+
+
 def _model_config_dict(model: nn.Module) -> dict[str, Any]:
     """The model's own config as a dict (model.config.to_dict() or a dataclass), {} if it has none."""
     cfg = getattr(model, "config", None)
@@ -397,23 +412,6 @@ def train(
             "train_split": train_split,
             "val_split": val_split,
         }
-        (run_dir / "train_config.json").write_text(
-            json.dumps(
-                json_safe(
-                    {
-                        "format": "fusion-train-config",
-                        "train_config": config.to_dict(),
-                        "comments": TrainConfig.comments(),
-                        "resolved": resolved,
-                        "model_config": model_config,
-                        "fingerprints": fingerprints,
-                        "target_names": target_names,
-                    }
-                ),
-                indent=2,
-            )
-            + "\n"
-        )
         say(f"training on {device} (amp {amp_name}): {resolved['n_trainable_parameters']:,} trainable parameters, "
             f"{steps_per_epoch} steps/epoch, up to {config.epochs} epochs, run_dir {run_dir}")
         if not fingerprints:
@@ -489,7 +487,8 @@ def train(
             train_loss = sse / n_valid if n_valid else math.nan
 
             # validate
-            val = predict(model, batches(val_split, shuffle=False, epoch=epoch), target_names=target_names, autocast_dtype=amp_dtype)
+            val = predict(model, split_batches(batches, val_split, epoch=epoch, progress=progress, desc=f"validate epoch {epoch}"),
+                          target_names=target_names, autocast_dtype=amp_dtype)
             val_loss = standardized_loss_np(model, val)
             if math.isnan(val_loss):
                 raise ValueError(f"validation split {val_split!r} has no valid (unmasked) target values")
@@ -549,6 +548,7 @@ def train(
             target_names=list(target_names),
             device=str(device),
             amp=amp_name,
+            resolved=resolved,
         )
     finally:
         logfile.close()
@@ -578,14 +578,16 @@ def evaluate_run(
     target_names: list[str],
     splits: Iterable[str] = ("train", "validation", "test"),
     extra: dict[str, Any] | None = None,
+    progress: bool = False,
     log: Callable[[str], Any] = print,
 ) -> EvalResult:
-    """Predict every split (full precision, unshuffled) and write metrics.json and predictions.csv.
+    """Predict every split (full precision, unshuffled) and write metrics.json and predictions.csv; `progress`: a bar per split.
 
     metrics.json: {"format": "fusion-metrics", "target_names": [...], "definitions": {...},
                    "splits": {split: regression_metrics}, "extra": {...}}; NaN is null.
     """
-    predictions = {split: predict(model, batches(split, shuffle=False, epoch=0), target_names=target_names) for split in splits}
+    predictions = {split: predict(model, split_batches(batches, split, progress=progress, desc=f"evaluate {split}"), target_names=target_names)
+                   for split in splits}
     return write_evaluation(run_dir, predictions, extra=extra, log=log)
 
 

@@ -39,10 +39,10 @@ class FusionModelConfig:
     n_layers: int = 2  # attention layers (cross-attention, perceiver) or conv blocks per stage (c-abstractor)
     n_heads: int = 4  # attention heads; must divide d_model
     n_latents: int = 16  # perceiver latents / c-abstractor queries per modality
-    dropout: float = 0.1  # dropout in attention, feed-forward and conv blocks, and the MLP head
+    dropout: float = 0.5  # dropout in attention, feed-forward and conv blocks, and the MLP head (0.5: benchmarks/bench_fusion_sweep.py)
     head_hidden: int = 256  # hidden width of the MLP head (unused by the 'linear' aggregator)
     input_norm: bool = False  # LayerNorm after each modality's input projection (off: it rescales each pooled vector by its own norm and cost the sweep 0.02-0.03 R^2)
-    head: str = "mlp"  # mlp | residual (mlp + a linear skip from h_multi) | linear; the 'linear' aggregator always uses linear
+    head: str = "residual"  # residual (mlp + a linear skip from h_multi: contains a linear probe on h_multi) | mlp | linear; the 'linear' aggregator always uses linear
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. straight from JSON) to tuples so the frozen config stays hashable.

@@ -594,8 +594,8 @@ def ridge_fit_predict(
     from fusion.probe import ProbeConfig, fit_probe
 
     names = [f"target_{j}" for j in range(y_tr.shape[1])]
-    models, _ = fit_probe(x_tr, y_tr, groups_tr, ProbeConfig(alphas=tuple(alphas)), names)
-    return np.stack([m.predict(x_ev) for m in models], axis=1)
+    probe, _ = fit_probe(x_tr, y_tr, groups_tr, ProbeConfig(alphas=tuple(alphas)), names)
+    return probe.predict(x_ev)
 
 
 def mean_r2(y: np.ndarray, pred: np.ndarray) -> float:

@@ -55,7 +55,7 @@ CPU = torch.device("cpu")
 QUIET = lambda s: None  # noqa: E731
 MODEL = {"d_model": 16, "head_hidden": 16}
 SPLITS = ("train", "validation", "test")
-RUN_FILES = ("run.json", "checkpoint.pt", "metrics.json", "predictions.csv", "history.csv", "log.txt", "train_config.json",
+RUN_FILES = ("run.json", "checkpoint.pt", "metrics.json", "predictions.csv", "history.csv", "log.txt",
              "report.md", "pred_vs_observed.png", "per_target_r2.png", "learning_curves.png")  # fmt: skip
 
 
@@ -198,10 +198,12 @@ def test_cached_checkpoint_predicts_the_same_through_frozen_live_encoders(data, 
         assert_predictions_close(got.pred, want.pred)
 
 
-def test_frozen_finetune_trains_like_cached_mode(data, cached_run, tmp_path):
+def test_frozen_finetune_trains_like_cached_mode(data, cached_run, tmp_path, capsys):
     """Same seed, frozen encoders, no warm start: standardisation fitted on live train features, then the same training."""
     result = run_finetune(data_config(data), "cross-attention", MODEL, TrainConfig(epochs=2, batch_size=8), FinetuneConfig(),
-                          tmp_path / "run", progress=False, log=QUIET)  # fmt: skip
+                          tmp_path / "run", progress=True, log=QUIET)  # fmt: skip
+    bars = capsys.readouterr().err  # passes through the live encoders show progress: validation and the final evaluation
+    assert "validate epoch 1" in bars and all(f"evaluate {split}" in bars for split in SPLITS)
     assert result.model.modes == {"dna": "frozen", "rna": "frozen", "protein": "frozen"}
     _, cached_model, _ = load_run(cached_run)
     for m, cached_stats in cached_model.standardize.items():  # equal up to half a float16 step at the features' scale
@@ -308,7 +310,7 @@ def test_cli_mixed_modes_with_warm_start_accumulation_and_checkpointing(data, ca
     extra = [a for m, mode in modes.items() for a in ("--encoder-mode", f"{m}={mode}")]
     result = run_cli(monkeypatch, finetune_args(data, run, *extra, "--grad-accum", "2", "--gradient-checkpointing", "--init-from", str(cached_run)))
     check_run_dir(run, modes)
-    resolved = json.loads((run / "train_config.json").read_text())["resolved"]
+    resolved = json.loads((run / "run.json").read_text())["resolved"]
     assert resolved["batches_per_epoch"] == 5 and resolved["steps_per_epoch"] == 3  # 34 train samples, batches of 8, 2 per step
     assert json.loads((run / "run.json").read_text())["finetune"]["init_from"] == str(cached_run)
     # Gradients reach what trains through checkpointed blocks: Enformer's first block (reentrant

@@ -14,11 +14,13 @@ from fusion.models import (
     AGGREGATORS,
     FusionModel,
     FusionModelConfig,
+    MeanConcat,
     get_aggregator,
     input_dims_from_dict,
     masked_mean,
 )
 from fusion.models.c_abstractor import masked_adaptive_avg_pool
+from fusion.models.fusion_model import ResidualHead
 from fusion.models.cross_attention import CrossAttentionAggregator, MaskedAttention
 
 ALL = ("dna", "rna", "protein")
@@ -239,6 +241,25 @@ def test_cross_attention_with_one_modality_is_mean_pooling() -> None:
     torch.testing.assert_close(aggregator(tokens, masks), masked_mean(tokens["rna"], masks["rna"]))
 
 
+def test_cross_attention_starts_as_mean_concat_and_learns_to_mix() -> None:
+    """Zero-initialised residual branches: a new cross-attention aggregator is mean-concat pooling; once its
+    branches are off zero (as after training), a modality's output depends on the other modalities' tokens."""
+    torch.manual_seed(0)
+    modalities = ("dna", "rna", "protein")
+    aggregator = CrossAttentionAggregator(modalities=modalities, d_model=8, n_layers=2, n_heads=2, dropout=0.0)
+    tokens = {m: torch.randn(3, 5, 8) for m in modalities}
+    masks = {m: torch.rand(3, 5) > 0.3 for m in modalities}
+    tokens = {m: torch.where(masks[m][..., None], x, 0.0) for m, x in tokens.items()}
+    concat = MeanConcat(modalities=modalities, d_model=8)
+    torch.testing.assert_close(aggregator(tokens, masks), concat(tokens, masks))
+    with torch.no_grad():
+        for p in aggregator.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    changed = {**tokens, "protein": torch.where(masks["protein"][..., None], torch.randn(3, 5, 8), 0.0)}
+    dna = slice(0, 8)  # h_multi's dna part
+    assert not torch.allclose(aggregator(tokens, masks)[:, dna], aggregator(changed, masks)[:, dna])
+
+
 def test_masked_mean_ignores_masked_values_and_gives_zeros_when_empty() -> None:
     x = torch.tensor([[[1.0], [3.0], [float("nan")]], [[5.0], [7.0], [9.0]]])  # (2, 3, 1)
     mask = torch.tensor([[True, True, False], [False, False, False]])
@@ -312,7 +333,8 @@ def test_config_errors_name_the_values() -> None:
 
 def test_linear_head_is_a_single_linear() -> None:
     assert isinstance(make_model("linear").head, torch.nn.Linear)
-    assert isinstance(make_model("mean-concat").head, torch.nn.Sequential)
+    assert isinstance(make_model("mean-concat").head, ResidualHead)  # the default head: MLP + linear skip
+    assert isinstance(make_model("mean-concat", head="mlp").head, torch.nn.Sequential)
 
 
 # --- learning ---------------------------------------------------------------------------

@@ -40,6 +40,8 @@ def test_train_evaluate_predict(demo_data, tmp_path, features, capsys):
     assert run_json["model"]["input_dims"] == {"dna": dna_dim, "rna": 16, "protein": 16}  # from the stores' attrs
     assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["test"] == metrics["test"]
+    evaluated = (tmp_path / "eval" / "report.md").read_text()  # an evaluation's report says what it saw, from its run
+    assert "## Inputs: what the model saw" in evaluated and demo_data["stores"]["rna"] in evaluated and "## Training configuration" in evaluated
     assert fusion_main(["predict", str(run), "--out", str(tmp_path / "pred.csv")]) == 0
     pred = pd.read_csv(tmp_path / "pred.csv")
     assert len(pred) == len(read_manifest(demo_data["prep"]))

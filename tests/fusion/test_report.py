@@ -38,7 +38,10 @@ def test_write_report_writes_plots_and_markdown(tmp_path, n):
     preds = make_predictions(n)
     test_metrics = regression_metrics(preds.pred, preds.target, preds.mask, TISSUES)
     (tmp_path / "history.csv").write_text(pd.DataFrame(history_rows()).to_csv(index=False))
-    (tmp_path / "train_config.json").write_text(json.dumps({"train_config": {"lr": 0.001}, "comments": {"lr": "peak lr"}}))
+    run = {"format": "fusion-run", "mode": "cached", "train": {"lr": 0.001}, "resolved": {"steps_per_epoch": 7},
+           "data": {"features": "tokens", "max_tokens": 32, "manifest": "/data/prep", "stores": {"rna": "/data/rna.zarr"}},
+           "fingerprints": {"rna": "fp-rna"}, "loading": {"rna": "memory"}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
     metrics_file = {"splits": {"validation": test_metrics, "test": test_metrics}}
     metrics_file = json.loads(to_json(metrics_file))  # as read back from metrics.json: NaN -> None
     paths = write_report(tmp_path, metrics_file, preds, tmp_path / "history.csv")
@@ -52,7 +55,9 @@ def test_write_report_writes_plots_and_markdown(tmp_path, n):
     assert mpimg.imread(tmp_path / "per_target_r2.png").shape[0] > 800
     md = (tmp_path / "report.md").read_text()
     assert f"{test_metrics['mean_r2']:.3f}" in md
-    assert TISSUES[0] in md and "](per_target_r2.png)" in md and "peak lr" in md
+    assert TISSUES[0] in md and "](per_target_r2.png)" in md
+    assert "peak learning rate of AdamW" in md and "steps_per_epoch `7`" in md  # run.json's values, the fields' meaning from the code
+    assert "at most 32 rows" in md and "`/data/prep`" in md and "`/data/rna.zarr`" in md and "`fp-rna`" in md  # what the model saw
 
 
 def test_write_report_handles_degenerate_target_and_no_history(tmp_path):
