@@ -131,6 +131,9 @@ def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = Non
         pieces = [None if p is None else group_mean(p.float(), max_rows) for p in pieces]
     lengths = [0 if p is None else len(p) for p in pieces]
     width = max(max(lengths), 1)
+    live = [p for p in pieces if p is not None and (p.requires_grad or p.device.type != "cpu")]
+    if live:  # finetune's live encoders: the batch stays on their device, and gradients flow through it
+        return _pad_differentiable(pieces, lengths, width, dim, live[0].device)
     x = np.zeros((len(pieces), width, dim), np.float32)  # (b, L, d)
     mask = np.zeros((len(pieces), width), bool)  # (b, L)
     for i, p in enumerate(pieces):
@@ -138,6 +141,17 @@ def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = Non
             x[i, : len(p)] = p.numpy()  # casts fp16 rows straight into the float32 batch: one copy
             mask[i, : len(p)] = True
     return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
+
+
+def _pad_differentiable(pieces: list[torch.Tensor | None], lengths: list[int], width: int, dim: int, device: torch.device) -> ModalityBatch:
+    """`_pad` in torch, on `device`: slice assignment keeps the autograd graph of each piece."""
+    x = torch.zeros(len(pieces), width, dim, device=device)  # (b, L, d)
+    mask = torch.zeros(len(pieces), width, dtype=torch.bool, device=device)  # (b, L)
+    for i, p in enumerate(pieces):
+        if p is not None:
+            x[i, : len(p)] = p.to(device)
+            mask[i, : len(p)] = True
+    return ModalityBatch(x=x, mask=mask, present=torch.tensor([n > 0 for n in lengths], device=device))
 
 
 class InMemoryTokens(ModalityFeatures):
