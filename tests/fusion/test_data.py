@@ -48,3 +48,14 @@ def test_memory_and_stream_batches_are_identical(store, max_rows):
         assert torch.equal(got.present, per_batch.present)
     expected_rows = [0 if k is None else min(LENGTHS[k], max_rows or 10**9) for k in batch]
     assert memory.mask.sum(1).tolist() == expected_rows
+
+
+def test_padding_live_rows_keeps_their_gradients():
+    """Finetune pads its live encoders' outputs with the same `_pad`: gradients must reach them."""
+    rows = [torch.randn(3, DIM, requires_grad=True), None, torch.randn(5, DIM, requires_grad=True)]
+    batch = _pad(rows, DIM)
+    assert batch.x.shape == (3, 5, DIM) and batch.mask.sum().item() == 8 and batch.present.tolist() == [True, False, True]
+    (batch.x * 2).sum().backward()
+    assert torch.equal(rows[0].grad, torch.full((3, DIM), 2.0)) and torch.equal(rows[2].grad, torch.full((5, DIM), 2.0))
+    cached = _pad([r.detach().half() if r is not None else None for r in rows], DIM)  # the numpy path: equal values
+    torch.testing.assert_close(cached.x, batch.x.detach().half().float())
