@@ -183,6 +183,7 @@ def create_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", required=False, help="output directory")
     ab.add_argument("--aggregators", default="cross-attention,mean-concat", help=f"comma-separated, from: {', '.join(AGGREGATORS)}")
     ab.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    ab.add_argument("--subsets", help="comma-separated modality subsets, modalities joined by '+', e.g. dna,rna,dna+rna+protein (default: every non-empty subset of the stores' modalities)")
     ab.add_argument("--no-probe", dest="probe", action="store_false", help="leave out the ridge-probe rows")
     ab.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (the k-of-N lines stay)")
     _add_data_args(ab)
@@ -402,11 +403,27 @@ def run_ablate_cmd(args: argparse.Namespace) -> int:
     unknown = [a for a in aggregators if a not in AGGREGATORS]
     if unknown or not aggregators:
         raise ConfigError(f"--aggregators {args.aggregators!r}: unknown {unknown}; choose from {list(AGGREGATORS)}")
-    markdown, _ = run_ablation(data_config(args), aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args),
+    data = data_config(args)
+    markdown, _ = run_ablation(data, aggregators, seeds, model_options(args), train_config(args, seeds[0]), _require_out(args),
+                               subsets=parse_subsets(args.subsets, data.used_modalities),
                                probe=ProbeConfig() if args.probe else None, progress=args.progress)
     print(markdown)
     print(f"written: {Path(args.out) / 'ablation.md'}")
     return 0
+
+
+def parse_subsets(text: str | None, modalities: tuple[str, ...]) -> list[tuple[str, ...]] | None:
+    """--subsets dna,rna+protein as [("dna",), ("rna", "protein")], each checked against the stores given."""
+    if not text:
+        return None
+    subsets = []
+    for item in (t.strip() for t in text.split(",")):
+        subset = tuple(m.strip() for m in item.split("+"))
+        unknown = [m for m in subset if m not in modalities]
+        if not item or unknown or len(set(subset)) != len(subset):
+            raise ConfigError(f"--subsets {text!r}: subset {item!r} is not modalities of {list(modalities)} joined by '+' (each once)")
+        subsets.append(subset)
+    return list(dict.fromkeys(subsets))
 
 
 def run_probe_cmd(args: argparse.Namespace) -> int:

@@ -136,6 +136,17 @@ def test_ablation_writes_a_table_with_probe_rows(demo_data, tmp_path, capsys):
     assert "[29/29]" in capsys.readouterr().out  # k of N progress with elapsed and ETA
 
 
+def test_ablation_runs_only_the_subsets_asked_for(demo_data, tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--features", "pooled", "--aggregators",
+            "mean-concat", "--seeds", "0", "--epochs", "1", "--d-model", "16", "--no-probe", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert fusion_main([*args, "--subsets", "rna,dna+protein"]) == 0
+    assert pd.read_csv(out / "ablation.csv")["modalities"].tolist() == ["rna", "dna+protein"]
+    capsys.readouterr()
+    assert fusion_main([*args, "--subsets", "rna,dna+atac"]) == 2
+    assert "--subsets 'rna,dna+atac': subset 'dna+atac' is not modalities of" in capsys.readouterr().err
+
+
 def test_probe_writes_the_report_files_of_train(demo_data, tmp_path, capsys):
     run = tmp_path / "probe"
     assert fusion_main(["probe", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--modalities", "rna,protein",
