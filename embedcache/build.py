@@ -61,10 +61,14 @@ class BuildReport:
     summary: str = ""
 
 
+def _row_bytes(config: BuildConfig, encoder: Encoder) -> int:
+    """Stored bytes of one token row of one layer."""
+    return encoder.embed_dim * np.dtype(config.dtype).itemsize
+
+
 def _token_layout(config: BuildConfig, encoder: Encoder) -> tuple[int, int]:
     """(tokens per chunk, tokens per shard) of this build's per-token array (as `create_store` lays it out)."""
-    row = encoder.embed_dim * np.dtype(config.dtype).itemsize
-    return token_chunking(row, config.shard_mb, n_layers=len(encoder.layer_indices))
+    return token_chunking(_row_bytes(config, encoder), config.shard_mb, n_layers=len(encoder.layer_indices))
 
 
 def _store_attrs(config: BuildConfig, encoder: Encoder, fp: str, fp_fields: dict, overlap: int) -> dict:
@@ -113,7 +117,7 @@ def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tup
     """(token rows, sequences) per unit: whole shards of about `config.unit_mb`."""
     if not config.tokens:
         return 1 << 62, UNIT_SEQUENCES
-    row = encoder.embed_dim * np.dtype(config.dtype).itemsize * len(encoder.layer_indices)  # every layer of a token
+    row = _row_bytes(config, encoder) * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
     return shards * shard_tokens, UNIT_SEQUENCES
 

@@ -137,8 +137,13 @@ def fit_probe(
     for j, name in enumerate(target_names):
         if valid[:, j].sum() < config.folds:
             raise ValueError(f"target {name!r} has {int(valid[:, j].sum())} valid training values, fewer than folds={config.folds}")
-    with threadpool_limits(limits=1, user_api="blas") if x.shape[1] <= ONE_THREAD_UP_TO else nullcontext():
+    with blas_threads_for(x):
         return _fit_probe(x, y, groups, config, target_names, valid)
+
+
+def blas_threads_for(x: np.ndarray):
+    """One BLAS thread while solving on a design up to ONE_THREAD_UP_TO features wide; the library's own beyond."""
+    return threadpool_limits(limits=1, user_api="blas") if x.shape[1] <= ONE_THREAD_UP_TO else nullcontext()
 
 
 def _fit_probe(x, y, groups, config, target_names, valid) -> tuple[FittedProbe, dict[str, float]]:
@@ -159,8 +164,8 @@ def _fit_probe(x, y, groups, config, target_names, valid) -> tuple[FittedProbe, 
     parts = []
     for columns in columns_by_rows:
         rows = valid[:, columns[0]]
-        model = make_pipeline(StandardScaler(), Ridge(alpha=best[columns] if len(columns) > 1 else float(best[columns[0]])))
-        parts.append((columns, model.fit(x[rows], y[np.ix_(rows, columns)] if len(columns) > 1 else y[rows, columns[0]])))
+        model = make_pipeline(StandardScaler(), Ridge(alpha=best[columns]))  # one alpha per target of the group
+        parts.append((columns, model.fit(x[rows], y[np.ix_(rows, columns)])))
     return FittedProbe(parts=parts, n_targets=y.shape[1]), {name: float(best[j]) for j, name in enumerate(target_names)}
 
 
@@ -202,7 +207,7 @@ def run_probe(
     predictions = {}
     for split in SPLITS:
         x, y, ids = pooled_design(batches, split)
-        with threadpool_limits(limits=1, user_api="blas") if x.shape[1] <= ONE_THREAD_UP_TO else nullcontext():
+        with blas_threads_for(x):
             pred = probe.predict(x).astype(np.float32)  # (n, t)
         mask = ~np.isnan(y)
         predictions[split] = Predictions(sample_ids=ids, pred=pred, target=np.nan_to_num(y).astype(np.float32), mask=mask, target_names=names)
