@@ -120,26 +120,32 @@ def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
 
 
 def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = None) -> ModalityBatch:
-    """Right-pad per-sample (L_i, d) rows (any float dtype) into float32 (b, max L, d) with an explicit mask.
+    """Right-pad per-sample (L_i, d) rows into (b, max L, d) with an explicit mask, in the rows' own dtype.
 
-    Built in numpy: `np.zeros` takes pages the kernel zeroes lazily, so the padding costs nothing here,
-    and the per-sample fp16 -> fp32 assignments make no torch (OpenMP) call. At IsoFormer shapes (an RNA
-    batch of 32 is 170 MB in float32) torch.zeros + copy_ took 190-670 ms a batch on the 2-core VM and
-    this 90 ms (benchmarks/README.md, bench_fusion_data.py): the collation, not the reads, was the limit.
+    Stored fp16 rows stay fp16 (float32 only when a piece is float32: `group_mean` results, pooled
+    vectors); the model's first step, its fitted standardisation, computes in float32 on the model's
+    device, where the cast is exact and cheap. Float32 batches doubled every byte this function
+    writes and the prefetch queue holds: at IsoFormer shapes collation was half of the streamed
+    loader's time (bench_fusion_data.py: fp16 batches took a streamed epoch from 205 to 407 MB/s).
+    Built in numpy: `np.zeros` takes pages the kernel zeroes lazily, so padding costs nothing, and the
+    per-sample assignments make no torch (OpenMP) call.
     """
     if max_rows is not None:
-        pieces = [None if p is None else group_mean(p.float(), max_rows) for p in pieces]
+        pieces = [p if p is None or len(p) <= max_rows else group_mean(p.float(), max_rows) for p in pieces]
     lengths = [0 if p is None else len(p) for p in pieces]
     width = max(max(lengths), 1)
     live = [p for p in pieces if p is not None and (p.requires_grad or p.device.type != "cpu")]
     if live:  # finetune's live encoders: the batch stays on their device, and gradients flow through it
         return _pad_differentiable(pieces, lengths, width, dim, live[0].device)
-    x = np.zeros((len(pieces), width, dim), np.float32)  # (b, L, d)
+    rows = [None if p is None else p.numpy() for p in pieces]
+    dtypes = {r.dtype for r in rows if r is not None}
+    dtype = dtypes.pop() if len(dtypes) == 1 else np.float32  # mixed (fp16 and reduced float32 rows): float32
+    x = np.zeros((len(pieces), width, dim), dtype)  # (b, L, d)
     mask = np.zeros((len(pieces), width), bool)  # (b, L)
-    for i, p in enumerate(pieces):
-        if p is not None:
-            x[i, : len(p)] = p.numpy()  # casts fp16 rows straight into the float32 batch: one copy
-            mask[i, : len(p)] = True
+    for i, r in enumerate(rows):
+        if r is not None:
+            x[i, : len(r)] = r  # one copy (a cast only when mixed)
+            mask[i, : len(r)] = True
     return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
 
 

@@ -58,4 +58,29 @@ def test_padding_live_rows_keeps_their_gradients():
     (batch.x * 2).sum().backward()
     assert torch.equal(rows[0].grad, torch.full((3, DIM), 2.0)) and torch.equal(rows[2].grad, torch.full((5, DIM), 2.0))
     cached = _pad([r.detach().half() if r is not None else None for r in rows], DIM)  # the numpy path: equal values
-    torch.testing.assert_close(cached.x, batch.x.detach().half().float())
+    assert cached.x.dtype == torch.float16
+    torch.testing.assert_close(cached.x.float(), batch.x.detach().half().float())
+
+
+@pytest.mark.parametrize("max_rows, dtype", [(None, torch.float16), (100, torch.float16), (3, torch.float32)])
+def test_batches_keep_the_stored_dtype_unless_rows_were_averaged(store, max_rows, dtype):
+    """fp16 rows travel as fp16 (half the bytes to collate and queue); averaged rows are float32, so a
+    batch holding any is float32 and no averaged value is rounded."""
+    batch = ["e", "a", None]
+    for kind in (InMemoryTokens, StreamedTokens):
+        assert kind(store, list(LENGTHS), max_rows=max_rows).gather(batch).x.dtype == dtype
+
+
+def test_the_model_sees_the_same_numbers_from_fp16_and_float32_batches(store):
+    """The fp16 -> float32 cast happens in the model's standardisation, exactly: predictions are bit-equal."""
+    from fusion.batch import ModalityBatch
+    from fusion.models import FusionModel, FusionModelConfig
+
+    half = StreamedTokens(store, list(LENGTHS)).gather(["e", "b", None, "c"])
+    full = ModalityBatch(x=half.x.float(), mask=half.mask, present=half.present)
+    torch.manual_seed(0)
+    config = FusionModelConfig(modalities=("rna",), input_dims=(("rna", DIM),), n_targets=3, target_names=("a", "b", "c"),
+                               aggregator="cross-attention", d_model=16, n_heads=2)
+    model = FusionModel(config).eval()
+    with torch.no_grad():
+        assert torch.equal(model({"rna": half}), model({"rna": full}))
