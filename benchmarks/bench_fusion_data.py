@@ -9,11 +9,14 @@ posix_fadvise, checked with mincore) and warm:
     raw        the stores' chunk files read sequentially with os.readv into one buffer: the disk
     memmap     the same decoded rows as one .npy per modality, gathered per batch from np.memmap
     loaders    one shuffled epoch of `StoreBatches` (fusion.data) per way of reading per-token rows:
-               - before:  8 threads, one `EmbeddingStore.tokens` call per record (the old StreamedTokens)
                - stream:  fusion.data.StreamedTokens (one zarr call per batch: EmbeddingStore.tokens_many)
-               - stream + 2 workers: the same in 2 torch DataLoader worker processes
+                          on stores as `embedcache build` writes them (--token-codec none), fp16 batches
+               - stream-lz4: the same rows stored with --token-codec lz4
+               - before:  the loader before fp16 batches, on lz4 stores: float32 batches
+               - stream + 2 workers: `stream` in 2 torch DataLoader worker processes
                - zarrs:   StreamedTokens with the zarrs codec pipeline (Rust) on the tokens array
                - memory:  InMemoryTokens (RAM; cold = its load)
+               - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
     layout     the RNA rows alone, re-stored with other chunk / shard / codec choices, read per batch
                with one zarr call (no collation): what the store layout costs
     model      the cross-attention fusion model (FusionModelConfig defaults, the paper's aggregator)
@@ -24,7 +27,7 @@ posix_fadvise, checked with mincore) and warm:
 Samples/s and MB/s of per-token rows delivered (fp16 bytes of the samples' rows, all modalities) are
 reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
-    .venv/bin/python benchmarks/bench_fusion_data.py            # 40 genes, ~1 GB of rows: 5-10 min on the 2-core VM
+    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4.4 GB of rows: ~20 min on the 2-core VM
     .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
 """
 
@@ -107,14 +110,17 @@ ATTRS = {"format": "embedcache-store", "schema_version": 2, "fingerprint": "benc
          "stored_dtype": {"tokens": "float16", "pooled": "float32"}}  # fmt: skip
 
 
-def write_store(path: Path, rows: Iterable[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0) -> None:
-    """A complete embedcache store of `rows` (one record per key), committed in ~group_mb groups as a build does."""
+def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0, **layout) -> None:
+    """A complete embedcache store of `rows` (one record per key), longest first and committed in ~group_mb
+    groups, as a build orders and commits them."""
     from embedcache.store import ContentResult, create_store, open_writer
 
-    create_store(path, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=False, tokens=True, token_dtype="float16", shard_mb=32.0)
+    create_store(path, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=False, tokens=True, token_dtype="float16",
+                 shard_mb=32.0, **layout)  # fmt: skip
     writer = open_writer(path)
     buffer, size = [], 0
-    for key, r in zip(keys, rows):
+    longest_first = sorted(range(len(keys)), key=lambda i: -len(rows[i]))
+    for key, r in ((keys[i], rows[i]) for i in longest_first):
         buffer.append(ContentResult(key=f"c-{key}", residues=key, tokens=r, pooled=None, n_input_tokens=len(r), n_cropped=0, n_windows=1))
         size += r.nbytes
         if size >= group_mb * 1e6:
@@ -131,7 +137,8 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
 
     prepared = work / "prepared"
     stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITIES}
-    if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=("prepared", "stores", "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))):
+    made = ("prepared", "stores", *(f"stores-{v}" for v in VARIANTS), "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))
+    if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=made):
         log(f"  reusing the data set in {work} ({SETUP_FILE} matches)")
         return prepared, stores, 0.0
     started = time.perf_counter()
@@ -142,8 +149,10 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
     dims = setup.shapes.dims()
     lengths = {"dna": (genes, dna_len), "rna": (transcripts, rna_len), "protein": (transcripts, protein_len)}
     for m, (keys, lens) in lengths.items():
-        rows = (rng.standard_normal((int(n), dims[m]), dtype=np.float32).astype(np.float16) for n in lens)
+        rows = [rng.standard_normal((int(n), dims[m]), dtype=np.float32).astype(np.float16) for n in lens]
         write_store(Path(stores[m]), rows, keys, dims[m])
+        for variant, layout in VARIANTS.items():
+            write_store(variant_path(stores[m], variant), rows, keys, dims[m], **layout)
     prepared.mkdir(parents=True)
     # Split by gene, as the paper does; only train is read here.
     split = np.where(gene % 10 == 8, "validation", np.where(gene % 10 == 9, "test", "train"))
@@ -155,6 +164,15 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
     (prepared / "prepare.json").write_text(json.dumps({"kind": "bench", "targets": targets, "key_columns": {m: m for m in MODALITIES}}))
     (work / SETUP_FILE).write_text(json.dumps(asdict(setup)))  # last: its presence marks a whole data set
     return prepared, stores, time.perf_counter() - started
+
+
+# The same rows in other layouts `embedcache build` offers: create_store's options for each.
+VARIANTS = {"lz4": {"token_codec": "lz4"}}
+
+
+def variant_path(store: str, variant: str) -> Path:
+    """The same rows stored in the layout VARIANTS[variant], beside the default stores."""
+    return Path(store).parent.parent / f"stores-{variant}" / Path(store).name
 
 
 def write_memmaps(work: Path, stores: dict[str, str]) -> dict[str, Path]:
@@ -182,7 +200,7 @@ def write_pooled(work: Path, stores: dict[str, str], k: int) -> dict[str, str]:
             continue
         store = open_store(path)
         flat, offsets, lengths = store.token_arrays()
-        rows = (pool_rows(torch.from_numpy(flat[o : o + n]), k).numpy() for o, n in zip(offsets, lengths))
+        rows = [pool_rows(torch.from_numpy(flat[o : o + n]), k).numpy() for o, n in zip(offsets, lengths)]
         write_store(Path(out[m]), rows, store.ids, store.embed_dim)
     return out
 
@@ -283,20 +301,29 @@ def _spans(store):
     return None, offsets - starts[span] + packed[span], store._length[store._content_index]
 
 
-class ThreadedTokens:
-    """The StreamedTokens before this benchmark: 8 threads, one EmbeddingStore.tokens call per record."""
+def pad_float32(pieces, dim: int):
+    """fusion.data._pad before fp16 batches: every batch float32, fp16 rows cast while copied."""
+    from fusion.batch import ModalityBatch
 
-    def __init__(self, store, keys, threads: int = 8):
-        from concurrent.futures import ThreadPoolExecutor
+    lengths = [0 if p is None else len(p) for p in pieces]
+    x = np.zeros((len(pieces), max(max(lengths), 1), dim), np.float32)  # (b, L, d)
+    mask = np.zeros(x.shape[:2], bool)  # (b, L)
+    for i, p in enumerate(pieces):
+        if p is not None:
+            x[i, : len(p)], mask[i, : len(p)] = p.numpy(), True
+    return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
 
+
+class Float32Tokens:
+    """StreamedTokens with the float32 batches of the loader before this change."""
+
+    def __init__(self, store):
         self.dim, self.store = store.embed_dim, store
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-read")
 
     def gather(self, keys):
-        from fusion.data import _pad
-
-        arrays = list(self.pool.map(lambda k: None if k is None else self.store.tokens(k), keys))
-        return _pad([None if a is None else torch.from_numpy(a) for a in arrays], self.dim)
+        present = [k for k in keys if k is not None]
+        rows = iter(self.store.tokens_many(present))
+        return pad_float32([None if k is None else torch.from_numpy(next(rows)) for k in keys], self.dim)
 
 
 def zarrs_store(path: str):
@@ -315,7 +342,7 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("before", "stream", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled")
+LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled")
 
 
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
@@ -326,12 +353,14 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
 
     if way == "stream-pooled":
         way, stores = "stream", pooled
+    if way in ("stream-lz4", "before"):
+        stores = {m: str(variant_path(p, "lz4")) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading, seed=seed)
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
-        batches.features = {m: ThreadedTokens(batches.stores[m], keys[m]) for m in MODALITIES}
+        batches.features = {m: Float32Tokens(batches.stores[m]) for m in MODALITIES}
     elif way == "memmap":
         batches.features = {m: MemmapTokens(memmaps[m], batches.stores[m], keys[m]) for m in MODALITIES}
     elif way == "zarrs":
@@ -360,6 +389,23 @@ def worker_batches(batches, workers: int, epoch: int):
     return iter(loader)
 
 
+def repeated_share(batches) -> float:
+    """Share of the delivered rows of one shuffled train epoch that repeat a record already in the same
+    batch (DNA: transcripts of one gene). StoreBatches' streamed paths read such a record once per batch;
+    memmap and memory copy it per sample. At IsoFormer scale (20,000 genes) batches rarely repeat one."""
+    arrays = batches.split_arrays("train")
+    order = np.random.default_rng([batches.config.seed, 0]).permutation(len(arrays.sample_ids))
+    size = batches.config.batch_size
+    rows = {m: {k: s.token_span(k)[1] * s.embed_dim for k in set(arrays.keys[m]) if k is not None} for m, s in batches.stores.items()}
+    delivered = repeated = 0
+    for s in range(0, len(order), size):
+        for m, keys in arrays.keys.items():
+            batch = [keys[i] for i in order[s : s + size] if keys[i] is not None]
+            delivered += sum(rows[m][k] for k in batch)
+            repeated += sum(rows[m][k] for k in batch) - sum(rows[m][k] for k in set(batch))
+    return repeated / delivered
+
+
 def first_batch(batches):
     """The first batch of the shuffled epoch 0 (as StoreBatches and worker_batches order it), made in this thread.
 
@@ -372,8 +418,9 @@ def first_batch(batches):
 
 
 def same_batch(a, b) -> bool:
-    return a.sample_ids == b.sample_ids and all(
-        torch.equal(a.features[m].x, b.features[m].x) and torch.equal(a.features[m].mask, b.features[m].mask) for m in MODALITIES
+    return a.sample_ids == b.sample_ids and all(  # values, not dtypes: `before` makes float32 batches of the same numbers
+        torch.equal(a.features[m].x.float(), b.features[m].x.float()) and torch.equal(a.features[m].mask, b.features[m].mask)
+        for m in MODALITIES
     )
 
 
@@ -434,12 +481,12 @@ def model_rate(batches, steps: int, batch_size: int, seed: int) -> dict:
 
 # -- store layouts ------------------------------------------------------------------------------------
 
-LAYOUTS = {  # name -> (inner chunk KiB, shard MiB or None, codecs); "store" is what embedcache writes today
-    "store: lz4+bitshuffle, crc32c, 1 MiB chunks in 32 MiB shards": (1024, 32, "lz4-crc"),
-    "no crc32c": (1024, 32, "lz4"),
-    "no compression (crc32c only)": (1024, 32, "crc"),
-    "256 KiB chunks": (256, 32, "lz4-crc"),
-    "unsharded 1 MiB chunks": (1024, None, "lz4-crc"),
+LAYOUTS = {  # name -> (inner chunk KiB, shard MiB or None, codecs); "store" is what embedcache writes by default
+    "store: crc32c, 1 MiB chunks in 32 MiB shards": (1024, 32, "crc"),
+    "--token-codec lz4: lz4+bitshuffle, crc32c": (1024, 32, "lz4-crc"),
+    "no crc32c either": (1024, 32, "none"),
+    "256 KiB chunks": (256, 32, "crc"),
+    "unsharded 1 MiB chunks": (1024, None, "crc"),
 }
 
 
@@ -447,7 +494,7 @@ def _codecs(kind: str):
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     lz4 = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
-    return {"lz4-crc": (lz4, Crc32cCodec()), "lz4": (lz4,), "crc": (Crc32cCodec(),)}[kind]
+    return {"lz4-crc": (lz4, Crc32cCodec()), "crc": (Crc32cCodec(),), "none": ()}[kind]
 
 
 def layout_reads(work: Path, store_path: str, batch_size: int, seed: int, evicted: bool) -> dict:
@@ -494,7 +541,9 @@ def layout_reads(work: Path, store_path: str, batch_size: int, seed: int, evicte
 
 def create_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--n-genes", type=int, default=40, help="genes (~8.5 transcripts = samples each; 40 genes ~ 1 GB of rows)")
+    p.add_argument("--n-genes", type=int, default=200, help="genes (~8.5 transcripts = samples each; 200 genes ~ 4.4 GB of rows, "
+                   "written three times: default and lz4 stores, memmap). Fewer genes make batches repeat a gene's DNA, "
+                   "which the stream paths read once: 31%% of delivered rows at 30 genes, ~5%% at 200")
     p.add_argument("--quick", action="store_true", help="8 genes, no layout table, 2 model steps (~1 min)")
     p.add_argument("--dna-encoder", choices=("nt", "enformer"), default="nt", help="DNA rows: NT-v2 (1024 x 2,000) or Enformer (3072 x 896)")
     p.add_argument("--token-scale", type=float, default=1.0, help="multiply every token count (tests: 0.02)")
@@ -551,11 +600,13 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         s = open_store(path)
         rows = int(s._length.sum())
         sizes[m] = {"records": len(s), "dim": dims[m], "rows_per_record": rows / len(s), "rows_mb": rows * dims[m] * 2 / 1e6,
-                    "file_mb": sum(p.stat().st_size for p in _files([Path(path) / "tokens"])) / 1e6}  # fmt: skip
+                    "file_mb": sum(p.stat().st_size for p in _files([Path(path) / "tokens"])) / 1e6,
+                    "lz4_file_mb": sum(p.stat().st_size for p in _files([variant_path(path, "lz4") / "tokens"])) / 1e6}  # fmt: skip
         print(f"  {m:8s} {len(s):5d} records x {rows / len(s):6.0f} rows x {dims[m]} fp16 = {sizes[m]['rows_mb']:7.1f} MB "
-              f"of rows, {sizes[m]['file_mb']:7.1f} MB of chunk files")  # fmt: skip
+              f"of rows, {sizes[m]['file_mb']:7.1f} MB of chunk files ({sizes[m]['lz4_file_mb']:.1f} MB with --token-codec lz4)")  # fmt: skip
     print(f"  setup {setup_s:.0f} s; lengths: {json.dumps(asdict(shapes))}")
     token_dirs = [Path(p) / "tokens" for p in stores.values()]
+    variant_dirs = [variant_path(p, v) / "tokens" for p in stores.values() for v in VARIANTS]
 
     # raw disk, then every loader, cold then warm, on the same files
     raw = {}
@@ -568,13 +619,17 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
           f"{raw['cold']['resident_before']:.0%}), warm {raw['warm']['mb_s']:,.0f} MB/s")  # fmt: skip
 
     loaders: dict[str, dict] = {}
-    reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
+    reference_loader = open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed)
+    reference, repeated = first_batch(reference_loader), repeated_share(reference_loader)
+    del reference_loader
+    print(f"  {repeated:.0%} of the rows an epoch delivers repeat a record already in the same batch (DNA of one gene): "
+          f"the stream paths read those once, memmap and memory copy them")  # fmt: skip
     ways = [w for w in args.loaders.split(",") if w != "zarrs" or zarrs_store(stores["rna"]) is not None]
     if len(ways) < len(args.loaders.split(",")):
         print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
     for rep in range(args.repeats):
         for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
-            files = [*token_dirs, *memmaps.values(), *pooled.values()]
+            files = [*token_dirs, *variant_dirs, *memmaps.values(), *pooled.values()]
             resident = evict(files)
             t0 = time.perf_counter()
             batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
@@ -646,7 +701,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     total = time.perf_counter() - started
     print(f"== took {total:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.2f}")
     results = {"benchmark": "bench_fusion_data", "date": time.strftime("%Y-%m-%d"), "machine": machine, "setup": asdict(setup),
-               "sizes": sizes, "raw": raw, "loaders": loaders, "layouts": layouts, "model": models, "seconds": total,
+               "sizes": sizes, "raw": raw, "repeated_share": repeated, "loaders": loaders, "layouts": layouts, "model": models, "seconds": total,
                "load_average_at_end": os.getloadavg()[0],
                "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}  # fmt: skip
     write_json(args.json, results)

@@ -86,7 +86,7 @@ def _store_attrs(config: BuildConfig, encoder: Encoder, fp: str, fp_fields: dict
         "windowing": {"window": encoder.window, "overlap": overlap, "crop": config.crop, "max_length": config.max_length},
         "source_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[encoder.precision],
         "stored_dtype": {"tokens": config.dtype, "pooled": "float32"},
-        "layout": {"token_chunk": chunk, "token_shard": shard},
+        "layout": {"token_chunk": chunk, "token_shard": shard, "token_codec": config.token_codec},
     }
 
 
@@ -194,7 +194,7 @@ def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_f
                 log(f"{location.url}: a store creation was interrupted before; creating it again")
             create_store(location, attrs=attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
                          pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
-                         shard_mb=config.shard_mb)  # fmt: skip
+                         shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
             writer = open_writer(location)
         writer.set_status("incomplete")
         return _run(config, inputs, location, lease, writer, plan, scheduler, scheduler_file, progress, log)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from embedcache.encoders import EncoderSettings, encoder_entry
 from embedcache.errors import EncoderError
 from embedcache.reduce import fingerprint_part
-from embedcache.store import SCHEMA_VERSION
+from embedcache.store import SCHEMA_VERSION, TOKEN_CODECS
 from embedcache.windows import CROPS
 
 POOLINGS = ("mean", "cls", "center", "none")
@@ -42,6 +42,7 @@ class BuildConfig:
     device: str = "auto"  # where the model runs (not part of the fingerprint)
     max_tokens: int = 8192  # token budget of one padded batch (not part of the fingerprint)
     shard_mb: float = 32.0  # target size of one per-token shard (layout only, not part of the fingerprint)
+    token_codec: str = "none"  # per-token chunk compression: none | lz4 (blosc lz4 + bitshuffle); both keep a crc32c per chunk (layout only)
     unit_mb: float = 256.0  # per-token bytes of one work unit, in whole shards (scheduling only; resume is per unit)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class BuildConfig:
             raise EncoderError(
                 f"--max-length {self.max_length} needs --crop left|right|center: nothing is cropped unless asked"
             )
+        if self.token_codec not in TOKEN_CODECS:
+            raise EncoderError(f"unknown --token-codec {self.token_codec!r}; expected one of {list(TOKEN_CODECS)}")
         if self.dtype not in TOKEN_DTYPES:
             raise EncoderError(f"unknown --dtype {self.dtype!r}; expected one of {list(TOKEN_DTYPES)}")
         if not self.tokens and self.pooling == "none":

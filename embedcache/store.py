@@ -73,9 +73,14 @@ RECORD_CHUNK = 4096  # rows per chunk of the per-record / per-content arrays
 RESIDUE_CHUNK = 256  # strings per chunk of `residues` (an Enformer window is 196 kb)
 MAX_EMBED_DIM = 1 << 16  # a store claiming wider rows is damaged, not a model
 
-# fp16 embeddings barely compress (1.08-1.10x with any codec, measured); lz4 with bitshuffle is
-# the fastest to decode, which is what the fusion loader pays for on every epoch.
-_TOKEN_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec())
+# Per-token chunk codecs (BuildConfig.token_codec). fp16 embeddings barely compress (1.08-1.10x with
+# any codec, store-design.md), and decoding is what the fusion loader pays on every epoch: without
+# compression a streamed epoch ran 1.3-1.9x faster for a 4-9% larger store (bench_fusion_data.py).
+# Either way every chunk carries its crc32c.
+TOKEN_CODECS = {
+    "none": (Crc32cCodec(),),
+    "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
+}
 _TEXT_CODECS = (ZstdCodec(level=3), Crc32cCodec())
 _NUMBER_CODECS = (ZstdCodec(level=1), Crc32cCodec())
 # Every chunk inside a committed range is written, even when it holds only the fill value, so a
@@ -236,6 +241,7 @@ def create_store(
     token_dtype: str,
     shard_mb: float,
     chunk_bytes: int = CHUNK_BYTES,
+    token_codec: str = "none",
 ) -> None:
     """Create an empty store: every array at length 0, an empty commit log, and, LAST, the head.
 
@@ -265,7 +271,7 @@ def create_store(
             chunk, shard = token_chunking(embed_dim * np.dtype(token_dtype).itemsize, shard_mb, chunk_bytes, n_layers=k)
             root.create_array(
                 "tokens", shape=(0, k, embed_dim), chunks=(chunk, 1, embed_dim), shards=(shard, k, embed_dim),
-                dtype=token_dtype, dimension_names=("token", "layer", "feature"), compressors=_TOKEN_CODECS,
+                dtype=token_dtype, dimension_names=("token", "layer", "feature"), compressors=TOKEN_CODECS[token_codec],
                 config=_WRITE_CONFIG,
             )
         create_log(root)

@@ -72,7 +72,7 @@ from fusion.errors import FusionError
 from fusion.models import FusionModel, FusionModelConfig
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest
-from fusion.run import CachedFeed, RunManifest, RunResult, check_run_data, open_run, read_finished_run, train_run
+from fusion.run import CachedFeed, RunManifest, RunResult, check_run_data, open_run, read_finished_run, stats_pass, train_run
 from fusion.train import TrainConfig, adamw, decay_groups, resolve_amp, resolve_device
 
 Log = Callable[[str], None]
@@ -605,10 +605,10 @@ class LiveFeed:
     def wrap(self, fusion: FusionModel, data: DataConfig) -> nn.Module:
         return EndToEndModel(self.live, fusion, features=data.features, max_tokens=data.max_tokens).to(self.device)
 
-    def fit_stats(self, model: nn.Module, batches: StoreBatches) -> str:
+    def fit_stats(self, model: nn.Module, batches: StoreBatches, progress: bool) -> str:
         if self.config.init_from:
             return f"from {self.config.init_from}"
-        counts = fit_live_feature_stats_(model, batches("train", shuffle=False, epoch=0))
+        counts = fit_live_feature_stats_(model, stats_pass(batches, "feature statistics (live encoders)", progress))
         return f"fitted on live train features of the pretrained encoders ({counts} rows)"
 
     def configure(self, model: nn.Module, log: Log) -> dict:

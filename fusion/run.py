@@ -32,12 +32,14 @@ import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from fusion.batch import Batch
 from fusion.checkpoint import check_fingerprints, load_checkpoint
 from fusion.data import DataConfig, StoreBatches, open_batches
 from fusion.errors import ConfigError, RunError, checked_config
@@ -202,8 +204,8 @@ class Feed(Protocol):
     def wrap(self, fusion: FusionModel, data: DataConfig) -> nn.Module:
         """The model train() trains: the fusion model itself, or live encoders + the fusion model."""
 
-    def fit_stats(self, model: nn.Module, batches: StoreBatches) -> str:
-        """Fit the feature standardisation on the train split; say where it came from."""
+    def fit_stats(self, model: nn.Module, batches: StoreBatches, progress: bool) -> str:
+        """Fit the feature standardisation on the train split (`stats_pass`); say where it came from."""
 
     def configure(self, model: nn.Module, log: Log) -> dict:
         """Set what trains; return what run.json records about it (`encoders`)."""
@@ -214,6 +216,13 @@ class Feed(Protocol):
 
     def reopen(self, run: RunManifest, batches: StoreBatches, checkpoint: dict, device: str | None, log: Log) -> nn.Module:
         """The trained model of a finished run, best weights loaded, in eval mode."""
+
+
+def stats_pass(batches: StoreBatches, desc: str, progress: bool) -> Iterator[Batch]:
+    """The train split once, in order, behind a progress bar: a full pass over the training data
+    (through live encoders, as long as an epoch) before the first step."""
+    return tqdm(batches("train", shuffle=False, epoch=0), total=batches.n_batches("train"), desc=desc,
+                disable=not progress, leave=False, dynamic_ncols=True)  # fmt: skip
 
 
 class CachedFeed:
@@ -233,8 +242,8 @@ class CachedFeed:
     def wrap(self, fusion: FusionModel, data: DataConfig) -> nn.Module:
         return fusion
 
-    def fit_stats(self, model: nn.Module, batches: StoreBatches) -> str:
-        counts = fit_feature_stats_(model, batches("train", shuffle=False, epoch=0))
+    def fit_stats(self, model: nn.Module, batches: StoreBatches, progress: bool) -> str:
+        counts = fit_feature_stats_(model, stats_pass(batches, "feature statistics", progress))
         return f"fitted on the train split's stored features ({counts} rows)"
 
     def configure(self, model: nn.Module, log: Log) -> dict:
@@ -320,7 +329,7 @@ def train_run(
     seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
     fusion = feed.initial_fusion(batches, data, log) or build_model(batches, aggregator, model_options)
     model = feed.wrap(fusion, data)
-    stats = feed.fit_stats(model, batches)
+    stats = feed.fit_stats(model, batches, progress)
     encoders = feed.configure(model, log)
     manifest = RunManifest(
         mode=feed.mode,

@@ -17,7 +17,7 @@ import xarray as xr
 from embedcache import open_store
 from embedcache.build import build
 from embedcache.config import BuildConfig
-from embedcache.errors import FingerprintMismatch, InputError, StoreError
+from embedcache.errors import EncoderError, FingerprintMismatch, InputError, StoreError
 
 from .conftest import write_fasta
 from .test_parity import AA, random_seqs
@@ -85,6 +85,43 @@ def test_other_fingerprint_is_refused_naming_both(tmp_path, models):
     assert other.pooling == "cls"
     # Settings that do not change the numbers do not change the fingerprint.
     run_build(esm2_config(models, max_tokens=17, shard_mb=1.0), [fasta], store)
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4"])
+def test_token_codecs_store_the_same_rows_and_check_every_chunk(tmp_path, models, codec):
+    """--token-codec is layout: the same rows (every layer), the same fingerprint (a store resumes under
+    either), recorded in the store; a flipped byte in a per-token chunk is refused by its crc32c,
+    compressed or not."""
+    fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [40, 70, 25], seed=3))
+    run_build(esm2_config(models, layers=(0, -1)), [fasta], tmp_path / "default.zarr")
+    store = tmp_path / f"{codec}.zarr"
+    run_build(esm2_config(models, layers=(0, -1), token_codec=codec, shard_mb=0.01), [fasta], store)
+    s, default = open_store(store, layer=0), open_store(tmp_path / "default.zarr", layer=0)
+    assert s.fingerprint == default.fingerprint and s.attrs["layout"]["token_codec"] == codec
+    inner = json.loads((store / "tokens" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+    assert [c["name"] for c in inner] == {"none": ["bytes", "crc32c"], "lz4": ["bytes", "blosc", "crc32c"]}[codec]
+    for layer in s.layers:
+        np.testing.assert_array_equal(s.token_arrays(layer)[0], default.token_arrays(layer)[0])
+        for got, want in zip(s.tokens_many(s.ids, layer), default.tokens_many(s.ids, layer)):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(s.tokens(s.ids[1], layer), default.tokens(s.ids[1], layer))
+    other = "lz4" if codec == "none" else "none"
+    assert run_build(esm2_config(models, layers=(0, -1), token_codec=other), [fasta], store).plan.n_new == 0  # resumes
+    assert s.verify() == []
+    chunk = sorted(p for p in (store / "tokens" / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="'tokens'"):
+        open_store(store, layer=0).token_arrays()
+    with pytest.raises(StoreError, match="'tokens'"):
+        open_store(store, layer=0).tokens_many(s.ids)
+    assert any("'tokens'" in f for f in open_store(store, layer=0).verify())
+
+
+def test_an_unknown_token_codec_is_refused():
+    with pytest.raises(EncoderError, match=r"unknown --token-codec 'zstd'; expected one of \['none', 'lz4'\]"):
+        BuildConfig.create("esm2", "x", token_codec="zstd")
 
 
 def test_same_id_with_another_sequence_in_the_store_is_refused(tmp_path, models):

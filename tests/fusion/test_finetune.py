@@ -202,8 +202,9 @@ def test_frozen_finetune_trains_like_cached_mode(data, cached_run, tmp_path, cap
     """Same seed, frozen encoders, no warm start: standardisation fitted on live train features, then the same training."""
     result = run_finetune(data_config(data), "cross-attention", MODEL, TrainConfig(epochs=2, batch_size=8), FinetuneConfig(),
                           tmp_path / "run", progress=True, log=QUIET)  # fmt: skip
-    bars = capsys.readouterr().err  # passes through the live encoders show progress: validation and the final evaluation
-    assert "validate epoch 1" in bars and all(f"evaluate {split}" in bars for split in SPLITS)
+    bars = capsys.readouterr().err  # passes through the live encoders show progress: statistics, validation, the final evaluation
+    assert "feature statistics (live encoders)" in bars and "validate epoch 1" in bars
+    assert all(f"evaluate {split}" in bars for split in SPLITS)
     assert result.model.modes == {"dna": "frozen", "rna": "frozen", "protein": "frozen"}
     _, cached_model, _ = load_run(cached_run)
     for m, cached_stats in cached_model.standardize.items():  # equal up to half a float16 step at the features' scale
