@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from embedcache.commits import CommitLog, Head
@@ -190,6 +191,40 @@ class EmbeddingStore:
         except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
             raise StoreError(f"store {self.path!r}: array 'tokens' rows of {len(spans)} records cannot be read: {e}; run embedcache verify") from e
         return [rows[i] for i in record_ids]
+
+    def read_tokens_into(self, record_ids: list[str | None], out: np.ndarray, layer: int | None = None) -> None:
+        """Write each record's (L_i, d) per-token rows straight into out[i, :L_i], in ONE zarr call.
+
+        `out` is (len(record_ids), >= max L_i, d) in the stored dtype (a padded batch); a None id leaves
+        its row untouched and a repeated id is read once. zarr decodes each chunk straight into `out`
+        (no array per record to copy afterwards); every chunk's crc32c is checked as in `tokens_many`.
+        """
+        pos = None if self.schema_version == 1 else self.layer_position(layer)
+        array = self._tokens._async_array
+        first: dict[str, int] = {}
+        reads = []
+        for i, rid in enumerate(record_ids):
+            if rid is None or rid in first:
+                continue
+            first[rid] = i
+            o, n = self.token_span(rid)
+            if pos is None:
+                reads.append(array.get_orthogonal_selection(slice(o, o + n), out=NDBuffer.from_numpy_array(out[i, :n])))
+            else:  # a one-layer slice keeps the layer axis (size 1): out's row viewed with it
+                view = out[i, :n, None, :]  # (n, 1, d) view of out[i, :n]
+                reads.append(array.get_orthogonal_selection((slice(o, o + n), slice(pos, pos + 1)), out=NDBuffer.from_numpy_array(view)))
+
+        async def read_all() -> None:
+            await asyncio.gather(*reads)
+
+        try:
+            sync(read_all())
+        except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
+            raise StoreError(f"store {self.path!r}: array 'tokens' rows of {len(first)} records cannot be read: {e}; run embedcache verify") from e
+        for i, rid in enumerate(record_ids):
+            if rid is not None and first[rid] != i:
+                n = self.token_span(rid)[1]
+                out[i, :n] = out[first[rid], :n]
 
     def token_arrays(self, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All per-token data at once: (flat (T, d), offset per record into flat, length per record).

@@ -206,20 +206,27 @@ class InMemoryTokens(ModalityFeatures):
 class StreamedTokens(ModalityFeatures):
     """Per-token rows read from the store per batch: one zarr call reads the batch's records concurrently.
 
-    zarr's own event loop runs the reads (`EmbeddingStore.tokens_many`), so there is no thread pool
-    here; on the 2-core VM this matched 8 threads of per-record reads (benchmarks/README.md,
-    bench_fusion_data.py), and every chunk's crc32c is still checked.
+    zarr's own event loop runs the reads, so there is no thread pool here, and every chunk's crc32c is
+    still checked. Without max_rows, zarr decodes straight into the padded fp16 batch
+    (`EmbeddingStore.read_tokens_into`): no array per record to copy again (+10-15% in
+    bench_fusion_data.py); with max_rows, records are averaged one by one before padding.
     """
 
     def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
         self.dim, self.max_rows = store.embed_dim, max_rows
         self.store = store
+        self.dtype = np.dtype(store.attrs["stored_dtype"]["tokens"])
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
-        present = [k for k in keys if k is not None]
-        rows = iter(self.store.tokens_many(present))
-        pieces = [None if k is None else torch.from_numpy(next(rows)) for k in keys]
-        return _pad(pieces, self.dim, self.max_rows)
+        if self.max_rows is not None:  # rows are averaged per record before padding
+            present = [k for k in keys if k is not None]
+            rows = iter(self.store.tokens_many(present))
+            return _pad([None if k is None else torch.from_numpy(next(rows)) for k in keys], self.dim, self.max_rows)
+        lengths = np.array([0 if k is None else self.store.token_span(k)[1] for k in keys])  # (b,)
+        x = np.zeros((len(keys), max(int(lengths.max(initial=0)), 1), self.dim), self.dtype)  # (b, L, d), zero padding
+        self.store.read_tokens_into(keys, x)  # zarr decodes into the batch: no per-record array to copy
+        mask = np.arange(x.shape[1]) < lengths[:, None]  # (b, L)
+        return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.from_numpy(lengths > 0))
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:

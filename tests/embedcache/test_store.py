@@ -105,6 +105,14 @@ def test_token_codecs_store_the_same_rows_and_check_every_chunk(tmp_path, models
         for got, want in zip(s.tokens_many(s.ids, layer), default.tokens_many(s.ids, layer)):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(s.tokens(s.ids[1], layer), default.tokens(s.ids[1], layer))
+        batch = [s.ids[2], None, s.ids[0], s.ids[2]]  # an absent sample and a repeated record
+        out = np.full((4, 80, s.embed_dim), 7, np.float16)  # rows past each record's length are left as they were
+        s.read_tokens_into(batch, out, layer)
+        for row, rid in zip(out, batch):
+            n = 0 if rid is None else len(default.tokens(rid, layer))
+            if rid is not None:
+                np.testing.assert_array_equal(row[:n], default.tokens(rid, layer))
+            assert (row[n:] == 7).all()
     other = "lz4" if codec == "none" else "none"
     assert run_build(esm2_config(models, layers=(0, -1), token_codec=other), [fasta], store).plan.n_new == 0  # resumes
     assert s.verify() == []
@@ -116,6 +124,8 @@ def test_token_codecs_store_the_same_rows_and_check_every_chunk(tmp_path, models
         open_store(store, layer=0).token_arrays()
     with pytest.raises(StoreError, match="'tokens'"):
         open_store(store, layer=0).tokens_many(s.ids)
+    with pytest.raises(StoreError, match="'tokens'"):
+        open_store(store, layer=0).read_tokens_into(s.ids, np.zeros((len(s.ids), 80, s.embed_dim), np.float16))
     assert any("'tokens'" in f for f in open_store(store, layer=0).verify())
 
 

@@ -37,9 +37,10 @@ def _config(demo_data, protein: str, **kwargs) -> DataConfig:
 
 def test_a_chosen_layer_feeds_what_a_single_layer_store_feeds(demo_data, protein_layers):
     manifest = read_manifest(demo_data["prep"])
-    for features in ("pooled", "tokens"):
-        chosen = open_batches(_config(demo_data, protein_layers["multi"], layers={"protein": 1}, features=features), manifest, log=QUIET)
-        alone = open_batches(_config(demo_data, protein_layers["layer1"], features=features), manifest, log=QUIET)
+    for features, loading in (("pooled", "auto"), ("tokens", "memory"), ("tokens", "stream")):
+        options = dict(features=features, loading=loading)
+        chosen = open_batches(_config(demo_data, protein_layers["multi"], layers={"protein": 1}, **options), manifest, log=QUIET)
+        alone = open_batches(_config(demo_data, protein_layers["layer1"], **options), manifest, log=QUIET)
         for a, b in zip(chosen("train"), alone("train")):
             # per-token rows are bit-equal; float32 pooled means may differ in the last bit (a strided reduction)
             np.testing.assert_allclose(a.features["protein"].x.numpy(), b.features["protein"].x.numpy(), rtol=1e-6, atol=1e-8)
