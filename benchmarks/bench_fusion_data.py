@@ -13,7 +13,7 @@ posix_fadvise, checked with mincore) and warm:
                           on stores as `embedcache build` writes them (--token-codec none), fp16 batches
                - stream-lz4: the same rows stored with --token-codec lz4
                - before:  the loader before fp16 batches, on lz4 stores: float32 batches
-               - stream + 2 workers: `stream` in 2 torch DataLoader worker processes
+               - stream-2-workers: `stream` in 2 torch DataLoader worker processes (fusion --workers 2)
                - zarrs:   StreamedTokens with the zarrs codec pipeline (Rust) on the tokens array
                - memory:  InMemoryTokens (RAM; cold = its load)
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
@@ -356,7 +356,9 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     if way in ("stream-lz4", "before"):
         stores = {m: str(variant_path(p, "lz4")) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
-    config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading, seed=seed)
+    workers = 2 if way == "stream-2-workers" else 0  # DataConfig.workers: `fusion train --workers 2`
+    config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
+                        workers=workers, seed=seed)  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
@@ -366,27 +368,6 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     elif way == "zarrs":
         batches.features = {m: StreamedTokens(zarrs_store(stores[m]), keys[m]) for m in MODALITIES}
     return batches
-
-
-def worker_batches(batches, workers: int, epoch: int):
-    """The batches of one shuffled train epoch made in `workers` DataLoader processes (each its own zarr)."""
-    from torch.utils.data import DataLoader, Dataset
-
-    arrays = batches.split_arrays("train")
-    order = np.random.default_rng([batches.config.seed, epoch]).permutation(len(arrays.sample_ids))
-    size = batches.config.batch_size
-    rows = [order[s : s + size] for s in range(0, len(order), size)]
-
-    class EpochBatches(Dataset):
-        def __len__(self):
-            return len(rows)
-
-        def __getitem__(self, i):
-            return batches._batch(arrays, rows[i])
-
-    loader = DataLoader(EpochBatches(), batch_size=None, num_workers=workers, prefetch_factor=2,
-                        multiprocessing_context="fork", persistent_workers=False)  # fmt: skip
-    return iter(loader)
 
 
 def repeated_share(batches) -> float:
@@ -407,7 +388,7 @@ def repeated_share(batches) -> float:
 
 
 def first_batch(batches):
-    """The first batch of the shuffled epoch 0 (as StoreBatches and worker_batches order it), made in this thread.
+    """The first batch of the shuffled epoch 0 (as StoreBatches orders it), made in this thread.
 
     Not through the prefetching iterator: left unfinished, its thread would keep the loader (and any
     memmap, whose mapped pages posix_fadvise cannot drop) alive for the rest of the run.
@@ -424,12 +405,11 @@ def same_batch(a, b) -> bool:
     )
 
 
-def epoch(batches, way: str, epoch_no: int) -> tuple[float, int, int]:
+def epoch(batches, epoch_no: int) -> tuple[float, int, int]:
     """(seconds, samples, per-token bytes) of one shuffled train epoch, every batch materialised."""
     t0 = time.perf_counter()
     n = nbytes = 0
-    it = worker_batches(batches, 2, epoch_no) if way == "stream-2-workers" else batches("train", shuffle=True, epoch=epoch_no)
-    for batch in it:
+    for batch in batches("train", shuffle=True, epoch=epoch_no):
         n += len(batch)
         nbytes += sum(int(f.mask.sum()) * f.x.shape[-1] * 2 for f in batch.features.values())  # fp16 rows delivered
     return time.perf_counter() - t0, n, nbytes
@@ -636,13 +616,13 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             open_s = time.perf_counter() - t0
             res = {"open_s": open_s, "resident_before": resident}
             for temp, no in (("cold", 0), ("warm", 1)):
-                s, n, nbytes = epoch(batches, way, no)
+                s, n, nbytes = epoch(batches, no)
                 if temp == "cold" and way == "memory":
                     s += open_s  # its cold read is the load into RAM
                 res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
             first = first_batch(batches)
             if way == "stream-2-workers":  # through the worker processes, then shut them down
-                workers = worker_batches(batches, 2, 0)
+                workers = batches("train", shuffle=True, epoch=0)
                 first = next(workers)
                 del workers
             # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)

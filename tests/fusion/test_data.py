@@ -84,3 +84,23 @@ def test_the_model_sees_the_same_numbers_from_fp16_and_float32_batches(store):
     model = FusionModel(config).eval()
     with torch.no_grad():
         assert torch.equal(model({"rna": half}), model({"rna": full}))
+
+
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loading):
+    """--workers N: DataLoader processes assemble the epoch; the batches are the ones one thread makes."""
+    from fusion.data import DataConfig, DataError, open_batches
+    from fusion.run import read_manifest
+
+    manifest = read_manifest(demo_data["prep"])
+    opened = {w: open_batches(DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], batch_size=8, loading=loading, workers=w),
+                              manifest, log=lambda s: None) for w in (0, 2)}  # fmt: skip
+    thread, workers = (list(opened[w]("train", shuffle=True, epoch=1)) for w in (0, 2))
+    assert len(thread) == len(workers) == opened[0].n_batches("train")
+    for a, b in zip(thread, workers):
+        assert a.sample_ids == b.sample_ids and torch.equal(a.targets, b.targets) and torch.equal(a.target_mask, b.target_mask)
+        for m in a.features:
+            assert torch.equal(a.features[m].x, b.features[m].x) and torch.equal(a.features[m].mask, b.features[m].mask)
+            assert torch.equal(a.features[m].present, b.features[m].present)
+    with pytest.raises(DataError, match="workers must be a whole number >= 0"):
+        DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], workers=-1)

@@ -61,8 +61,9 @@ def test_cli_trains_on_the_chosen_layer_and_records_it(demo_data, protein_layers
     run = tmp_path / "run"
     args = ["train", "--manifest", demo_data["prep"], "--store", f"protein={protein_layers['multi']}", "--features", "pooled",
             "--epochs", "1", "--d-model", "16", "--head-hidden", "16", "--no-progress", "--out", str(run)]  # fmt: skip
-    assert fusion_main([*args, "--layer", "protein=-1"]) == 0
-    assert json.loads((run / "run.json").read_text())["data"]["layers"] == {"protein": -1}
+    assert fusion_main([*args, "--layer", "protein=-1", "--workers", "2"]) == 0  # batches from 2 DataLoader processes
+    data = json.loads((run / "run.json").read_text())["data"]
+    assert data["layers"] == {"protein": -1} and data["workers"] == 2
     capsys.readouterr()
     assert fusion_main([*args[:-1], str(tmp_path / "bad"), "--layer", "protein=top"]) == 2
     assert "--layer 'protein=top': a layer is an integer" in capsys.readouterr().err
