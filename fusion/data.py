@@ -357,8 +357,8 @@ def _worker_batches(epoch: EpochBatches, workers: int, prefetch: int) -> Iterato
 
     Forked, so each worker starts with the opened stores and loaded features of this process (nothing is
     pickled or opened again; zarr resets its event loop in a forked child) and reads with its own core;
-    batches come back through shared memory. Measured in bench_fusion_data.py (stream-2-workers): 1.4x
-    one background thread on the 2-core VM, for a streamed epoch at IsoFormer shapes.
+    batches come back through shared memory. For hosts with free cores: on the 2-core VM, where the
+    one thread already keeps both cores busy, 2 workers gave 0.9-1.2x (bench_fusion_data.py).
     """
     loader = DataLoader(epoch, batch_size=None, num_workers=workers, prefetch_factor=max(1, -(-prefetch // workers)),
                         multiprocessing_context="fork")  # fmt: skip
