@@ -75,7 +75,8 @@ MAX_EMBED_DIM = 1 << 16  # a store claiming wider rows is damaged, not a model
 
 # Per-token chunk codecs (BuildConfig.token_codec). fp16 embeddings barely compress (1.08-1.10x with
 # any codec, store-design.md), and decoding is what the fusion loader pays on every epoch: without
-# compression a streamed epoch ran 1.3-1.9x faster for a 4-9% larger store (bench_fusion_data.py).
+# compression a streamed epoch ran 1.1-1.3x faster (the reads alone 1.3-1.4x) for a 4-9% larger store
+# (bench_fusion_data.py).
 # Either way every chunk carries its crc32c.
 TOKEN_CODECS = {
     "none": (Crc32cCodec(),),
