@@ -9,8 +9,8 @@ posix_fadvise, checked with mincore) and warm:
     raw        the stores' chunk files read sequentially with os.readv into one buffer: the disk
     memmap     the same decoded rows as one .npy per modality, gathered per batch from np.memmap
     loaders    one shuffled epoch of `StoreBatches` (fusion.data) per way of reading per-token rows:
-               - stream:  fusion.data.StreamedTokens (one zarr call per batch: EmbeddingStore.tokens_many)
-                          on stores as `embedcache build` writes them (--token-codec none), fp16 batches
+               - stream:  fusion.data.StreamedTokens (one zarr call per batch decoding into the fp16 batch:
+                          EmbeddingStore.read_tokens_into) on stores as `embedcache build` writes them
                - stream-lz4: the same rows stored with --token-codec lz4
                - before:  the loader before fp16 batches, on lz4 stores: float32 batches
                - stream-2-workers: `stream` in 2 torch DataLoader worker processes (fusion --workers 2)
@@ -27,7 +27,7 @@ posix_fadvise, checked with mincore) and warm:
 Samples/s and MB/s of per-token rows delivered (fp16 bytes of the samples' rows, all modalities) are
 reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
-    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4.4 GB of rows: ~20 min on the 2-core VM
+    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows: ~12 min idle on the 2-core VM
     .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
 """
 
@@ -110,13 +110,13 @@ ATTRS = {"format": "embedcache-store", "schema_version": 2, "fingerprint": "benc
          "stored_dtype": {"tokens": "float16", "pooled": "float32"}}  # fmt: skip
 
 
-def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0, **layout) -> None:
+def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0, token_codec: str = "none") -> None:
     """A complete embedcache store of `rows` (one record per key), longest first and committed in ~group_mb
     groups, as a build orders and commits them."""
     from embedcache.store import ContentResult, create_store, open_writer
 
     create_store(path, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=False, tokens=True, token_dtype="float16",
-                 shard_mb=32.0, **layout)  # fmt: skip
+                 shard_mb=32.0, token_codec=token_codec)  # fmt: skip
     writer = open_writer(path)
     buffer, size = [], 0
     longest_first = sorted(range(len(keys)), key=lambda i: -len(rows[i]))
@@ -137,7 +137,7 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
 
     prepared = work / "prepared"
     stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITIES}
-    made = ("prepared", "stores", *(f"stores-{v}" for v in VARIANTS), "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))
+    made = ("prepared", "stores", "stores-lz4", "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))
     if reuse_or_clear(work, SETUP_FILE, asdict(setup), made=made):
         log(f"  reusing the data set in {work} ({SETUP_FILE} matches)")
         return prepared, stores, 0.0
@@ -151,8 +151,7 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
     for m, (keys, lens) in lengths.items():
         rows = [rng.standard_normal((int(n), dims[m]), dtype=np.float32).astype(np.float16) for n in lens]
         write_store(Path(stores[m]), rows, keys, dims[m])
-        for variant, layout in VARIANTS.items():
-            write_store(variant_path(stores[m], variant), rows, keys, dims[m], **layout)
+        write_store(lz4_path(stores[m]), rows, keys, dims[m], token_codec="lz4")
     prepared.mkdir(parents=True)
     # Split by gene, as the paper does; only train is read here.
     split = np.where(gene % 10 == 8, "validation", np.where(gene % 10 == 9, "test", "train"))
@@ -166,13 +165,9 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
     return prepared, stores, time.perf_counter() - started
 
 
-# The same rows in other layouts `embedcache build` offers: create_store's options for each.
-VARIANTS = {"lz4": {"token_codec": "lz4"}}
-
-
-def variant_path(store: str, variant: str) -> Path:
-    """The same rows stored in the layout VARIANTS[variant], beside the default stores."""
-    return Path(store).parent.parent / f"stores-{variant}" / Path(store).name
+def lz4_path(store: str) -> Path:
+    """The same rows stored with `--token-codec lz4`, beside the default stores."""
+    return Path(store).parent.parent / "stores-lz4" / Path(store).name
 
 
 def write_memmaps(work: Path, stores: dict[str, str]) -> dict[str, Path]:
@@ -354,7 +349,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     if way == "stream-pooled":
         way, stores = "stream", pooled
     if way in ("stream-lz4", "before"):
-        stores = {m: str(variant_path(p, "lz4")) for m, p in stores.items()}
+        stores = {m: str(lz4_path(p)) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
     workers = 2 if way == "stream-2-workers" else 0  # DataConfig.workers: `fusion train --workers 2`
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
@@ -523,7 +518,7 @@ def create_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--n-genes", type=int, default=200, help="genes (~8.5 transcripts = samples each; 200 genes ~ 4.4 GB of rows, "
                    "written three times: default and lz4 stores, memmap). Fewer genes make batches repeat a gene's DNA, "
-                   "which the stream paths read once: 31%% of delivered rows at 30 genes, ~5%% at 200")
+                   "which the stream paths read once: 31%% of delivered rows at 30 genes, 7%% at 200")
     p.add_argument("--quick", action="store_true", help="8 genes, no layout table, 2 model steps (~1 min)")
     p.add_argument("--dna-encoder", choices=("nt", "enformer"), default="nt", help="DNA rows: NT-v2 (1024 x 2,000) or Enformer (3072 x 896)")
     p.add_argument("--token-scale", type=float, default=1.0, help="multiply every token count (tests: 0.02)")
@@ -581,12 +576,12 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         rows = int(s._length.sum())
         sizes[m] = {"records": len(s), "dim": dims[m], "rows_per_record": rows / len(s), "rows_mb": rows * dims[m] * 2 / 1e6,
                     "file_mb": sum(p.stat().st_size for p in _files([Path(path) / "tokens"])) / 1e6,
-                    "lz4_file_mb": sum(p.stat().st_size for p in _files([variant_path(path, "lz4") / "tokens"])) / 1e6}  # fmt: skip
+                    "lz4_file_mb": sum(p.stat().st_size for p in _files([lz4_path(path) / "tokens"])) / 1e6}  # fmt: skip
         print(f"  {m:8s} {len(s):5d} records x {rows / len(s):6.0f} rows x {dims[m]} fp16 = {sizes[m]['rows_mb']:7.1f} MB "
               f"of rows, {sizes[m]['file_mb']:7.1f} MB of chunk files ({sizes[m]['lz4_file_mb']:.1f} MB with --token-codec lz4)")  # fmt: skip
     print(f"  setup {setup_s:.0f} s; lengths: {json.dumps(asdict(shapes))}")
     token_dirs = [Path(p) / "tokens" for p in stores.values()]
-    variant_dirs = [variant_path(p, v) / "tokens" for p in stores.values() for v in VARIANTS]
+    lz4_dirs = [lz4_path(p) / "tokens" for p in stores.values()]
 
     # raw disk, then every loader, cold then warm, on the same files
     raw = {}
@@ -609,7 +604,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
     for rep in range(args.repeats):
         for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
-            files = [*token_dirs, *variant_dirs, *memmaps.values(), *pooled.values()]
+            files = [*token_dirs, *lz4_dirs, *memmaps.values(), *pooled.values()]
             resident = evict(files)
             t0 = time.perf_counter()
             batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
