@@ -17,15 +17,17 @@ posix_fadvise, checked with mincore) and warm:
                - zarrs:   StreamedTokens with the zarrs codec pipeline (Rust) on the tokens array
                - memory:  InMemoryTokens (RAM; cold = its load)
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
+               - stream-max-tokens: `stream` with longer rows averaged down to 512 per batch (the recipe's
+                          `fusion --max-tokens 512`)
     layout     the RNA rows alone, re-stored with other chunk / shard / codec choices, read per batch
                with one zarr call (no collation): what the store layout costs
     model      the cross-attention fusion model (FusionModelConfig defaults, the paper's aggregator)
-               training on batches of these shapes: forward, masked MSE, backward, AdamW, on this CPU;
+               training on batches of these shapes (full rows, rows pooled at build, rows up to max-tokens): forward, masked MSE, backward, AdamW, on this CPU;
                its FLOPs per sample (torch FlopCounterMode) give the rate an H200 could reach at
                most (data-sheet bf16 peak), the rate a GPU run would ask the loader for
 
-Samples/s and MB/s of per-token rows delivered (fp16 bytes of the samples' rows, all modalities) are
-reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
+Samples/s and MB/s of per-token rows delivered (the stored fp16 bytes of the samples' rows, all
+modalities, before any --max-tokens averaging) are reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
     .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows: ~12 min idle on the 2-core VM
     .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
@@ -337,12 +339,13 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled")
+LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens")
 
 
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
-                pooled: dict[str, str] | None = None):
-    """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores)."""
+                pooled: dict[str, str] | None = None, max_tokens: int = 512):
+    """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores;
+    stream-max-tokens: longer rows averaged down to `max_tokens`)."""
     from fusion.data import DataConfig, StreamedTokens, open_batches
     from fusion.run import read_manifest
 
@@ -353,7 +356,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     loading = "memory" if way == "memory" else "stream"
     workers = 2 if way == "stream-2-workers" else 0  # DataConfig.workers: `fusion train --workers 2`
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
-                        workers=workers, seed=seed)  # fmt: skip
+                        workers=workers, seed=seed, max_tokens=max_tokens if way == "stream-max-tokens" else None)  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
@@ -393,6 +396,18 @@ def first_batch(batches):
     return batches._batch(arrays, order[: batches.config.batch_size])
 
 
+def reduced(batch, max_tokens: int):
+    """`batch` (full rows) with every modality's longer rows averaged as `fusion --max-tokens` averages them."""
+    from dataclasses import replace
+
+    from fusion.data import _pad
+
+    def rows(f):
+        return [torch.from_numpy(f.x[i, :n].numpy()) if n else None for i, n in enumerate(f.mask.sum(1).tolist())]
+
+    return replace(batch, features={m: _pad(rows(f), f.x.shape[-1], max_tokens) for m, f in batch.features.items()})
+
+
 def same_batch(a, b) -> bool:
     return a.sample_ids == b.sample_ids and all(  # values, not dtypes: `before` makes float32 batches of the same numbers
         torch.equal(a.features[m].x.float(), b.features[m].x.float()) and torch.equal(a.features[m].mask, b.features[m].mask)
@@ -400,13 +415,21 @@ def same_batch(a, b) -> bool:
     )
 
 
+def sample_bytes(batches) -> dict[str, int]:
+    """Train sample id -> the stored fp16 bytes of its per-token rows, all modalities."""
+    arrays = batches.split_arrays("train")
+    size = {m: {k: s.token_span(k)[1] * s.embed_dim * 2 for k in set(arrays.keys[m]) if k is not None} for m, s in batches.stores.items()}
+    return {i: sum(size[m][keys[j]] for m, keys in arrays.keys.items() if keys[j] is not None) for j, i in enumerate(arrays.sample_ids)}
+
+
 def epoch(batches, epoch_no: int) -> tuple[float, int, int]:
     """(seconds, samples, per-token bytes) of one shuffled train epoch, every batch materialised."""
+    stored = sample_bytes(batches)
     t0 = time.perf_counter()
     n = nbytes = 0
     for batch in batches("train", shuffle=True, epoch=epoch_no):
         n += len(batch)
-        nbytes += sum(int(f.mask.sum()) * f.x.shape[-1] * 2 for f in batch.features.values())  # fp16 rows delivered
+        nbytes += sum(stored[i] for i in batch.sample_ids)  # the samples' stored rows, whatever the batch holds after averaging
     return time.perf_counter() - t0, n, nbytes
 
 
@@ -526,6 +549,8 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="passes over every loader (cold + warm epoch each), alternating; medians reported")
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
     p.add_argument("--token-pool", type=int, default=8, help="rows averaged per stored row in the stream-pooled case (embedcache build --token-pool)")
+    p.add_argument("--max-tokens", type=int, default=512, help="rows per modality after averaging in the stream-max-tokens case "
+                   "(fusion --max-tokens; 512 in examples/isoformer/recipe.toml)")
     p.add_argument("--no-layouts", action="store_true", help="skip the store-layout table")
     p.add_argument("--model-steps", type=int, default=3, help="timed training steps of the model (after one counted for FLOPs)")
     p.add_argument("--model-batch", type=int, default=8, help="samples per training step of the model (CPU)")
@@ -607,7 +632,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             files = [*token_dirs, *lz4_dirs, *memmaps.values(), *pooled.values()]
             resident = evict(files)
             t0 = time.perf_counter()
-            batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled)
+            batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled, args.max_tokens)
             open_s = time.perf_counter() - t0
             res = {"open_s": open_s, "resident_before": resident}
             for temp, no in (("cold", 0), ("warm", 1)):
@@ -621,7 +646,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
                 first = next(workers)
                 del workers
             # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-            if way != "stream-pooled" and not same_batch(first, reference):
+            expected = reduced(reference, args.max_tokens) if way == "stream-max-tokens" else reference
+            if way != "stream-pooled" and not same_batch(first, expected):
                 raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
             loaders.setdefault(way, {"runs": []})["runs"].append(res)
             print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
@@ -643,8 +669,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"== model: cross-attention fusion (FusionModelConfig defaults), batch {args.model_batch}, {args.model_steps} timed steps")
     h200 = dict(GPU_BF16_PEAK_TFLOPS)["H200"] * 1e12
     models = {}
-    for rows, way in (("full", "memmap"), (f"pooled x{args.token_pool}", "stream-pooled")):
-        batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled)
+    model_inputs = {"full": "memmap", f"pooled x{args.token_pool}": "stream-pooled", f"max-tokens {args.max_tokens}": "stream-max-tokens"}
+    for rows, way in model_inputs.items():
+        batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled, args.max_tokens)
         model = models[rows] = model_rate(batches, args.model_steps, args.model_batch, args.seed)
         model["h200_bound_samples_per_s"] = h200 / model["flops_per_sample"]
         print(f"  {rows} rows: {model['params']:,} parameters; {model['flops_per_sample'] / 1e9:.2f} GFLOP per sample and step "
@@ -656,14 +683,14 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print()
     rows_mb = sum(s["rows_mb"] for s in sizes.values())
     print(f"== per-token loaders, one shuffled train epoch (batch {args.batch_size}, median of {args.repeats}); {rows_mb:,.0f} MB of rows in the stores; "
-          f"MB/s = fp16 rows delivered; raw = chunk-file bytes")  # fmt: skip
+          f"MB/s = stored fp16 rows of the samples delivered; raw = chunk-file bytes")  # fmt: skip
     print("| read path | cold samples/s | cold MB/s | % of raw cold | warm samples/s | warm MB/s | % of raw warm "
           "| x CPU model step (cold) | x H200 bound (cold) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| raw read of the chunk files | | {raw['cold']['mb_s']:,.0f} | 100% | | {raw['warm']['mb_s']:,.0f} | 100% | | |")
     for way, r in loaders.items():
         c, w = r["cold"], r["warm"]
-        model = models[f"pooled x{args.token_pool}" if way == "stream-pooled" else "full"]
+        model = models[{v: k for k, v in model_inputs.items()}.get(way, "full")]  # the model on the rows this path delivers
         print(f"| {way} | {c['samples_per_s']:,.1f} | {c['mb_s']:,.0f} | {c['mb_s'] / raw['cold']['mb_s']:.0%} | "
               f"{w['samples_per_s']:,.1f} | {w['mb_s']:,.0f} | {w['mb_s'] / raw['warm']['mb_s']:.0%} | "
               f"{c['samples_per_s'] / model['samples_per_s']:,.1f}x | {c['samples_per_s'] / model['h200_bound_samples_per_s']:.2g}x |")  # fmt: skip
@@ -673,6 +700,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
               f"{h200 / 1e12:.0f} TFLOP/s, a ceiling no real step reaches)")  # fmt: skip
     print(f"  stream-pooled: the same stores with every {args.token_pool} rows averaged at build (--token-pool); its ratios "
           f"are to the model on pooled rows; its % of raw compares with the full stores' files")  # fmt: skip
+    print(f"  stream-max-tokens: `stream` with longer rows averaged to {args.max_tokens} per batch (fusion --max-tokens); MB/s "
+          f"counts the stored rows it reads; its ratios are to the model on rows up to {args.max_tokens}")  # fmt: skip
     total = time.perf_counter() - started
     print(f"== took {total:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.2f}")
     results = {"benchmark": "bench_fusion_data", "date": time.strftime("%Y-%m-%d"), "machine": machine, "setup": asdict(setup),

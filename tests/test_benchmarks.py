@@ -74,16 +74,17 @@ def test_bench_store_layout_reports_every_chunk_size(tmp_path: Path) -> None:
 def test_bench_fusion_data_runs_every_read_path(tmp_path: Path) -> None:
     out = tmp_path / "data.json"
     proc = run_script("bench_fusion_data.py", "--quick", "--n-genes", "2", "--token-scale", "0.02", "--batch-size", "4",
-                      "--model-steps", "1", "--model-batch", "2", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
+                      "--model-steps", "1", "--model-batch", "2", "--max-tokens", "8", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
-    expected = {"before", "stream", "stream-lz4", "stream-2-workers", "memmap", "memory", "stream-pooled"} | ({"zarrs"} if result["machine"]["zarrs"] else set())
+    expected = {"before", "stream", "stream-lz4", "stream-2-workers", "memmap", "memory", "stream-pooled", "stream-max-tokens"} | ({"zarrs"} if result["machine"]["zarrs"] else set())
     assert set(result["loaders"]) == expected
     n_train = result["loaders"]["stream"]["cold"]["samples"]
     for way, r in result["loaders"].items():
         assert r["cold"]["samples"] == r["warm"]["samples"] == n_train, way  # every path delivers the whole epoch
         assert r["cold"]["mb_s"] > 0 and r["warm"]["mb_s"] > 0
     assert result["raw"]["cold"]["mb_s"] > 0 and 0 <= result["repeated_share"] < 1
-    for model in result["model"].values():  # full rows and rows pooled at build
+    assert len(result["model"]) == 3
+    for model in result["model"].values():  # full rows, rows pooled at build, rows up to --max-tokens
         assert model["samples_per_s"] > 0 and model["flops_per_sample"] > 0
     assert "| stream |" in proc.stdout
 

@@ -8,7 +8,9 @@ import torch
 
 from embedcache import open_store
 from embedcache.store import ContentResult, create_store, open_writer
-from fusion.data import InMemoryTokens, StreamedTokens, _pad
+import torch.nn.functional as F
+
+from fusion.data import InMemoryTokens, StreamedTokens, _pad, group_mean
 
 DIM = 8
 LENGTHS = {"a": 1, "b": 3, "c": 5, "d": 8, "e": 40}
@@ -60,6 +62,25 @@ def test_padding_live_rows_keeps_their_gradients():
     cached = _pad([r.detach().half() if r is not None else None for r in rows], DIM)  # the numpy path: equal values
     assert cached.x.dtype == torch.float16
     torch.testing.assert_close(cached.x.float(), batch.x.detach().half().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("n_rows, max_rows", [(513, 512), (2000, 512), (2048, 512), (1023, 300), (99, 17), (40, 3), (700, 2), (5000, 100), (50, 1)])
+def test_group_mean_is_adaptive_average_pooling_bit_for_bit(n_rows, max_rows, dtype):
+    """group_mean sums row gathers instead of calling the pooling; the numbers must not change by one bit
+    (groups of 2..16 rows, overlapping or not; wider ones, 50 and 100 rows here, go through the pooling)."""
+    x = (torch.randn(n_rows, 24, generator=torch.Generator().manual_seed(n_rows)) * 3 + 1).to(dtype)
+    pooled = F.adaptive_avg_pool1d(x.float().T[None], max_rows)[0].T  # (max_rows, d)
+    got = group_mean(x, max_rows)
+    assert got.dtype == torch.float32 and torch.equal(got, pooled)
+
+
+def test_group_mean_passes_gradients_to_every_row():
+    x = torch.randn(700, 4, requires_grad=True)
+    group_mean(x, 300).sum().backward()
+    expected = torch.autograd.grad(F.adaptive_avg_pool1d(x.T[None], 300).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    assert (x.grad > 0).all()
 
 
 @pytest.mark.parametrize("max_rows, dtype", [(None, torch.float16), (100, torch.float16), (3, torch.float32)])
