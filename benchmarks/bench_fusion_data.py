@@ -19,6 +19,7 @@ posix_fadvise, checked with mincore) and warm:
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
                - stream-max-tokens: `stream` with longer rows averaged down to 512 per batch (the recipe's
                           `fusion --max-tokens 512`)
+               - max-tokens-before: the same, as the loader did it before (per-record arrays, adaptive pooling)
     layout     the RNA rows alone, re-stored with other chunk / shard / codec choices, read per batch
                with one zarr call (no collation): what the store layout costs
     model      the cross-attention fusion model (FusionModelConfig defaults, the paper's aggregator)
@@ -323,6 +324,26 @@ class Float32Tokens:
         return pad_float32([None if k is None else torch.from_numpy(next(rows)) for k in keys], self.dim)
 
 
+class MaxTokensBefore:
+    """StreamedTokens with max_rows as it was before group_mean summed row gathers: one array per record
+    (`tokens_many`), each averaged by F.adaptive_avg_pool1d (the same numbers), then `_pad`."""
+
+    def __init__(self, store, max_rows: int):
+        self.dim, self.store, self.max_rows = store.embed_dim, store, max_rows
+
+    def gather(self, keys):
+        import torch.nn.functional as F
+
+        from fusion.data import _pad
+
+        def pooled(x):  # (L, d) -> (max_rows, d) float32
+            return x if len(x) <= self.max_rows else F.adaptive_avg_pool1d(x.float().T[None], self.max_rows)[0].T
+
+        present = [k for k in keys if k is not None]
+        rows = iter(self.store.tokens_many(present))
+        return _pad([None if k is None else pooled(torch.from_numpy(next(rows))) for k in keys], self.dim)
+
+
 def zarrs_store(path: str):
     """The store opened with its tokens array bound to the zarrs codec pipeline (None when zarrs is absent)."""
     try:
@@ -339,13 +360,13 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens")
+LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "max-tokens-before")
 
 
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
                 pooled: dict[str, str] | None = None, max_tokens: int = 512):
     """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores;
-    stream-max-tokens: longer rows averaged down to `max_tokens`)."""
+    stream-max-tokens, max-tokens-before: longer rows averaged down to `max_tokens`)."""
     from fusion.data import DataConfig, StreamedTokens, open_batches
     from fusion.run import read_manifest
 
@@ -356,13 +377,15 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     loading = "memory" if way == "memory" else "stream"
     workers = 2 if way == "stream-2-workers" else 0  # DataConfig.workers: `fusion train --workers 2`
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
-                        workers=workers, seed=seed, max_tokens=max_tokens if way == "stream-max-tokens" else None)  # fmt: skip
+                        workers=workers, seed=seed, max_tokens=max_tokens if "max-tokens" in way else None)  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
         batches.features = {m: Float32Tokens(batches.stores[m]) for m in MODALITIES}
     elif way == "memmap":
         batches.features = {m: MemmapTokens(memmaps[m], batches.stores[m], keys[m]) for m in MODALITIES}
+    elif way == "max-tokens-before":
+        batches.features = {m: MaxTokensBefore(batches.stores[m], max_tokens) for m in MODALITIES}
     elif way == "zarrs":
         batches.features = {m: StreamedTokens(zarrs_store(stores[m]), keys[m]) for m in MODALITIES}
     return batches
@@ -646,7 +669,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
                 first = next(workers)
                 del workers
             # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-            expected = reduced(reference, args.max_tokens) if way == "stream-max-tokens" else reference
+            expected = reduced(reference, args.max_tokens) if "max-tokens" in way else reference
             if way != "stream-pooled" and not same_batch(first, expected):
                 raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
             loaders.setdefault(way, {"runs": []})["runs"].append(res)
@@ -690,7 +713,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"| raw read of the chunk files | | {raw['cold']['mb_s']:,.0f} | 100% | | {raw['warm']['mb_s']:,.0f} | 100% | | |")
     for way, r in loaders.items():
         c, w = r["cold"], r["warm"]
-        model = models[{v: k for k, v in model_inputs.items()}.get(way, "full")]  # the model on the rows this path delivers
+        model = models[{v: k for k, v in model_inputs.items()}.get(way.replace("max-tokens-before", "stream-max-tokens"), "full")]  # the model on the rows this path delivers
         print(f"| {way} | {c['samples_per_s']:,.1f} | {c['mb_s']:,.0f} | {c['mb_s'] / raw['cold']['mb_s']:.0%} | "
               f"{w['samples_per_s']:,.1f} | {w['mb_s']:,.0f} | {w['mb_s'] / raw['warm']['mb_s']:.0%} | "
               f"{c['samples_per_s'] / model['samples_per_s']:,.1f}x | {c['samples_per_s'] / model['h200_bound_samples_per_s']:.2g}x |")  # fmt: skip
@@ -700,8 +723,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
               f"{h200 / 1e12:.0f} TFLOP/s, a ceiling no real step reaches)")  # fmt: skip
     print(f"  stream-pooled: the same stores with every {args.token_pool} rows averaged at build (--token-pool); its ratios "
           f"are to the model on pooled rows; its % of raw compares with the full stores' files")  # fmt: skip
-    print(f"  stream-max-tokens: `stream` with longer rows averaged to {args.max_tokens} per batch (fusion --max-tokens); MB/s "
-          f"counts the stored rows it reads; its ratios are to the model on rows up to {args.max_tokens}")  # fmt: skip
+    print(f"  stream-max-tokens: `stream` with longer rows averaged to {args.max_tokens} per batch (fusion --max-tokens; "
+          f"max-tokens-before: as before group_mean summed row gathers); MB/s counts the stored rows read; their ratios are to "
+          f"the model on rows up to {args.max_tokens}")  # fmt: skip
     total = time.perf_counter() - started
     print(f"== took {total:.0f} s; load average (1 min) at the end {os.getloadavg()[0]:.2f}")
     results = {"benchmark": "bench_fusion_data", "date": time.strftime("%Y-%m-%d"), "machine": machine, "setup": asdict(setup),
