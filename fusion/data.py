@@ -134,14 +134,15 @@ def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
     start = group * n // max_rows  # (m,)
     end = -(-(group + 1) * n // max_rows)  # (m,) ceil, exclusive
     width = int((end - start).max())
-    if width > _WIDE_WINDOW:  # few groups of many rows: the pooling's own loop is as good
+    if width > _WIDE_WINDOW:  # few groups of many rows: one pooling call rather than a long loop here
         pooled = F.adaptive_avg_pool1d(rearrange(x.float(), "l d -> 1 d l"), max_rows)  # (1, d, m)
         return rearrange(pooled, "1 d l -> l d")
-    size = end - start  # (m,) rows per group: two neighbouring sizes
+    size = end - start  # (m,) rows per group
+    smallest = int(size.min())
     total = x[start].float()  # (m, d): each group's first row
     for k in range(1, width):  # then each group's k-th row, added in row order as the pooling adds them
         at = start + k
-        if k < int(size.min()):  # every group has one
+        if k < smallest:  # every group has one
             total += x[at]  # fp16 rows are widened to float32 exactly, in the addition
         else:
             has = (at < end).nonzero().squeeze(1)
