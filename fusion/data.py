@@ -9,6 +9,7 @@ trains (store-design.md: never xarray or sharded oindex in the training loop).
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from embedcache import EmbeddingStore, open_store
 from embedcache.errors import StoreError
@@ -150,6 +151,24 @@ def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
     return total / size[:, None]  # (m, d) float32
 
 
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A zeroed batch array as a tensor and a numpy view of the same memory (numpy fills it, the tensor travels).
+
+    In a DataLoader worker process (`--workers`) the memory is shared memory from the start, as torch's
+    own `default_collate` allocates it in workers: the batch then reaches the training process as a
+    file descriptor, not through the copy into shared memory that torch makes of any other tensor a
+    worker returns. That copy cost `--workers` its gain: on the 2-core VM, 2 workers went from 0.8-1.2x
+    one loader thread to 1.4-1.7x (bench_fusion_data.py). New shared memory reads as zeros.
+    """
+    if get_worker_info() is None:
+        x = np.zeros(shape, dtype)
+        return torch.from_numpy(x), x
+    kind = torch.from_numpy(np.zeros(0, dtype)).dtype
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * np.dtype(dtype).itemsize)
+    tensor = torch.empty(0, dtype=kind).set_(storage).view(shape)
+    return tensor, tensor.numpy()
+
+
 def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = None) -> ModalityBatch:
     """Right-pad per-sample (L_i, d) rows into (b, max L, d) with an explicit mask, in the rows' own dtype.
 
@@ -171,13 +190,13 @@ def _pad(pieces: list[torch.Tensor | None], dim: int, max_rows: int | None = Non
     rows = [None if p is None else p.numpy() for p in pieces]
     dtypes = {r.dtype for r in rows if r is not None}
     dtype = dtypes.pop() if len(dtypes) == 1 else np.float32  # mixed (fp16 and reduced float32 rows): float32
-    x = np.zeros((len(pieces), width, dim), dtype)  # (b, L, d)
+    batch, x = _zeros((len(pieces), width, dim), dtype)  # (b, L, d)
     mask = np.zeros((len(pieces), width), bool)  # (b, L)
     for i, r in enumerate(rows):
         if r is not None:
             x[i, : len(r)] = r  # one copy (a cast only when mixed)
             mask[i, : len(r)] = True
-    return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
+    return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.tensor([n > 0 for n in lengths]))
 
 
 def _pad_differentiable(pieces: list[torch.Tensor | None], lengths: list[int], width: int, dim: int, device: torch.device) -> ModalityBatch:
@@ -250,13 +269,13 @@ class StreamedTokens(ModalityFeatures):
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         lengths = np.array([0 if k is None else self.store.token_span(k)[1] for k in keys])  # (b,)
-        x = np.zeros((len(keys), max(int(lengths.max(initial=0)), 1), self.dim), self.dtype)  # (b, L, d), zero padding
+        batch, x = _zeros((len(keys), max(int(lengths.max(initial=0)), 1), self.dim), self.dtype)  # (b, L, d), zero padding
         self.store.read_tokens_into(keys, x)  # zarr decodes into the batch: no per-record array to copy
         if self.max_rows is not None and lengths.max(initial=0) > self.max_rows:  # longer rows are averaged, as `_pad` does
             return _pad([torch.from_numpy(x[i, :n]) if k is not None else None for i, (k, n) in enumerate(zip(keys, lengths))],
                         self.dim, self.max_rows)  # fmt: skip
         mask = np.arange(x.shape[1]) < lengths[:, None]  # (b, L)
-        return ModalityBatch(x=torch.from_numpy(x), mask=torch.from_numpy(mask), present=torch.from_numpy(lengths > 0))
+        return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.from_numpy(lengths > 0))
 
 
 def token_bytes(store: EmbeddingStore, keys: list[str]) -> int:
@@ -382,9 +401,11 @@ def _worker_batches(epoch: EpochBatches, workers: int, prefetch: int) -> Iterato
     """The epoch's batches, in order, made by `workers` torch DataLoader processes.
 
     Forked, so each worker starts with the opened stores and loaded features of this process (nothing is
-    pickled or opened again; zarr resets its event loop in a forked child) and reads with its own core;
-    batches come back through shared memory. For hosts with free cores: on the 2-core VM, where the
-    one thread already keeps both cores busy, 2 workers gave 0.9-1.2x (bench_fusion_data.py).
+    pickled or opened again; zarr resets its event loop in a forked child). Each worker has its own zarr
+    event loop, so reading and decoding, which one loader thread does on one core, spread over the
+    workers' cores; batches are built in shared memory (`_zeros`) and cross without a copy. On the
+    2-core VM 2 workers gave 1.4-1.7x one thread (bench_fusion_data.py); in training they share the
+    cores with the model's step, so they pay off on cores the step leaves free.
     """
     loader = DataLoader(epoch, batch_size=None, num_workers=workers, prefetch_factor=max(1, -(-prefetch // workers)),
                         multiprocessing_context="fork")  # fmt: skip

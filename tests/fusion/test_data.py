@@ -107,14 +107,33 @@ def test_the_model_sees_the_same_numbers_from_fp16_and_float32_batches(store):
         assert torch.equal(model({"rna": half}), model({"rna": full}))
 
 
-@pytest.mark.parametrize("loading", ["memory", "stream"])
-def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loading):
-    """--workers N: DataLoader processes assemble the epoch; the batches are the ones one thread makes."""
+def _batch_memory(_):
+    from fusion.data import _zeros
+
+    tensor, array = _zeros((2, 3, 4), np.dtype("float16"))
+    array[1, 2] = 7  # numpy writes, the tensor sees it
+    return tensor.is_shared(), tensor.dtype, float(tensor.sum())
+
+
+def test_batches_made_in_worker_processes_are_shared_memory_from_the_start():
+    """What a worker returns in shared memory crosses to the training process without being copied again."""
+    from torch.utils.data import DataLoader
+
+    assert _batch_memory(0) == (False, torch.float16, 28.0)  # this process: plain memory
+    in_worker = list(DataLoader(range(2), batch_size=None, num_workers=1, collate_fn=_batch_memory, multiprocessing_context="fork"))
+    assert in_worker == [(True, torch.float16, 28.0)] * 2  # zeroed, then written through the numpy view
+
+
+@pytest.mark.parametrize("loading, max_tokens", [("memory", None), ("stream", None), ("stream", 5)])
+def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loading, max_tokens):
+    """--workers N: DataLoader processes assemble the epoch (into shared memory); the batches, zero padding
+    included, are the ones one thread makes."""
     from fusion.data import DataConfig, DataError, open_batches
     from fusion.run import read_manifest
 
     manifest = read_manifest(demo_data["prep"])
-    opened = {w: open_batches(DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], batch_size=8, loading=loading, workers=w),
+    opened = {w: open_batches(DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], batch_size=8, loading=loading, workers=w,
+                                         max_tokens=max_tokens),
                               manifest, log=lambda s: None) for w in (0, 2)}  # fmt: skip
     thread, workers = (list(opened[w]("train", shuffle=True, epoch=1)) for w in (0, 2))
     assert len(thread) == len(workers) == opened[0].n_batches("train")
