@@ -269,11 +269,14 @@ class StreamedTokens(ModalityFeatures):
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         lengths = np.array([0 if k is None else self.store.token_span(k)[1] for k in keys])  # (b,)
-        batch, x = _zeros((len(keys), max(int(lengths.max(initial=0)), 1), self.dim), self.dtype)  # (b, L, d), zero padding
-        self.store.read_tokens_into(keys, x)  # zarr decodes into the batch: no per-record array to copy
+        shape = (len(keys), max(int(lengths.max(initial=0)), 1), self.dim)  # (b, L, d)
         if self.max_rows is not None and lengths.max(initial=0) > self.max_rows:  # longer rows are averaged, as `_pad` does
-            return _pad([torch.from_numpy(x[i, :n]) if k is not None else None for i, (k, n) in enumerate(zip(keys, lengths))],
+            rows = np.zeros(shape, self.dtype)  # the full rows: read here, averaged into the batch `_pad` makes
+            self.store.read_tokens_into(keys, rows)
+            return _pad([torch.from_numpy(rows[i, :n]) if k is not None else None for i, (k, n) in enumerate(zip(keys, lengths))],
                         self.dim, self.max_rows)  # fmt: skip
+        batch, x = _zeros(shape, self.dtype)  # zero padding
+        self.store.read_tokens_into(keys, x)  # zarr decodes into the batch: no per-record array to copy
         mask = np.arange(x.shape[1]) < lengths[:, None]  # (b, L)
         return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.from_numpy(lengths > 0))
 
