@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,7 @@ def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loa
                                          max_tokens=max_tokens),
                               manifest, log=lambda s: None) for w in (0, 2)}  # fmt: skip
     thread, workers = (list(opened[w]("train", shuffle=True, epoch=1)) for w in (0, 2))
+    assert gc.get_freeze_count() == 0  # frozen only while the workers were forked
     assert len(thread) == len(workers) == opened[0].n_batches("train")
     for a, b in zip(thread, workers):
         assert a.sample_ids == b.sample_ids and torch.equal(a.targets, b.targets) and torch.equal(a.target_mask, b.target_mask)
