@@ -699,6 +699,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     h200 = dict(GPU_BF16_PEAK_TFLOPS)["H200"] * 1e12
     models = {}
     model_inputs = {"full": "memmap", f"pooled x{args.token_pool}": "stream-pooled", f"max-tokens {args.max_tokens}": "stream-max-tokens"}
+    model_rows = {"stream-pooled": f"pooled x{args.token_pool}",  # read path -> the rows its batches hold (default: full)
+                  **dict.fromkeys(("stream-max-tokens", "max-tokens-before", "recipe"), f"max-tokens {args.max_tokens}")}  # fmt: skip
     for rows, way in model_inputs.items():
         batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled, args.max_tokens)
         model = models[rows] = model_rate(batches, args.model_steps, args.model_batch, args.seed)
@@ -719,7 +721,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"| raw read of the chunk files | | {raw['cold']['mb_s']:,.0f} | 100% | | {raw['warm']['mb_s']:,.0f} | 100% | | |")
     for way, r in loaders.items():
         c, w = r["cold"], r["warm"]
-        model = models[{v: k for k, v in model_inputs.items()}.get("stream-max-tokens" if "max-tokens" in way or way == "recipe" else way, "full")]  # the model on the rows this path delivers
+        model = models[model_rows.get(way, "full")]  # the model on the rows this path delivers
         print(f"| {way} | {c['samples_per_s']:,.1f} | {c['mb_s']:,.0f} | {c['mb_s'] / raw['cold']['mb_s']:.0%} | "
               f"{w['samples_per_s']:,.1f} | {w['mb_s']:,.0f} | {w['mb_s'] / raw['warm']['mb_s']:.0%} | "
               f"{c['samples_per_s'] / model['samples_per_s']:,.1f}x | {c['samples_per_s'] / model['h200_bound_samples_per_s']:.2g}x |")  # fmt: skip
