@@ -48,6 +48,8 @@ import json
 import mmap
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -362,7 +364,7 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("stream", "stream-lz4", "before", "stream-2-workers", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "max-tokens-before", "recipe")
+LOADERS = ("stream", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "max-tokens-before", "recipe")
 
 
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
@@ -395,6 +397,63 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     elif way == "zarrs":
         batches.features = {m: StreamedTokens(zarrs_store(stores[m]), keys[m]) for m in MODALITIES}
     return batches
+
+
+def measure(way: str, args: argparse.Namespace, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path],
+            pooled: dict[str, str], files: list[Path], reference) -> dict:
+    """One read path: its files evicted, a cold then a warm epoch, its first batch checked against the memmap's."""
+    resident = evict(files)
+    t0 = time.perf_counter()
+    batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled, args.max_tokens)
+    open_s = time.perf_counter() - t0
+    res = {"open_s": open_s, "resident_before": resident}
+    for temp, no in (("cold", 0), ("warm", 1)):
+        s, n, nbytes = epoch(batches, no)
+        if temp == "cold" and way == "memory":
+            s += open_s  # its cold read is the load into RAM
+        res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
+    first = first_batch(batches)
+    if way == "stream-2-workers":  # through the worker processes, then shut them down
+        workers = batches("train", shuffle=True, epoch=0)
+        first = next(workers)
+        del workers
+    # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
+    expected = reduced(reference, args.max_tokens) if "max-tokens" in way or way == "recipe" else reference
+    if way != "stream-pooled" and not same_batch(first, expected):
+        raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
+    return res
+
+
+# glibc's own default for this tunable: setting any glibc.malloc tunable makes embedcache.heap leave malloc alone
+DEFAULT_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}
+DEFAULT_MALLOC_SUFFIX = "-default-malloc"
+
+
+def measure_in_child(way: str, args: argparse.Namespace, work: Path) -> dict:
+    """`way` measured in a fresh process whose malloc keeps glibc's default thresholds (no keep_freed_memory):
+    malloc's settings are per process and this one's cannot be unset."""
+    same_data = ["--n-genes", args.n_genes, "--dna-encoder", args.dna_encoder, "--token-scale", args.token_scale, "--seed", args.seed,
+                 "--batch-size", args.batch_size, "--max-tokens", args.max_tokens, "--token-pool", args.token_pool]  # fmt: skip
+    cmd = [sys.executable, __file__, "--workdir", str(work), "--measure-default-malloc", way, *map(str, same_data)]
+    done = subprocess.run(cmd, env={**os.environ, **DEFAULT_MALLOC}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the default-malloc measurement failed:\n{done.stderr}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _measure_default_malloc(args: argparse.Namespace) -> None:
+    """The child of measure_in_child: the data set in --workdir (made by the parent), one read path measured, JSON printed."""
+    from embedcache.heap import keep_freed_memory
+
+    if keep_freed_memory():
+        raise RuntimeError(f"with {DEFAULT_MALLOC} set, embedcache.heap should have left malloc alone")
+    work = args.workdir
+    setup = Setup(n_genes=args.n_genes, shapes=Shapes(dna_encoder=args.dna_encoder, token_scale=args.token_scale), seed=args.seed)
+    prepared, stores, _ = make_data(work, setup, lambda s: None)
+    memmaps, pooled = write_memmaps(work, stores), write_pooled(work, stores, args.token_pool)
+    reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
+    files = [*(Path(p) / "tokens" for p in stores.values()), *(lz4_path(p) / "tokens" for p in stores.values()), *memmaps.values(), *pooled.values()]
+    print(json.dumps(measure(args.measure_default_malloc, args, prepared, stores, memmaps, pooled, files, reference)))
 
 
 def repeated_share(batches) -> float:
@@ -587,10 +646,15 @@ def create_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="keep (and reuse) the data set here (default: a temp dir, removed)")
     p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--measure-default-malloc", metavar="WAY", choices=LOADERS,
+                   help="(used by the *-default-malloc rows) measure read path WAY on the data set in --workdir with glibc's "
+                        "default malloc thresholds and print its figures as JSON; run with GLIBC_TUNABLES set (see DEFAULT_MALLOC)")
     return p
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> dict | None:
+    if args.measure_default_malloc:
+        return _measure_default_malloc(args)
     if args.quick:
         args.n_genes, args.no_layouts, args.model_steps = min(args.n_genes, 8), True, min(args.model_steps, 2)
     unknown = sorted(set(args.loaders.split(",")) - set(LOADERS))
@@ -612,11 +676,16 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     import zarr
 
     from embedcache import open_store
+    from embedcache.heap import keep_freed_memory
 
     started = time.perf_counter()
-    machine = machine_info(zarr=zarr.__version__, zarrs=_version("zarrs"), numcodecs=_version("numcodecs"))
+    # what StreamedTokens sets when the first streamed loader opens, set before any row is timed: every row runs
+    # under the same malloc thresholds (process-wide, they cannot be unset)
+    heap = keep_freed_memory()
+    machine = machine_info(zarr=zarr.__version__, zarrs=_version("zarrs"), numcodecs=_version("numcodecs"), keep_freed_memory=heap)
     print(f"== machine: {machine['cpu_model']}, {machine['cpu_cores']} cores, {machine['ram_gib']} GiB RAM; torch "
           f"{machine['torch']} ({torch.get_num_threads()} threads), zarr {machine['zarr']}, zarrs {machine['zarrs']}; "
+          f"malloc keeps freed chunk buffers (embedcache.heap): {'yes' if heap else 'no'}; "
           f"load average {machine['load_average_at_start']:.2f} (other work shares these cores: compare within this run)")  # fmt: skip
     shapes = Shapes(dna_encoder=args.dna_encoder, token_scale=args.token_scale)
     setup = Setup(n_genes=args.n_genes, shapes=shapes, seed=args.seed)
@@ -656,33 +725,20 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     ways = [w for w in args.loaders.split(",") if w != "zarrs" or zarrs_store(stores["rna"]) is not None]
     if len(ways) < len(args.loaders.split(",")):
         print("  zarrs: not installed (pip install 'embedcache[zarrs]'): skipped")
+    if not heap and any(w.endswith(DEFAULT_MALLOC_SUFFIX) for w in ways):  # malloc was left alone here too: they would repeat rows
+        ways = [w for w in ways if not w.endswith(DEFAULT_MALLOC_SUFFIX)]
+        print("  *-default-malloc: skipped (not glibc, or malloc tuned by the environment: every row already runs so)")
+    files = [*token_dirs, *lz4_dirs, *memmaps.values(), *pooled.values()]
     for rep in range(args.repeats):
         for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
-            files = [*token_dirs, *lz4_dirs, *memmaps.values(), *pooled.values()]
-            resident = evict(files)
-            t0 = time.perf_counter()
-            batches = open_loader(way, prepared, stores, memmaps, args.batch_size, args.seed, pooled, args.max_tokens)
-            open_s = time.perf_counter() - t0
-            res = {"open_s": open_s, "resident_before": resident}
-            for temp, no in (("cold", 0), ("warm", 1)):
-                s, n, nbytes = epoch(batches, no)
-                if temp == "cold" and way == "memory":
-                    s += open_s  # its cold read is the load into RAM
-                res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
-            first = first_batch(batches)
-            if way == "stream-2-workers":  # through the worker processes, then shut them down
-                workers = batches("train", shuffle=True, epoch=0)
-                first = next(workers)
-                del workers
-            # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-            expected = reduced(reference, args.max_tokens) if "max-tokens" in way or way == "recipe" else reference
-            if way != "stream-pooled" and not same_batch(first, expected):
-                raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
+            if way.endswith(DEFAULT_MALLOC_SUFFIX):
+                res = measure_in_child(way.removesuffix(DEFAULT_MALLOC_SUFFIX), args, work)
+            else:
+                res = measure(way, args, prepared, stores, memmaps, pooled, files, reference)
             loaders.setdefault(way, {"runs": []})["runs"].append(res)
             print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
-                  f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before {resident:.0%}; opened in {open_s:.1f} s)",
-                  flush=True)  # fmt: skip
-            del batches
+                  f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before "
+                  f"{res['resident_before']:.0%}; opened in {res['open_s']:.1f} s)", flush=True)  # fmt: skip
     for way, r in loaders.items():
         for temp in ("cold", "warm"):
             runs = [x[temp] for x in r["runs"]]
@@ -730,6 +786,9 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
               f"{model['h200_bound_samples_per_s']:,.0f} samples/s ({model['flops_per_sample'] / 1e9:.2f} GFLOP per sample at "
               f"{h200 / 1e12:.0f} TFLOP/s, a ceiling no real step reaches)")  # fmt: skip
     notes = {
+        "stream-default-malloc": "`stream` (and stream-2-workers-default-malloc: `stream-2-workers`) in a fresh process with glibc's "
+                                 "default malloc thresholds, as before embedcache.heap: chunk buffers freed by a batch's reads go "
+                                 "back to the kernel and are faulted in again",
         "stream-pooled": f"the same stores with every {args.token_pool} rows averaged at build (--token-pool); its ratios are to the model "
                          f"on pooled rows; its % of raw compares with the full stores' files",
         "stream-max-tokens": f"`stream` with longer rows averaged to {args.max_tokens} per batch (fusion --max-tokens; max-tokens-before: "

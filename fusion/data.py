@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from embedcache import EmbeddingStore, open_store
 from embedcache.errors import StoreError
+from embedcache.heap import keep_freed_memory
 from fusion.batch import Batch, ModalityBatch
 from fusion.errors import FusionError
 from fusion.prepare.manifest import Manifest
@@ -264,6 +265,7 @@ class StreamedTokens(ModalityFeatures):
     """
 
     def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
+        keep_freed_memory()  # zarr's ~1 MiB chunk buffers reused, not faulted in again per read (embedcache.heap)
         self.dim, self.max_rows = store.embed_dim, max_rows
         self.store = store
         self.dtype = np.dtype(store.attrs["stored_dtype"]["tokens"])
