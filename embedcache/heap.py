@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the highest its dynamic rule goes
@@ -27,6 +26,14 @@ TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what the dynamic rule pairs with it
 
 # a user's own settings win: glibc reads these at start-up, and mallopt would overwrite them
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (the C library's own answer, not a scan of the executable)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name (musl, macOS)
+        return False
 
 
 @functools.cache
@@ -37,7 +44,7 @@ def keep_freed_memory() -> bool:
     malloc already (MALLOC_*_ variables, or glibc.malloc in GLIBC_TUNABLES). Forked processes (DataLoader
     workers) inherit the setting.
     """
-    if platform.libc_ver()[0] != "glibc":
+    if not is_glibc():
         return False
     if any(v in os.environ for v in _USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False

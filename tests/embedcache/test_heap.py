@@ -6,13 +6,14 @@ Each case runs in a fresh interpreter: malloc's thresholds are per process and c
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
+from embedcache.heap import is_glibc
+
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="tunes glibc's malloc only")
 
 ROUNDS, BUFFERS, MIB = 40, 10, 1 << 20
 PAGES_READ = ROUNDS * BUFFERS * MIB // os.sysconf("SC_PAGE_SIZE")
