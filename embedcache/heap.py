@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from pathlib import Path
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, the highest its dynamic rule goes
@@ -36,17 +37,31 @@ def is_glibc() -> bool:
         return False
 
 
+def startup_environment() -> dict[str, str]:
+    """The environment this process started with: what glibc read its malloc settings from.
+
+    Not os.environ, which also holds later changes that glibc never sees: dask's Nanny, for one, puts
+    its own MALLOC_TRIM_THRESHOLD_ there for the workers it spawns.
+    """
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:  # no /proc: os.environ is the best guess
+        return dict(os.environ)
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Set glibc malloc's thresholds so freed chunk buffers are reused, not faulted in again; once per process.
 
-    True when set. False, changing nothing, on other C libraries (macOS, musl) or when the user tuned
-    malloc already (MALLOC_*_ variables, or glibc.malloc in GLIBC_TUNABLES). Forked processes (DataLoader
-    workers) inherit the setting.
+    True when set. False, changing nothing, on other C libraries (macOS, musl) or when the process
+    started with malloc tuned already (MALLOC_*_ variables, or glibc.malloc in GLIBC_TUNABLES). Forked
+    processes (DataLoader workers) inherit the setting.
     """
     if not is_glibc():
         return False
-    if any(v in os.environ for v in _USER_SETTINGS) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    environ = startup_environment()
+    if any(v in environ for v in _USER_SETTINGS) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = ctypes.CDLL(None)  # the C library this process already uses
     return libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

@@ -20,9 +20,11 @@ PAGES_READ = ROUNDS * BUFFERS * MIB // os.sysconf("SC_PAGE_SIZE")
 
 # what a streamed batch does to memory: ~10 chunks of 1 MiB read in zarr's reader thread, decoded, freed
 READS = f"""
-import resource, sys, threading
+import os, resource, sys, threading
 from embedcache.heap import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+if sys.argv[1] == "keep-after-dask":  # what dask's Nanny does before it spawns a worker: glibc never sees it here
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"
+kept = keep_freed_memory() if sys.argv[1].startswith("keep") else None
 
 def read_chunks():
     with open(sys.argv[2], "rb") as f:
@@ -45,7 +47,9 @@ def page_faults(tmp_path, mode: str, **env: str) -> tuple[str, int]:
     chunks = tmp_path / "chunks.bin"
     if not chunks.exists():
         chunks.write_bytes(os.urandom(BUFFERS * MIB))
-    done = subprocess.run([sys.executable, "-c", READS, mode, str(chunks)], env={**os.environ, **env}, capture_output=True, text=True)
+    # glibc's defaults unless a case sets its own (this process's os.environ may hold dask's MALLOC_TRIM_THRESHOLD_)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", READS, mode, str(chunks)], env={**clean, **env}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     kept, faults = done.stdout.split()
     return kept, int(faults)
@@ -69,3 +73,10 @@ def test_a_users_own_malloc_settings_are_left_alone(tmp_path, env):
     kept, faults = page_faults(tmp_path, "keep", **env)
     assert kept == "False"
     assert faults > PAGES_READ / 2  # the user's 128 KiB trim threshold stands
+
+
+def test_malloc_settings_put_in_os_environ_later_do_not_count(tmp_path):
+    """glibc reads MALLOC_* once, at start-up: a variable set afterwards (dask's Nanny sets one) tunes nothing."""
+    kept, faults = page_faults(tmp_path, "keep-after-dask")
+    assert kept == "True"
+    assert faults < PAGES_READ / 10
