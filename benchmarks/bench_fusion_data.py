@@ -191,6 +191,12 @@ def write_memmaps(work: Path, stores: dict[str, str]) -> dict[str, Path]:
     return out
 
 
+def evictable_files(stores: dict[str, str], memmaps: dict[str, Path], pooled: dict[str, str]) -> list[Path]:
+    """Every file a read path may read, all evicted from the page cache before each one is measured."""
+    tokens = [Path(p) / "tokens" for p in stores.values()]
+    return [*tokens, *(lz4_path(p) / "tokens" for p in stores.values()), *memmaps.values(), *pooled.values()]
+
+
 def write_pooled(work: Path, stores: dict[str, str], k: int) -> dict[str, str]:
     """The same stores with every k rows averaged, as `embedcache build --token-pool k` stores them."""
     from embedcache import open_store
@@ -452,7 +458,7 @@ def _measure_default_malloc(args: argparse.Namespace) -> None:
     prepared, stores, _ = make_data(work, setup, lambda s: None)
     memmaps, pooled = write_memmaps(work, stores), write_pooled(work, stores, args.token_pool)
     reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
-    files = [*(Path(p) / "tokens" for p in stores.values()), *(lz4_path(p) / "tokens" for p in stores.values()), *memmaps.values(), *pooled.values()]
+    files = evictable_files(stores, memmaps, pooled)
     print(json.dumps(measure(args.measure_default_malloc, args, prepared, stores, memmaps, pooled, files, reference)))
 
 
@@ -704,7 +710,6 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
               f"of rows, {sizes[m]['file_mb']:7.1f} MB of chunk files ({sizes[m]['lz4_file_mb']:.1f} MB with --token-codec lz4)")  # fmt: skip
     print(f"  setup {setup_s:.0f} s; lengths: {json.dumps(asdict(shapes))}")
     token_dirs = [Path(p) / "tokens" for p in stores.values()]
-    lz4_dirs = [lz4_path(p) / "tokens" for p in stores.values()]
 
     # raw disk, then every loader, cold then warm, on the same files
     raw = {}
@@ -728,7 +733,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     if not heap and any(w.endswith(DEFAULT_MALLOC_SUFFIX) for w in ways):  # malloc was left alone here too: they would repeat rows
         ways = [w for w in ways if not w.endswith(DEFAULT_MALLOC_SUFFIX)]
         print("  *-default-malloc: skipped (not glibc, or malloc tuned by the environment: every row already runs so)")
-    files = [*token_dirs, *lz4_dirs, *memmaps.values(), *pooled.values()]
+    files = evictable_files(stores, memmaps, pooled)
     for rep in range(args.repeats):
         for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
             if way.endswith(DEFAULT_MALLOC_SUFFIX):
