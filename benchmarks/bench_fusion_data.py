@@ -138,6 +138,11 @@ def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, g
     writer.set_status("complete")
 
 
+def data_setup(args: argparse.Namespace) -> Setup:
+    """The data set the command line asks for (measure_in_child passes the same arguments on)."""
+    return Setup(n_genes=args.n_genes, shapes=Shapes(dna_encoder=args.dna_encoder, token_scale=args.token_scale), seed=args.seed)
+
+
 def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Path, dict[str, str], float]:
     """(prepared dir, modality -> store path, seconds): random rows at IsoFormer shapes, three stores, a manifest."""
     import pandas as pd
@@ -454,7 +459,7 @@ def _measure_default_malloc(args: argparse.Namespace) -> None:
     if keep_freed_memory():
         raise RuntimeError(f"with {DEFAULT_MALLOC} set, embedcache.heap should have left malloc alone")
     work = args.workdir
-    setup = Setup(n_genes=args.n_genes, shapes=Shapes(dna_encoder=args.dna_encoder, token_scale=args.token_scale), seed=args.seed)
+    setup = data_setup(args)
     prepared, stores, _ = make_data(work, setup, lambda s: None)
     memmaps, pooled = write_memmaps(work, stores), write_pooled(work, stores, args.token_pool)
     reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
@@ -693,8 +698,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
           f"{machine['torch']} ({torch.get_num_threads()} threads), zarr {machine['zarr']}, zarrs {machine['zarrs']}; "
           f"malloc keeps freed chunk buffers (embedcache.heap): {'yes' if heap else 'no'}; "
           f"load average {machine['load_average_at_start']:.2f} (other work shares these cores: compare within this run)")  # fmt: skip
-    shapes = Shapes(dna_encoder=args.dna_encoder, token_scale=args.token_scale)
-    setup = Setup(n_genes=args.n_genes, shapes=shapes, seed=args.seed)
+    setup = data_setup(args)
+    shapes = setup.shapes
     prepared, stores, setup_s = make_data(work, setup, print)
     memmaps = write_memmaps(work, stores)
     pooled = write_pooled(work, stores, args.token_pool)
