@@ -19,6 +19,7 @@ posix_fadvise, checked with mincore) and warm:
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
                - stream-max-tokens: `stream` with longer rows averaged down to 512 per batch (the recipe's
                           `fusion --max-tokens 512`)
+               - stream-max-tokens-2-workers: the same in 2 DataLoader worker processes (`--workers 2 --max-tokens 512`)
                - max-tokens-before: the same, as the loader did it before (per-record arrays, adaptive pooling)
                - recipe:  as examples/isoformer/recipe.toml trains at full scale: RNA streamed, DNA and protein
                           in RAM (under its memory_gb), all averaged to 512 rows (cold: after the load)
@@ -375,7 +376,7 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("stream", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "max-tokens-before", "recipe")
+LOADERS = ("stream", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe")
 
 
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
@@ -390,7 +391,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     if way in ("stream-lz4", "before"):
         stores = {m: str(lz4_path(p)) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
-    workers = 2 if way == "stream-2-workers" else 0  # DataConfig.workers: `fusion train --workers 2`
+    workers = 2 if way.endswith("2-workers") else 0  # DataConfig.workers: `fusion train --workers 2`
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
                         workers=workers, seed=seed, max_tokens=max_tokens if "max-tokens" in way or way == "recipe" else None)  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
@@ -424,7 +425,7 @@ def measure(way: str, args: argparse.Namespace, prepared: Path, stores: dict[str
             s += open_s  # its cold read is the load into RAM
         res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
     first = first_batch(batches)
-    if way == "stream-2-workers":  # through the worker processes, then shut them down
+    if way.endswith("2-workers"):  # through the worker processes, then shut them down
         workers = batches("train", shuffle=True, epoch=0)
         first = next(workers)
         del workers
@@ -739,6 +740,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         ways = [w for w in ways if not w.endswith(DEFAULT_MALLOC_SUFFIX)]
         print("  *-default-malloc: skipped (not glibc, or malloc tuned by the environment: every row already runs so)")
     files = evictable_files(stores, memmaps, pooled)
+    width = max(map(len, ways))
     for rep in range(args.repeats):
         for way in ways if rep % 2 == 0 else ways[::-1]:  # alternate the order: drift in the machine's load spreads evenly
             if way.endswith(DEFAULT_MALLOC_SUFFIX):
@@ -746,7 +748,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             else:
                 res = measure(way, args, prepared, stores, memmaps, pooled, files, reference)
             loaders.setdefault(way, {"runs": []})["runs"].append(res)
-            print(f"  {way:18s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
+            print(f"  {way:{width}s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
                   f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before "
                   f"{res['resident_before']:.0%}; opened in {res['open_s']:.1f} s)", flush=True)  # fmt: skip
     for way, r in loaders.items():
@@ -766,7 +768,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     models = {}
     model_inputs = {"full": "memmap", f"pooled x{args.token_pool}": "stream-pooled", f"max-tokens {args.max_tokens}": "stream-max-tokens"}
     model_rows = {"stream-pooled": f"pooled x{args.token_pool}",  # read path -> the rows its batches hold (default: full)
-                  **dict.fromkeys(("stream-max-tokens", "max-tokens-before", "recipe"), f"max-tokens {args.max_tokens}")}  # fmt: skip
+                  **dict.fromkeys(("stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe"), f"max-tokens {args.max_tokens}")}  # fmt: skip
     for rows, way in model_inputs.items():
         batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled, args.max_tokens)
         model = models[rows] = model_rate(batches, args.model_steps, args.model_batch, args.seed)
@@ -802,7 +804,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
         "stream-pooled": f"the same stores with every {args.token_pool} rows averaged at build (--token-pool); its ratios are to the model "
                          f"on pooled rows; its % of raw compares with the full stores' files",
         "stream-max-tokens": f"`stream` with longer rows averaged to {args.max_tokens} per batch (fusion --max-tokens; max-tokens-before: "
-                             f"as before group_mean summed row gathers); MB/s counts the stored rows read; ratios are to the model on "
+                             f"as before group_mean summed row gathers; stream-max-tokens-2-workers: in 2 DataLoader workers); MB/s counts the stored rows read; ratios are to the model on "
                              f"rows up to {args.max_tokens}",
         "recipe": f"RNA streamed, DNA and protein in RAM (loaded before the cold epoch, not counted in it), all averaged to "
                   f"{args.max_tokens} rows, as examples/isoformer/recipe.toml trains at IsoFormer scale; its MB/s and % of raw count "

@@ -410,7 +410,7 @@ def _worker_batches(epoch: EpochBatches, workers: int, prefetch: int) -> Iterato
     pickled or opened again; zarr resets its event loop in a forked child). Each worker has its own zarr
     event loop, so reading and decoding, which one loader thread does on one core, spread over the
     workers' cores; batches are built in shared memory (`_zeros`) and cross without a copy. On the
-    2-core VM 2 workers gave 1.4-1.7x one thread (bench_fusion_data.py); in training they share the
+    2-core VM 2 workers gave 1.3-1.8x one thread (bench_fusion_data.py); in training they share the
     cores with the model's step, so they pay off on cores the step leaves free.
     """
     loader = DataLoader(epoch, batch_size=None, num_workers=workers, prefetch_factor=max(1, -(-prefetch // workers)),
