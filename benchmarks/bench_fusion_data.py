@@ -33,7 +33,7 @@ posix_fadvise, checked with mincore) and warm:
 Samples/s and MB/s of per-token rows delivered (the stored fp16 bytes of the samples' rows, all
 modalities, before any --max-tokens averaging) are reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
-    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows: ~8 min on the 2-core VM (--repeats 2: ~16 min)
+    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows: ~10-15 min on the 2-core VM (--repeats 2: 20-30 min)
     .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
 """
 
