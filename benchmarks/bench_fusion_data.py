@@ -379,6 +379,16 @@ def zarrs_store(path: str):
 LOADERS = ("stream", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe")
 
 
+def workers_of(way: str) -> int:
+    """DataConfig.workers of a read path: `fusion train --workers 2` for the *-2-workers paths, else one loader thread."""
+    return 2 if way.endswith("2-workers") else 0
+
+
+def averages(way: str) -> bool:
+    """Whether a read path averages longer rows down to --max-tokens (`fusion --max-tokens`, as the recipe does)."""
+    return "max-tokens" in way or way == "recipe"
+
+
 def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path], batch_size: int, seed: int,
                 pooled: dict[str, str] | None = None, max_tokens: int = 512):
     """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores;
@@ -391,9 +401,8 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
     if way in ("stream-lz4", "before"):
         stores = {m: str(lz4_path(p)) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
-    workers = 2 if way.endswith("2-workers") else 0  # DataConfig.workers: `fusion train --workers 2`
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
-                        workers=workers, seed=seed, max_tokens=max_tokens if "max-tokens" in way or way == "recipe" else None)  # fmt: skip
+                        workers=workers_of(way), seed=seed, max_tokens=max_tokens if averages(way) else None)  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
@@ -425,12 +434,12 @@ def measure(way: str, args: argparse.Namespace, prepared: Path, stores: dict[str
             s += open_s  # its cold read is the load into RAM
         res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
     first = first_batch(batches)
-    if way.endswith("2-workers"):  # through the worker processes, then shut them down
+    if workers_of(way):  # through the worker processes, then shut them down
         workers = batches("train", shuffle=True, epoch=0)
         first = next(workers)
         del workers
     # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-    expected = reduced(reference, args.max_tokens) if "max-tokens" in way or way == "recipe" else reference
+    expected = reduced(reference, args.max_tokens) if averages(way) else reference
     if way != "stream-pooled" and not same_batch(first, expected):
         raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
     return res
@@ -767,8 +776,10 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     h200 = dict(GPU_BF16_PEAK_TFLOPS)["H200"] * 1e12
     models = {}
     model_inputs = {"full": "memmap", f"pooled x{args.token_pool}": "stream-pooled", f"max-tokens {args.max_tokens}": "stream-max-tokens"}
-    model_rows = {"stream-pooled": f"pooled x{args.token_pool}",  # read path -> the rows its batches hold (default: full)
-                  **dict.fromkeys(("stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe"), f"max-tokens {args.max_tokens}")}  # fmt: skip
+
+    def model_rows(way: str) -> str:  # the rows a read path's batches hold: the model_inputs key to compare it with
+        return f"pooled x{args.token_pool}" if way == "stream-pooled" else f"max-tokens {args.max_tokens}" if averages(way) else "full"
+
     for rows, way in model_inputs.items():
         batches = open_loader(way, prepared, stores, memmaps, args.model_batch, args.seed, pooled, args.max_tokens)
         model = models[rows] = model_rate(batches, args.model_steps, args.model_batch, args.seed)
@@ -789,7 +800,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     print(f"| raw read of the chunk files | | {raw['cold']['mb_s']:,.0f} | 100% | | {raw['warm']['mb_s']:,.0f} | 100% | | |")
     for way, r in loaders.items():
         c, w = r["cold"], r["warm"]
-        model = models[model_rows.get(way, "full")]  # the model on the rows this path delivers
+        model = models[model_rows(way)]  # the model on the rows this path delivers
         print(f"| {way} | {c['samples_per_s']:,.1f} | {c['mb_s']:,.0f} | {c['mb_s'] / raw['cold']['mb_s']:.0%} | "
               f"{w['samples_per_s']:,.1f} | {w['mb_s']:,.0f} | {w['mb_s'] / raw['warm']['mb_s']:.0%} | "
               f"{c['samples_per_s'] / model['samples_per_s']:,.1f}x | {c['samples_per_s'] / model['h200_bound_samples_per_s']:.2g}x |")  # fmt: skip
