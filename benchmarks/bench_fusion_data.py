@@ -11,9 +11,12 @@ posix_fadvise, checked with mincore) and warm:
     loaders    one shuffled epoch of `StoreBatches` (fusion.data) per way of reading per-token rows:
                - stream:  fusion.data.StreamedTokens (one zarr call per batch decoding into the fp16 batch:
                           EmbeddingStore.read_tokens_into) on stores as `embedcache build` writes them
+               - stream-read: `stream` with each byte range read into a new buffer (zarr's LocalStore), as
+                          before the stores' files were mapped (embedcache.mapped_store)
                - stream-lz4: the same rows stored with --token-codec lz4
                - before:  the loader before fp16 batches, on lz4 stores: float32 batches
                - stream-2-workers: `stream` in 2 torch DataLoader worker processes (fusion --workers 2)
+               - stream-read-2-workers: `stream-read` in 2 worker processes
                - zarrs:   StreamedTokens with the zarrs codec pipeline (Rust) on the tokens array
                - memory:  InMemoryTokens (RAM; cold = its load)
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
@@ -360,6 +363,15 @@ class MaxTokensBefore:
         return _pad([None if k is None else pooled(torch.from_numpy(next(rows))) for k in keys], self.dim)
 
 
+def copying_reads(store) -> None:
+    """Bind the store's tokens array to zarr's own LocalStore: each byte range read into a new buffer, as
+    every streamed read was before `embedcache.mapped_store` (the stream-read paths)."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    store._tokens = zarr.open_array(store=LocalStore(store.store.root, read_only=True), path="tokens", mode="r")
+
+
 def zarrs_store(path: str):
     """The store opened with its tokens array bound to the zarrs codec pipeline (None when zarrs is absent)."""
     try:
@@ -376,7 +388,7 @@ def zarrs_store(path: str):
     return store
 
 
-LOADERS = ("stream", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe")
+LOADERS = ("stream", "stream-read", "stream-default-malloc", "stream-lz4", "before", "stream-2-workers", "stream-read-2-workers", "stream-2-workers-default-malloc", "zarrs", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe")
 
 
 def workers_of(way: str) -> int:
@@ -417,6 +429,9 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
         batches.features = {m: MaxTokensBefore(batches.stores[m], max_tokens) for m in MODALITIES}
     elif way == "zarrs":
         batches.features = {m: StreamedTokens(zarrs_store(stores[m]), keys[m]) for m in MODALITIES}
+    elif way.startswith("stream-read"):
+        for m in MODALITIES:
+            copying_reads(batches.features[m].store)
     return batches
 
 

@@ -1,7 +1,8 @@
 """Where a store lives: a local path or a URL, opened through zarr's own store layer.
 
 `open_location("s3://bucket/x.zarr", {"endpoint_url": ...})` returns a zarr `Store`:
-`LocalStore` for paths and `file://` URLs, `FsspecStore` for everything fsspec knows
+`LocalStore` for paths and `file://` URLs (for reading, on Linux, `MappedLocalStore`: the same files,
+byte ranges served from the page cache in place), `FsspecStore` for everything fsspec knows
 (`memory://`, `s3://`, `gs://`, `az://`, ...). Credentials and endpoints come from
 `storage_options` (`--storage-option KEY=VALUE`) or from each filesystem's standard
 environment (for S3: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
@@ -19,6 +20,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from embedcache.errors import StoreError
+from embedcache.mapped_store import MappedLocalStore, can_map
 
 # URL scheme -> (the package fsspec needs, the extra of this project that installs it)
 CLOUD_EXTRAS = {
@@ -100,6 +102,8 @@ def open_location(location: Location, *, read_only: bool) -> Store:
         path = location.local_path
         if read_only and not path.exists():
             raise StoreError(f"no embedcache store at {location.url!r} (the path does not exist)")
+        if read_only and can_map():  # reads served from the page cache in place (embedcache.mapped_store)
+            return MappedLocalStore(path)
         return LocalStore(path, read_only=read_only)
     package, extra = CLOUD_EXTRAS.get(location.scheme, (None, None))
     try:

@@ -76,7 +76,7 @@ def test_bench_fusion_data_runs_every_read_path(tmp_path: Path) -> None:
     proc = run_script("bench_fusion_data.py", "--quick", "--n-genes", "2", "--token-scale", "0.02", "--batch-size", "4",
                       "--model-steps", "1", "--model-batch", "2", "--max-tokens", "8", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     result = json.loads(out.read_text())
-    expected = {"before", "stream", "stream-default-malloc", "stream-lz4", "stream-2-workers", "stream-2-workers-default-malloc", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe"} | ({"zarrs"} if result["machine"]["zarrs"] else set())
+    expected = {"before", "stream", "stream-read", "stream-read-2-workers", "stream-default-malloc", "stream-lz4", "stream-2-workers", "stream-2-workers-default-malloc", "memmap", "memory", "stream-pooled", "stream-max-tokens", "stream-max-tokens-2-workers", "max-tokens-before", "recipe"} | ({"zarrs"} if result["machine"]["zarrs"] else set())
     expected -= set() if result["machine"]["keep_freed_memory"] else {"stream-default-malloc", "stream-2-workers-default-malloc"}  # glibc only
     assert set(result["loaders"]) == expected
     n_train = result["loaders"]["stream"]["cold"]["samples"]

@@ -1,0 +1,105 @@
+"""MappedLocalStore: byte-range reads as views of mapped files, answering exactly as LocalStore does."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import zarr
+from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+from embedcache import open_store
+from embedcache.mapped_store import MappedLocalStore, can_map
+
+from .conftest import write_fasta
+from .test_parity import AA, random_seqs
+from .test_store import esm2_config, run_build
+
+pytestmark = pytest.mark.skipif(not can_map(), reason="needs Linux 5.14+ (MADV_POPULATE_READ)")
+
+PAYLOAD = bytes(range(256)) * 40  # 10,240 bytes: more than two pages, so ranges start inside a page
+
+
+def put(root, key: str, data: bytes) -> None:
+    sync(LocalStore(root).set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def get(store, key: str, byte_range=None) -> bytes | None:
+    buf = sync(store.get(key, default_buffer_prototype(), byte_range))
+    return None if buf is None else buf.to_bytes()
+
+
+REQUESTS = [
+    None,
+    RangeByteRequest(0, 16),
+    RangeByteRequest(4097, 9000),  # starts inside the second page
+    RangeByteRequest(10_000, 20_000),  # runs past the end: clipped, as a read is
+    RangeByteRequest(20_000, 30_000),  # starts past the end: empty
+    OffsetByteRequest(5000),
+    SuffixByteRequest(20),
+    SuffixByteRequest(1 << 20),  # longer than the file: the whole file
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=repr)
+def test_reads_answer_as_local_store_does(tmp_path, request_):
+    put(tmp_path, "c/0", PAYLOAD)
+    put(tmp_path, "empty", b"")
+    mapped, local = MappedLocalStore(tmp_path), LocalStore(tmp_path, read_only=True)
+    for key in ("c/0", "empty", "absent", "c"):  # a file, an empty file, nothing, a directory
+        assert get(mapped, key, request_) == get(local, key, request_), key
+    parts = sync(mapped.get_partial_values(default_buffer_prototype(), [("c/0", request_), ("absent", request_)]))
+    assert parts[1] is None and parts[0].to_bytes() == get(local, "c/0", request_)
+
+
+def test_a_replaced_file_is_mapped_again(tmp_path):
+    """zarr writes by atomic rename: a store that mapped the old file reads the new one."""
+    put(tmp_path, "c/0", PAYLOAD)
+    mapped = MappedLocalStore(tmp_path)
+    old = sync(mapped.get("c/0", default_buffer_prototype(), RangeByteRequest(0, 100)))
+    put(tmp_path, "c/0", PAYLOAD[::-1])
+    assert get(mapped, "c/0", RangeByteRequest(0, 100)) == PAYLOAD[::-1][:100]
+    assert old.to_bytes() == PAYLOAD[:100]  # a view handed out before still holds the old file's bytes
+
+
+def test_mappings_are_bounded_and_views_outlive_them(tmp_path):
+    for i in range(6):
+        put(tmp_path, f"c/{i}", bytes([i]) * 5000)
+    mapped = MappedLocalStore(tmp_path, max_maps=2)
+    views = [sync(mapped.get(f"c/{i}", default_buffer_prototype(), RangeByteRequest(100, 4200))) for i in range(6)]
+    assert list(mapped._maps) == ["c/4", "c/5"]
+    for i, view in enumerate(views):  # evicted mappings stay valid while zarr holds a view
+        assert view.to_bytes() == bytes([i]) * 4100
+        assert not view.as_numpy_array().flags.writeable  # the page cache itself: nobody writes into it
+
+
+def test_it_is_read_only_and_pickles(tmp_path):
+    put(tmp_path, "c/0", PAYLOAD)
+    with pytest.raises(ValueError, match="is read-only"):
+        MappedLocalStore(tmp_path, read_only=False)
+    mapped = MappedLocalStore(tmp_path)
+    assert get(mapped, "c/0", SuffixByteRequest(4)) == PAYLOAD[-4:]
+    writable = mapped.with_read_only(False)
+    assert type(writable) is LocalStore and not writable.read_only
+    copy = pickle.loads(pickle.dumps(mapped))
+    assert copy == mapped and not copy._maps and get(copy, "c/0", SuffixByteRequest(4)) == PAYLOAD[-4:]
+
+
+def test_stores_open_mapped_and_read_the_same_rows(tmp_path, models):
+    """open_store reads local stores through MappedLocalStore; rows equal LocalStore's, batch by batch."""
+    fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [40, 70, 25, 90], seed=5))
+    path = tmp_path / "s.zarr"
+    run_build(esm2_config(models, shard_mb=0.01), [fasta], path)
+    s = open_store(path)
+    assert isinstance(s.store, MappedLocalStore)
+    local = LocalStore(path, read_only=True)
+    tokens = zarr.open_array(store=local, path="tokens", mode="r")
+    out = np.zeros((len(s.ids), 100, s.embed_dim), np.float16)
+    s.read_tokens_into(s.ids, out)
+    for row, rid in zip(out, s.ids):
+        o, n = s.token_span(rid)
+        np.testing.assert_array_equal(row[:n], tokens[o : o + n, 0])
