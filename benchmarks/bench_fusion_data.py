@@ -379,12 +379,14 @@ def zarrs_store(path: str):
     except ImportError:
         return None
     import zarr
+    from zarr.storage import LocalStore
 
     from embedcache import open_store
 
     store = open_store(path)
+    local = LocalStore(store.store.root, read_only=True)  # zarrs reads the files itself from a LocalStore's root
     with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "codec_pipeline.strict": True}):
-        store._tokens = zarr.open_array(store=store.store, path="tokens", mode="r")  # the pipeline is chosen at open
+        store._tokens = zarr.open_array(store=local, path="tokens", mode="r")  # the pipeline is chosen at open
     return store
 
 

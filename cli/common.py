@@ -8,6 +8,7 @@ Exit codes: 0 done; 1 an unexpected error (a bug: one line saying so and where t
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 import tempfile
@@ -85,6 +86,13 @@ def run_main(
     from fusion.errors import FusionError
 
     quiet_libraries()
+    # A fatal signal prints every thread's Python stack instead of only "Bus error": a local store's
+    # files are memory-mapped for reading (embedcache.mapped_store), where a disk error is a SIGBUS.
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (OSError, ValueError, AttributeError):  # stderr is not a file (captured by a caller): nowhere to print
+            pass
     # Line by line even into a pipe or a log file: a build waiting for another, or a long run's
     # progress lines, show up when they happen, not when a buffer fills.
     if hasattr(sys.stdout, "reconfigure"):
