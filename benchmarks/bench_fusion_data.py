@@ -10,7 +10,8 @@ posix_fadvise, checked with mincore) and warm:
     memmap     the same decoded rows as one .npy per modality, gathered per batch from np.memmap
     loaders    one shuffled epoch of `StoreBatches` (fusion.data) per way of reading per-token rows:
                - stream:  fusion.data.StreamedTokens (one zarr call per batch decoding into the fp16 batch:
-                          EmbeddingStore.read_tokens_into) on stores as `embedcache build` writes them
+                          EmbeddingStore.read_tokens_into) on stores as `embedcache build` writes them,
+                          opened as `fusion` opens them (on Linux through embedcache.mapped_store)
                - stream-read: `stream` with each byte range read into a new buffer (zarr's LocalStore), as
                           before the stores' files were mapped (embedcache.mapped_store)
                - stream-lz4: the same rows stored with --token-codec lz4

@@ -18,7 +18,7 @@ medians of 3 (two runs; `LocalStore` 573 / 599 in the first, 552 / 595 in the se
 - the read handed to zarr's thread pool, as `LocalStore` hands over every read, to fill the range's
   page tables there (madvise WILLNEED + MADV_POPULATE_READ): 573 / 639; POPULATE_READ alone 615 / 685;
 - madvise(WILLNEED) on the loop, no hand-off: 701 / 760 (first run), 705 / 756 (second);
-- the view alone (this): 768 / 807 (second run), with 28-36% less CPU per GB than `LocalStore`;
+- the view alone (this): 768 / 807 (second run), with 36-37% less CPU per GB than `LocalStore`;
 - the LRU thrashing (4 maps; at IsoFormer scale a store has thousands of shards): 695 / 707.
 
 Whole-object reads (metadata, small arrays, whole shards in `embedcache verify`) stay `LocalStore`'s.
