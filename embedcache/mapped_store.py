@@ -39,6 +39,7 @@ import mmap
 import os
 import sys
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
@@ -110,5 +111,5 @@ class MappedLocalStore(LocalStore):
         start, stop = byte_bounds(byte_range, len(data))
         return (prototype or default_buffer_prototype()).buffer.from_bytes(memoryview(data)[start:stop])
 
-    async def get_partial_values(self, prototype: BufferPrototype, key_ranges) -> list[Buffer | None]:
+    async def get_partial_values(self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
         return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
