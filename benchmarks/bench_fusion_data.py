@@ -366,7 +366,7 @@ class MaxTokensBefore:
 
 def copying_reads(store) -> None:
     """Bind the store's tokens array to zarr's own LocalStore: each byte range read into a new buffer, as
-    every streamed read was before `embedcache.mapped_store` (the stream-read paths)."""
+    every streamed read was before `embedcache.mapped_store` (the stream-read paths), and as zarrs needs it."""
     import zarr
     from zarr.storage import LocalStore
 
@@ -380,14 +380,12 @@ def zarrs_store(path: str):
     except ImportError:
         return None
     import zarr
-    from zarr.storage import LocalStore
 
     from embedcache import open_store
 
     store = open_store(path)
-    local = LocalStore(store.store.root, read_only=True)  # zarrs reads the files itself from a LocalStore's root
     with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline", "codec_pipeline.strict": True}):
-        store._tokens = zarr.open_array(store=local, path="tokens", mode="r")  # the pipeline is chosen at open
+        copying_reads(store)  # the pipeline is chosen at open; zarrs reads the files itself from a LocalStore's root
     return store
 
 

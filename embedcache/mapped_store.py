@@ -65,6 +65,11 @@ def byte_bounds(byte_range: ByteRequest, size: int) -> tuple[int, int]:
     raise TypeError(f"unexpected byte_range, got {byte_range!r}")
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int]:
+    """(inode, size, mtime_ns): what changes when a file is replaced or rewritten."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class MappedLocalStore(LocalStore):
     """`LocalStore`, read-only, serving byte-range reads as views of mapped files (module docstring)."""
 
@@ -85,15 +90,14 @@ class MappedLocalStore(LocalStore):
     def _mapping(self, key: str) -> mmap.mmap | bytes:
         """The file `key`, mapped (from the LRU when it is still the same file)."""
         path = self.root / key
-        st = os.stat(path)
         seen = self._maps.get(key)
-        if seen is not None and seen[0] == (st.st_ino, st.st_size, st.st_mtime_ns):
+        if seen is not None and seen[0] == file_identity(os.stat(path)):
             self._maps.move_to_end(key)
             return seen[1]
         with open(path, "rb") as f:
-            st = os.fstat(f.fileno())  # the file actually opened, should it have been replaced since the stat
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
-        self._maps[key] = ((st.st_ino, st.st_size, st.st_mtime_ns), data)
+            identity = file_identity(os.fstat(f.fileno()))  # the file actually opened, should it have been replaced since
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if identity[1] else b""
+        self._maps[key] = (identity, data)
         self._maps.move_to_end(key)
         while len(self._maps) > self.max_maps:
             self._maps.popitem(last=False)  # unmapped once zarr drops its last view of it
