@@ -126,6 +126,28 @@ def test_batches_made_in_worker_processes_are_shared_memory_from_the_start():
     assert in_worker == [(True, torch.float16, 28.0)] * 2  # zeroed, then written through the numpy view
 
 
+def test_objects_older_than_an_epoch_are_frozen_while_it_is_read_and_only_then(demo_data):
+    """gc.freeze() for the epoch (the collector's full passes skip the import-time heap), undone when it ends
+    or is abandoned; a heap the caller froze stays frozen."""
+    from fusion.data import DataConfig, open_batches
+    from fusion.run import read_manifest
+
+    batches = open_batches(DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], batch_size=8, loading="stream"),
+                           read_manifest(demo_data["prep"]), log=lambda s: None)  # fmt: skip
+    during = [gc.get_freeze_count() for _ in batches("train")]
+    assert len(during) == batches.n_batches("train") and min(during) > 0 and gc.get_freeze_count() == 0
+    epoch = batches("train")
+    next(epoch)
+    assert gc.get_freeze_count() > 0
+    epoch.close()  # a loop left early (early stopping, an error): unfrozen when its iterator goes
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        assert len(list(batches("val"))) == batches.n_batches("val") and gc.get_freeze_count() > 0  # still the caller's
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.parametrize("loading, max_tokens", [("memory", None), ("stream", None), ("stream", 5)])
 def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loading, max_tokens):
     """--workers N: DataLoader processes assemble the epoch (into shared memory); the batches, zero padding
@@ -138,7 +160,7 @@ def test_worker_processes_make_the_same_batches_in_the_same_order(demo_data, loa
                                          max_tokens=max_tokens),
                               manifest, log=lambda s: None) for w in (0, 2)}  # fmt: skip
     thread, workers = (list(opened[w]("train", shuffle=True, epoch=1)) for w in (0, 2))
-    assert gc.get_freeze_count() == 0  # frozen only while the workers were forked
+    assert gc.get_freeze_count() == 0  # frozen only while the epoch was read
     assert len(thread) == len(workers) == opened[0].n_batches("train")
     for a, b in zip(thread, workers):
         assert a.sample_ids == b.sample_ids and torch.equal(a.targets, b.targets) and torch.equal(a.target_mask, b.target_mask)
