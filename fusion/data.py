@@ -9,10 +9,11 @@ trains (store-design.md: never xarray or sharded oindex in the training loop).
 
 from __future__ import annotations
 
+import collections
+import functools
 import gc
 import math
-import queue
-import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
@@ -354,8 +355,8 @@ class StoreBatches:
         rows = [order[s : s + self.config.batch_size] for s in range(0, len(order), self.config.batch_size)]
         if self.config.workers:
             return _with_old_objects_frozen(lambda: _worker_batches(EpochBatches(self, arrays, rows), self.config.workers, self.config.prefetch))
-        # Batches are assembled in a background thread, overlapping the training step.
-        return _with_old_objects_frozen(lambda: _prefetch((self._batch(arrays, r) for r in rows), self.config.prefetch))
+        # Batches are assembled in background threads, overlapping the training step.
+        return _with_old_objects_frozen(lambda: _prefetch(functools.partial(self._batch, arrays), rows, self.config.prefetch))
 
     def _batch(self, arrays: "SplitArrays", rows: np.ndarray) -> Batch:
         features = {m: feats.gather([arrays.keys[m][r] for r in rows]) for m, feats in self.features.items()}
@@ -444,26 +445,29 @@ def _with_old_objects_frozen(epoch: Callable[[], Iterator[Batch]]) -> Iterator[B
         gc.unfreeze()
 
 
-def _prefetch(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Prepare up to `depth` batches ahead in a background thread (reads overlap the training step)."""
-    q: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-    done = object()
-    error: list[BaseException] = []
+_BATCH_THREADS = 2  # one thread's batch reads in zarr's event loop while the other averages or pads its own
 
-    def work() -> None:
+
+def _prefetch(make: Callable[[np.ndarray], Batch], rows: list[np.ndarray], depth: int) -> Iterator[Batch]:
+    """`make(r)` for every r in `rows`, in order, up to `depth` batches ahead, in `_BATCH_THREADS` threads.
+
+    A batch is made in two steps: zarr reads its rows (on zarr's event loop thread), then the thread
+    that asked pads them, or averages them with --max-tokens (numpy and torch, which release the GIL).
+    With one thread the reads stopped while a batch was averaged; with two, the next batch's reads run
+    meanwhile, on the other core.
+    """
+    pending: collections.deque[Future] = collections.deque()
+    with ThreadPoolExecutor(_BATCH_THREADS, thread_name_prefix="fusion-batches") as pool:
         try:
-            for b in batches:
-                q.put(b)
-        except BaseException as e:  # re-raised in the consumer
-            error.append(e)
-        finally:
-            q.put(done)
-
-    threading.Thread(target=work, daemon=True, name="fusion-prefetch").start()
-    while (item := q.get()) is not done:
-        yield item
-    if error:
-        raise error[0]
+            for r in rows:
+                pending.append(pool.submit(make, r))
+                if len(pending) > max(depth, 1):
+                    yield pending.popleft().result()  # re-raises what making it raised
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the consumer stopped early (or a batch failed): the rest are not made
+            for f in pending:
+                f.cancel()
 
 
 # -- opening ---------------------------------------------------------------------------------------

@@ -126,6 +126,40 @@ def test_batches_made_in_worker_processes_are_shared_memory_from_the_start():
     assert in_worker == [(True, torch.float16, 28.0)] * 2  # zeroed, then written through the numpy view
 
 
+def test_batches_are_made_two_at_a_time_and_arrive_in_order_up_to_the_first_error():
+    """One thread averages or pads a batch while the other's reads run; the consumer sees the epoch's order."""
+    import threading
+    import time
+
+    from fusion.data import _prefetch
+
+    lock, running, most, started = threading.Lock(), [0], [0], []
+
+    def make(r: int) -> int:
+        with lock:
+            started.append(r)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05 if r % 2 == 0 else 0.01)  # even batches finish after the odd one made beside them
+        with lock:
+            running[0] -= 1
+        if r == 5:
+            raise ValueError("bad record in batch 5")
+        return r
+
+    made = []
+    with pytest.raises(ValueError, match="bad record in batch 5"):
+        for b in _prefetch(make, list(range(8)), depth=2):
+            made.append(b)
+    assert made == [0, 1, 2, 3, 4] and most[0] == 2
+    started.clear()
+    epoch = _prefetch(make, list(range(100)), depth=2)
+    assert next(epoch) == 0
+    epoch.close()  # the consumer stopped: the batches not yet started are never made
+    time.sleep(0.2)
+    assert len(started) <= 3
+
+
 def test_objects_older_than_an_epoch_are_frozen_while_it_is_read_and_only_then(demo_data):
     """gc.freeze() for the epoch (the collector's full passes skip the import-time heap), undone when it ends
     or is abandoned; a heap the caller froze stays frozen."""
