@@ -7,7 +7,8 @@ Mapped, the range *is* the page cache: the crc32c and the copy into the batch re
 no chunk buffer is allocated, faulted in or freed. bench_fusion_data.py (2-core VM) measures it
 against `LocalStore` side by side (the `stream-read` rows).
 
-How a ranged read goes, all on zarr's event loop:
+How a ranged read goes, all on the event loop that runs the read (zarr's, or the reading thread's
+own: `embedcache.reader.run_reads`):
 1. the shard file is mapped once and kept in a small LRU, keyed by path and checked against the
    file's inode, size and mtime on every read: a file replaced since (zarr writes by atomic rename)
    is mapped again, so a read does not return an old file's bytes;
@@ -38,6 +39,7 @@ import asyncio
 import mmap
 import os
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,30 +80,36 @@ class MappedLocalStore(LocalStore):
             raise ValueError(f"MappedLocalStore({str(root)!r}) is read-only; write through LocalStore")
         super().__init__(root, read_only=True)
         self.max_maps = max_maps
-        # key -> ((inode, size, mtime_ns), mapping); only zarr's event loop touches it
+        # key -> ((inode, size, mtime_ns), mapping); batch threads reading on loops of their own
+        # (embedcache.reader.run_reads) share it, under the lock
         self._maps: OrderedDict[str, tuple[tuple[int, int, int], mmap.mmap | bytes]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def with_read_only(self, read_only: bool = False) -> LocalStore:
         return MappedLocalStore(self.root, max_maps=self.max_maps) if read_only else LocalStore(self.root, read_only=False)
 
-    def __getstate__(self) -> dict:  # mappings do not pickle; a copy maps its files again
-        return {**self.__dict__, "_maps": OrderedDict()}
+    def __getstate__(self) -> dict:  # mappings and locks do not pickle; a copy maps its files again
+        return {k: v for k, v in self.__dict__.items() if k not in ("_maps", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _maps=OrderedDict(), _lock=threading.Lock())
 
     def _mapping(self, key: str) -> mmap.mmap | bytes:
         """The file `key`, mapped (from the LRU when it is still the same file)."""
         path = self.root / key
-        seen = self._maps.get(key)
-        if seen is not None and seen[0] == file_identity(os.stat(path)):
+        with self._lock:
+            seen = self._maps.get(key)
+            if seen is not None and seen[0] == file_identity(os.stat(path)):
+                self._maps.move_to_end(key)
+                return seen[1]
+            with open(path, "rb") as f:
+                identity = file_identity(os.fstat(f.fileno()))  # the file actually opened, should it have been replaced since
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if identity[1] else b""
+            self._maps[key] = (identity, data)
             self._maps.move_to_end(key)
-            return seen[1]
-        with open(path, "rb") as f:
-            identity = file_identity(os.fstat(f.fileno()))  # the file actually opened, should it have been replaced since
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if identity[1] else b""
-        self._maps[key] = (identity, data)
-        self._maps.move_to_end(key)
-        while len(self._maps) > self.max_maps:
-            self._maps.popitem(last=False)  # unmapped once zarr drops its last view of it
-        return data
+            while len(self._maps) > self.max_maps:
+                self._maps.popitem(last=False)  # unmapped once zarr drops its last view of it
+            return data
 
     async def get(self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None) -> Buffer | None:
         if byte_range is None:

@@ -259,8 +259,9 @@ class InMemoryTokens(ModalityFeatures):
 class StreamedTokens(ModalityFeatures):
     """Per-token rows read from the store per batch: one zarr call reads the batch's records concurrently.
 
-    zarr's own event loop runs the reads, so there is no thread pool here, and every chunk's crc32c is
-    still checked; a local store's chunks are views of its mapped files (embedcache.mapped_store).
+    An event loop runs the reads (the calling batch thread's own for a local store, whose chunks are
+    views of its mapped files: embedcache.reader.run_reads, embedcache.mapped_store; zarr's otherwise),
+    so there is no thread pool here, and every chunk's crc32c is still checked.
     zarr decodes straight into the padded fp16 batch (`EmbeddingStore.read_tokens_into`): no array
     per record to copy again (+10-15% in bench_fusion_data.py); with max_rows, the records longer
     than that are then averaged (`group_mean`) from their rows in that batch.

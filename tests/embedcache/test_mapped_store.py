@@ -77,6 +77,65 @@ def test_mappings_are_bounded_and_views_outlive_them(tmp_path):
         assert not view.as_numpy_array().flags.writeable  # the page cache itself: nobody writes into it
 
 
+def test_threads_reading_on_loops_of_their_own_share_the_mappings_safely(tmp_path):
+    """Batch threads read a mapped store on event loops of their own (embedcache.reader.run_reads): the
+    LRU is shared, and thrashing it from several threads at once must neither raise nor mix files up."""
+    import asyncio
+    import sys
+    import threading
+
+    for i in range(8):
+        put(tmp_path, f"c/{i}", bytes([i]) * 5000)
+    mapped, errors = MappedLocalStore(tmp_path, max_maps=2), []
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for i in rng.integers(0, 8, 300):
+                buf = asyncio.run(mapped.get(f"c/{i}", default_buffer_prototype(), RangeByteRequest(10, 20)))
+                assert buf.to_bytes() == bytes([i]) * 10
+        except BaseException as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the LRU's bookkeeping too
+    try:
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[0]
+    assert len(mapped._maps) <= 2
+
+
+def test_mapped_reads_run_in_the_asking_thread_and_the_rest_on_zarrs_loop(tmp_path):
+    """run_reads: a mapped store's reads on the caller's own loop (batch threads decode on their own
+    cores); other stores, and a caller already inside a loop (a Jupyter kernel), on zarr's loop."""
+    import asyncio
+    import threading
+
+    from embedcache.reader import run_reads
+
+    put(tmp_path, "c/0", PAYLOAD)
+    mapped, local = MappedLocalStore(tmp_path), LocalStore(tmp_path, read_only=True)
+
+    async def read(store):
+        buf = await store.get("c/0", default_buffer_prototype(), RangeByteRequest(0, 4))
+        return buf.to_bytes(), threading.current_thread()
+
+    here = threading.current_thread()
+    assert run_reads(mapped, read(mapped)) == (PAYLOAD[:4], here)
+    data, thread = run_reads(local, read(local))
+    assert data == PAYLOAD[:4] and thread is not here  # zarr's event-loop thread
+
+    async def in_a_running_loop():
+        return run_reads(mapped, read(mapped))
+
+    data, thread = asyncio.run(in_a_running_loop())
+    assert data == PAYLOAD[:4] and thread is not here
+
+
 def test_it_is_read_only_and_pickles(tmp_path):
     put(tmp_path, "c/0", PAYLOAD)
     with pytest.raises(ValueError, match="is read-only"):
