@@ -53,7 +53,8 @@ def run_reads(store: Any, reads: Coroutine[Any, Any, T]) -> T:
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop runs here: run one for these reads
-            return asyncio.run(reads)
+            with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:  # a factory: the thread's current loop stays as it was
+                return runner.run(reads)
     return sync(reads)
 
 

@@ -126,6 +126,13 @@ def test_mapped_reads_run_in_the_asking_thread_and_the_rest_on_zarrs_loop(tmp_pa
 
     here = threading.current_thread()
     assert run_reads(mapped, read(mapped)) == (PAYLOAD[:4], here)
+    mine = asyncio.new_event_loop()  # a loop the caller set for this thread stays set
+    asyncio.set_event_loop(mine)
+    try:
+        assert run_reads(mapped, read(mapped)) == (PAYLOAD[:4], here) and asyncio.get_event_loop() is mine
+    finally:
+        asyncio.set_event_loop(None)
+        mine.close()
     data, thread = run_reads(local, read(local))
     assert data == PAYLOAD[:4] and thread is not here  # zarr's event-loop thread
 
