@@ -446,16 +446,17 @@ def _with_old_objects_frozen(epoch: Callable[[], Iterator[Batch]]) -> Iterator[B
         gc.unfreeze()
 
 
-_BATCH_THREADS = 2  # one thread's batch reads in zarr's event loop while the other averages or pads its own
+_BATCH_THREADS = 2  # two batches read, decoded and padded at once: on the 2-core VM, one per core
 
 
 def _prefetch(make: Callable[[np.ndarray], Batch], rows: list[np.ndarray], depth: int) -> Iterator[Batch]:
     """`make(r)` for every r in `rows`, in order, up to `depth` batches ahead, in `_BATCH_THREADS` threads.
 
-    A batch is made in two steps: zarr reads its rows (on zarr's event loop thread), then the thread
-    that asked pads them, or averages them with --max-tokens (numpy and torch, which release the GIL).
-    With one thread the reads stopped while a batch was averaged; with two, the next batch's reads run
-    meanwhile, on the other core.
+    A batch is made in two steps: zarr reads its rows, then the thread pads them, or averages them
+    with --max-tokens (numpy and torch, which release the GIL). With one thread the reads stopped while
+    a batch was averaged; with two, the next batch's reads run meanwhile. A mapped local store's reads
+    run on the asking thread's own event loop (embedcache.reader.run_reads), so two batches also
+    decode at once, each on a core (the GIL still serialises zarr's Python and crc32c).
     """
     pending: collections.deque[Future] = collections.deque()
     with ThreadPoolExecutor(_BATCH_THREADS, thread_name_prefix="fusion-batches") as pool:
