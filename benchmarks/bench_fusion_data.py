@@ -513,8 +513,7 @@ def repeated_share(batches) -> float:
 def first_batch(batches):
     """The first batch of the shuffled epoch 0 (as StoreBatches orders it), made in this thread.
 
-    Not through the prefetching iterator: left unfinished, its thread would keep the loader (and any
-    memmap, whose mapped pages posix_fadvise cannot drop) alive for the rest of the run.
+    Not through the prefetching iterator, which would start `prefetch` batches ahead only to drop them.
     """
     arrays = batches.split_arrays("train")
     order = np.random.default_rng([batches.config.seed, 0]).permutation(len(arrays.sample_ids))

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
@@ -37,7 +38,7 @@ from embedcache.store import (
 T = TypeVar("T")
 
 
-def run_reads(store: Any, reads: Coroutine[Any, Any, T]) -> T:
+def run_reads(store: Store, reads: Coroutine[Any, Any, T]) -> T:
     """Run zarr reads of `store` to the end: in this thread, on an event loop of its own, when the
     store's reads are views of mapped files and no loop runs here; otherwise on zarr's loop (`sync`).
 
