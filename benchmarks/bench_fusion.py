@@ -163,7 +163,7 @@ def make_isoformer_encoders(models: Path, seed: int, log: Callable[[str], None])
     """Random weights at the released IsoFormer encoders' shapes, saved like checkpoints (ISOFORMER_NOTES)."""
     from enformer_pytorch import Enformer
 
-    from embedcache.tiny_models import ESM2_VOCAB, NT_VOCAB, save_esm_model
+    from embedcache.tiny_models import ESM2_VOCAB, NT_VOCAB, save_enformer, save_esm_model
 
     t0 = time.perf_counter()
     esm2 = save_esm_model(
@@ -184,7 +184,7 @@ def make_isoformer_encoders(models: Path, seed: int, log: Callable[[str], None])
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     enformer = models / "enformer-official-shape"
-    Enformer.from_hparams().save_pretrained(enformer, safe_serialization=False)  # defaults = the official model
+    save_enformer(Enformer.from_hparams(), enformer)  # defaults = the official model
     log(f"  Enformer (official hparams) saved ({time.perf_counter() - t0:.0f} s)")
     return {"protein": esm2, "rna": nt, "dna": enformer}
 

@@ -86,12 +86,22 @@ def make_tiny_nucleotide_transformer(
 
 
 def make_tiny_enformer(
-    directory: str | Path, *, dim: int = 48, depth: int = 1, heads: int = 2, target_length: int = 8, seed: int = 0
+    directory: str | Path,
+    *,
+    dim: int = 48,
+    depth: int = 1,
+    heads: int = 2,
+    target_length: int = 8,
+    seed: int = 0,
+    attention_out_std: float | None = None,
 ) -> Path:
     """Enformer architecture (conv stem, 7 halvings to 128-bp bins, transformer trunk) at toy size.
 
     Its input window must be a multiple of 128 bp giving at least `target_length` bins. Enformer's
     relative positional features need dim // heads divisible by 6 (official: 1536 // 8 = 192).
+    enformer-pytorch initialises attention's output projection to zeros, so a random model's attention
+    adds nothing and q/k/v get no gradient; `attention_out_std` draws it from N(0, std) instead, as a
+    trained model's would be non-zero.
     """
     from embedcache.encoders.enformer import require_enformer
 
@@ -109,9 +119,22 @@ def make_tiny_enformer(
         attn_dim_key=8,
         dim_divisible_by=dim // 4,
     )
-    # The trunk shares its tensors with named submodules (stem, conv_tower, ...), which safetensors
-    # refuses; enformer-pytorch checkpoints are torch pickles (pytorch_model.bin) for that reason.
-    model.save_pretrained(directory, safe_serialization=False)
+    if attention_out_std is not None:
+        for block in model.transformer:
+            torch.nn.init.normal_(block[0].fn[1].to_out.weight, std=attention_out_std)
+    return save_enformer(model, directory)
+
+
+def save_enformer(model: torch.nn.Module, directory: str | Path) -> Path:
+    """An enformer-pytorch model saved as the official checkpoint is laid out: config.json + pytorch_model.bin.
+
+    The trunk shares its tensors with named submodules (stem, conv_tower, ...), which transformers 5's
+    save_pretrained refuses to write (safetensors holds no shared tensors), so the state dict is a torch file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
     return directory
 
 

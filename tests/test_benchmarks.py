@@ -20,9 +20,9 @@ from embedcache.encoders.enformer import EXTRA, enformer_available
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-# The fusion benchmarks embed DNA with Enformer: they run in the transformers 4.56 environment (`make test-tf4`).
+# The fusion benchmarks embed DNA with Enformer (the `enformer` extra).
 requires_enformer = pytest.mark.skipif(
-    not enformer_available(), reason=f"embeds DNA with Enformer: needs pip install 'embedcache[{EXTRA}]' (transformers 4.56)"
+    not enformer_available(), reason=f"embeds DNA with Enformer: needs pip install 'embedcache[{EXTRA}]'"
 )
 
 

@@ -6,8 +6,9 @@ sequence is padded with N (all-zero one-hot, as enformer-pytorch encodes N) equa
 so it stays centred, which is how a TSS-centred window is meant to be read. A longer one is an
 error unless the user asked for a crop.
 
-enformer-pytorch is an optional extra (`pip install 'embedcache[enformer]'`): it pins
-transformers==4.56.2, while the core runs on transformers 5.x as well.
+enformer-pytorch is an optional extra (`pip install 'embedcache[enformer]'`, exactly 0.8.11: 0.8.12
+pins transformers 4.56.2). Its own `from_pretrained` fails on transformers 5, so the model loads
+through `load_enformer_model` below.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from embedcache.encoders.base import (
 from embedcache.errors import EncoderError
 
 OFFICIAL_WINDOW = 196_608
+OFFICIAL_MODEL = "EleutherAI/enformer-official-rough"  # the TF port, whose attention needs use_tf_gamma
 EXTRA = "enformer"  # the pyproject extra that installs enformer-pytorch
 
 
@@ -45,8 +47,31 @@ def require_enformer() -> None:
     if not enformer_available():
         raise EncoderError(
             f"the enformer encoder needs the optional package enformer-pytorch, which is not installed: "
-            f"pip install 'embedcache[{EXTRA}]' (it pins transformers==4.56.2; the other encoders run on 4.56 and 5.x)"
+            f"pip install 'embedcache[{EXTRA}]'"
         )
+
+
+def load_enformer_model(model: str, revision: str | None = None) -> torch.nn.Module:
+    """enformer-pytorch's Enformer from a hub id or a save_pretrained directory, on transformers 5.
+
+    transformers 5's from_pretrained reads attributes that `PreTrainedModel.post_init` sets, which
+    Enformer's constructor (written for 4.x) never calls; the subclass only adds that call. The
+    official port also gets use_tf_gamma, as enformer-pytorch's own `from_pretrained` gives it.
+    """
+    from enformer_pytorch import Enformer
+    from enformer_pytorch.modeling_enformer import Attention
+
+    class LoadableEnformer(Enformer):
+        def __init__(self, config):
+            super().__init__(config)
+            self.post_init()
+
+    enformer = LoadableEnformer.from_pretrained(model, revision=revision)
+    if model == OFFICIAL_MODEL:
+        for module in enformer.modules():
+            if isinstance(module, Attention):
+                module.use_tf_gamma = True
+    return enformer
 
 
 def centre_pad(seq: str, window: int) -> str:
@@ -65,7 +90,7 @@ class EnformerEncoder(Encoder):
 
     def __init__(self, settings: EncoderSettings, *, weights: bool = True):
         require_enformer()
-        from enformer_pytorch import EnformerConfig, from_pretrained
+        from enformer_pytorch import EnformerConfig
 
         check_model_location(settings.model)
         if tuple(settings.layers) != (-1,):
@@ -80,8 +105,7 @@ class EnformerEncoder(Encoder):
             )
         try:
             if weights:
-                # The library's own loader: it also sets use_tf_gamma for the official port.
-                model = from_pretrained(settings.model, revision=settings.revision)
+                model = load_enformer_model(settings.model, settings.revision)
                 config = model.config
             else:
                 config = EnformerConfig.from_pretrained(settings.model, revision=settings.revision)

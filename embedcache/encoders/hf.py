@@ -162,7 +162,7 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 
 def _check_cached_weights(settings: EncoderSettings) -> None:
-    """Offline, a hub id whose weights were never downloaded: say so (transformers 4.56 crashes with an
+    """Offline, a hub id whose weights were never downloaded: say so (some transformers versions crash with an
     AttributeError there instead of an OSError)."""
     from huggingface_hub import constants, try_to_load_from_cache
 

@@ -90,7 +90,7 @@ def make_remote_code_model(directory: Path) -> Path:
     return directory
 
 
-ENFORMER_SKIP = f"needs the optional enformer-pytorch: pip install 'embedcache[{EXTRA}]' (transformers 4.56)"
+ENFORMER_SKIP = f"needs the optional enformer-pytorch: pip install 'embedcache[{EXTRA}]'"
 requires_enformer = pytest.mark.skipif(not enformer_available(), reason=ENFORMER_SKIP)
 
 

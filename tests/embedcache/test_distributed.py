@@ -24,7 +24,7 @@ from tests.conftest import S3_ENV, unique_name  # noqa: E402
 from .conftest import write_fasta  # noqa: E402
 from .test_parity import AA, random_seqs  # noqa: E402
 
-pytestmark = pytest.mark.storage  # `make test-tf4` leaves these out: no transformers code in them
+pytestmark = pytest.mark.storage
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "cli.embedcache_cli"]

@@ -1,8 +1,7 @@
 """What fine-tuning asks of an encoder (`Encoder` interface: blocks for last-n, LoRA targets, gradient
 checkpointing, device, precision), for each family, through fusion.finetune's encoder modes.
 
-No Enformer here (tests/fusion/test_finetune.py covers it with the `enformer` extra): these run on
-transformers 5.x and 4.56 alike, with the installed peft.
+No Enformer here: tests/fusion/test_finetune.py covers it, with the `enformer` extra.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ The reference side calls transformers / enformer-pytorch directly, never embedca
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,14 +129,23 @@ def test_crop_left_keeps_the_three_prime_end_and_is_recorded(tmp_path, models):
     assert store.attrs["windowing"]["crop"] == "left"
 
 
+def reference_enformer(directory: Path):
+    """enformer-pytorch's model with the checkpoint's weights, loaded without embedcache's loader."""
+    from enformer_pytorch import Enformer, EnformerConfig
+
+    model = Enformer(EnformerConfig.from_pretrained(directory))
+    model.load_state_dict(torch.load(directory / "pytorch_model.bin", weights_only=True))
+    return model.eval()
+
+
 @requires_enformer
 @torch.inference_mode()
 def test_enformer_matches_enformer_pytorch(tmp_path, models, max_tokens):
-    from enformer_pytorch import from_pretrained, str_to_one_hot
+    from enformer_pytorch import str_to_one_hot
 
     records = random_seqs("ACGTN", [1024, 700, 333, 1000])
     store = build_store(tmp_path, "g", "enformer", models["enformer"], records, window=1024, max_tokens=max_tokens // 4 + 8)
-    model = from_pretrained(str(models["enformer"])).eval()
+    model = reference_enformer(models["enformer"])
     expected = {}
     for rid, seq in records.items():
         left = (1024 - len(seq)) // 2
@@ -148,11 +158,11 @@ def test_enformer_matches_enformer_pytorch(tmp_path, models, max_tokens):
 @requires_enformer
 @torch.inference_mode()
 def test_enformer_central_bins(tmp_path, models):
-    from enformer_pytorch import from_pretrained, str_to_one_hot
+    from enformer_pytorch import str_to_one_hot
 
     seq = random_seqs("ACGT", [1024], seed=5)["s0_1024"]
     store = build_store(tmp_path, "g", "enformer", models["enformer"], {"g": seq}, window=1024, token_bins=4, pooling="center", pool_bins=2)
-    full = from_pretrained(str(models["enformer"])).eval()(str_to_one_hot(seq), return_only_embeddings=True)
+    full = reference_enformer(models["enformer"])(str_to_one_hot(seq), return_only_embeddings=True)
     np.testing.assert_allclose(store.tokens("g").astype(np.float32), full[2:6].numpy(), **FP16)
     np.testing.assert_allclose(store.pooled(["g"])[0], full[3:5].mean(0).numpy(), **FP32)
 

@@ -2,7 +2,7 @@
 
 The fixture is test_pipeline's at a smaller size: synthetic data -> IsoFormer adapter -> stores of
 tiny ESM2 / Nucleotide Transformer / Enformer models (hidden 16) built by embedcache. It needs the
-`enformer` extra (transformers 4.56: `make test-tf4`); each encoder family's fine-tuning capabilities
+`enformer` extra; each encoder family's fine-tuning capabilities
 without it are in tests/embedcache/test_encoder_capabilities.py.
 """
 
@@ -49,7 +49,7 @@ from fusion.train import TrainConfig, predict, train
 from embedcache.encoders.enformer import EXTRA, enformer_available
 
 if not enformer_available():
-    pytest.skip(f"the fixture's DNA encoder is Enformer: needs pip install 'embedcache[{EXTRA}]' (transformers 4.56)", allow_module_level=True)
+    pytest.skip(f"the fixture's DNA encoder is Enformer: needs pip install 'embedcache[{EXTRA}]'", allow_module_level=True)
 
 CPU = torch.device("cpu")
 QUIET = lambda s: None  # noqa: E731
@@ -70,20 +70,8 @@ def one_thread():
 
 
 def tiny_enformer(directory: Path, window: int) -> Path:
-    """A tiny Enformer whose attention output projections are not zero.
-
-    enformer-pytorch initialises `to_out` to zeros, so a random model's attention contributes nothing
-    and q/k/v (LoRA's targets) get no gradient; a pretrained Enformer's `to_out` is not zero.
-    """
-    from enformer_pytorch import Enformer
-
-    init = make_tiny_enformer(directory.with_name(directory.name + "_init"), dim=24, depth=2, target_length=window // 128)
-    model = Enformer.from_pretrained(str(init))  # saved elsewhere: the loaded weights may map that file
-    torch.manual_seed(0)
-    for block in model.transformer:
-        nn.init.normal_(block[0].fn[1].to_out.weight, std=0.2)
-    model.save_pretrained(directory, safe_serialization=False)
-    return directory
+    """A tiny Enformer whose attention output projections are not zero, so q/k/v (LoRA's targets) get gradients."""
+    return make_tiny_enformer(directory, dim=24, depth=2, target_length=window // 128, attention_out_std=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from embedcache.build import build
 from embedcache.config import BuildConfig
 from tests.conftest import unique_name
 
-pytestmark = pytest.mark.storage  # `make test-tf4` leaves these out: no transformers code in them
+pytestmark = pytest.mark.storage
 
 FAST = ["--epochs", "2", "--d-model", "16", "--head-hidden", "16", "--no-progress"]
 
