@@ -52,7 +52,7 @@ def add_debug_flag(parser: argparse.ArgumentParser, *, top: bool = True) -> None
 
 def write_traceback(prog: str, error: BaseException) -> str:
     """The full traceback in a new file in the system's temp directory; returns its path."""
-    fd, path = tempfile.mkstemp(prefix=f"{prog}-error-", suffix=".txt")
+    fd, path = tempfile.mkstemp(prefix=f"{prog.split()[-1]}-error-", suffix=".txt")  # "python -m cli.demo" -> cli.demo-error-*
     with os.fdopen(fd, "w") as f:
         f.write(f"{prog} {' '.join(sys.argv[1:])}\n\n")
         traceback.print_exception(error, file=f)

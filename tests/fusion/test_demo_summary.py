@@ -33,3 +33,24 @@ def test_modality_additions_use_the_single_runs_for_every_aggregator():
     assert set(cross) == {("dna", "dna+rna"), ("rna", "dna+rna")}
     assert cross[("rna", "dna+rna")]["change"] == pytest.approx(-0.04) and cross[("rna", "dna+rna")]["spread"] == 0.02
     assert all(r["change"] > 0 for r in got["mean-concat"])
+
+
+def test_one_seed_has_no_spread_so_any_drop_counts():
+    one_seed = table().assign(test_mean_r2_std=float("nan"))
+    cross = {(r["from"], r["to"]): r for r in modality_additions(one_seed)["cross-attention"]}
+    assert cross[("rna", "dna+rna")]["spread"] == 0.0 and cross[("rna", "dna+rna")]["change"] < 0
+
+
+def test_an_unexpected_error_in_the_demo_is_one_line_with_the_traceback_file(tmp_path, monkeypatch, capsys):
+    import cli.demo
+
+    def fails(out, config):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli.demo, "run_demo", fails)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert cli.demo.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unexpected error" in err[0] and "RuntimeError: boom" in err[0], err
+    traceback_file = err[0].split("full traceback in ")[1].split(" (rerun")[0]
+    assert "second line" in open(traceback_file).read()
