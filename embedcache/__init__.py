@@ -9,4 +9,13 @@ except PackageNotFoundError:  # running from a source tree without installing
 
 from embedcache.reader import EmbeddingStore, open_store  # noqa: E402
 
-__all__ = ["EmbeddingStore", "open_store", "__version__"]
+__all__ = ["EmbeddingStore", "open_store", "open_dataset", "__version__"]
+
+
+def __getattr__(name: str):
+    # xarray is imported on first use only: it doubles the start-up time of the CLIs, which never need it.
+    if name == "open_dataset":
+        from embedcache.dataset import open_dataset
+
+        return open_dataset
+    raise AttributeError(f"module 'embedcache' has no attribute {name!r}")

@@ -5,7 +5,8 @@
 2. units run in this process or on Dask workers (embedcache.executors, embedcache.partition),
    each writing its token shards straight into the store;
 3. this process commits each unit as it finishes (resume is per unit), then the records;
-4. the store is marked complete and the spool removed.
+4. the store is marked complete, the spool removed, and consolidated metadata written for xarray
+   (embedcache's own readers never use it: the commit log decides what counts).
 
 The build holds the store's writer lease throughout (embedcache.lease).
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,7 +30,7 @@ from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import resolve_overlap
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import StoreError
-from embedcache.executors import make_executor
+from embedcache.executors import check_store_reach, make_executor
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
 from embedcache.location import Location, open_location
 from embedcache.partition import UnitResult, UnitTask, encoder_for
@@ -40,6 +42,7 @@ from embedcache.store import (
     SCHEMA_VERSION,
     StoreWriter,
     check_fingerprint,
+    consolidate,
     create_store,
     open_root,
     open_writer,
@@ -122,6 +125,27 @@ def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tup
     return shards * shard_tokens, UNIT_SEQUENCES
 
 
+@contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off for the duration when `enabled` is False.
+
+    Its switch is process-wide, so it is put back as it was afterwards: a caller's setting is never
+    changed behind its back. With `enabled` True nothing is touched (nor transformers imported).
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def build(
     config: BuildConfig,
     inputs: list[str | Path],
@@ -143,8 +167,19 @@ def build(
     `scheduler`: None (this process), "local[:N]" (a LocalCluster of N worker processes), or a Dask
     scheduler address; `scheduler_file` attaches to a cluster by its scheduler file. The build holds
     the store's writer lease: a second build into it is refused naming this one, or waits (`wait`).
+    `progress=False` silences transformers' bars too, for this call only.
     """
+    with transformers_progress(progress):
+        return _build(config, inputs, store, storage_options=storage_options, id_column=id_column, sequence_column=sequence_column,
+                      dry_run=dry_run, wait=wait, scheduler=scheduler, scheduler_file=scheduler_file, lease_ttl_s=lease_ttl_s,
+                      progress=progress, log=log)  # fmt: skip
+
+
+def _build(config: BuildConfig, inputs: list[str | Path], store: str | Path, *, storage_options: dict | None, id_column: str,
+           sequence_column: str, dry_run: bool, wait: bool, scheduler: str | None, scheduler_file: str | None,
+           lease_ttl_s: float, progress: bool, log: Log) -> BuildReport:  # fmt: skip
     location = Location.of(store, storage_options)
+    check_store_reach(location, scheduler, scheduler_file, dry_run=dry_run)  # memory:// is this process's only
     # The encoder this process would use (workers load their own). A dry run plans from the tokenizer
     # and config alone: no weights are loaded, or needed.
     encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False) if dry_run else encoder_for(config)
@@ -197,9 +232,12 @@ def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_f
                          shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
             writer = open_writer(location)
         writer.set_status("incomplete")
-        return _run(config, inputs, location, lease, writer, plan, scheduler, scheduler_file, progress, log)
+        report = _run(config, inputs, location, lease, writer, plan, scheduler, scheduler_file, progress, log)
     finally:
         delete_spool(store)
+    lease.check()
+    consolidate(location)  # for xarray; after the spool is gone, which is no part of the store
+    return report
 
 
 def _open_existing(location: Location, fp: str, fp_fields: dict) -> StoreWriter:
@@ -247,6 +285,7 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
         "new_sequences": plan.n_new,
         "already_stored": plan.already_stored,
         "reused_sequences": plan.reused,
+        "resumed_records": plan.resumed,
         "units": len(plan.units),
         "executor": executor.name if executor is not None else "none",
         "seconds": round(seconds, 3),
@@ -256,9 +295,10 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
     lease.check()
     writer.set_status("complete", entry)
     # Records of this input whose new sequence another record of it already brought (isoforms sharing a DNA window).
-    shared = plan.n_records - plan.already_stored - plan.reused - plan.n_new
+    shared = plan.n_records - plan.already_stored - plan.reused - plan.resumed - plan.n_new
+    resumed = f"{plan.resumed} resumed from an interrupted build, " if plan.resumed else ""
     summary = (
-        f"{plan.n_new} new, {plan.already_stored + plan.reused} already stored ({plan.reused} of them under new ids), "
+        f"{plan.n_new} new, {plan.already_stored + plan.reused} already stored ({plan.reused} of them under new ids), {resumed}"
         f"{shared} shared a new sequence with another record ({plan.n_records} records); "
         f"{n_tokens:,} input {plan.unit} -> {plan.n_rows:,} per-token rows in {seconds:.1f} s -> {location.url}"
     )

@@ -1,6 +1,6 @@
 """The commit log of a store: which rows count, and the checksums they were written with.
 
-    _commits/            group; its attrs hold the HEAD: {"n": commits, "records": rows, "status", "builds"}
+    _commits/            group; its attrs hold the HEAD: {"n": commits, "records": rows, "status", "builds", "log_crc"}
     _commits/ranges      (commit, 6) int64  record_start, record_end, content_start, content_end, token_start, token_end
     _commits/crc         (commit, array) int64  zlib.crc32 of each array's rows in that commit (CHECKED_ARRAYS order)
 
@@ -8,6 +8,10 @@ A commit appends one row to `ranges` and `crc` (rewriting one 4,096-row chunk of
 writes the head: the head is ONE metadata object, so a commit is atomic on local disk and on object
 stores alike, and its cost stays flat however many commits came before. Rows past the head's `n`
 do not count; a writer trims them. Readers validate the whole log against the arrays before use.
+
+The head's `log_crc` chains a crc32 over the counted log rows, so a head edited to count fewer (or
+other) commits than were written is refused instead of silently dropping committed records.
+Stores written before it have no `log_crc`; their first new commit adds it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ CONTENT_ARRAYS = ("content", "residues", "n_input_tokens", "n_cropped", "n_windo
 TOKEN_INDEX_ARRAYS = ("token_offset", "token_length")
 CHECKED_ARRAYS = (*RECORD_ARRAYS, *CONTENT_ARRAYS, "pooled", *TOKEN_INDEX_ARRAYS, "tokens")
 STATUSES = ("empty", "incomplete", "complete")
+# Written into _commits' attrs by stores whose heads carry log_crc: from then on a head without it is refused.
+LOG_DIGEST = "crc32 of the counted (ranges | crc) rows, row by row"
 
 
 @dataclass
@@ -41,9 +47,14 @@ class Head:
     records: int = 0
     status: str = "empty"
     builds: list[dict] = field(default_factory=list)
+    log_crc: int | None = 0  # see log_digest; None only for a store written before heads carried it
 
     def to_attrs(self) -> dict:
-        return {"head": {"n": self.n, "records": self.records, "status": self.status, "builds": self.builds}}
+        head = {"n": self.n, "records": self.records, "status": self.status, "builds": self.builds}
+        return {"head": head if self.log_crc is None else {**head, "log_crc": self.log_crc}}
+
+    def with_status(self, status: str, builds: list[dict]) -> "Head":
+        return Head(self.n, self.records, status, builds, self.log_crc)
 
     @classmethod
     def from_attrs(cls, attrs: dict, where: str) -> "Head":
@@ -51,13 +62,23 @@ class Head:
         if not isinstance(head, dict):
             raise StoreError(f"store {where!r} was not completely created (no commit head): run the build again")
         n, records, status, builds = head.get("n"), head.get("records"), head.get("status"), head.get("builds", [])
+        log_crc = head.get("log_crc")
         if not (isinstance(n, int) and n >= 0 and isinstance(records, int) and records >= 0):
             raise StoreError(f"store {where!r}: the commit head is malformed (n={n!r}, records={records!r})")
+        if log_crc is not None and not isinstance(log_crc, int):
+            raise StoreError(f"store {where!r}: the commit head's log_crc is {log_crc!r}, expected an integer")
         if status not in STATUSES:
             raise StoreError(f"store {where!r}: the commit head has status {status!r}, expected one of {list(STATUSES)}")
         if not isinstance(builds, list):
             raise StoreError(f"store {where!r}: the commit head's builds is {type(builds).__name__}, expected a list")
-        return cls(n, records, status, builds)
+        return cls(n, records, status, builds, log_crc)
+
+
+def log_digest(ranges: np.ndarray, crc: np.ndarray, start: int = 0) -> int:
+    """crc32 of log rows, each row's 6 ranges then its checksums (int64), continuing from `start`:
+    appending rows continues the digest of the rows before them without reading those again."""
+    rows = np.concatenate([np.asarray(ranges, np.int64), np.asarray(crc, np.int64)], axis=1)
+    return zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), start)
 
 
 def create_log(root: zarr.Group) -> None:
@@ -67,13 +88,21 @@ def create_log(root: zarr.Group) -> None:
                        dimension_names=("commit", "field"))
     group.create_array("crc", shape=(0, len(CHECKED_ARRAYS)), chunks=(LOG_CHUNK, len(CHECKED_ARRAYS)), dtype="int64",
                        dimension_names=("commit", "array"))
-    group.attrs.update({"fields": list(RANGE_FIELDS), "crc_arrays": list(CHECKED_ARRAYS)})
+    group.attrs.update({"fields": list(RANGE_FIELDS), "crc_arrays": list(CHECKED_ARRAYS), "log_digest": LOG_DIGEST})
 
 
 def crc_of(values: np.ndarray) -> int:
-    """crc32 of an array's values as stored: raw bytes for numbers, NUL-joined UTF-8 for strings."""
+    """crc32 of an array's values as stored: raw bytes for numbers, NUL-joined UTF-8 for strings.
+
+    Ids may hold a NUL, which would make joining ambiguous (["a\0b"] and ["a", "b"]): then each value
+    is prefixed with its byte length instead. Values without a NUL keep the joined form stores were
+    written with."""
     if values.dtype.kind in "OUT":
-        return zlib.crc32("\0".join(map(str, values.tolist())).encode())
+        texts = list(map(str, values.tolist()))
+        if any("\0" in t for t in texts):
+            encoded = [t.encode() for t in texts]
+            return zlib.crc32(b"".join(len(b).to_bytes(8, "little") + b for b in encoded))
+        return zlib.crc32("\0".join(texts).encode())
     return zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1))
 
 
@@ -100,6 +129,26 @@ class CommitLog:
             mask[c0:c1] = True
         return mask
 
+    def first_changed(self, name: str, values: np.ndarray) -> tuple[int, int, int] | None:
+        """(commit, lo, hi) of the first commit whose rows of array `name` no longer give the crc32 they
+        were committed with; `values` holds the array's rows from 0 to the end of the last commit's."""
+        column = CHECKED_ARRAYS.index(name)
+        start = 0 if name in RECORD_ARRAYS else 4 if name == "tokens" else 2
+        for i, (lo, hi) in enumerate(self.ranges[:, start : start + 2].tolist()):
+            if hi > lo and crc_of(values[lo:hi]) != int(self.crc[i, column]):
+                return i, lo, hi
+        return None
+
+    def check_rows(self, name: str, values: np.ndarray, where: str) -> None:
+        """Refuse rows of `name` that some commit did not write as they are now (see first_changed)."""
+        changed = self.first_changed(name, values)
+        if changed is not None:
+            i, lo, hi = changed
+            raise StoreError(
+                f"store {where!r}: array {name!r} rows {lo}..{hi} (commit {i}) do not match the checksum they were "
+                f"committed with: the data was changed after the build (run embedcache verify)"
+            )
+
 
 def read_log(root: zarr.Group, where: str) -> CommitLog:
     """Read the log, checking its own shape and ranges (not yet against the data arrays)."""
@@ -107,7 +156,8 @@ def read_log(root: zarr.Group, where: str) -> CommitLog:
         group = root[COMMITS_GROUP]
     except KeyError:
         raise StoreError(f"store {where!r} was not completely created (no commit log {COMMITS_GROUP}/): run the build again") from None
-    head = Head.from_attrs(dict(group.attrs), where)
+    attrs = dict(group.attrs)
+    head = Head.from_attrs(attrs, where)
     ranges_arr, crc_arr = group["ranges"], group["crc"]
     if ranges_arr.shape[0] < head.n or crc_arr.shape[0] < head.n or ranges_arr.shape[1:] != (len(RANGE_FIELDS),) \
             or crc_arr.shape[1:] != (len(CHECKED_ARRAYS),):
@@ -118,7 +168,17 @@ def read_log(root: zarr.Group, where: str) -> CommitLog:
     ranges = ranges_arr[: head.n] if head.n else np.zeros((0, len(RANGE_FIELDS)), np.int64)
     crc = crc_arr[: head.n] if head.n else np.zeros((0, len(CHECKED_ARRAYS)), np.int64)
     _check_ranges(ranges, head, where)
-    return CommitLog(head, ranges, crc)
+    digest = log_digest(ranges, crc)
+    if head.log_crc is None and "log_digest" in attrs:
+        raise StoreError(f"store {where!r}: the commit head has no log_crc, which this store's heads carry; the head was edited")
+    if head.log_crc is not None and head.log_crc != digest:
+        raise StoreError(
+            f"store {where!r}: the commit head (n={head.n}, records={head.records}) does not match the {head.n} log rows it "
+            f"counts (log_crc {head.log_crc}, rows give {digest}): the log or its head was edited or rewound; nothing is "
+            f"read or written until it is repaired (run embedcache verify)"
+        )
+    # A store from before log_crc gets it with its next head.
+    return CommitLog(Head(head.n, head.records, head.status, head.builds, digest), ranges, crc)
 
 
 def _check_ranges(ranges: np.ndarray, head: Head, where: str) -> None:
@@ -170,14 +230,16 @@ def append_commits(root: zarr.Group, head: Head, rows: list[tuple[int, ...]], cr
         await asyncio.gather(write("ranges", np.asarray(rows, np.int64)), write("crc", np.asarray(crcs, np.int64)))
 
     sync(write_both())
-    new = Head(n + k, int(rows[-1][1]), "incomplete", head.builds)
+    digest = log_digest(np.asarray(rows, np.int64), np.asarray(crcs, np.int64), head.log_crc or 0)
+    new = Head(n + k, int(rows[-1][1]), "incomplete", head.builds, digest)
     write_head(root, new)
     return new
 
 
 def write_head(root: zarr.Group, head: Head) -> None:
     group = root[COMMITS_GROUP]
-    group.attrs.update(head.to_attrs())
+    extra = {"log_digest": LOG_DIGEST} if "log_digest" not in group.attrs else {}  # a store from before log_crc: from now on
+    group.attrs.update({**head.to_attrs(), **extra})
 
 
 def trim_log(root: zarr.Group, head: Head) -> None:

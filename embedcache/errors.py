@@ -23,3 +23,7 @@ class StoreError(EmbedcacheError):
 
 class FingerprintMismatch(StoreError):
     """A build into (or a read against) a store made with other settings."""
+
+
+class SpoolError(StoreError):
+    """A build's spool (embedcache.spool) that cannot be read back as it was written."""

@@ -11,12 +11,16 @@ between units. A worker lost mid-unit has its unit rerun elsewhere (units are id
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable
 
-from embedcache.errors import EmbedcacheError
+from embedcache.errors import EmbedcacheError, StoreError
+from embedcache.location import Location
 from embedcache.partition import UnitResult, UnitTask, run_unit
+
+logger = logging.getLogger("embedcache")
 
 OnResults = Callable[[list[UnitResult]], None]
 Log = Callable[[str], None]
@@ -128,3 +132,19 @@ def make_executor(scheduler: str | None, scheduler_file: str | None = None, log:
         except OSError as e:
             raise EmbedcacheError(f"cannot reach the Dask scheduler at {scheduler!r}: {e}") from e
     raise EmbedcacheError(f"--scheduler {scheduler!r}: expected local, local:N, or an address like tcp://host:8786")
+
+
+def check_store_reach(location: Location, scheduler: str | None, scheduler_file: str | None, *, dry_run: bool = False) -> None:
+    """Before any work: a store held in this process's memory (`memory://`) cannot be reached by Dask
+    workers, which are other processes, so a build with a scheduler is refused; without one it runs,
+    with one warning that the store is gone when the process ends (a CLI build keeps nothing)."""
+    if not location.process_local:
+        return
+    if scheduler is not None or scheduler_file is not None:
+        flag = f"--scheduler {scheduler}" if scheduler is not None else f"--scheduler-file {scheduler_file}"
+        raise StoreError(
+            f"store {location.url!r} lives in this process's memory, which the Dask workers of {flag} (other processes) "
+            f"cannot reach; build it in this process (no --scheduler), or into a path or object store every worker can reach"
+        )
+    if not dry_run:
+        logger.warning(f"embedcache: warning: store {location.url!r} lives only in this process's memory: it is gone when the process exits")

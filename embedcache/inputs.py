@@ -23,6 +23,14 @@ class Record:
     source: str  # "file:line" (FASTA) or "file:row N" (tables), for error messages
 
 
+def shown(path: str | Path) -> str:
+    """A file name as messages and record sources show it: as is when printable, else quoted with
+    escapes (a tab, a newline, bytes that are not UTF-8), so that every message stays one line that
+    names the file unambiguously."""
+    name = str(path)
+    return name if name.isprintable() else repr(name)
+
+
 def _suffixes(path: Path) -> list[str]:
     s = [x.lower() for x in path.suffixes]
     return s[:-1] if s and s[-1] == ".gz" else s
@@ -71,12 +79,12 @@ def _read_fasta_file(path: Path) -> Iterator[Record]:
     except UnicodeDecodeError as e:
         after = f" after record {last.id!r} ({last.source})" if last else ""
         raise InputError(
-            f"{path}: byte {e.object[e.start:e.start + 1]!r} is not UTF-8 text{after}; FASTA input must be "
+            f"{shown(path)}: byte {e.object[e.start:e.start + 1]!r} is not UTF-8 text{after}; FASTA input must be "
             f"UTF-8 (or ASCII) text, optionally gzip-compressed"
         ) from e
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         after = f" after record {last.id!r} ({last.source})" if last else ""
-        raise InputError(f"{path}: the gzip data is truncated or corrupt{after} ({e}); nothing was stored") from e
+        raise InputError(f"{shown(path)}: the gzip data is truncated or corrupt{after} ({e}); nothing was stored") from e
 
 
 def _read_fasta(path: Path) -> Iterator[Record]:
@@ -94,7 +102,7 @@ def _read_fasta(path: Path) -> Iterator[Record]:
                 header, header_line, chunks = line[1:].strip(), lineno, []
             elif header is None:
                 raise InputError(
-                    f"{path}:{lineno}: expected a FASTA header line starting with '>', got {line[:40]!r} "
+                    f"{shown(path)}:{lineno}: expected a FASTA header line starting with '>', got {line[:40]!r} "
                     f"(for CSV/TSV/Parquet input use a .csv/.tsv/.parquet suffix)"
                 )
             else:
@@ -105,12 +113,12 @@ def _read_fasta(path: Path) -> Iterator[Record]:
 
 def _fasta_record(path: Path, header: str, lineno: int, chunks: list[str]) -> Record:
     if not header:
-        raise InputError(f"{path}:{lineno}: FASTA header has no id")
+        raise InputError(f"{shown(path)}:{lineno}: FASTA header has no id")
     record_id = header.split()[0]
     sequence = "".join(chunks)
     if not sequence:
-        raise InputError(f"{path}:{lineno}: record {record_id!r} has no sequence")
-    return Record(record_id, sequence, f"{path}:{lineno}")
+        raise InputError(f"{shown(path)}:{lineno}: record {record_id!r} has no sequence")
+    return Record(record_id, sequence, f"{shown(path)}:{lineno}")
 
 
 def _read_table(path: Path, id_column: str, sequence_column: str, sep: str | None) -> list[Record]:
@@ -121,7 +129,7 @@ def _read_table(path: Path, id_column: str, sequence_column: str, sep: str | Non
     for column, flag in ((id_column, "--id-column"), (sequence_column, "--sequence-column")):
         if column not in df.columns:
             raise InputError(
-                f"{path}: no column {column!r} (set it with {flag}); columns are {list(map(str, df.columns))}"
+                f"{shown(path)}: no column {column!r} (set it with {flag}); columns are {list(map(str, df.columns))}"
             )
     records = []
     # Row numbers as a spreadsheet shows them: header is row 1.
@@ -129,10 +137,10 @@ def _read_table(path: Path, id_column: str, sequence_column: str, sep: str | Non
         rid = "" if rid is None or (isinstance(rid, float) and pd.isna(rid)) else str(rid).strip()
         seq = "" if seq is None or (isinstance(seq, float) and pd.isna(seq)) else "".join(str(seq).split())
         if not rid:
-            raise InputError(f"{path}: row {row}: empty id in column {id_column!r}")
+            raise InputError(f"{shown(path)}: row {row}: empty id in column {id_column!r}")
         if not seq:
-            raise InputError(f"{path}: row {row}: record {rid!r} has no sequence in column {sequence_column!r}")
-        records.append(Record(rid, seq, f"{path}: row {row}"))
+            raise InputError(f"{shown(path)}: row {row}: record {rid!r} has no sequence in column {sequence_column!r}")
+        records.append(Record(rid, seq, f"{shown(path)}: row {row}"))
     return records
 
 

@@ -7,11 +7,17 @@ byte ranges served from the page cache in place), `FsspecStore` for everything f
 `storage_options` (`--storage-option KEY=VALUE`) or from each filesystem's standard
 environment (for S3: `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...).
 Cloud filesystems are optional extras; a missing one is named in the error.
+
+`memory://` stores live in the memory of the process that opened them: no other process (a Dask
+worker, the next command) sees them, so `Location.process_local` lets a build warn, or refuse
+workers. A local store may hold only regular files: `check_local_files` refuses symlinks and FIFOs,
+sockets or devices, each kind once, counted, with the first few named.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from embedcache.errors import StoreError
-from embedcache.mapped_store import MappedLocalStore, can_map
+from embedcache.mapped_store import MappedLocalStore, can_map, file_kind
 
 # URL scheme -> (the package fsspec needs, the extra of this project that installs it)
 CLOUD_EXTRAS = {
@@ -32,6 +38,10 @@ CLOUD_EXTRAS = {
     "abfs": ("adlfs", "azure"),
     "abfss": ("adlfs", "azure"),
 }
+
+# fsspec filesystems whose files live in the memory of the process that wrote them
+PROCESS_LOCAL_SCHEMES = ("memory",)
+LISTED = 5  # faults of one kind named in a message; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,11 @@ class Location:
     @property
     def is_local(self) -> bool:
         return self.scheme in ("", "file")
+
+    @property
+    def process_local(self) -> bool:
+        """Held in this process's memory (fsspec's `memory://`): no other process sees it, and it is gone at exit."""
+        return self.scheme in PROCESS_LOCAL_SCHEMES
 
     @property
     def local_path(self) -> Path:
@@ -152,3 +167,59 @@ def describe_io_error(location: Location, e: BaseException) -> str:
     if "connect" in low or "endpoint" in low or "timed out" in low or "name or service not known" in low:
         return f"store {location.url!r}: cannot reach the storage endpoint ({text})"
     return f"store {location.url!r}: {text}"
+
+
+# -- a local store holds only regular files -----------------------------------------------------
+
+def _link_target(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError as e:  # removed or replaced since the listing: name what we saw
+        return f"? ({e.strerror})"
+
+
+def local_file_faults(root: Path) -> list[str]:
+    """Symlinks and non-regular files under `root`, each kind as ONE line with its count and first few.
+
+    A symlink can point anywhere (another store's shard, /etc/passwd, itself), and a FIFO blocks the
+    reader that opens it; a store is read and checked as the files it holds, so neither may be in one.
+    Nothing is followed: a symlinked directory is named, not descended into.
+    """
+    links: list[str] = []
+    others: list[str] = []
+    stack = [str(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except FileNotFoundError:  # removed while listed (a build's spool): nothing left to check there
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            rel = os.path.relpath(entry.path, root)
+            if entry.is_symlink():
+                links.append(f"{rel} -> {_link_target(entry.path)}")
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif not entry.is_file(follow_symlinks=False):
+                try:
+                    others.append(f"{rel} ({file_kind(entry.stat(follow_symlinks=False).st_mode)})")
+                except FileNotFoundError:
+                    continue
+    faults = []
+    for found, (one, many) in ((links, ("symlink", "symlinks")),
+                               (others, ("file that is not a regular file", "files that are not regular files"))):  # fmt: skip
+        if found:
+            found.sort()
+            more = f", and {len(found) - LISTED} more" if len(found) > LISTED else ""
+            faults.append(f"{len(found)} {one if len(found) == 1 else many} in the store: {', '.join(found[:LISTED])}{more}")
+    return faults
+
+
+def check_local_files(location: Location) -> None:
+    """A local store holding a symlink or a non-regular file is refused, in one line naming them (see `local_file_faults`)."""
+    if not location.is_local:
+        return
+    faults = local_file_faults(location.local_path)
+    if faults:
+        raise StoreError(f"store {location.url!r}: {'; '.join(faults)}; a local store may hold only regular files: "
+                         f"replace each with the file itself, or rebuild the store")

@@ -22,7 +22,14 @@ medians of 3 (two runs; `LocalStore` 573 / 599 in the first, 552 / 595 in the se
 - the view alone (this): 768 / 807 (second run), with 36-37% less CPU per GB than `LocalStore`;
 - the LRU thrashing (4 maps; at IsoFormer scale a store has thousands of shards): 695 / 707.
 
-Whole-object reads (metadata, small arrays, whole shards in `embedcache verify`) stay `LocalStore`'s.
+Whole-object reads (metadata, small arrays, whole shards in `embedcache verify`) are plain reads in
+zarr's thread pool, as `LocalStore`'s are.
+
+A local store may hold only regular files (README, "Checks"): opening a store refuses one holding a
+symlink or a FIFO (`embedcache.location.check_local_files`), and every read here opens its file
+without following a symlink at any step (`open_regular`: each directory opened relative to the last
+with O_NOFOLLOW), so a symlink made after the store was opened is refused too, naming it, instead of
+serving another file's bytes (another store's shard, /etc/passwd) as the store's.
 Linux only (where it is measured), and `EMBEDCACHE_MMAP=0` turns it off (say, for a network
 filesystem that maps badly); otherwise `open_location` keeps `LocalStore`. What any memory
 mapping implies (np.memmap, and the Arrow files of HF `datasets`, do the same): a disk error while a
@@ -38,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import os
+import stat
 import sys
 import threading
 from collections import OrderedDict
@@ -47,6 +55,8 @@ from pathlib import Path
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
+
+from embedcache.errors import StoreError
 
 MAX_MAPS = 64  # shard files kept mapped per store: 2 GiB of address space at 32 MiB shards, not memory
 
@@ -70,6 +80,86 @@ def byte_bounds(byte_range: ByteRequest, size: int) -> tuple[int, int]:
 def file_identity(st: os.stat_result) -> tuple[int, int, int]:
     """(inode, size, mtime_ns): what changes when a file is replaced or rewritten."""
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# POSIX flags (this store is used on Linux only, `can_map`; the module still imports elsewhere)
+_NO_FOLLOW = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; fstat refuses it after.
+_FILE_FLAGS = _NO_FOLLOW | getattr(os, "O_NONBLOCK", 0)
+_DIR_FLAGS = _NO_FOLLOW | getattr(os, "O_DIRECTORY", 0)
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is neither regular nor a directory is, in words ("a symlink", "a FIFO", ...)."""
+    return "a symlink" if stat.S_ISLNK(mode) else _KINDS.get(stat.S_IFMT(mode), f"of mode {stat.filemode(mode)}")
+
+
+def _target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError as e:  # replaced again since: say what went wrong rather than fail to say anything
+        return f"? ({e.strerror})"
+
+
+def _refusal(root: Path, key: str) -> StoreError | None:
+    """The first component of `key` under `root` that is a symlink, a FIFO, a socket or a device, as the
+    error to raise; None when there is none (a missing file, or a file where a directory belongs, is
+    zarr's "no such key", not this)."""
+    path = root
+    for i, part in enumerate(parts := key.split("/")):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            what = f"a symlink (-> {_target(path)})" if stat.S_ISLNK(mode) else file_kind(mode)
+            return StoreError(f"store {str(root)!r}: {'/'.join(parts[: i + 1])} is {what}; a local store may hold only "
+                              f"regular files, and its reads follow no symlink")
+    return None
+
+
+def open_regular(root: Path, key: str) -> int:
+    """A read-only descriptor of the regular file `key` under `root`, reached without following a symlink.
+
+    Every directory on the way is opened relative to the last with O_NOFOLLOW, so a symlink anywhere
+    inside the store (`tokens/c -> /elsewhere`, or the file itself) is refused, not read through, even
+    one made after the store was opened and checked. The store's root itself may be a symlink.
+    A missing key is FileNotFoundError (or IsADirectoryError / NotADirectoryError), as zarr's
+    LocalStore raises; a symlink, FIFO, socket or device is StoreError naming it.
+    """
+    parts = key.split("/")
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        child = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # ELOOP (a symlink), ENOTDIR (a symlink or a file where a directory belongs), ...
+        refused = _refusal(root, key)
+        if refused is not None:
+            raise refused from e
+        raise
+    finally:
+        os.close(fd)
+    mode = os.fstat(child).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(child)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"{key} is a directory")
+        raise _refusal(root, key) or StoreError(f"store {str(root)!r}: {key} is {file_kind(mode)}; a local store may hold only regular files")
+    return child
+
+
+def read_regular(root: Path, key: str) -> bytes:
+    """The whole file `key` under `root`, read without following a symlink (`open_regular`)."""
+    with os.fdopen(open_regular(root, key), "rb") as f:
+        return f.read()
 
 
 class MappedLocalStore(LocalStore):
@@ -99,10 +189,11 @@ class MappedLocalStore(LocalStore):
         path = self.root / key
         with self._lock:
             seen = self._maps.get(key)
-            if seen is not None and seen[0] == file_identity(os.stat(path)):
+            # lstat: a file replaced by a symlink (even to itself, moved away) is another file, opened anew and refused
+            if seen is not None and seen[0] == file_identity(os.lstat(path)):
                 self._maps.move_to_end(key)
                 return seen[1]
-            with open(path, "rb") as f:
+            with os.fdopen(open_regular(self.root, key), "rb") as f:
                 identity = file_identity(os.fstat(f.fileno()))  # the file actually opened, should it have been replaced since
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if identity[1] else b""
             self._maps[key] = (identity, data)
@@ -112,10 +203,14 @@ class MappedLocalStore(LocalStore):
             return data
 
     async def get(self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None) -> Buffer | None:
-        if byte_range is None:
-            return await super().get(key, prototype, byte_range)
         if not self._is_open:
             await self._open()
+        if byte_range is None:  # a whole object (metadata, a small array's chunk): read in zarr's thread pool, as LocalStore does
+            try:
+                data = await asyncio.to_thread(read_regular, self.root, key)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+            return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
         try:  # no hand-off to zarr's thread pool: a view costs a stat (module docstring)
             data = self._mapping(key)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):

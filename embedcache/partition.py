@@ -20,8 +20,8 @@ import numpy as np
 from embedcache.config import BuildConfig
 from embedcache.embed import assemble, make_batches, plan_windows, to_numpy
 from embedcache.encoders import Encoder, load_encoder
-from embedcache.errors import EmbedcacheError
-from embedcache.location import Location, open_location
+from embedcache.errors import EmbedcacheError, SpoolError
+from embedcache.location import Location, io_errors, open_location
 from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
 from embedcache.spool import read_entries
@@ -123,11 +123,25 @@ def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str]
         except Exception:  # naming the records is best effort; the original error matters
             ids = ["?"]
         more = f" and {unit.n_sequences - len(ids)} more" if unit.n_sequences > len(ids) else ""
-        where = f" (writing to store {task.location.url!r})" if isinstance(e, OSError) else ""
+        where = f" (store {task.location.url!r})" if isinstance(e, io_errors() + (SpoolError,)) else ""
         raise UnitError(
             f"unit {unit.index} (records {', '.join(map(repr, ids))}{more}) failed on worker {_worker_name()}{where}: "
-            f"{type(e).__name__}: {e}; committed units are kept: run the same command again to resume"
+            f"{type(e).__name__}: {e}; {what_next(e)}"
         ) from e
+
+
+def what_next(e: BaseException) -> str:
+    """What a failed unit leaves, and whether running the same command again can succeed.
+
+    Only an I/O failure of the store (a full disk, a dropped connection, a throttled bucket) may pass:
+    the rerun resumes from the committed units. Anything else fails the same way on every rerun, so
+    it is not offered: the error's own text says what to change, and an internal check is a bug.
+    """
+    if isinstance(e, io_errors()):
+        return "committed units are kept: run the same command again to resume"
+    if isinstance(e, AssertionError):
+        return "an internal check failed (a bug in embedcache, please report it); committed units are kept"
+    return "committed units are kept"
 
 
 def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> UnitResult:
@@ -161,7 +175,7 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> U
         if not np.array_equal(lengths, unit.n_rows):
             raise AssertionError(f"unit {unit.index}: planned rows {unit.n_rows.tolist()} but got {lengths.tolist()}")
         block = np.concatenate([t[:, None, :] if t.ndim == 2 else t for t in tokens])  # (rows, k, d)
-        array = zarr.open_group(store=store, mode="r+", zarr_format=3)["tokens"].with_config({"write_empty_chunks": True})
+        array = zarr.open_group(store=store, mode="r+", zarr_format=3, use_consolidated=False)["tokens"].with_config({"write_empty_chunks": True})
         array[unit.token_start : unit.token_end] = block  # whole shards of this unit's own region
         crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
     return UnitResult(

@@ -74,7 +74,7 @@ class BuildPlan:
     n_records: int  # distinct input records
     n_unique: int  # distinct sequences among them
     already_stored: int  # records whose id is already in the store (same sequence)
-    reused: int  # new records whose sequence the store already holds
+    reused: int  # new records whose sequence the store already holds for other records
     n_new: int  # sequences to embed
     n_tokens: int  # content tokens to embed (after crops)
     n_windows: int
@@ -83,6 +83,7 @@ class BuildPlan:
     embed_dim: int
     layers: tuple[int, ...] = (0,)  # hidden states stored per row
     unit: str = "tokens"  # what n_tokens counts: tokens, or bp for encoders that read bases (Enformer)
+    resumed: int = 0  # new records whose sequence an interrupted build embedded (no committed record uses it yet)
     n_rows: int = 0  # per-token rows the new sequences will store
     units: list[Unit] = field(default_factory=list)
     spool_parts: int = 0
@@ -102,7 +103,9 @@ class BuildPlan:
             [
                 f"store: {self.store} (fingerprint {self.fingerprint})",
                 f"records: {self.n_records} ({self.n_unique} unique sequences)",
-                f"already stored: {self.already_stored} records; reusing stored sequences for {self.reused} new records",
+                f"already stored: {self.already_stored} records; reusing stored sequences for {self.reused} new records"
+                + (f"; {self.resumed} records resumed from an interrupted build (sequences embedded, records not yet committed)"
+                   if self.resumed else ""),
                 f"to embed: {self.n_new} sequences, {self.n_tokens:,} {self.unit} in {self.n_windows} model windows, "
                 f"{len(self.units)} work units",
                 f"cropped on request: {self.n_cropped_sequences} sequences",
@@ -153,8 +156,6 @@ def plan_build(
     locator = _Growing(np.int64, 3)
     molecule = MoleculeTally(encoder.alphabet, encoder=config.encoder)
     for r in stream_records(inputs, id_column, sequence_column):
-        if "\t" in r.id or "\n" in r.id:
-            raise InputError(f"{r.source}: record id {r.id!r} contains a tab or newline")
         seq = check_sequence(r.sequence, encoder.alphabet, record=r.id, source=r.source, encoder=config.encoder)
         molecule.add(r.id, seq, r.source)
         digest.append(hashlib.sha256(seq.encode()).digest())
@@ -202,7 +203,12 @@ def plan_build(
     in_store = np.fromiter((d in stored_keys for d in unique.tolist()), bool, len(unique))
     new_seq = first_of_seq[~in_store]
     record_in_store = np.fromiter((d in stored_keys for d in record_digest.tolist()), bool, len(record_digest))
-    reused = int((record_in_store & ~already).sum())
+    # A stored sequence that no committed record uses was embedded by an interrupted build whose
+    # records were not committed yet: its records are resumed, not stored "under new ids".
+    in_use = set(stored_ids.values())
+    record_in_use = np.fromiter((d in in_use for d in record_digest.tolist()), bool, len(record_digest))
+    reused = int((record_in_store & record_in_use & ~already).sum())
+    resumed = int((record_in_store & ~record_in_use & ~already).sum())
 
     # Windows and output rows of each new sequence, longest first (as batches are formed).
     order = new_seq[np.argsort(-tokens[new_seq], kind="stable")]
@@ -234,6 +240,7 @@ def plan_build(
         n_unique=len(unique),
         already_stored=int(already.sum()),
         reused=reused,
+        resumed=resumed,
         n_new=len(order),
         n_tokens=n_kept,
         n_windows=n_windows,

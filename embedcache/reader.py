@@ -3,6 +3,7 @@
 Opening validates what can be checked cheaply before any data is trusted: the commit log against
 the arrays, sizes against each other, and that every chunk holding committed rows exists (one
 listing of the store). Reading then checks each chunk's crc32c as zarr decodes it.
+The same store as a lazy xarray Dataset indexed by record id: `embedcache.open_dataset`.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class EmbeddingStore:
             else:
                 n = self.committed.content
                 self._pooled_cache = self._read("pooled", slice(0, n)) if n else np.zeros((0, len(self.layers), self.embed_dim), np.float32)
+                self.log.check_rows("pooled", self._pooled_cache, self.path)  # read whole: each commit's crc32 too
         rows = np.arange(len(self)) if ids is None else self.rows(ids)
         at = rows if self.schema_version == 1 else self._content_index[rows]
         return self._pooled_cache[at, pos]

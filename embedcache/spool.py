@@ -6,14 +6,22 @@ Workers (in this process or on a Dask cluster) read the sequences of their unit 
 the records pass reads it in order. It lives in the store under `_spool/` (through zarr's store
 layer, so it is wherever the store is: a local disk, S3, ...) and is deleted when the build ends.
 
-Each entry is `id \\t source \\t residues \\n` in UTF-8; entries are packed into parts of up to
-`PART_BYTES`; an entry's locator is (part, offset, length).
+Each entry is binary, so that no byte of an id, a file name or a sequence (a tab, a newline, a NUL)
+can move a field: a header of four little-endian integers (the byte lengths of the id, the source
+and the residues as uint64, and the crc32 of those bytes as uint32), then the three fields, each
+UTF-8 with `surrogatepass` (a file name that is not valid UTF-8 reaches Python as lone surrogates,
+and round-trips). Entries are packed into parts of up to `PART_BYTES`; an entry's locator is (part,
+offset, length). Every read checks the lengths and the crc32, so a damaged or truncated part is an
+error naming it, never a shifted record. The spool is rewritten by every build, so such an error
+goes away when the build runs again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -23,8 +31,12 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from embedcache.errors import SpoolError
+
 SPOOL_PREFIX = "_spool"
 PART_BYTES = 64 << 20
+_HEADER = struct.Struct("<QQQI")  # id, source, residues: byte lengths; crc32 of the three fields' bytes
+_ENCODING, _ERRORS = "utf-8", "surrogatepass"  # any Python str round-trips, lone surrogates included
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +59,7 @@ class SpoolWriter:
         self.buffer = bytearray()
 
     def append(self, record_id: str, source: str, residues: str) -> tuple[int, int, int]:
-        blob = f"{record_id}\t{source}\t{residues}\n".encode()
+        blob = encode_entry(record_id, source, residues)
         if self.buffer and len(self.buffer) + len(blob) > PART_BYTES:
             self.flush()
         offset = len(self.buffer)
@@ -61,25 +73,60 @@ class SpoolWriter:
             self.buffer = bytearray()
 
 
-def _decode(blob: bytes) -> SpoolEntry:
-    record_id, source, residues = blob.decode().rstrip("\n").split("\t", 2)
-    return SpoolEntry(record_id, source, residues)
+def encode_entry(record_id: str, source: str, residues: str) -> bytes:
+    """One entry: the header, then the three fields (module docstring)."""
+    fields = [f.encode(_ENCODING, _ERRORS) for f in (record_id, source, residues)]
+    body = b"".join(fields)
+    return _HEADER.pack(*map(len, fields), zlib.crc32(body)) + body
 
 
-async def _read_ranges(store: Store, locators: np.ndarray) -> list[bytes]:
-    async def one(part: int, offset: int, length: int) -> bytes:
+def _decode_at(data: bytes | memoryview, offset: int, where: str) -> tuple[SpoolEntry, int]:
+    """The entry starting at `offset` of `data` and the offset after it; `where` names the part in errors."""
+    if offset + _HEADER.size > len(data):
+        raise SpoolError(f"spool {where}: entry at byte {offset} is cut short ({len(data) - offset} bytes, its header alone is {_HEADER.size})")
+    n_id, n_source, n_residues, crc = _HEADER.unpack_from(data, offset)
+    start = offset + _HEADER.size
+    end = start + n_id + n_source + n_residues
+    if end > len(data):
+        raise SpoolError(f"spool {where}: entry at byte {offset} claims {end - start} bytes of fields, but only {len(data) - start} follow")
+    body = bytes(data[start:end])
+    if zlib.crc32(body) != crc:
+        raise SpoolError(f"spool {where}: entry at byte {offset} does not match its crc32 (the spool was changed or damaged)")
+    a, b = n_id, n_id + n_source
+    text = [body[:a], body[a:b], body[b:]]
+    return SpoolEntry(*(t.decode(_ENCODING, _ERRORS) for t in text)), end
+
+
+def _decode(blob: bytes, where: str) -> SpoolEntry:
+    """Exactly one entry: a locator whose length is not one whole entry is an error, not a partial read."""
+    entry, end = _decode_at(blob, 0, where)
+    if end != len(blob):
+        raise SpoolError(f"spool {where}: the entry is {end} bytes, its locator says {len(blob)}")
+    return entry
+
+
+def _missing(key: str) -> str:
+    # The build wrote every part before any unit ran: a part this process cannot find is in a store it
+    # does not see as the build does (a worker on another machine, a path that is not shared), or was
+    # removed by another build. Running the same command again cannot help with the first.
+    return (f"spool part {key} is missing: every worker must see the store the build writes (a shared filesystem "
+            f"or object storage, not a path local to one machine or a memory:// store)")
+
+
+async def _read_ranges(store: Store, locators: np.ndarray) -> list[tuple[bytes, str]]:
+    async def one(part: int, offset: int, length: int) -> tuple[bytes, str]:
         request: ByteRequest = RangeByteRequest(int(offset), int(offset) + int(length))
         buf = await store.get(_key(int(part)), prototype=default_buffer_prototype(), byte_range=request)
         if buf is None:
-            raise FileNotFoundError(f"spool part {_key(int(part))} is missing")
-        return buf.to_bytes()
+            raise SpoolError(_missing(_key(int(part))))
+        return buf.to_bytes(), f"{_key(int(part))} bytes {int(offset)}..{int(offset) + int(length)}"
 
     return list(await asyncio.gather(*(one(*loc) for loc in locators)))
 
 
 def read_entries(store: Store, locators: np.ndarray) -> list[SpoolEntry]:
     """The entries at `locators` ((n, 3) int64: part, offset, length), concurrently."""
-    return [_decode(b) for b in sync(_read_ranges(store, locators))]
+    return [_decode(blob, where) for blob, where in sync(_read_ranges(store, locators))]
 
 
 def iter_entries(store: Store, n_parts: int) -> Iterator[SpoolEntry]:
@@ -87,9 +134,11 @@ def iter_entries(store: Store, n_parts: int) -> Iterator[SpoolEntry]:
     for part in range(n_parts):
         buf = sync(store.get(_key(part), prototype=default_buffer_prototype()))
         if buf is None:
-            raise FileNotFoundError(f"spool part {_key(part)} is missing")
-        for line in buf.to_bytes().splitlines(keepends=True):
-            yield _decode(line)
+            raise SpoolError(_missing(_key(part)))
+        data, offset = memoryview(buf.to_bytes()), 0
+        while offset < len(data):
+            entry, offset = _decode_at(data, offset, _key(part))
+            yield entry
 
 
 async def _delete(store: Store) -> None:

@@ -20,6 +20,8 @@ What counts is what the commit log says: records [0, head.records) and the conte
 rows of each commit. Rows outside them (a build in progress, or one killed) are never read.
 Every chunk carries a crc32c checksum, and every commit a crc32 of each array's rows, so a
 flipped byte, a missing chunk or an edited index is named by `verify` and refused by readers.
+A completed build also writes Zarr v3 consolidated metadata (so `xarray.open_zarr` opens the store
+without a warning); embedcache itself never reads it, so a stale copy cannot mislead it.
 
 Changes from schema 1: `pooled` is per unique sequence (was per record) and both per-layer arrays
 have a `layer` dimension; the commit log moved from `_build` attrs to `_commits/`; chunks carry
@@ -31,8 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import stat
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,8 +42,10 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 from zarr.abc.store import Store
+from zarr.api.asynchronous import consolidate_metadata
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
+from zarr.errors import ZarrUserWarning
 
 from embedcache.commits import (
     CHECKED_ARRAYS,
@@ -63,7 +66,7 @@ from embedcache.commits import (
 from embedcache.errors import FingerprintMismatch, StoreError
 from embedcache.lease import LEASE_KEY
 from embedcache.spool import SPOOL_PREFIX
-from embedcache.location import Location, describe_io_error, io_errors, open_location, why_absent
+from embedcache.location import Location, check_local_files, describe_io_error, io_errors, open_location, why_absent
 
 FORMAT = "embedcache-store"
 LEGACY_BUILD_GROUP = "_build"  # schema 1: the commit log lived in this group's attrs
@@ -74,10 +77,8 @@ RESIDUE_CHUNK = 256  # strings per chunk of `residues` (an Enformer window is 19
 MAX_EMBED_DIM = 1 << 16  # a store claiming wider rows is damaged, not a model
 
 # Per-token chunk codecs (BuildConfig.token_codec). fp16 embeddings barely compress (1.08-1.10x with
-# any codec, store-design.md), and decoding is what the fusion loader pays on every epoch: without
-# compression a streamed epoch ran 1.1-1.3x faster (the reads alone 1.3-1.4x) for a 4-9% larger store
-# (bench_fusion_data.py).
-# Either way every chunk carries its crc32c.
+# any codec), and decoding is what the fusion loader pays on every epoch, so the default stores them
+# raw (bench_fusion_data.py). Either way every chunk carries its crc32c.
 TOKEN_CODECS = {
     "none": (Crc32cCodec(),),
     "lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()),
@@ -133,16 +134,8 @@ _io_errors = io_errors
 
 
 def _check_regular_files(location: Location) -> None:
-    """Local stores: refuse FIFOs, sockets and devices before zarr opens (reading a FIFO blocks forever)."""
-    if not location.is_local:
-        return
-    root = location.local_path
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = Path(dirpath) / name
-            mode = path.lstat().st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-                raise StoreError(f"store {location.url!r}: {str(path.relative_to(root))!r} is not a regular file")
+    """Local stores: refuse symlinks, FIFOs, sockets and devices before zarr opens (embedcache.location)."""
+    check_local_files(location)
 
 
 _METADATA_KEYS = tuple(
@@ -173,7 +166,7 @@ def open_root(location: Location, mode: str) -> tuple[Store, zarr.Group]:
             raise StoreError(f"no embedcache store at {location.url!r} ({why_absent(location, store)})")
         _check_regular_files(location)
         sync(_check_metadata(store, location.url))
-        root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+        root = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)  # see `consolidate`
     except StoreError:
         raise
     except _io_errors() as e:
@@ -200,7 +193,7 @@ def store_state(location: Location) -> str:
             return "absent"
         if "zarr.json" not in keys:
             return "foreign"
-        root = zarr.open_group(store=store, mode="r", zarr_format=3)
+        root = zarr.open_group(store=store, mode="r", zarr_format=3, use_consolidated=False)
         meta = root.attrs.get("embedcache")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             return "foreign"
@@ -220,6 +213,51 @@ async def _clear_except_lease(store: Store) -> None:
     for key in [k async for k in store.list_prefix("")]:
         if key != LEASE_KEY and not key.startswith(f"{SPOOL_PREFIX}/"):
             await store.delete(key)
+
+
+# -- consolidated metadata: for xarray, never for embedcache ------------------------------------
+
+async def _root_document(store: Store) -> dict:
+    from zarr.core.buffer import default_buffer_prototype
+
+    buf = await store.get("zarr.json", prototype=default_buffer_prototype())
+    return json.loads(buf.to_bytes()) if buf is not None else {}
+
+
+def consolidate(location: Location) -> None:
+    """Write Zarr v3 consolidated metadata (every array's metadata, in the root zarr.json).
+
+    `xarray.open_zarr` looks for it first and warns on every open of a store without it. It is a
+    snapshot for other readers only: embedcache opens groups with use_consolidated=False and the
+    commit log decides what counts, so a stale snapshot cannot make embedcache read wrong rows.
+    A build writes it when it completes; a writer drops it first (`drop_consolidated`).
+    """
+    store = open_location(location, read_only=False)
+    with warnings.catch_warnings():
+        # zarr says the format is not in the v3 spec yet, and names the lease object it skips: both known.
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        try:
+            sync(consolidate_metadata(store, zarr_format=3))
+        except _io_errors() as e:
+            raise StoreError(
+                f"store {location.url!r}: the build is complete, but writing its consolidated metadata (for xarray) failed: "
+                f"{describe_io_error(location, e)}; run the same command again to write it"
+            ) from e
+
+
+def drop_consolidated(store: Store, where: str) -> None:
+    """Remove the consolidated snapshot before the arrays change. zarr opens a group through it by
+    default, so a process opening the store for writing (a build's workers) would otherwise see
+    the arrays' old shapes. One write of the root zarr.json, atomic on disk and on object stores."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    try:
+        doc = sync(_root_document(store))
+        if doc.pop("consolidated_metadata", None) is None:
+            return
+        sync(store.set("zarr.json", default_buffer_prototype().buffer.from_bytes(json.dumps(doc, indent=2).encode())))
+    except _io_errors() as e:
+        raise StoreError(f"store {where!r}: cannot rewrite its zarr.json: {type(e).__name__}: {e}") from e
 
 
 # -- creating -----------------------------------------------------------------------------------
@@ -349,9 +387,16 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
             raise StoreError(f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, the commit log counts {c_end}")
     if "tokens" in root and root["tokens"].shape[0] < t_end:
         raise StoreError(f"store {where!r}: array 'tokens' has {root['tokens'].shape[0]} rows, the commit log counts {t_end}")
-    ids = _read_rows(root, "sequence", r_end, where).tolist()
-    content_index = _read_rows(root, "content_index", r_end, where).astype(np.int64)
+    # The index arrays are read whole here, so each commit's rows are checked against its crc32 too
+    # (a few ms per 100k records): a swapped or overwritten row is refused even when its chunk's crc32c holds.
+    names = _read_rows(root, "sequence", r_end, where)
+    log.check_rows("sequence", names, where)
+    ids = names.tolist()
+    content_index = _read_rows(root, "content_index", r_end, where)
+    log.check_rows("content_index", content_index, where)
+    content_index = content_index.astype(np.int64)
     keys = _read_rows(root, "content", c_end, where)
+    log.check_rows("content", keys, where)
     committed = log.committed_content(c_end)
     if len(content_index) and (content_index.min() < 0 or content_index.max() >= c_end or not committed[content_index].all()):
         bad = int(np.flatnonzero((content_index < 0) | (content_index >= c_end))[0]) if (
@@ -359,8 +404,11 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
         raise StoreError(f"store {where!r}: record {ids[bad]!r} points to content row {int(content_index[bad])}, which no commit wrote")
     offsets = lengths = None
     if "tokens" in root:
-        offsets = _read_rows(root, "token_offset", c_end, where).astype(np.int64)
-        lengths = _read_rows(root, "token_length", c_end, where).astype(np.int64)
+        offsets = _read_rows(root, "token_offset", c_end, where)
+        lengths = _read_rows(root, "token_length", c_end, where)
+        log.check_rows("token_offset", offsets, where)
+        log.check_rows("token_length", lengths, where)
+        offsets, lengths = offsets.astype(np.int64), lengths.astype(np.int64)
         for i, (_, _, c0, c1, t0, t1) in enumerate(log.ranges.tolist()):
             o, n = offsets[c0:c1], lengths[c0:c1]
             if len(o) and ((o < t0).any() or (o + n > t1).any() or (n < 0).any()):
@@ -439,6 +487,7 @@ class StoreWriter:
         self.keys: dict[str, int] = {str(k): i for i, k in enumerate(self.index.content_keys.tolist()) if self.index.committed_content[i]}
         c = self.index.committed
         self.content_end, self.token_end = c.content, c.tokens
+        drop_consolidated(store, where)  # stale from here on; the build writes a new one when it completes
         self._trim()
 
     @property
@@ -473,7 +522,7 @@ class StoreWriter:
         if status == "complete":
             self._trim()  # drop the rows grown ahead of the log, so xarray sees exactly the committed arrays
         builds = [*self.head.builds, build_entry] if build_entry else self.head.builds
-        self.head = Head(self.head.n, self.head.records, status, builds)
+        self.head = self.head.with_status(status, builds)
         write_head(self.root, self.head)
 
     def _write(self, name: str, start: int, values: np.ndarray) -> None:

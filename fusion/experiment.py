@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from fusion.errors import ConfigError
-from fusion.run import RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, evaluation_run_info, load_run, open_run, read_manifest, train_run
+from fusion.run import (RUN_FILE, SPLITS, RunResult, build_model, evaluate_and_report, evaluation_run_info, load_run, open_run, read_manifest,
+                        run_directory, train_run)  # fmt: skip
 from fusion.train import predict, write_predictions_csv
 
 Log = Callable[[str], None]
@@ -53,14 +54,15 @@ def run_evaluate(
     log: Log = print,
 ) -> tuple[Path, dict]:
     """Metrics of a finished run (either mode) on its splits, or on a new manifest / stores; returns (where written, split -> metrics)."""
-    run = open_run(run_dir, manifest=manifest, stores=stores, trust_remote_code=trust_remote_code, log=log)
+    run = open_run(run_dir, manifest=manifest, stores=stores, trust_remote_code=trust_remote_code, progress=progress, log=log)
     out_dir = evaluation_dir(run.run_dir, out)
     column = run.batches.manifest.split_column
     present = [s for s in SPLITS if column and (run.batches.manifest.frame[column] == s).any()]
     if not present:
         raise ConfigError(f"manifest {run.batches.manifest.path} has no train/validation/test rows to evaluate")
-    metrics = evaluate_and_report(run.model, run.batches, out_dir, present, history=run.run_dir / "history.csv", run=evaluation_run_info(run),
-                                  progress=progress, log=log)
+    with run_directory(out_dir):  # a failed evaluation leaves no empty directory
+        metrics = evaluate_and_report(run.model, run.batches, out_dir, present, history=run.run_dir / "history.csv",
+                                      run=evaluation_run_info(run), progress=progress, log=log)  # fmt: skip
     return out_dir, metrics
 
 

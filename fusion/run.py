@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -47,6 +48,7 @@ from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
 from fusion.report import write_report
+from embedcache.build import transformers_progress
 from embedcache.location import is_url
 from fusion.train import TrainConfig, TrainResult, evaluate_run, resolve_amp, resolve_device, seed_everything, train
 
@@ -66,6 +68,11 @@ SPLITS = ("train", "validation", "test")
 def read_manifest(path: str | Path) -> Manifest:
     """A prepared directory (prepare.json inside) or a manifest table with prepare.json beside it."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"manifest {str(path)!r} does not exist: give a prepared directory (prepare.json inside) or a manifest "
+            f"table (CSV, TSV or Parquet) with prepare.json beside it"
+        )
     return load_prepared(path) if path.is_dir() else load_manifest(path)
 
 
@@ -319,7 +326,37 @@ def train_run(
     check_device(train_config)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run directory {str(run_dir)!r} is a file")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Live encoders load transformers' weights: their bars follow `progress` too (cached runs load none).
+    with run_directory(run_dir), transformers_progress(progress or feed.mode == "cached"):
+        return _train_in(feed, data, aggregator, model_options, train_config, run_dir, batches, progress, log)
+
+
+@contextmanager
+def run_directory(path: Path) -> Iterator[Path]:
+    """Create `path` (and missing parents) for a run; if the run fails, remove those of them still empty.
+
+    A failed run leaves no empty directory behind it, but whatever it wrote (run.json of a run that
+    diverged, say) stays, and so does every directory that existed before.
+    """
+    created = []  # deepest first
+    p = path
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:  # Ctrl-C too
+        for d in created:
+            try:
+                d.rmdir()  # only an empty directory
+            except OSError:
+                break
+        raise
+
+
+def _train_in(feed: Feed, data: DataConfig, aggregator: str, model_options: dict, train_config: TrainConfig, run_dir: Path,
+              batches: StoreBatches | None, progress: bool, log: Log) -> RunResult:  # fmt: skip
     batches = batches or feed.open_batches(data, read_manifest(data.manifest), log)
     for split in SPLITS:  # an empty split, or one without a single target value, is an error now, not after an epoch
         part = batches.split_manifest(split)
@@ -448,9 +485,13 @@ def open_run(
     stores: dict[str, str] | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    progress: bool = True,
     log: Log = print,
 ) -> OpenedRun:
-    """A finished run of either mode with its data (or a new manifest / stores), checked against the checkpoint."""
+    """A finished run of either mode with its data (or a new manifest / stores), checked against the checkpoint.
+
+    `progress=False`: no transformers bars while a finetune run's encoders load.
+    """
     run_dir = Path(run_dir)
     run, checkpoint = read_finished_run(run_dir)
     data = run.data
@@ -462,9 +503,10 @@ def open_run(
         overrides["manifest"] = manifest
     data = DataConfig.from_dict({**data.to_dict(), **overrides})
     feed = feed_for(run, trust_remote_code=trust_remote_code)
-    batches = feed.open_batches(data, read_manifest(data.manifest), log)
-    check_run_data(checkpoint, batches, source="evaluation data")
-    model = feed.reopen(run, batches, checkpoint, device, log)
+    with transformers_progress(progress or run.mode == "cached"):
+        batches = feed.open_batches(data, read_manifest(data.manifest), log)
+        check_run_data(checkpoint, batches, source="evaluation data")
+        model = feed.reopen(run, batches, checkpoint, device, log)
     return OpenedRun(run_dir=run_dir, manifest=run, checkpoint=checkpoint, batches=batches, model=model)
 
 
@@ -500,5 +542,6 @@ __all__ = [
     "read_finished_run",
     "portable_data",
     "read_manifest",
+    "run_directory",
     "train_run",
 ]

@@ -183,6 +183,8 @@ def load_manifest(
     prepare.json's, else "sample_id".
     """
     path = Path(path)
+    if not path.exists():  # said first: a missing table also lacks a prepare.json beside it, which is not the news
+        raise PrepareError(f"manifest file {str(path)!r} does not exist")
     prepared = (
         _read_prepare_json(path.parent / PREPARE_JSON) if (target_columns is None or key_columns is None) else None
     )

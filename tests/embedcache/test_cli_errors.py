@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 
+import numpy as np
 import pytest
 
 from cli.embedcache_cli import create_parser
+from embedcache import open_store
 
 from .conftest import write_fasta
 from .test_bad_input import assert_no_complete_store, build_args, cli
@@ -65,3 +67,50 @@ def test_switches_do_not_claim_to_be_on(capsys):
     helps = {a.option_strings[0]: build_parser.formatter_class("x")._get_help_string(a) for a in build_parser._actions if a.option_strings}
     assert "(default: True)" not in helps["--no-tokens"] and "per-token embeddings are stored" in helps["--no-tokens"]
     assert "(default: True)" not in helps["--no-progress"]
+
+
+def _interrupt_before_records(store) -> int:
+    """Leave `store` as a build killed after committing its units but before its records: the head
+    counts only the unit commits (no records), status incomplete. Returns the records dropped."""
+    import zarr
+
+    group = zarr.open_group(store / "_commits", mode="r+", zarr_format=3)
+    head = dict(group.attrs["head"])
+    ranges = group["ranges"][: head["n"]]
+    units = int(np.flatnonzero(ranges[:, 1] > ranges[:, 0])[0])  # record commits come after every unit
+    group.attrs["head"] = {**head, "n": units, "records": 0, "status": "incomplete"}
+    return head["records"]
+
+
+def test_resumed_build_counts_resumed_records_not_new_ids(tmp_path, models, capsys):
+    records = {"p1": "MKTAYIAKQRQISFVKSHFSRQ", "p2": "MKVLAAGIKWWWW", "p1_alias": "MKTAYIAKQRQISFVKSHFSRQ"}
+    fasta, store = write_fasta(tmp_path / "in.fa", records), tmp_path / "s.zarr"
+    assert cli(capsys, *build_args(models, fasta, store))[0] == 0
+    assert _interrupt_before_records(store) == 3 and not open_store(store).complete
+    code, out = cli(capsys, *build_args(models, fasta, store, "--dry-run"))
+    assert code == 0 and "reusing stored sequences for 0 new records; 3 records resumed from an interrupted build" in out, out
+    code, out = cli(capsys, *build_args(models, fasta, store))  # the same command again
+    assert code == 0, out
+    assert "0 new, 0 already stored (0 of them under new ids), 3 resumed from an interrupted build, 0 shared" in out, out
+    s = open_store(store)
+    assert s.complete and sorted(s.ids) == sorted(records) and s.verify() == []
+    assert s.builds[-1]["resumed_records"] == 3 and s.builds[-1]["reused_sequences"] == 0
+    # A record under a new id for a sequence committed records use is still counted as one.
+    write_fasta(tmp_path / "more.fa", {**records, "renamed": records["p2"]})
+    code, out = cli(capsys, *build_args(models, tmp_path / "more.fa", store))
+    assert code == 0 and "0 new, 4 already stored (1 of them under new ids), 0 shared" in out, out
+
+
+def test_no_progress_hides_transformers_bars_and_puts_them_back(tmp_path, models, capsys):
+    from transformers.utils import logging as hf_logging
+
+    fasta = write_fasta(tmp_path / "in.fa", {"p1": "MKTAYIAK"})
+    before = hf_logging.is_progress_bar_enabled()
+    # A --max-tokens of its own: a config this process has not loaded the model for, so its weights load here.
+    code, out = cli(capsys, *build_args(models, fasta, tmp_path / "quiet.zarr", "--max-tokens", "1111"))
+    assert code == 0 and "Loading weights" not in out and "it/s" not in out and "seq/s" not in out, out
+    assert hf_logging.is_progress_bar_enabled() == before  # the process-wide switch is as it was
+    if before:  # the control: with bars on, the weight-loading bar is there
+        args = [a for a in build_args(models, fasta, tmp_path / "loud.zarr", "--max-tokens", "1112") if a != "--no-progress"]
+        code, out = cli(capsys, *args)
+        assert code == 0 and "Loading weights" in out, out

@@ -31,7 +31,7 @@ from tests.conftest import S3_ENV, free_port, unique_name
 from .conftest import write_fasta
 from .test_parity import AA, random_seqs
 
-pytestmark = pytest.mark.storage  # `make test-tf4` leaves these out: no transformers code in them
+pytestmark = pytest.mark.storage
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "cli.embedcache_cli"]

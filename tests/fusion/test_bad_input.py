@@ -129,6 +129,34 @@ def test_empty_and_na_targets_are_missing(demo_data, tmp_path):
     assert targets.iloc[:2].isna().all() and targets.iloc[2:].notna().any()
 
 
+@pytest.mark.parametrize("name", ["nope", "nope.csv"])
+def test_missing_manifest_is_said_to_be_missing_and_leaves_no_out_dir(demo_data, tmp_path, capsys, name):
+    out = tmp_path / "runs" / "r"
+    code, err = run_fusion(capsys, *train_args(demo_data, tmp_path / name, out))
+    one_line_error(code, err, f"manifest {str(tmp_path / name)!r} does not exist", "give a prepared directory")
+    assert "no prepare.json" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_run_removes_only_the_empty_directories_it_made(demo_data, tmp_path, capsys):
+    wrong = store_args({**demo_data["stores"], "protein": demo_data["stores"]["rna"]})  # refused once the stores open
+
+    def train_into(out: Path) -> tuple[int, str]:
+        return run_fusion(capsys, "train", "--manifest", demo_data["prep"], *wrong, "--out", out, *FAST)
+
+    one_line_error(*train_into(tmp_path / "new" / "deeper" / "run"), "'protein'")
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    one_line_error(*train_into(mine / "run"), "'protein'")
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(*train_into(empty), "'protein'")
+    assert empty.is_dir()  # it was there before: not the run's to remove
+
+
 # -- config files ---------------------------------------------------------------------------------------
 
 
@@ -274,9 +302,11 @@ def test_evaluate_and_predict_a_finetune_run(demo_data, tmp_path, capsys):
     stores = {"protein": demo_data["stores"]["protein"]}  # one small live encoder keeps the test short
     args = ["finetune", "--manifest", demo_data["prep"], *store_args(stores), "--features", "pooled", "--batch-size", "16", "--out", str(run), *FAST]
     assert fusion_main(args) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress: transformers' bars too
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["mode"] == "finetune" and manifest["status"] == "complete"
-    assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
+    assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
     own = json.loads((run / "metrics.json").read_text())["splits"]["test"]["mean_r2"]
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["test"]["mean_r2"]
     assert again == pytest.approx(own, abs=1e-5)

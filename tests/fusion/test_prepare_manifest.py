@@ -144,6 +144,9 @@ def test_empty_files(tmp_path):
         load_manifest(tmp_path / "header.csv", KEYS, TARGETS)
     with pytest.raises(PrepareError, match=r"manifest file '.*absent.csv' does not exist"):
         load_manifest(tmp_path / "absent.csv", KEYS, TARGETS)
+    with pytest.raises(PrepareError, match=r"manifest file '.*absent.csv' does not exist") as e:  # not "no prepare.json"
+        load_manifest(tmp_path / "absent.csv")
+    assert "prepare.json" not in str(e.value)
 
 
 def test_bad_values(tmp_path):
