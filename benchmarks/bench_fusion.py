@@ -1,7 +1,7 @@
 """Seconds per training epoch and peak memory: fusion on cached stores vs end-to-end finetuning.
 
 Three modes train the same fusion model (same data, seed, aggregator, model options and
-TrainConfig) and differ only in where its features come from (style.md, lesson 8):
+TrainConfig) and differ only in where its features come from:
 
     cached   `fusion train`'s path: features read from the embedcache stores (fusion.experiment.run_train's
              steps: open_batches, build_model, fit_feature_stats_, fusion.train.train)

@@ -2,7 +2,7 @@
 
 One run writes DNA / RNA / protein embedding stores with the real store code (`create_store`,
 `StoreWriter.commit`) holding random fp16 rows at IsoFormer's per-token widths and token counts
-(/work/shared/notes/isoformer.md; the lengths are assumptions, printed), plus a manifest, then
+(the IsoFormer data set's ~170,000 transcripts of ~20,000 genes; the lengths are assumptions, printed), plus a manifest, then
 measures on the same bytes, each case cold (the files evicted from the page cache with
 posix_fadvise, checked with mincore) and warm:
 
@@ -37,8 +37,8 @@ posix_fadvise, checked with mincore) and warm:
 Samples/s and MB/s of per-token rows delivered (the stored fp16 bytes of the samples' rows, all
 modalities, before any --max-tokens averaging) are reported; raw MB/s counts file bytes. Compare figures within one run only: the VM is shared.
 
-    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows: ~10-15 min on the 2-core VM (--repeats 2: 20-30 min)
-    .venv/bin/python benchmarks/bench_fusion_data.py --quick    # ~1 min: fewer genes, no layouts
+    .venv/bin/python benchmarks/bench_fusion_data.py            # 200 genes, 4 GB of rows
+    .venv/bin/python benchmarks/bench_fusion_data.py --quick    # fewer genes, no layouts
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from cli.common import HelpFormatter
 
 SETUP_FILE = "bench_setup.json"
 MODALITIES = ("dna", "rna", "protein")
-TRANSCRIPTS_PER_GENE = 170_000 / 20_000  # isoformer.md: ~170k transcripts over ~20k genes
+TRANSCRIPTS_PER_GENE = 170_000 / 20_000  # the IsoFormer data set: ~170k transcripts over ~20k genes
 
 
 # -- shapes ------------------------------------------------------------------------------------------
@@ -77,13 +77,13 @@ TRANSCRIPTS_PER_GENE = 170_000 / 20_000  # isoformer.md: ~170k transcripts over 
 
 @dataclass(frozen=True)
 class Shapes:
-    """Per-token widths and token counts at IsoFormer scale (isoformer.md; lengths are assumptions)."""
+    """Per-token widths and token counts at IsoFormer scale (the encoders' caps; lengths are assumptions)."""
 
     dna_encoder: str = "nt"  # nt: NT-v2 1024 wide, one window per gene | enformer: 3072 wide, 896 bins
     dna_tokens: int = 2_000  # NT-v2 6-mers of a 12 kb window around the TSS (paper: 6-12 kb)
-    rna_dim: int = 1024  # NT-v2 (the task's figure; isoformer.md lists 768 for the released RNA encoder)
+    rna_dim: int = 1024  # an NT-v2 width; the released NT-v2-250M, IsoFormer's RNA encoder, is 768 wide
     rna_median: int = 500  # tokens: an assumed 3 kb median transcript in 6-mers, log-normal (sigma 0.7)
-    rna_cap: int = 2_048  # NT-v2 cap, 3' end kept (isoformer.md)
+    rna_cap: int = 2_048  # NT-v2 cap, 3' end kept (as IsoFormer crops RNA)
     protein_dim: int = 640  # ESM2-150M
     protein_median: int = 415  # residues: human-proteome median (as in bench_store_layout.py), log-normal (0.75)
     protein_cap: int = 1_022  # ESM2 without <cls>/<eos>

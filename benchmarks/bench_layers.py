@@ -5,7 +5,7 @@ alternative to one multi-layer build is a build per layer: the same forward pass
 script times both on the same proteins and model (ESM2 8M shape, random weights), checks that every
 layer of the multi-layer store equals its single-layer store, and reports time and disk per side.
 
-    .venv/bin/python benchmarks/bench_layers.py                  # ~5 min on the 2-core VM, idle
+    .venv/bin/python benchmarks/bench_layers.py
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scale-out build (issue 10): memory vs records, the coordinator's ceiling, and the executors on this CPU.
+"""Scale-out build: memory vs records, the coordinator's ceiling, and the executors on this CPU.
 
 Three measurements, each one function, all in one run (choose with --only):
 

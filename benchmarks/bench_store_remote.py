@@ -25,7 +25,7 @@ import numpy as np
 
 from bench_store_layout import commit_rows
 from benchlib import machine_info, write_json
-from embedcache.commits import COMMITS_GROUP, Head, write_head
+from embedcache.commits import CHECKED_ARRAYS, COMMITS_GROUP, Head, crc_of, log_digest, write_head
 from embedcache.location import Location
 from embedcache.reader import EmbeddingStore
 from embedcache.store import ContentResult, create_store, open_root, open_writer
@@ -97,8 +97,11 @@ def prefilled_store(location: Location, n: int) -> None:
     ranges = np.stack([idx, idx + 1, idx, idx + 1, np.zeros(n, np.int64), np.zeros(n, np.int64)], axis=1)
     log["ranges"].resize(ranges.shape)
     log["ranges"][:] = ranges
-    log["crc"].resize((n, log["crc"].shape[1]))  # zeros: this fixture is not for `verify`
-    write_head(root, Head(n, n, "complete", []))
+    # Commit i wrote row i of every array: its checksums, and the head's digest of the log, as a build writes them.
+    crc = np.array([[crc_of(columns[name][i : i + 1]) if name in columns else 0 for name in CHECKED_ARRAYS] for i in range(n)], np.int64)
+    log["crc"].resize(crc.shape)
+    log["crc"][:] = crc
+    write_head(root, Head(n, n, "complete", [], log_digest(ranges, crc)))
 
 
 def commit_cost(location: Location, n: int, repeats: int) -> dict:

@@ -5,7 +5,7 @@
 Steps, each a child process under its own time limit (a failing step is recorded and the next runs):
 
     wheels        pip install --no-index --no-deps --target <tmp> .whl/*.whl, when .whl/ exists: the
-                  packages the device machine lacks (benchmarks/gpu_wheels.sh downloads them here)
+                  packages the GPU machine lacks (benchmarks/gpu_wheels.sh downloads them here)
     pytest-gpu    pytest -m gpu: the tests that need CUDA (unpadded ESM vs padded, varlen and nested)
     bench-build   bench_build.py at the ESM2-650M shape: extract.py-style loop vs embedcache (fp32),
                   embedcache bf16 (residues/s, MFU, padding efficiency, bf16 vs fp32 parity), and the
@@ -16,10 +16,7 @@ Without CUDA it says so and runs what a CPU can at toy size (bench_build on a ti
 --size tiny cut short; the gpu tests are collected and skipped), so the script itself is tried here.
 
 It writes DIR/gpu_check.log (everything the steps print) and DIR/gpu_check.json (machine, each step's
-exit status, seconds, what it skipped, and the figures of each benchmark's own JSON). On the device
-machine (see benchmarks/README.md, "GPU check"):
-
-    run(command="python3 benchmarks/gpu_check.py", carry=[".whl"], timeout_s=560)
+exit status, seconds, what it skipped, and the figures of each benchmark's own JSON).
 
 Only the standard library is imported here, so nothing fails before the wheels are installed.
 """

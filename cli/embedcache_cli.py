@@ -92,7 +92,7 @@ def create_parser() -> argparse.ArgumentParser:
         "verify",
         help="check a store is complete and readable",
         description="Check the build finished, every id maps to data, and every shard reads back. "
-        "Exits 1 naming each fault.",
+        "Exits 2 naming each fault.",
     )
     v.add_argument("store", metavar="STORE", help="store path or URL")
     _add_storage_options(v)

@@ -75,7 +75,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--loading", choices=LOADINGS, default="auto", help="per-token data: auto = RAM when under --memory-gb, else streamed from the store")
     p.add_argument("--memory-gb", type=float, default=8.0, help="per-token data above this is streamed under --loading auto")
-    p.add_argument("--workers", type=int, default=0, help="torch DataLoader worker processes that read and assemble batches (forked: Linux); 0 = one background thread. For streamed per-token data: about one per core the training step leaves free; on a 2-core VM 2 workers gave 1.3-1.8x one loader thread (benchmarks/README.md)")
+    p.add_argument("--workers", type=int, default=0, help="torch DataLoader worker processes that read and assemble batches (forked: Linux); 0 = batches made in this process, by 2 background threads. For streamed per-token data: about one per core the training step leaves free (figures: benchmarks/README.md)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

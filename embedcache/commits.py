@@ -77,7 +77,7 @@ class Head:
 def log_digest(ranges: np.ndarray, crc: np.ndarray, start: int = 0) -> int:
     """crc32 of log rows, each row's 6 ranges then its checksums (int64), continuing from `start`:
     appending rows continues the digest of the rows before them without reading those again."""
-    rows = np.concatenate([np.asarray(ranges, np.int64), np.asarray(crc, np.int64)], axis=1)
+    rows = np.concatenate([np.asarray(ranges, "<i8"), np.asarray(crc, "<i8")], axis=1)  # little-endian on any machine
     return zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), start)
 
 

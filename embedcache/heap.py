@@ -4,14 +4,13 @@ zarr reads each chunk into a new bytes object (~1 MiB for per-token rows) and fr
 chunk is decoded. glibc serves that size from a heap, but gives the free memory at the top of a heap
 back to the kernel once it exceeds the trim threshold, which glibc's dynamic rule sets to twice the
 largest buffer freed so far: ~2 MiB here, less than the ~10 chunk buffers a batch keeps in flight.
-Each read then faults its buffer's pages in again. On the 2-core VM a streamed epoch took ~600,000
-page faults and spent more time in the kernel than in Python (bench_fusion_data.py, 60 genes).
+Each read then faults its buffer's pages in again, and a streamed epoch spends more time in the
+kernel than in Python.
 
 `keep_freed_memory()` sets both thresholds to the state glibc's own dynamic rule reaches after one
 32 MiB buffer is freed: buffers up to 32 MiB (its maximum on 64-bit) come from the heaps, and up to
-64 MiB of free memory stays at the top of each heap for the next reads. Page faults fell to ~17,000
-per epoch; bench_fusion_data.py's *-default-malloc rows, side by side at 60 genes: one loader thread
-1.19x cold and 1.14x warm, `--workers 2` (the workers inherit it) 1.03x cold and 1.15x warm.
+64 MiB of free memory stays at the top of each heap for the next reads (`--workers` processes inherit
+it). bench_fusion_data.py's *-default-malloc rows measure the difference (benchmarks/README.md).
 """
 
 from __future__ import annotations

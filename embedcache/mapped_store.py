@@ -14,18 +14,12 @@ own: `embedcache.reader.run_reads`):
    is mapped again, so a read does not return an old file's bytes;
 2. zarr gets a read-only view of the range, checks its crc32c and copies the rows into the batch
    straight from it; a page not yet in memory is read there, with the kernel's readahead for mappings.
-Nothing else paid for itself. 200 genes, one loader thread, cold / warm MB/s, alternating passes,
-medians of 3 (two runs; `LocalStore` 573 / 599 in the first, 552 / 595 in the second):
-- the read handed to zarr's thread pool, as `LocalStore` hands over every read, to fill the range's
-  page tables there (madvise WILLNEED + MADV_POPULATE_READ): 573 / 639; POPULATE_READ alone 615 / 685;
-- madvise(WILLNEED) on the loop, no hand-off: 701 / 760 (first run), 705 / 756 (second);
-- the view alone (this): 768 / 807 (second run), with 36-37% less CPU per GB than `LocalStore`;
-- the LRU thrashing (4 maps; at IsoFormer scale a store has thousands of shards): 695 / 707.
+(Handing reads to a thread pool, or madvise before them, measured slower; the history is in git.)
 
 Whole-object reads (metadata, small arrays, whole shards in `embedcache verify`) are plain reads in
 zarr's thread pool, as `LocalStore`'s are.
 
-A local store may hold only regular files (README, "Checks"): opening a store refuses one holding a
+A local store may hold only regular files (docs/reliability.md): opening a store refuses one holding a
 symlink or a FIFO (`embedcache.location.check_local_files`), and every read here opens its file
 without following a symlink at any step (`open_regular`: each directory opened relative to the last
 with O_NOFOLLOW), so a symlink made after the store was opened is refused too, naming it, instead of

@@ -1,9 +1,9 @@
 """Build-time reduction of per-token rows: `embedcache build --token-pool K`.
 
-Per-token data at IsoFormer scale is hundreds of gigabytes (README, store schema), and a training
-loader that streams it from disk delivers a few dozen samples/s on the machines measured
-(benchmarks/README.md, bench_fusion_data.py): far below what the fusion model consumes on a GPU.
-Averaging every K consecutive rows at build time stores, and streams, K-fold fewer bytes.
+Per-token data at IsoFormer scale is hundreds of gigabytes (docs/sizes.md), and a training loader
+that streams it from disk delivers far fewer samples than the fusion model consumes on a GPU
+(benchmarks/README.md, bench_fusion_data.py). Averaging every K consecutive rows at build time
+stores, and streams, K-fold fewer bytes.
 
 The reduction is part of the store's identity: `token_pool` is a BuildConfig field, written into
 the store's config and, when set, into its fingerprint. Readers see ordinary rows (fewer of them),

@@ -382,6 +382,15 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
         if name in root and root[name].shape[-1] != embed_dim:
             raise StoreError(f"store {where!r}: array {name!r} is {root[name].shape[-1]} wide, attrs say embed_dim {embed_dim}")
     c_end, t_end, r_end = log.content_end, log.token_end, log.head.records
+    if log.head.status == "complete":  # a completed build trims every array to what its log counts
+        counted = {**dict.fromkeys(RECORD_ARRAYS, r_end), **dict.fromkeys((*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"), c_end),
+                   "tokens": t_end}
+        for name, rows in counted.items():
+            if name in root and root[name].shape[0] != rows:
+                raise StoreError(
+                    f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, but the commit log of this complete "
+                    f"store counts {rows}; its metadata was edited or damaged (run embedcache verify)"
+                )
     for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"):
         if name in root and root[name].shape[0] < c_end:
             raise StoreError(f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, the commit log counts {c_end}")
@@ -459,6 +468,16 @@ async def _list_all(store: Store) -> list[str]:
     return [k async for k in store.list_prefix("")]
 
 
+async def _delete_chunks_from(store: Store, arr, rows: int) -> None:
+    """Delete the stored chunk objects (shards) of `arr` that lie wholly at or past row `rows`."""
+    outer = arr.metadata.chunk_grid.chunk_shape[0]
+    first_outside = -(-rows // outer)
+    prefix = f"{arr.path}/c/"  # the default v3 chunk key encoding: <array>/c/<i>/<j>/...
+    keys = [k async for k in store.list_prefix(prefix)]
+    stale = [k for k in keys if k[len(prefix):].split("/")[0].isdigit() and int(k[len(prefix):].split("/")[0]) >= first_outside]
+    await asyncio.gather(*(store.delete(k) for k in stale))
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 class StoreWriter:
@@ -475,7 +494,7 @@ class StoreWriter:
         self.index = read_index(root, where, self.attrs)
         faults = missing_objects(store, root, self.index)
         if faults:
-            raise StoreError(f"store {where!r} is damaged, refusing to extend it: {faults[0]} (and {len(faults) - 1} more); run embedcache verify")
+            raise StoreError(f"store {where!r} is damaged, refusing to extend it: {faults[0]}" + (f" (and {len(faults) - 1} more)" if len(faults) > 1 else "") + "; run embedcache verify")
         self.head = self.index.log.head
         self.has_tokens = "tokens" in root
         self.has_pooled = "pooled" in root
@@ -508,7 +527,11 @@ class StoreWriter:
     def _resize(self, name: str, rows: int) -> None:
         arr = self._arrays[name]
         if arr.shape[0] != rows:
-            sync(arr.resize((rows, *arr.shape[1:])))
+            # zarr's resize deletes every chunk position past the new end, present or not: for a shape
+            # edited to 10^12 rows that list alone exhausts memory. Delete the objects that exist instead.
+            sync(arr.resize((rows, *arr.shape[1:]), delete_outside_chunks=False))
+            if rows < arr.shape[0]:
+                sync(_delete_chunks_from(self.store, arr, rows))
             self._arrays[name] = self.root[name]._async_array.with_config(_WRITE_CONFIG)
 
     def reserve_tokens(self, rows: int) -> None:

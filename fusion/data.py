@@ -3,8 +3,10 @@
 Per modality, features come from one store, either pooled vectors (n = 1) or per-token rows.
 Per-token data is loaded into RAM when it fits (one sequential read of the flat `tokens` array)
 and otherwise streamed: each batch reads its sequences in one zarr call (concurrent per-sequence
-reads on zarr's event loop), and a background thread prepares the next batches while the model
-trains (store-design.md: never xarray or sharded oindex in the training loop).
+reads), and two background threads prepare the next batches while the model trains. The training
+loop reads through zarr directly: xarray with dask adds tens of milliseconds per small batch, and
+orthogonal indexing of a sharded array (zarr's oindex) reads several times slower than concurrent
+per-sequence reads.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class DataConfig:
     loading: str = "auto"  # auto (RAM when it fits memory_gb) | memory | stream
     memory_gb: float = 8.0  # per-token data larger than this is streamed under loading=auto
     prefetch: int = 4  # batches prepared ahead by the streaming loader
-    workers: int = 0  # DataLoader worker processes that read and assemble batches (Linux: fork); 0 = one background thread
+    workers: int = 0  # DataLoader worker processes that read and assemble batches (Linux: fork); 0 = two background threads in this process
     seed: int = 0  # shuffling seed (the epoch number is mixed in)
     layers: dict[str, int] = field(default_factory=dict)  # modality -> hidden state read from a store built with several; unset = its only one
 
@@ -64,7 +66,7 @@ class DataConfig:
         if not self.stores:
             raise DataError("no stores given: pass at least one MODALITY=STORE")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise DataError(f"workers must be a whole number >= 0 (0: one background thread), got {self.workers!r}")
+            raise DataError(f"workers must be a whole number >= 0 (0: batches made in this process), got {self.workers!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise DataError(f"max_tokens must be positive, got {self.max_tokens}")
         unknown = [m for m in self.modalities if m not in self.stores]
@@ -412,9 +414,9 @@ def _worker_batches(epoch: EpochBatches, workers: int, prefetch: int) -> Iterato
     Forked, so each worker starts with the opened stores and loaded features of this process (nothing is
     pickled or opened again; zarr resets its event loop in a forked child). Each worker has its own zarr
     event loop, so reading and decoding, which one loader thread does on one core, spread over the
-    workers' cores; batches are built in shared memory (`_zeros`) and cross without a copy. On the
-    2-core VM 2 workers gave 1.3-1.8x one thread (bench_fusion_data.py); in training they share the
-    cores with the model's step, so they pay off on cores the step leaves free.
+    workers' cores; batches are built in shared memory (`_zeros`) and cross without a copy. In training
+    they share the cores with the model's step, so they pay off on cores the step leaves free
+    (bench_fusion_data.py measures them).
     """
     loader = DataLoader(epoch, batch_size=None, num_workers=workers, prefetch_factor=max(1, -(-prefetch // workers)),
                         multiprocessing_context="fork")  # fmt: skip

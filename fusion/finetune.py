@@ -1,6 +1,6 @@
 """End-to-end mode: the fusion model of `fusion train`, fed by LIVE encoders that may train too.
 
-Cached and end-to-end modes differ only in where features come from (style.md, lesson 8):
+Cached and end-to-end modes differ only in where features come from:
 
     cached:      store -> ModalityBatch ------------------------------------------> FusionModel
     end-to-end:  store residues -> SequenceBatch -> encoder (embed_sequences) -> ModalityBatch -> FusionModel

@@ -3,8 +3,7 @@
 The paper (Garau-Luis, Bordes et al., NeurIPS 2024, arXiv 2406.14150) reports test R^2 and Spearman
 (mean +- std over seeds) of its cross-attention model per modality subset, with the Nucleotide
 Transformer as DNA encoder, plus one row with Enformer as DNA encoder. `PAPER_ROWS` holds those
-figures as the project's notes record them (../shared/notes/isoformer.md, marked there as read from
-reviews of the paper, not from its released code).
+figures as transcribed from reviews of the paper; no training code was released to check them against.
 
 `paper_table` reads what examples/isoformer/recipe.py produced:
     - `fusion ablate`'s ablation_runs.csv (one row per run; NT as DNA encoder): every subset with the
@@ -54,7 +53,7 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
     # Not in the paper's table; `fusion ablate` trains it anyway (every subset), so it is shown.
     PaperRow("RNA + protein", "rna+protein", "-", None, None),
 )
-SOURCE = "Garau-Luis, Bordes et al., NeurIPS 2024 (arXiv 2406.14150); figures as recorded in the project's notes"
+SOURCE = "Garau-Luis, Bordes et al., NeurIPS 2024 (arXiv 2406.14150); figures as transcribed from reviews of the paper"
 
 COLUMNS = (
     "inputs", "modalities", "dna_encoder", "aggregator", "n_seeds",

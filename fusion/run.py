@@ -1,7 +1,7 @@
 """One fusion run, whatever feeds it: prepare -> fit -> evaluate -> report, and its manifest `run.json`.
 
 `fusion train` (cached features) and `fusion finetune` (live encoders) are the same pipeline; they
-differ only in their `Feed`, i.e. where features come from (style.md, lesson 8):
+differ only in their `Feed`, i.e. where features come from:
 
     CachedFeed  features read from the stores (fusion.data.open_batches); the model is the FusionModel
     LiveFeed    (fusion.finetune) the stores' encoders run live; the model is an EndToEndModel

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from embedcache.encoders.enformer import EXTRA, enformer_available
+from fusion.demo import DemoConfig
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -96,7 +97,7 @@ def test_bench_fusion_runs_both_demo_inputs_in_every_mode(tmp_path: Path) -> Non
     proc = run_script("bench_fusion.py", "--n-genes", "10", "--batch-size", "4", "--steps", "1", "--warmup-steps", "1",
                       "--cached-epochs", "2", "--threads", "1", "--workdir", str(tmp_path / "work"), "--json", str(out))  # fmt: skip
     report = json.loads(out.read_text())
-    assert [(r["config"]["data"]["features"], r["config"]["data"]["max_tokens"]) for r in report["runs"]] == [("tokens", 32), ("pooled", None)]
+    assert [(r["config"]["data"]["features"], r["config"]["data"]["max_tokens"]) for r in report["runs"]] == [("tokens", DemoConfig.max_tokens), ("pooled", None)]
     for run in report["runs"]:
         assert set(run["results"]) == {"cached", "frozen", "full"}
         errors = {m: (r["error"], r.get("log_tail")) for m, r in run["results"].items() if "error" in r}

@@ -249,7 +249,19 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
                 for block in iter(lambda: f.read(1 << 22), b""):
                     h.update(block)
         return {"source": "local", "weights_sha256": h.hexdigest()}
-    return {"source": "hub", "hub_id": model, "revision": commit_hash or revision or "unknown"}
+    return {"source": "hub", "hub_id": model, "revision": commit_hash or cached_commit(model, revision) or revision or "unknown"}
+
+
+def cached_commit(model: str, revision: str | None) -> str | None:
+    """The commit a hub id's files were loaded from, read off the local cache's snapshot folder.
+
+    transformers 5 no longer sets `config._commit_hash`; without this, every revision of a hub id
+    would share one fingerprint. The loader has just put config.json in the cache, online or not.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(model, "config.json", revision=revision)
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def check_model_location(model: str) -> None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""What the recipe's builds cost at the paper's size: tokens, disk, and projected time on one H100.
+"""What the recipe's builds cost at the IsoFormer data set's size: tokens, disk, projected time on one H100.
 
-Offline, without GTEx_final.csv (with the real file, run `recipe.py --plan` on it instead: the same
-plan with the true lengths). Steps:
-  1. Write a sample in the GTEx_final.csv schema at the paper's proportions (SAMPLE_GENES genes, the
-     ASSUMED length distributions below) and a random genome that holds its genes.
+The one source of docs/sizes.md, which it writes with --docs. Offline, without GTEx_final.csv (with
+the real file, run `recipe.py --plan` on it instead: the same plan with the true lengths). Steps:
+  1. Write a sample in the GTEx_final.csv schema at the data set's proportions (SAMPLE_GENES genes,
+     the ASSUMED length distributions below) and a random genome that holds its genes.
   2. Run `recipe.py --plan` on it (prepare, then `embedcache build --dry-run` per store: the project's
      own plan) with tiny models that tokenize exactly as the released ones (the same vocabularies,
      NT 2,048 positions, ESM2 1,026, Enformer 896 output bins), so the token counts, windows and crops
@@ -16,7 +16,8 @@ plan with the true lengths). Steps:
      and ESM2-150M; sum over the sample's sequences and scale.
   5. Project time = FLOPs / (H100 dense bf16 peak x an ASSUMED MFU). No GPU measured these.
 
-    .venv-tf4/bin/python examples/isoformer/estimate.py --work /tmp/isoformer-estimate   # with Enformer
+    python examples/isoformer/estimate.py --work /tmp/isoformer-estimate --json examples/isoformer/estimate.json --docs docs/sizes.md
+    python examples/isoformer/estimate.py --from-json examples/isoformer/estimate.json --docs docs/sizes.md   # page only
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
 
-# The paper's size (../shared/notes/isoformer.md: ~170k transcripts over ~20k genes).
+# The IsoFormer data set (InstaDeepAI/multi_omics_transcript_expression, GTEx_final.csv): about
+# 170,000 transcripts of about 20,000 genes, about 91,000 of them protein-coding.
 PAPER_TRANSCRIPTS = 170_000
 PAPER_GENES = 20_000
 SAMPLE_GENES = 200
-# ASSUMED, not measured on GTEx_final.csv (not available offline): lognormal lengths whose means
-# match the project's earlier assumptions (README "Size at IsoFormer scale").
+# ASSUMED, not measured on GTEx_final.csv (not available offline): lognormal lengths.
 CODING_FRACTION = 91_000 / 170_000  # coding transcripts
 RNA_MEDIAN_NT, RNA_SIGMA = 2_000, 0.75  # mean 2,000 * exp(0.75^2 / 2) = 2.65 kb
 PROTEIN_MEDIAN_AA, PROTEIN_SIGMA = 380, 0.6  # mean 455 aa; every coding transcript its own protein (upper bound)
@@ -51,16 +52,32 @@ H100_PEAK_FLOPS = 989e12
 MFU = {"nucleotide-transformer": 0.40, "esm2": 0.40, "enformer": 0.30}
 # MEASURED (benchmarks/README.md, bench_store_layout: 1 MiB chunks in 32 MiB shards, 2-core VM): per-token store writes.
 STORE_WRITE_BPS = 185e6
+# MEASURED (benchmarks/README.md, bench_fusion_data "the recipe's configuration": RNA streamed, DNA and
+# protein in RAM, 512 rows; one loader, cold, 2-core VM): training samples per second the loader delivers.
+LOADER_SAMPLES_PER_S = 232.2
+# ASSUMED: the share of an H100's bf16 peak the fusion model's training step reaches (a small model:
+# its matrices are d_model = 256 wide).
+TRAIN_MFU = 0.10
 WIDTH = {"rna": 768, "protein": 640, "dna_nt": 768, "dna_enformer": 3072}  # the released encoders' per-token widths
 TISSUES = 30
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", required=True, type=Path, help="scratch directory (~0.2 GB)")
+    p.add_argument("--work", type=Path, help="scratch directory (~0.2 GB); required unless --from-json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--docs", type=Path, help="write the sizes page (docs/sizes.md) here")
+    p.add_argument("--from-json", type=Path, help="compute nothing: read the figures of an earlier --json")
     args = p.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        if args.docs:
+            args.docs.write_text(sizes_page(result))
+        print(markdown(result["builds"]))
+        return 0
+    if args.work is None:
+        p.error("--work is required unless --from-json is given")
     args.work.mkdir(parents=True, exist_ok=True)
     sample = write_sample(args.work / "sample", np.random.default_rng(args.seed))
     with_enformer = write_tiny_models(args.work / "tiny")
@@ -71,8 +88,12 @@ def main() -> int:
     print(markdown(rows))
     print()
     print(training_markdown(training))
+    result = {"builds": rows, "training": training,
+              "sample": {"genes": sample["genes"], "transcripts": sample["transcripts"], "coding": sample["coding"]}}
     if args.json:
-        args.json.write_text(json.dumps({"builds": rows, "training": training}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.docs:
+        args.docs.write_text(sizes_page(result))
     return 0
 
 
@@ -284,6 +305,123 @@ def project(plans: dict[str, dict], flops: dict, sample: dict) -> list[dict]:
             "write_minutes": plan["rows"] * scale * WIDTH[store] * 2 / STORE_WRITE_BPS / 60,
         })  # fmt: skip
     return rows
+
+
+STORE_SHORT = {"rna": "RNA", "protein": "protein", "dna_nt": "DNA (NT-v2)", "dna_enformer": "DNA (Enformer)"}
+STORE_LABEL = {
+    "rna": "RNA: NT-v2-250M, 6-mers, cropped on the left to 2,047 tokens (the 3' end kept)",
+    "protein": "protein: ESM2-150M, the first 1,022 residues",
+    "dna_nt": "DNA: NT-v2-250M, 12,282 bp around the TSS (2,047 tokens)",
+    "dna_enformer": "DNA: Enformer, 196,608 bp; the central 128 of 896 bins kept per token",
+}
+
+
+def sizes_page(result: dict) -> str:
+    """docs/sizes.md: the one place the project states how large its stores are at IsoFormer scale."""
+    from fusion.train import TrainConfig
+
+    recipe = tomllib.loads((HERE / "recipe.toml").read_text())
+    builds = {r["store"]: r for r in result["builds"]}
+    t = result["training"]
+    gb = lambda x: f"{x:,.0f} GB"  # noqa: E731
+    count = lambda x: f"{x / 1e9:,.2f}G" if x >= 1e9 else f"{x / 1e6:,.1f}M"  # noqa: E731
+    rows = ["| store | records | tokens | per-token rows | width | disk | one H100, forward (projected) | writing at 185 MB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in result["builds"]:
+        rows.append(f"| {STORE_LABEL[r['store']]} | {r['records']:,} | {count(r['tokens'])} {r['unit']} | {count(r['rows'])} | "
+                    f"{WIDTH[r['store']]:,} | {gb(r['size_gb'])} | {r['h100_minutes']:.1f} min | {r['write_minutes']:.0f} min |")  # fmt: skip
+    total = sum(r["size_gb"] for r in result["builds"])
+    forward = sum(r["h100_minutes"] for r in result["builds"])
+    writes = sum(r["write_minutes"] for r in result["builds"])
+    rows.append(f"| **all four** | | | | | **{gb(total)}** | {forward:.0f} min | {writes:.0f} min |")
+    with_nt = sum(builds[k]["size_gb"] for k in ("rna", "protein", "dna_nt") if k in builds)
+    with_enformer = sum(builds[k]["size_gb"] for k in ("rna", "protein", "dna_enformer") if k in builds)
+    pooled_gb = sum(r["sequences"] * WIDTH[r["store"]] * 4 for r in result["builds"]) / 1e9
+
+    fusion, train = recipe["fusion"], TrainConfig()
+    seeds = len(recipe["ablate"]["seeds"])
+    runs = seeds * 7 + (len(recipe["enformer"]["seeds"]) if recipe["enformer"]["enabled"] else 0)
+    epoch_s = t["train_samples"] / LOADER_SAMPLES_PER_S
+    ram = ", ".join(f"{STORE_SHORT[k]} {gb(v)}" for k, v in t["ram_gb"].items())
+    step = t["step_flops_per_sample"]
+    compute = "\n".join(
+        f"  - DNA from {'NT-v2' if k == 'nt' else 'Enformer'}: {f / 1e9:,.1f} GFLOP per training sample, {f * t['train_samples'] / 1e15:,.2f} PFLOP "
+        f"per epoch, **{f * t['train_samples'] / (H100_PEAK_FLOPS * TRAIN_MFU):,.0f} s per epoch** on one H100."
+        for k, f in step.items()
+    )
+    bound = ("- On one GPU the builds would be bound by writing the stores (and by reading and tokenising the\n"
+             "  inputs), not by the forward passes." if writes > forward else
+             "- On one GPU the builds would be bound by the forward passes, not by writing the stores.")
+    sample = result.get("sample", {})
+    sample_text = f"{SAMPLE_GENES} genes" + (f" / {sample['transcripts']:,} transcripts" if "transcripts" in sample else "")
+    streamed = [STORE_SHORT[k] for k in ("rna", "protein", "dna_nt", "dna_enformer") if k in builds and builds[k]["size_gb"] > fusion["memory_gb"]]
+    return f"""# Sizes at IsoFormer scale
+
+<!-- Written by examples/isoformer/estimate.py (do not edit by hand). To regenerate:
+     python examples/isoformer/estimate.py --work /tmp/isoformer-estimate --json examples/isoformer/estimate.json --docs docs/sizes.md
+     python examples/isoformer/estimate.py --from-json examples/isoformer/estimate.json --docs docs/sizes.md   (page only) -->
+
+What the paper's recipe (`examples/isoformer/recipe.toml`) stores and computes at the size of the
+IsoFormer data set: {PAPER_TRANSCRIPTS:,} transcripts of {PAPER_GENES:,} genes, {CODING_FRACTION * PAPER_TRANSCRIPTS:,.0f} of
+them protein-coding. These figures are **projected**, not measured: the sequence lengths are
+assumptions (below), and no GPU has timed these builds.
+
+## Stores
+
+Disk is one stored layer in fp16 (the `tokens` array, plus pooled vectors and residues). The
+forward time assumes {MFU['esm2']:.0%} of an H100's bf16 peak for NT-v2 and ESM2 and {MFU['enformer']:.0%} for Enformer.
+The write time uses the {STORE_WRITE_BPS / 1e6:.0f} MB/s that `bench_store_layout.py` measured for one writer
+on a 2-core VM (benchmarks/README.md).
+
+{chr(10).join(rows)}
+
+- The three stores of the paper's main table (RNA, protein, DNA from NT-v2) take **{gb(with_nt)}**;
+  with Enformer as the DNA encoder, **{gb(with_enformer)}**.
+- The pooled vectors of all four stores take {pooled_gb:.1f} GB (float32).
+- Per-token bytes = per-token rows x width x 2 (fp16), for each stored layer: a store built with
+  `--layer` naming k layers is k times as large. `--token-pool K` stores about 1/K of the rows,
+  `--token-bins K` keeps K rows per record (Enformer), and `--no-tokens` stores pooled vectors only.
+{bound}
+
+## Training
+
+- **RAM.** After averaging each record to at most {t['max_tokens']} rows (`max_tokens` in recipe.toml), the
+  per-token inputs take: {ram}. `fusion` loads a modality into RAM when its store is under
+  `memory_gb` ({fusion['memory_gb']:g} in recipe.toml) and streams it from disk otherwise: with the recipe's
+  settings, {', '.join(streamed) or 'none'} {'streams' if len(streamed) == 1 else 'stream'}.
+- **Compute.** The recipe's cross-attention model (d_model {fusion['d_model']}, {fusion['n_layers']} layers, {fusion['n_heads']} heads), forward and
+  backward, all three modalities, an epoch of {t['train_samples']:,} training samples, at an assumed
+  {TRAIN_MFU:.0%} of an H100's bf16 peak:
+{compute}
+- **Data loading.** At the {LOADER_SAMPLES_PER_S:g} samples/s that `bench_fusion_data.py` measured for the recipe's
+  configuration on a 2-core VM (benchmarks/README.md), an epoch takes about {epoch_s / 60:.0f} minutes: the
+  loader, not the GPU, sets the pace. The recipe's {runs} runs of up to {train.epochs} epochs (early stopping
+  after {train.early_stopping_patience} without improvement) would take up to {runs * train.epochs * epoch_s / 86400:.0f} days at that rate. Give the
+  loader more cores (`workers = N` under `[fusion]` in your TOML: DataLoader processes, each
+  reading on its own core) or, on a host with enough RAM, a larger `memory_gb` so that every
+  modality is held in RAM.
+
+## How the figures are made
+
+`examples/isoformer/estimate.py` (about 2 minutes on a CPU, offline):
+
+1. A sample of {sample_text} in the `GTEx_final.csv` schema, at the data set's proportions.
+   **The lengths are assumptions**, not read from the real file: RNA lognormal with median
+   {RNA_MEDIAN_NT:,} nt (mean {RNA_MEDIAN_NT * np.exp(RNA_SIGMA ** 2 / 2):,.0f}), protein lognormal with median {PROTEIN_MEDIAN_AA} aa (mean {PROTEIN_MEDIAN_AA * np.exp(PROTEIN_SIGMA ** 2 / 2):,.0f}), one
+   distinct protein per coding transcript (an upper bound: isoforms often share a protein, and a
+   store keeps each sequence once).
+2. `recipe.py --plan` on it, with tiny models whose tokenizers and lengths are the released ones, so
+   the token counts, windows and crops are those `embedcache build --dry-run` plans for the real
+   encoders.
+3. Counts scaled linearly to the data set's size; sizes at the released widths (NT-v2 768, ESM2-150M
+   640, Enformer 3,072).
+4. Forward FLOPs of the released architectures counted by `torch.utils.flop_counter` on the meta
+   device (no weights), summed over the sample's sequences and scaled; time = FLOPs / 989 TFLOP/s
+   (H100 SXM, dense bf16) / the assumed share above.
+
+With the real `GTEx_final.csv`, `python examples/isoformer/recipe.py ... --plan` prints each build's
+plan with the true lengths.
+"""
 
 
 def markdown(rows: list[dict]) -> str:

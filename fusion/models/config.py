@@ -1,7 +1,7 @@
 """The fusion model's one flat, frozen config; it is written into every checkpoint.
 
 Defaults for sizes (d_model, n_layers, ...) are choices of this project, not facts from
-the IsoFormer paper, which does not report them (see /work/shared/notes/isoformer.md).
+the IsoFormer paper (arXiv 2406.14150), which does not report them.
 """
 
 from __future__ import annotations

@@ -41,13 +41,10 @@ The features of different modalities come from independently drawn sequences (th
 never enter the CDS or the promoter), so the three terms are statistically independent and their
 variance shares add up.
 
-Measured with the demo's encoders (ESM2 / NT hidden 64, Enformer dim 48; ridge on standardised
-pooled embeddings, alpha picked on validation, default config, generator seeds 0-2; measured with the
-earlier hand-written ridge, now fusion.probe): test R^2
-0.11-0.18 for DNA (ceiling 0.25; the test split holds only ~40 genes, so the DNA figure swings with
-which promoters land in it), 0.23-0.25 for RNA (0.30), 0.18-0.19 for protein (0.20), 0.40-0.47 for
-the pairs and 0.67-0.71 for all three (0.75). `embedding_baseline` computes this table; the slow
-test in tests/fusion/test_prepare_synthetic.py checks its ordering.
+What a ridge probe on the demo's encoders' pooled embeddings reaches on this data, per modality
+subset and seed, is in benchmarks/README.md (bench_fusion_sweep.py); `embedding_baseline` computes
+such a table, and the slow test in tests/fusion/test_prepare_synthetic.py checks its ordering. The
+test split holds only ~40 genes, so the DNA figure swings with which promoters land in it.
 
 Sizes (defaults): 400 genes, ~1200 transcripts (1-8 isoforms per gene, ~25% non-coding), DNA
 windows of 2 kb, RNA 300-1600 nt before the tracts (~350-2500 nt, mean ~1200, with them),

@@ -74,11 +74,15 @@ def _interrupt_before_records(store) -> int:
     counts only the unit commits (no records), status incomplete. Returns the records dropped."""
     import zarr
 
+    from embedcache.commits import log_digest
+
     group = zarr.open_group(store / "_commits", mode="r+", zarr_format=3)
     head = dict(group.attrs["head"])
     ranges = group["ranges"][: head["n"]]
     units = int(np.flatnonzero(ranges[:, 1] > ranges[:, 0])[0])  # record commits come after every unit
-    group.attrs["head"] = {**head, "n": units, "records": 0, "status": "incomplete"}
+    # The head that build wrote after its unit commits: its log_crc covers those rows only.
+    digest = log_digest(ranges[:units], group["crc"][:units])
+    group.attrs["head"] = {**head, "n": units, "records": 0, "status": "incomplete", "log_crc": digest}
     return head["records"]
 
 

@@ -122,3 +122,60 @@ def test_text_checksums_tell_a_nul_inside_an_id_from_two_ids():
 
     assert crc_of(np.array(["a\0b"], dtype=object)) != crc_of(np.array(["a", "b"], dtype=object))
     assert crc_of(np.array(["a", "b"], dtype=object)) == __import__("zlib").crc32(b"a\0b")  # stores written before keep theirs
+
+
+def set_rows(path: Path, array: str, rows: int) -> None:
+    meta = path / array / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"][0] = rows
+    meta.write_text(json.dumps(doc))
+
+
+def test_a_complete_store_whose_shape_was_edited_is_refused_before_any_allocation(tmp_path, models, store, capsys):
+    set_rows(store, "tokens", 10**12)
+    with pytest.raises(StoreError, match=r"array 'tokens' has 1000000000000 rows, but the commit log of this complete store counts \d+"):
+        open_store(store)
+    code, err = build_more(tmp_path, models, store, capsys)
+    assert code == 2 and "1000000000000 rows" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_interrupted_store_grown_to_an_absurd_shape_is_trimmed_by_the_next_build(tmp_path, models, store):
+    ids = open_store(store).ids
+    edit_head(store, status="incomplete")  # as a killed build leaves it: rows past the log are allowed
+    set_rows(store, "tokens", 10**12)
+    run_build(esm2_config(models, shard_mb=0.02), [write_fasta(tmp_path / "b.fa", {"late": "MKVL" * 10})], store)
+    s = open_store(store)
+    assert s.ids == [*ids, "late"] and s.status == "complete"
+    assert s.root["tokens"].shape[0] == s.committed.tokens
+
+
+def test_readers_opening_while_a_build_commits_never_see_its_temporary_files(tmp_path, models):
+    """zarr writes each object to a temporary `.partial` file and renames it: a reader listing the store
+    meanwhile may see a name that is gone when it looks closer. Every open must either succeed (seeing
+    some committed prefix) or fail only because the store is not yet created."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    records = random_seqs(AA, [40 + (i * 37) % 200 for i in range(80)], seed=12)
+    fasta = write_fasta(tmp_path / "in.fa", records)
+    store = tmp_path / "racing.zarr"
+    args = ["build", str(fasta), "-o", str(store), "--encoder", "esm2", "--model", str(models["esm2"]), "--shard-mb", "0.02",
+            "--unit-mb", "0.02", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.embedcache_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    opens, seen = 0, set()
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            s = open_store(store)
+        except StoreError as e:
+            assert "no embedcache store" in str(e) or "not completely created" in str(e), e
+            continue
+        opens += 1
+        seen.add(s.n_commits)
+        assert all(s.tokens(rid).shape[0] > 0 for rid in s.ids[-3:])
+    assert proc.wait() == 0, proc.stderr.read()
+    assert opens > 20 and len(seen) > 2, (opens, seen)  # it really raced a build that committed (commit counts seen)
+    assert len(open_store(store).ids) == 80

@@ -148,7 +148,7 @@ def test_xarray_opens_the_store(tmp_path, models):
     ds = xr.open_zarr(tmp_path / "s.zarr", consolidated=False)
     assert ds.pooled.dims == ("content", "layer", "feature")
     assert set(ds.sequence.values.tolist()) == set(records)
-    by_record = ds.pooled.isel(content=ds.content_index)  # (sequence, layer, feature), as the README shows
+    by_record = ds.pooled.isel(content=ds.content_index)  # (sequence, layer, feature), as docs/store-schema.md shows
     layer = open_store(tmp_path / "s.zarr").layers[0]
     np.testing.assert_array_equal(
         by_record.sel(sequence="s1_20", layer=layer).values, open_store(tmp_path / "s.zarr").pooled(["s1_20"])[0]
