@@ -11,7 +11,9 @@ the record ids), the chosen layer is a scalar coordinate, and `tokens` holds the
 per-token rows only (the unused rows between commits are left out), with `token_offset` /
 `token_length` per record pointing into it. Only committed records appear (the commit log
 decides, never consolidated metadata). Nothing is read on open beyond the index `open_store`
-validates; each variable reads only the rows an indexing asks for (xarray's lazy backend arrays).
+validates; each variable reads only the rows an indexing asks for (xarray's lazy backend arrays),
+except `pooled`, which is read whole on first use and checked against its commits' crc32, as
+`EmbeddingStore.pooled` reads it.
 """
 
 from __future__ import annotations
@@ -131,6 +133,25 @@ class _TokenRows(BackendArray):
         return out[0] if scalar else out
 
 
+class _PooledRows(BackendArray):
+    """(sequence, feature) pooled vectors through the store's reader, which reads them whole on first use
+    and checks each commit's rows against the crc32 they were committed with (one row per sequence:
+    the array every reader of pooled vectors loads whole anyway)."""
+
+    def __init__(self, store: EmbeddingStore, layer: int):
+        self.store, self.layer = store, layer
+        self.shape = (len(store), store.embed_dim)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._getitem)
+
+    def _getitem(self, key: tuple) -> np.ndarray:
+        positions, scalar = _as_index(key[0], self.shape[0])
+        out = self.store.pooled_at(positions, self.layer)[:, key[1]]
+        return out[0] if scalar else out
+
+
 def _variable(dims: tuple[str, ...], data: BackendArray | np.ndarray, **attrs: Any) -> xr.Variable:
     lazy = indexing.LazilyIndexedArray(data) if isinstance(data, BackendArray) else data
     # dask chunks (`chunks={}`) of whole record chunks, and of whole shards of token rows
@@ -155,9 +176,7 @@ def store_dataset(store: EmbeddingStore, layer: int | None = None, drop_variable
     n_records = len(store)
     variables: dict[str, xr.Variable] = {}
     if store.has_pooled:
-        pooled = root["pooled"]
-        rows = content_rows if _has_layer_axis(pooled) else np.arange(n_records)  # schema 1: pooled per record
-        variables["pooled"] = _variable(("sequence", "feature"), _RowsArray(pooled, rows, pos if _has_layer_axis(pooled) else None, where),
+        variables["pooled"] = _variable(("sequence", "feature"), _PooledRows(store, chosen),
                                         description="pooled embedding of each record", pooling=store.attrs.get("pooling", ""))
     if store.has_tokens:
         tokens = root["tokens"]

@@ -170,6 +170,10 @@ class EmbeddingStore:
 
     def pooled(self, ids: list[str] | None = None, layer: int | None = None) -> np.ndarray:
         """(n, d) float32 pooled embeddings of `ids` (all records, in `self.ids` order, when None)."""
+        return self.pooled_at(np.arange(len(self)) if ids is None else self.rows(ids), layer)
+
+    def pooled_at(self, rows: np.ndarray, layer: int | None = None) -> np.ndarray:
+        """(n, d) float32 pooled embeddings of the records at positions `rows` of `self.ids`."""
         if not self.has_pooled:
             raise StoreError(f"store {self.path!r} was built with --pooling none")
         pos = self.layer_position(layer)
@@ -181,7 +185,6 @@ class EmbeddingStore:
                 n = self.committed.content
                 self._pooled_cache = self._read("pooled", slice(0, n)) if n else np.zeros((0, len(self.layers), self.embed_dim), np.float32)
                 self.log.check_rows("pooled", self._pooled_cache, self.path)  # read whole: each commit's crc32 too
-        rows = np.arange(len(self)) if ids is None else self.rows(ids)
         at = rows if self.schema_version == 1 else self._content_index[rows]
         return self._pooled_cache[at, pos]
 

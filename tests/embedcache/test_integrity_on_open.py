@@ -71,6 +71,11 @@ def test_an_overwritten_pooled_row_is_refused_when_pooled_vectors_are_read(store
     s = open_store(store)  # the per-token path does not read pooled: opening stays cheap
     with pytest.raises(StoreError, match=r"array 'pooled' rows .* do not match the checksum"):
         s.pooled()
+    import embedcache
+
+    ds = embedcache.open_dataset(store)  # xarray's view reads pooled vectors through the same check
+    with pytest.raises(StoreError, match=r"array 'pooled' rows .* do not match the checksum"):
+        ds.pooled.sel(sequence=s.ids[0]).values
 
 
 def test_overwritten_token_offsets_are_refused(store):
