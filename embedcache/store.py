@@ -396,8 +396,9 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
             raise StoreError(f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, the commit log counts {c_end}")
     if "tokens" in root and root["tokens"].shape[0] < t_end:
         raise StoreError(f"store {where!r}: array 'tokens' has {root['tokens'].shape[0]} rows, the commit log counts {t_end}")
-    # The index arrays are read whole here, so each commit's rows are checked against its crc32 too
-    # (a few ms per 100k records): a swapped or overwritten row is refused even when its chunk's crc32c holds.
+    # The index arrays are read whole here, so each commit's rows are checked against its crc32 too (a
+    # crc32 over bytes already in memory): a swapped or overwritten row is refused even when its chunk's
+    # crc32c holds.
     names = _read_rows(root, "sequence", r_end, where)
     log.check_rows("sequence", names, where)
     ids = names.tolist()
