@@ -16,10 +16,9 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from embedcache import __version__
 from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import resolve_overlap
 from embedcache.encoders import Encoder, load_encoder
+from embedcache.encoders.base import transformers_progress
 from embedcache.errors import StoreError
 from embedcache.executors import check_store_reach, make_executor
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
@@ -125,27 +125,6 @@ def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tup
     return shards * shard_tokens, UNIT_SEQUENCES
 
 
-@contextmanager
-def transformers_progress(enabled: bool) -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights") off for the duration when `enabled` is False.
-
-    Its switch is process-wide, so it is put back as it was afterwards: a caller's setting is never
-    changed behind its back. With `enabled` True nothing is touched (nor transformers imported).
-    """
-    if enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
-
-
 def build(
     config: BuildConfig,
     inputs: list[str | Path],
@@ -167,22 +146,14 @@ def build(
     `scheduler`: None (this process), "local[:N]" (a LocalCluster of N worker processes), or a Dask
     scheduler address; `scheduler_file` attaches to a cluster by its scheduler file. The build holds
     the store's writer lease: a second build into it is refused naming this one, or waits (`wait`).
-    `progress=False` silences transformers' bars too, for this call only.
+    `progress=False` also silences transformers' weight-loading bar, while this process loads the encoder.
     """
-    with transformers_progress(progress):
-        return _build(config, inputs, store, storage_options=storage_options, id_column=id_column, sequence_column=sequence_column,
-                      dry_run=dry_run, wait=wait, scheduler=scheduler, scheduler_file=scheduler_file, lease_ttl_s=lease_ttl_s,
-                      progress=progress, log=log)  # fmt: skip
-
-
-def _build(config: BuildConfig, inputs: list[str | Path], store: str | Path, *, storage_options: dict | None, id_column: str,
-           sequence_column: str, dry_run: bool, wait: bool, scheduler: str | None, scheduler_file: str | None,
-           lease_ttl_s: float, progress: bool, log: Log) -> BuildReport:  # fmt: skip
     location = Location.of(store, storage_options)
     check_store_reach(location, scheduler, scheduler_file, dry_run=dry_run)  # memory:// is this process's only
     # The encoder this process would use (workers load their own). A dry run plans from the tokenizer
     # and config alone: no weights are loaded, or needed.
-    encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False) if dry_run else encoder_for(config)
+    with transformers_progress(progress):
+        encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False) if dry_run else encoder_for(config)
     overlap = resolve_overlap(config, encoder)
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
     fp = fingerprint(fp_fields)

@@ -129,12 +129,16 @@ class CommitLog:
             mask[c0:c1] = True
         return mask
 
+    def spans(self, name: str) -> list[tuple[int, int]]:
+        """(lo, hi) of the rows of array `name` that each commit wrote, in commit order."""
+        start = 0 if name in RECORD_ARRAYS else 4 if name == "tokens" else 2
+        return [(lo, hi) for lo, hi in self.ranges[:, start : start + 2].tolist()]
+
     def first_changed(self, name: str, values: np.ndarray) -> tuple[int, int, int] | None:
         """(commit, lo, hi) of the first commit whose rows of array `name` no longer give the crc32 they
         were committed with; `values` holds the array's rows from 0 to the end of the last commit's."""
         column = CHECKED_ARRAYS.index(name)
-        start = 0 if name in RECORD_ARRAYS else 4 if name == "tokens" else 2
-        for i, (lo, hi) in enumerate(self.ranges[:, start : start + 2].tolist()):
+        for i, (lo, hi) in enumerate(self.spans(name)):
             if hi > lo and crc_of(values[lo:hi]) != int(self.crc[i, column]):
                 return i, lo, hi
         return None

@@ -26,7 +26,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from embedcache.errors import StoreError
-from embedcache.mapped_store import MappedLocalStore, can_map, file_kind
+from embedcache.mapped_store import MappedLocalStore, can_map, file_kind, link_target
 
 # URL scheme -> (the package fsspec needs, the extra of this project that installs it)
 CLOUD_EXTRAS = {
@@ -171,13 +171,6 @@ def describe_io_error(location: Location, e: BaseException) -> str:
 
 # -- a local store holds only regular files -----------------------------------------------------
 
-def _link_target(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError as e:  # removed or replaced since the listing: name what we saw
-        return f"? ({e.strerror})"
-
-
 def local_file_faults(root: Path) -> list[str]:
     """Symlinks and non-regular files under `root`, each kind as ONE line with its count and first few.
 
@@ -197,7 +190,7 @@ def local_file_faults(root: Path) -> list[str]:
         for entry in sorted(entries, key=lambda e: e.name):
             rel = os.path.relpath(entry.path, root)
             if entry.is_symlink():
-                links.append(f"{rel} -> {_link_target(entry.path)}")
+                links.append(f"{rel} -> {link_target(entry.path)}")
             elif entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
             elif not entry.is_file(follow_symlinks=False):

@@ -90,7 +90,8 @@ def file_kind(mode: int) -> str:
     return "a symlink" if stat.S_ISLNK(mode) else _KINDS.get(stat.S_IFMT(mode), f"of mode {stat.filemode(mode)}")
 
 
-def _target(path: Path) -> str:
+def link_target(path: str | Path) -> str:
+    """Where a symlink points, for messages."""
     try:
         return os.readlink(path)
     except OSError as e:  # replaced again since: say what went wrong rather than fail to say anything
@@ -109,7 +110,7 @@ def _refusal(root: Path, key: str) -> StoreError | None:
         except OSError:
             return None
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            what = f"a symlink (-> {_target(path)})" if stat.S_ISLNK(mode) else file_kind(mode)
+            what = f"a symlink (-> {link_target(path)})" if stat.S_ISLNK(mode) else file_kind(mode)
             return StoreError(f"store {str(root)!r}: {'/'.join(parts[: i + 1])} is {what}; a local store may hold only "
                               f"regular files, and its reads follow no symlink")
     return None

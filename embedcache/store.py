@@ -133,11 +133,6 @@ def _now() -> str:
 _io_errors = io_errors
 
 
-def _check_regular_files(location: Location) -> None:
-    """Local stores: refuse symlinks, FIFOs, sockets and devices before zarr opens (embedcache.location)."""
-    check_local_files(location)
-
-
 _METADATA_KEYS = tuple(
     f"{name}/zarr.json" for name in (*CHECKED_ARRAYS, "layer", COMMITS_GROUP, f"{COMMITS_GROUP}/ranges", f"{COMMITS_GROUP}/crc")
 )
@@ -164,7 +159,7 @@ def open_root(location: Location, mode: str) -> tuple[Store, zarr.Group]:
     try:
         if not sync(store.exists("zarr.json")):
             raise StoreError(f"no embedcache store at {location.url!r} ({why_absent(location, store)})")
-        _check_regular_files(location)
+        check_local_files(location)  # symlinks and FIFOs, before zarr opens anything
         sync(_check_metadata(store, location.url))
         root = zarr.open_group(store=store, mode=mode, zarr_format=3, use_consolidated=False)  # see `consolidate`
     except StoreError:
@@ -474,8 +469,11 @@ async def _delete_chunks_from(store: Store, arr, rows: int) -> None:
     outer = arr.metadata.chunk_grid.chunk_shape[0]
     first_outside = -(-rows // outer)
     prefix = f"{arr.path}/c/"  # the default v3 chunk key encoding: <array>/c/<i>/<j>/...
-    keys = [k async for k in store.list_prefix(prefix)]
-    stale = [k for k in keys if k[len(prefix):].split("/")[0].isdigit() and int(k[len(prefix):].split("/")[0]) >= first_outside]
+    stale = []
+    async for key in store.list_prefix(prefix):
+        row_chunk = key[len(prefix):].split("/")[0]
+        if row_chunk.isdigit() and int(row_chunk) >= first_outside:
+            stale.append(key)
     await asyncio.gather(*(store.delete(k) for k in stale))
 
 

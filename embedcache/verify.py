@@ -16,15 +16,6 @@ from embedcache.location import local_file_faults
 from embedcache.store import _io_errors, missing_objects
 
 
-def _spans_of(store, name: str) -> list[tuple[int, int]]:
-    ranges = store.log.ranges.tolist()
-    if name in RECORD_ARRAYS:
-        return [(r0, r1) for r0, r1, *_ in ranges]
-    if name == "tokens":
-        return [(t0, t1) for *_, t0, t1 in ranges]
-    return [(c0, c1) for _, _, c0, c1, _, _ in ranges]
-
-
 class ChunkFaults:
     """Unreadable chunks, each named ONCE with every commit whose rows it holds.
 
@@ -97,7 +88,7 @@ def verify_store(store) -> list[str]:
     crc_column = {name: i for i, name in enumerate(CHECKED_ARRAYS)}
     chunks = ChunkFaults()
     for name in names:
-        for commit, (lo, hi) in enumerate(_spans_of(store, name)):
+        for commit, (lo, hi) in enumerate(store.log.spans(name)):
             if hi <= lo:
                 continue
             values = chunks.read(store, name, lo, hi, commit)
@@ -120,7 +111,7 @@ def _verify_legacy(store) -> list[str]:
     for name in (*RECORD_ARRAYS, *CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled", "tokens"):
         if name not in store.root:
             continue
-        for lo, hi in _spans_of(store, name) if name != "pooled" else [(0, store.committed.records)]:
+        for lo, hi in store.log.spans(name) if name != "pooled" else [(0, store.committed.records)]:
             if hi > lo:
                 chunks.read(store, name, lo, hi, None)
     faults = chunks.lines()

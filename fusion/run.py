@@ -48,7 +48,7 @@ from fusion.models import FusionModel, FusionModelConfig, input_dims_from_dict
 from fusion.models.fusion_model import fit_feature_stats_
 from fusion.prepare.manifest import Manifest, load_manifest, load_prepared
 from fusion.report import write_report
-from embedcache.build import transformers_progress
+from embedcache.encoders.base import transformers_progress
 from embedcache.location import is_url
 from fusion.train import TrainConfig, TrainResult, evaluate_run, resolve_amp, resolve_device, seed_everything, train
 

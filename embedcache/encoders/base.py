@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -270,3 +270,24 @@ def check_model_location(model: str) -> None:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith("/")
     if looks_like_path and not path.is_dir():
         raise EncoderError(f"model directory {model!r} does not exist")
+
+
+@contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") off for the duration when `enabled` is False.
+
+    Its switch is process-wide, so it is put back as it was afterwards: a caller's setting is never
+    changed behind its back. With `enabled` True nothing is touched (nor transformers imported).
+    """
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
