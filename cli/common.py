@@ -109,7 +109,8 @@ def run_main(
     except (EmbedcacheError, FusionError) as e:
         if debug:
             traceback.print_exc()
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        # One line, whatever a library's text quoted inside it spans (transformers' offline message: three).
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; {interrupted}", file=sys.stderr)

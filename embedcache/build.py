@@ -31,6 +31,7 @@ from embedcache.encoders import Encoder, load_encoder
 from embedcache.encoders.base import transformers_progress
 from embedcache.errors import StoreError
 from embedcache.executors import check_store_reach, make_executor
+from embedcache.inputs import check_input_file
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
 from embedcache.location import Location, open_location
 from embedcache.partition import UnitResult, UnitTask, encoder_for
@@ -150,6 +151,8 @@ def build(
     """
     location = Location.of(store, storage_options)
     check_store_reach(location, scheduler, scheduler_file, dry_run=dry_run)  # memory:// is this process's only
+    for path in inputs:  # a mistyped path is named before minutes of loading a model
+        check_input_file(path)
     # The encoder this process would use (workers load their own). A dry run plans from the tokenizer
     # and config alone: no weights are loaded, or needed.
     with transformers_progress(progress):

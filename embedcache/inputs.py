@@ -41,8 +41,8 @@ def read_records(path: str | Path, *, id_column: str = "id", sequence_column: st
     return list(iter_records(path, id_column=id_column, sequence_column=sequence_column))
 
 
-def iter_records(path: str | Path, *, id_column: str = "id", sequence_column: str = "sequence") -> Iterator[Record]:
-    """The records of one input file as a stream (FASTA is read line by line; tables as a whole)."""
+def check_input_file(path: str | Path) -> None:
+    """An input that is missing, a directory or empty is refused naming it, before any record is read."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"input file {str(path)!r} does not exist")
@@ -50,6 +50,12 @@ def iter_records(path: str | Path, *, id_column: str = "id", sequence_column: st
         raise InputError(f"input {str(path)!r} is a directory, expected a FASTA, CSV, TSV or Parquet file")
     if path.stat().st_size == 0:
         raise InputError(f"input file {str(path)!r} is empty")
+
+
+def iter_records(path: str | Path, *, id_column: str = "id", sequence_column: str = "sequence") -> Iterator[Record]:
+    """The records of one input file as a stream (FASTA is read line by line; tables as a whole)."""
+    path = Path(path)
+    check_input_file(path)
     suffix = (_suffixes(path) or [""])[-1]
     if suffix == ".parquet" or suffix == ".pq":
         records: Iterable[Record] = _read_table(path, id_column, sequence_column, None)

@@ -118,3 +118,17 @@ def test_no_progress_hides_transformers_bars_and_puts_them_back(tmp_path, models
         args = [a for a in build_args(models, fasta, tmp_path / "loud.zarr", "--max-tokens", "1112") if a != "--no-progress"]
         code, out = cli(capsys, *args)
         assert code == 0 and "Loading weights" in out, out
+
+
+def test_a_missing_input_is_named_before_the_model_is_looked_for(tmp_path, capsys):
+    """An uncached hub id offline would fail too: the input's fault is the one named, without loading anything."""
+    code, out = cli(capsys, "build", tmp_path / "nope.fa", "-o", tmp_path / "s.zarr", "--encoder", "esm2", "--model", "org/not-cached")
+    assert code == 2 and out.strip().splitlines() == [f"embedcache: error: input file {str(tmp_path / 'nope.fa')!r} does not exist"], out
+
+
+def test_a_library_message_of_several_lines_is_printed_as_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # transformers' own offline message spans three lines
+    fasta = write_fasta(tmp_path / "in.fa", {"p1": "MKTAYIAK"})
+    code, out = cli(capsys, "build", fasta, "-o", tmp_path / "s.zarr", "--encoder", "esm2", "--model", "org/not-cached", "--no-progress")
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "org/not-cached" in lines[0], out
