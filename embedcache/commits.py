@@ -3,6 +3,7 @@
     _commits/            group; its attrs hold the HEAD: {"n": commits, "records": rows, "status", "builds", "log_crc"}
     _commits/ranges      (commit, 6) int64  record_start, record_end, content_start, content_end, token_start, token_end
     _commits/crc         (commit, array) int64  zlib.crc32 of each array's rows in that commit (CHECKED_ARRAYS order)
+    _commits/shard_crc   (shard,) int64  the commit's token crc32 as it stood at the end of each token shard
 
 A commit appends one row to `ranges` and `crc` (rewriting one 4,096-row chunk of each) and then
 writes the head: the head is ONE metadata object, so a commit is atomic on local disk and on object
@@ -12,6 +13,11 @@ do not count; a writer trims them. Readers validate the whole log against the ar
 The head's `log_crc` chains a crc32 over the counted log rows, so a head edited to count fewer (or
 other) commits than were written is refused instead of silently dropping committed records.
 Stores written before it have no `log_crc`; their first new commit adds it.
+
+`shard_crc` lets a reader check each token shard on its first read, alone: shard s's rows continue
+the crc32 from shard s-1's entry (0 at its commit's first shard), and the commit's last shard ends
+at the commit's own `tokens` crc, which ties the digests to the log. A swapped or replaced shard file,
+each of its chunks' crc32c intact, is then refused by the read that touches it, not only by verify.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ CHECKED_ARRAYS = (*RECORD_ARRAYS, *CONTENT_ARRAYS, "pooled", *TOKEN_INDEX_ARRAYS
 STATUSES = ("empty", "incomplete", "complete")
 # Written into _commits' attrs by stores whose heads carry log_crc: from then on a head without it is refused.
 LOG_DIGEST = "crc32 of the counted (ranges | crc) rows, row by row"
+SHARD_CRC = "shard_crc"
 
 
 @dataclass
@@ -81,6 +88,78 @@ def log_digest(ranges: np.ndarray, crc: np.ndarray, start: int = 0) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1), start)
 
 
+def shard_digests(block: np.ndarray, token_start: int, shard_rows: int) -> np.ndarray:
+    """The crc32 of `block` (token rows from `token_start`) as it stands at the end of each shard it
+    covers: (shards,) int64. The last one is the crc32 of the whole block (`crc_of`)."""
+    data = np.ascontiguousarray(block).view(np.uint8).reshape(len(block), -1)
+    cuts = list(range(-(-token_start // shard_rows) * shard_rows, token_start + len(block), shard_rows))
+    bounds = sorted({0, *(c - token_start for c in cuts if c > token_start), len(block)})
+    digests, crc = [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        crc = zlib.crc32(data[lo:hi].reshape(-1), crc)
+        digests.append(crc)
+    return np.asarray(digests, np.int64)
+
+
+@dataclass(frozen=True)
+class TokenShards:
+    """Per token shard: the committed rows it holds and the digest they must give (see shard_crc).
+
+    Built on open from the validated log: unused shards (between commits) have lo == hi."""
+
+    rows: int  # token rows per shard
+    lo: np.ndarray
+    hi: np.ndarray
+    start: np.ndarray  # the crc32 the shard's rows continue from
+    expected: np.ndarray
+    commit: np.ndarray
+
+    def covering(self, spans) -> set[int]:
+        """Shards holding committed rows of the (lo, hi) token spans."""
+        out: set[int] = set()
+        for lo, hi in spans:
+            if hi > lo:
+                out.update(s for s in range(lo // self.rows, (hi - 1) // self.rows + 1) if self.hi[s] > self.lo[s])
+        return out
+
+    def fault(self, s: int, values: np.ndarray, where: str) -> str | None:
+        """Why shard s's committed rows `values` (all layers) are not those its commit wrote, or None."""
+        got = zlib.crc32(np.ascontiguousarray(values).view(np.uint8).reshape(-1), int(self.start[s]))
+        if got == int(self.expected[s]):
+            return None
+        return (f"store {where!r}: token shard {s} (rows {self.lo[s]}..{self.hi[s]}, commit {self.commit[s]}) does not hold "
+                f"the rows its commit wrote (crc32 {got}, committed {int(self.expected[s])}): a shard file was replaced or "
+                f"changed after the build")
+
+
+def token_shards(log: CommitLog, shard_rows: int, where: str) -> TokenShards | None:
+    """The shard map of a store's tokens, after checking each commit's last shard digest against the
+    commit's tokens crc (which log_crc covers). None for a store written before shard digests."""
+    if log.shard_crc is None:
+        return None
+    n = -(-log.token_end // shard_rows)
+    if len(log.shard_crc) < n:
+        raise StoreError(f"store {where!r}: the commit log holds {len(log.shard_crc)} shard digests, its token rows span {n} shards; "
+                         f"the commit log was edited or damaged (run embedcache verify)")
+    lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    start, commit = np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    expected = np.asarray(log.shard_crc[:n], np.int64)
+    column = CHECKED_ARRAYS.index("tokens")
+    for i, (t0, t1) in enumerate(log.spans("tokens")):
+        if t1 <= t0:
+            continue
+        first, last = t0 // shard_rows, (t1 - 1) // shard_rows
+        if int(expected[last]) != int(log.crc[i, column]):
+            raise StoreError(f"store {where!r}: commit {i}'s last token shard digest ({int(expected[last])}) is not its tokens "
+                             f"checksum ({int(log.crc[i, column])}); the commit log was edited or damaged (run embedcache verify)")
+        shards = np.arange(first, last + 1)
+        lo[shards] = np.maximum(shards * shard_rows, t0)
+        hi[shards] = np.minimum((shards + 1) * shard_rows, t1)
+        start[first + 1 : last + 1] = expected[first:last]
+        commit[shards] = i
+    return TokenShards(shard_rows, lo, hi, start, expected, commit)
+
+
 def create_log(root: zarr.Group) -> None:
     """The empty log. Its head is written last by `create_store`: until then the store does not exist."""
     group = root.create_group(COMMITS_GROUP)
@@ -88,7 +167,12 @@ def create_log(root: zarr.Group) -> None:
                        dimension_names=("commit", "field"))
     group.create_array("crc", shape=(0, len(CHECKED_ARRAYS)), chunks=(LOG_CHUNK, len(CHECKED_ARRAYS)), dtype="int64",
                        dimension_names=("commit", "array"))
+    create_shard_log(group)
     group.attrs.update({"fields": list(RANGE_FIELDS), "crc_arrays": list(CHECKED_ARRAYS), "log_digest": LOG_DIGEST})
+
+
+def create_shard_log(group: zarr.Group) -> zarr.Array:
+    return group.create_array(SHARD_CRC, shape=(0,), chunks=(LOG_CHUNK,), dtype="int64", dimension_names=("shard",))
 
 
 def crc_of(values: np.ndarray) -> int:
@@ -113,6 +197,7 @@ class CommitLog:
     head: Head
     ranges: np.ndarray
     crc: np.ndarray
+    shard_crc: np.ndarray | None = None  # (shards,) as stored; None for a store written before shard digests
 
     @property
     def content_end(self) -> int:
@@ -172,6 +257,7 @@ def read_log(root: zarr.Group, where: str) -> CommitLog:
     ranges = ranges_arr[: head.n] if head.n else np.zeros((0, len(RANGE_FIELDS)), np.int64)
     crc = crc_arr[: head.n] if head.n else np.zeros((0, len(CHECKED_ARRAYS)), np.int64)
     _check_ranges(ranges, head, where)
+    shard_crc = group[SHARD_CRC][:] if SHARD_CRC in group else None
     digest = log_digest(ranges, crc)
     if head.log_crc is None and "log_digest" in attrs:
         raise StoreError(f"store {where!r}: the commit head has no log_crc, which this store's heads carry; the head was edited")
@@ -182,7 +268,7 @@ def read_log(root: zarr.Group, where: str) -> CommitLog:
             f"read or written until it is repaired (run embedcache verify)"
         )
     # A store from before log_crc gets it with its next head.
-    return CommitLog(Head(head.n, head.records, head.status, head.builds, digest), ranges, crc)
+    return CommitLog(Head(head.n, head.records, head.status, head.builds, digest), ranges, crc, shard_crc)
 
 
 def _check_ranges(ranges: np.ndarray, head: Head, where: str) -> None:
@@ -210,34 +296,49 @@ def _check_ranges(ranges: np.ndarray, head: Head, where: str) -> None:
             raise StoreError(f"store {where!r}: two commits claim the same {name} rows; the commit log was edited or damaged")
 
 
-def append_commit(root: zarr.Group, head: Head, row: tuple[int, ...], crc: list[int]) -> Head:
+def append_commit(root: zarr.Group, head: Head, row: tuple[int, ...], crc: list[int], shards: list[tuple[int, np.ndarray]] = ()) -> Head:
     """Write one commit: its log row first, then the head (the single write that makes it count)."""
-    return append_commits(root, head, [row], [crc])
+    return append_commits(root, head, [row], [crc], shards)
 
 
-def append_commits(root: zarr.Group, head: Head, rows: list[tuple[int, ...]], crcs: list[list[int]]) -> Head:
+def append_commits(root: zarr.Group, head: Head, rows: list[tuple[int, ...]], crcs: list[list[int]],
+                   shards: list[tuple[int, np.ndarray]] = ()) -> Head:
     """Write several log rows (e.g. the units that finished together), then ONE head for all of them.
 
-    Returns the new head. Cost: the log chunks the rows fall in and one head object, whatever `head.n`.
+    `shards`: (first shard, shard_digests) of each commit that wrote token rows. Returns the new head.
+    Cost: the log chunks the rows fall in and one head object, whatever `head.n`.
     """
     group = root[COMMITS_GROUP]
     n, k = head.n, len(rows)
 
-    async def write(name: str, values: np.ndarray) -> None:
-        arr = await group._async_group.getitem(name)
-        if arr.shape[0] < n + k:  # grown ahead in whole chunks; rows past the head never count
-            await arr.resize((max(n + k, ((n + k) // LOG_CHUNK + 1) * LOG_CHUNK), arr.shape[1]))
-            arr = await group._async_group.getitem(name)
-        await arr.setitem(slice(n, n + k), values)
+    async def write_log() -> None:
+        await asyncio.gather(_write_rows(group, "ranges", n, np.asarray(rows, np.int64)),
+                             _write_rows(group, "crc", n, np.asarray(crcs, np.int64)), _write_shards(group, shards))
 
-    async def write_both() -> None:
-        await asyncio.gather(write("ranges", np.asarray(rows, np.int64)), write("crc", np.asarray(crcs, np.int64)))
-
-    sync(write_both())
+    sync(write_log())
     digest = log_digest(np.asarray(rows, np.int64), np.asarray(crcs, np.int64), head.log_crc or 0)
     new = Head(n + k, int(rows[-1][1]), "incomplete", head.builds, digest)
     write_head(root, new)
     return new
+
+
+def write_shard_digests(root: zarr.Group, shards: list[tuple[int, np.ndarray]]) -> None:
+    """Write (first shard, shard_digests) entries alone: for commits already counted (see StoreWriter)."""
+    sync(_write_shards(root[COMMITS_GROUP], shards))
+
+
+async def _write_shards(group: zarr.Group, shards: list[tuple[int, np.ndarray]]) -> None:
+    for first, digests in shards:  # one after another: each may grow the same array
+        await _write_rows(group, SHARD_CRC, first, np.asarray(digests, np.int64))
+
+
+async def _write_rows(group: zarr.Group, name: str, at: int, values: np.ndarray) -> None:
+    arr = await group._async_group.getitem(name)
+    end = at + len(values)
+    if arr.shape[0] < end:  # grown ahead in whole chunks; rows past the head never count
+        await arr.resize((max(end, (end // LOG_CHUNK + 1) * LOG_CHUNK), *arr.shape[1:]))
+        arr = await group._async_group.getitem(name)
+    await arr.setitem(slice(at, end), values)
 
 
 def write_head(root: zarr.Group, head: Head) -> None:

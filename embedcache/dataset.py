@@ -81,8 +81,8 @@ class _TokenRows(BackendArray):
     """(token, feature) of one layer: the committed token rows of the store, packed (each commit's
     rows follow the previous commit's; the unused rows between commits are not part of it)."""
 
-    def __init__(self, array: zarr.Array, spans: list[tuple[int, int]], layer_pos: int | None, where: str):
-        self.array, self.layer_pos, self.where = array, layer_pos, where
+    def __init__(self, store: EmbeddingStore, array: zarr.Array, spans: list[tuple[int, int]], layer_pos: int | None, where: str):
+        self.store, self.array, self.layer_pos, self.where = store, array, layer_pos, where
         self.starts = np.array([t0 for t0, _ in spans], np.int64)  # where each span is in the store
         lengths = np.array([t1 - t0 for t0, t1 in spans], np.int64)
         self.packed = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # where each span is here
@@ -110,12 +110,15 @@ class _TokenRows(BackendArray):
         array = self.array._async_array
         if isinstance(first, slice) and first.indices(self.shape[0])[2] == 1:
             lo, hi, _ = first.indices(self.shape[0])
-            reads = [array.get_orthogonal_selection((slice(a, b), *layer, *rest)) for a, b in self._runs(lo, hi)]
+            runs = self._runs(lo, hi)
+            self.store.check_token_rows(runs)  # each shard against its commit's digest, on its first read
+            reads = [array.get_orthogonal_selection((slice(a, b), *layer, *rest)) for a, b in runs]
             inverse, scalar = None, False
         else:  # scattered rows: map each to its store row, read each once
             positions, scalar = _as_index(first, self.shape[0])
             span = np.searchsorted(self.packed, positions, side="right") - 1
             unique, inverse = np.unique(self.starts[span] + positions - self.packed[span], return_inverse=True)
+            self.store.check_token_rows([(r, r + 1) for r in unique.tolist()])
             reads = [array.get_orthogonal_selection((unique if len(unique) else slice(0, 0), *layer, *rest))]
 
         async def read_all() -> list:
@@ -181,7 +184,7 @@ def store_dataset(store: EmbeddingStore, layer: int | None = None, drop_variable
     if store.has_tokens:
         tokens = root["tokens"]
         spans = sorted({(t0, t1) for *_, t0, t1 in index.log.ranges.tolist() if t1 > t0})
-        rows = _TokenRows(tokens, spans, pos if _has_layer_axis(tokens) else None, where)
+        rows = _TokenRows(store, tokens, spans, pos if _has_layer_axis(tokens) else None, where)
         variables["tokens"] = _variable(("token", "feature"), rows, description="per-token embeddings, flat: a record's rows are "
                                         "tokens[token_offset : token_offset + token_length] (ds.embedcache.tokens(id))")
         offsets = index.offsets[content_rows]

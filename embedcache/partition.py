@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import os
 import socket
-import zlib
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
+from embedcache.commits import shard_digests
 from embedcache.config import BuildConfig
 from embedcache.embed import assemble, make_batches, plan_windows, to_numpy
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError, SpoolError
+from embedcache.long_record import embed_long_record, stored_bytes
 from embedcache.location import Location, io_errors, open_location
 from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
 from embedcache.spool import read_entries
+from embedcache.store import shard_rows
 
 
 @dataclass
@@ -38,7 +40,7 @@ class UnitTask:
 
 @dataclass
 class UnitResult:
-    """What a finished unit hands back for its commit: per-sequence rows, its token range and crc."""
+    """What a finished unit hands back for its commit: per-sequence rows, its token range and digests."""
 
     index: int
     keys: list[str]  # sha256 hex of each sequence, in the unit's order
@@ -51,9 +53,14 @@ class UnitResult:
     pooled: np.ndarray | None  # (n, k, d) float32
     token_start: int
     token_end: int
-    token_crc: int
+    shard_crc: np.ndarray  # (shards,) int64: embedcache.commits.shard_digests of the unit's token rows
     n_tokens: int
     worker: str
+
+    @property
+    def token_crc(self) -> int:
+        """The crc32 of all the unit's token rows: its last shard's digest."""
+        return int(self.shard_crc[-1]) if len(self.shard_crc) else 0
 
 
 class UnitError(EmbedcacheError):
@@ -145,16 +152,23 @@ def what_next(e: BaseException) -> str:
 
 
 def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> UnitResult:
-    import zarr
-
     unit, config = task.unit, task.config
     store = open_location(task.location, read_only=False)
     entries = read_entries(store, unit.locators)
+    if not entries:
+        return _empty(unit)
     token_ids = [encoder.tokenize(e.residues) for e in entries]
     plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
-    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) for w, (s, e) in enumerate(p.windows)]
-    outs: list[list] = [[None] * len(p.windows) for p in plans]
     guard = guard_for(encoder, config, log)  # out of device memory: split the batch, retry, lower the budget
+    array = _tokens_array(store) if config.tokens else None
+    # A record larger than a unit (a chromosome) is streamed, so memory stays bounded (embedcache.long_record).
+    # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
+    streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start,
+                                     shard_rows(array) if array is not None else 1, entries[i].id)
+                for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config)}  # fmt: skip
+    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
+             for w, (s, e) in enumerate(p.windows)]  # fmt: skip
+    outs: list[list] = [[None] * len(p.windows) for p in plans]
     for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
         windows = []
         for i, w in batch:
@@ -163,21 +177,46 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> U
         for (i, w), out in zip(batch, guard(windows, [entries[i].id for i, _ in batch])):
             outs[i][w] = out
     tokens, pooled = [], []
-    for plan, o in zip(plans, outs):
-        t, p = assemble(plan, o, config)
-        tokens.append(to_numpy(t, config.dtype) if config.tokens else None)
-        pooled.append(None if p is None else to_numpy(p, "float32"))
-    n = len(entries)
-    lengths = np.array([len(t) for t in tokens], np.int64) if config.tokens else np.zeros(0, np.int64)
-    offsets = unit.token_start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if config.tokens else np.zeros(0, np.int64)
-    crc = 0
-    if config.tokens:
-        if not np.array_equal(lengths, unit.n_rows):
-            raise AssertionError(f"unit {unit.index}: planned rows {unit.n_rows.tolist()} but got {lengths.tolist()}")
+    for i, (plan, o) in enumerate(zip(plans, outs)):
+        t, p = (None, streamed[i].pooled) if i in streamed else assemble(plan, o, config)
+        tokens.append(to_numpy(t, config.dtype) if config.tokens and t is not None else None)
+        pooled.append(p if p is None or isinstance(p, np.ndarray) else to_numpy(p, "float32"))
+    digests = np.zeros(0, np.int64)
+    lengths = np.zeros(0, np.int64)
+    if config.tokens and streamed:
+        if len(entries) > 1:
+            raise AssertionError(f"unit {unit.index}: a record larger than a unit shares it with {len(entries) - 1} others")
+        lengths, digests = np.array([streamed[0].n_rows], np.int64), streamed[0].shard_crc
+    elif config.tokens:
+        lengths = np.array([len(t) for t in tokens], np.int64)
+        _check_rows(unit, lengths)
         block = np.concatenate([t[:, None, :] if t.ndim == 2 else t for t in tokens])  # (rows, k, d)
-        array = zarr.open_group(store=store, mode="r+", zarr_format=3, use_consolidated=False)["tokens"].with_config({"write_empty_chunks": True})
         array[unit.token_start : unit.token_end] = block  # whole shards of this unit's own region
-        crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+        digests = shard_digests(block, unit.token_start, shard_rows(array))
+    stacked = None if pooled[0] is None else np.stack([p if p.ndim == 2 else p[None] for p in pooled]).astype(np.float32)
+    return _result(unit, entries, plans, lengths, stacked, digests)
+
+
+def _too_long_to_hold(encoder: Encoder, plan, config: BuildConfig) -> bool:
+    """Whether one sequence's model outputs alone exceed a unit's budget (--unit-mb): then it is streamed."""
+    held = stored_bytes(encoder.n_output_rows(plan.n_tokens), len(encoder.layer_indices), encoder.embed_dim)
+    return len(plan.windows) > 1 and held > config.unit_mb * (1 << 20)
+
+
+def _tokens_array(store):
+    import zarr
+
+    return zarr.open_group(store=store, mode="r+", zarr_format=3, use_consolidated=False)["tokens"].with_config({"write_empty_chunks": True})
+
+
+def _check_rows(unit: Unit, lengths: np.ndarray) -> None:
+    if not np.array_equal(lengths, unit.n_rows):
+        raise AssertionError(f"unit {unit.index}: planned rows {unit.n_rows.tolist()} but got {lengths.tolist()}")
+
+
+def _result(unit: Unit, entries: list, plans: list, lengths: np.ndarray, pooled: np.ndarray | None, digests: np.ndarray) -> UnitResult:
+    if len(lengths):
+        _check_rows(unit, lengths)
     return UnitResult(
         index=unit.index,
         keys=[_sha256(e.residues) for e in entries],
@@ -185,15 +224,15 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> U
         n_input_tokens=np.array([p.n_input_tokens for p in plans], np.int64),
         n_cropped=np.array([p.n_cropped for p in plans], np.int64),
         n_windows=np.array([len(p.windows) for p in plans], np.int32),
-        token_offset=offsets,
+        token_offset=unit.token_start + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64),
         token_length=lengths,
-        pooled=None if pooled[0] is None else np.stack([p if p.ndim == 2 else p[None] for p in pooled]).astype(np.float32),
+        pooled=pooled,
         token_start=unit.token_start,
         token_end=unit.token_end,
-        token_crc=crc,
+        shard_crc=digests,
         n_tokens=unit.n_tokens,
         worker=_worker_name(),
-    ) if n else _empty(unit)
+    )
 
 
 def _sha256(residues: str) -> str:
@@ -204,4 +243,4 @@ def _sha256(residues: str) -> str:
 
 def _empty(unit: Unit) -> UnitResult:
     z = np.zeros(0, np.int64)
-    return UnitResult(unit.index, [], [], z, z, z.astype(np.int32), z, z, None, unit.token_start, unit.token_start, 0, 0, _worker_name())
+    return UnitResult(unit.index, [], [], z, z, z.astype(np.int32), z, z, None, unit.token_start, unit.token_start, z, 0, _worker_name())

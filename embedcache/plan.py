@@ -160,7 +160,7 @@ def plan_build(
         molecule.add(r.id, seq, r.source)
         digest.append(hashlib.sha256(seq.encode()).digest())
         id_digest.append(_id_digest(r.id))
-        n = len(encoder.tokenize(seq))
+        n = encoder.count_tokens(seq)
         if n == 0:
             raise InputError(
                 f"{r.source}: record {r.id!r}: the tokenizer of {config.model!r} turned {seq[:30]!r} into no tokens "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from embedcache.store import (
 
 
 T = TypeVar("T")
+SHARDS_AT_ONCE = 4  # token shards read together for their first check: ~4 x 32 MiB at the default --shard-mb
 
 
 def run_reads(store: Store, reads: Coroutine[Any, Any, T]) -> T:
@@ -104,6 +105,7 @@ class EmbeddingStore:
         if layer is not None:
             self.layer = self.layers[self.layer_position(layer)]
         self._pooled_cache: np.ndarray | None = None
+        self._shards_checked: set[int] = set()  # token shards whose digest this object has checked
 
     # -- provenance ---------------------------------------------------------------------------
     @property
@@ -168,6 +170,34 @@ class EmbeddingStore:
         except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
             raise StoreError(f"store {self.path!r}: array {name!r} at {selection} cannot be read: {e}; run embedcache verify") from e
 
+    def check_token_rows(self, spans: Iterable[tuple[int, int]]) -> None:
+        """Check each token shard holding rows of the (lo, hi) `spans` against its digest in the commit
+        log, on its first read in this object: the shard's committed rows (every layer) are read whole
+        once, SHARDS_AT_ONCE at a time, so a shard file swapped with another or replaced is refused
+        even though each of its chunks' crc32c holds. Later reads of a checked shard cost nothing."""
+        shards = self._index.shards
+        if shards is None:  # no tokens, or a store written before shard digests (its next build adds them)
+            return
+        todo = sorted(shards.covering(spans) - self._shards_checked)
+        array = self._tokens._async_array
+        for i in range(0, len(todo), SHARDS_AT_ONCE):
+            group = todo[i : i + SHARDS_AT_ONCE]
+
+            async def read_group() -> list[np.ndarray]:
+                return await asyncio.gather(*(array.getitem(slice(int(shards.lo[s]), int(shards.hi[s]))) for s in group))
+
+            try:
+                values = run_reads(self._tokens.store, read_group())
+            except _io_errors() + (ValueError, RuntimeError) as e:  # checksum or codec failure while decoding
+                rows = f"{int(shards.lo[group[0]])}..{int(shards.hi[group[-1]])}"
+                raise StoreError(f"store {self.path!r}: array 'tokens' rows {rows} (token shards {group[0]}..{group[-1]}) cannot be "
+                                 f"read: {e}; run embedcache verify") from e
+            for s, v in zip(group, values):
+                fault = shards.fault(s, v, self.path)
+                if fault:
+                    raise StoreError(f"{fault} (run embedcache verify)")
+            self._shards_checked.update(group)
+
     def pooled(self, ids: list[str] | None = None, layer: int | None = None) -> np.ndarray:
         """(n, d) float32 pooled embeddings of `ids` (all records, in `self.ids` order, when None)."""
         return self.pooled_at(np.arange(len(self)) if ids is None else self.rows(ids), layer)
@@ -198,6 +228,7 @@ class EmbeddingStore:
     def tokens(self, record_id: str, layer: int | None = None) -> np.ndarray:
         """(L, d) per-token embeddings of one record, in the stored dtype."""
         offset, length = self.token_span(record_id)
+        self.check_token_rows([(offset, offset + length)])
         if self.schema_version == 1:
             return self._read("tokens", slice(offset, offset + length))
         return self._read("tokens", (slice(offset, offset + length), self.layer_position(layer)))
@@ -209,6 +240,7 @@ class EmbeddingStore:
         at a time), each chunk checked against its crc32c as it is decoded; a repeated id is read once.
         """
         spans = {i: self.token_span(i) for i in dict.fromkeys(record_ids)}
+        self.check_token_rows([(o, o + n) for o, n in spans.values()])
         pos = None if self.schema_version == 1 else self.layer_position(layer)
         array = self._tokens._async_array
         # A one-layer slice, not an integer: codec pipelines that cannot drop an axis (zarrs) then stay on their fast path.
@@ -234,12 +266,14 @@ class EmbeddingStore:
         pos = None if self.schema_version == 1 else self.layer_position(layer)
         array = self._tokens._async_array
         first: dict[str, int] = {}
-        reads = []
         for i, rid in enumerate(record_ids):
-            if rid is None or rid in first:
-                continue
-            first[rid] = i
-            o, n = self.token_span(rid)
+            if rid is not None and rid not in first:
+                first[rid] = i
+        spans = {rid: self.token_span(rid) for rid in first}
+        self.check_token_rows([(o, o + n) for o, n in spans.values()])
+        reads = []
+        for rid, i in first.items():
+            o, n = spans[rid]
             if pos is None:
                 reads.append(array.get_orthogonal_selection(slice(o, o + n), out=NDBuffer.from_numpy_array(out[i, :n])))
             else:  # a one-layer slice keeps the layer axis (size 1): out's row viewed with it
@@ -270,6 +304,7 @@ class EmbeddingStore:
         spans = sorted({(t0, t1) for *_, t0, t1 in self._index.log.ranges.tolist() if t1 > t0})
         if not spans:
             return np.zeros((0, self.embed_dim), self.attrs["stored_dtype"]["tokens"]), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self.check_token_rows(spans)
         pick = (lambda t0, t1: slice(t0, t1)) if pos is None else (lambda t0, t1: (slice(t0, t1), pos))
         flat = np.concatenate([self._read("tokens", pick(t0, t1)) for t0, t1 in spans])  # (T_used, d)
         starts = np.array([t0 for t0, _ in spans])

@@ -53,15 +53,21 @@ from embedcache.commits import (
     CONTENT_ARRAYS,
     RECORD_ARRAYS,
     TOKEN_INDEX_ARRAYS,
+    SHARD_CRC,
     CommitLog,
     Head,
+    TokenShards,
     append_commit,
     append_commits,
     crc_of,
     create_log,
+    create_shard_log,
     read_log,
+    shard_digests,
+    token_shards,
     trim_log,
     write_head,
+    write_shard_digests,
 )
 from embedcache.errors import FingerprintMismatch, StoreError
 from embedcache.lease import LEASE_KEY
@@ -134,7 +140,8 @@ _io_errors = io_errors
 
 
 _METADATA_KEYS = tuple(
-    f"{name}/zarr.json" for name in (*CHECKED_ARRAYS, "layer", COMMITS_GROUP, f"{COMMITS_GROUP}/ranges", f"{COMMITS_GROUP}/crc")
+    f"{name}/zarr.json" for name in (*CHECKED_ARRAYS, "layer", COMMITS_GROUP, f"{COMMITS_GROUP}/ranges", f"{COMMITS_GROUP}/crc",
+                                                  f"{COMMITS_GROUP}/{SHARD_CRC}")
 )
 
 
@@ -344,20 +351,21 @@ class StoreIndex:
     committed_content: np.ndarray  # (content_end,) bool
     offsets: np.ndarray | None  # (content_end,) int64
     lengths: np.ndarray | None
+    shards: TokenShards | None = None  # None: no tokens, or a store written before shard digests
 
     @property
     def committed(self) -> Committed:
         return Committed(self.log.head.records, self.log.content_end, self.log.token_end)
 
 
-def _read_rows(root: zarr.Group, name: str, end: int, where: str) -> np.ndarray:
+def _read_rows(root: zarr.Group, name: str, end: int, where: str, start: int = 0) -> np.ndarray:
     arr = root[name]
     if arr.shape[0] < end:
         raise StoreError(f"store {where!r}: array {name!r} has {arr.shape[0]} rows, the commit log counts {end}")
     try:
-        return arr[:end] if end else np.zeros(0, arr.dtype if arr.dtype.kind != "T" else object)
+        return arr[start:end] if end > start else np.zeros(0, arr.dtype if arr.dtype.kind != "T" else object)
     except _io_errors() + (ValueError, RuntimeError) as e:  # codec / checksum failure while decoding
-        raise StoreError(f"store {where!r}: array {name!r} rows 0..{end} cannot be read: {e}; run embedcache verify") from e
+        raise StoreError(f"store {where!r}: array {name!r} rows {start}..{end} cannot be read: {e}; run embedcache verify") from e
 
 
 def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
@@ -421,7 +429,13 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
                     f"store {where!r}: a sequence of commit {i} points outside that commit's token rows {t0}..{t1}; "
                     f"the index was edited or damaged (run embedcache verify)"
                 )
-    return StoreIndex(log, ids, content_index, keys, committed, offsets, lengths)
+    shards = token_shards(log, shard_rows(root["tokens"]), where) if "tokens" in root else None
+    return StoreIndex(log, ids, content_index, keys, committed, offsets, lengths, shards)
+
+
+def shard_rows(tokens: zarr.Array) -> int:
+    """Token rows per stored object of `tokens`: its shard (or, unsharded, its chunk)."""
+    return (tokens.shards or tokens.chunks)[0]
 
 
 def _chunk_keys(arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[str, tuple[int, int]]]:
@@ -507,6 +521,8 @@ class StoreWriter:
         self.content_end, self.token_end = c.content, c.tokens
         drop_consolidated(store, where)  # stale from here on; the build writes a new one when it completes
         self._trim()
+        if self.has_tokens and self.index.shards is None:
+            self._add_shard_digests()
 
     @property
     def committed(self) -> Committed:
@@ -522,6 +538,24 @@ class StoreWriter:
                 self._resize(name, self.content_end)
         if self.has_tokens:
             self._resize("tokens", self.token_end)
+
+    def _add_shard_digests(self) -> None:
+        """A store written before shard digests gets them: each commit's token rows are read once, and
+        must end at the crc32 they were committed with (so this also verifies them)."""
+        group = self.root[COMMITS_GROUP]
+        if SHARD_CRC not in group:
+            create_shard_log(group)
+        log, column = self.index.log, CHECKED_ARRAYS.index("tokens")
+        shards = []
+        for i, (t0, t1) in enumerate(log.spans("tokens")):
+            if t1 > t0:
+                digests = shard_digests(_read_rows(self.root, "tokens", t1, self.where, start=t0), t0, self.shard_tokens)
+                if int(digests[-1]) != int(log.crc[i, column]):
+                    raise StoreError(f"store {self.where!r}: token rows {t0}..{t1} (commit {i}) do not match the checksum they "
+                                     f"were committed with: the data was changed after the build (run embedcache verify)")
+                shards.append((t0 // self.shard_tokens, digests))
+        write_shard_digests(self.root, shards)
+        self.index = read_index(self.root, self.where, self.attrs)
 
     def _resize(self, name: str, rows: int) -> None:
         arr = self._arrays[name]
@@ -580,14 +614,14 @@ class StoreWriter:
         """
         t0 = t1 = self.token_end
         columns: dict[str, np.ndarray] = {}
-        token_crc = 0
+        shards: list[tuple[int, np.ndarray]] = []
         if self.has_tokens and contents:
             t0 = math.ceil(self.token_end / self.shard_tokens) * self.shard_tokens
             lengths = np.array([len(r.tokens) for r in contents], np.int64)
             block = np.concatenate([_with_layer_axis(r.tokens, 3) for r in contents])  # (sum L, k, d)
             t1 = t0 + len(block)
             self._write("tokens", t0, block)
-            token_crc = crc_of(block)
+            shards.append((t0 // self.shard_tokens, shard_digests(block, t0, self.shard_tokens)))
             columns.update(token_offset=t0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]), token_length=lengths)
         if contents:
             columns.update(_content_columns([r.key for r in contents], [r.residues for r in contents],
@@ -598,7 +632,7 @@ class StoreWriter:
         c0 = self.content_end
         new_keys = {r.key: c0 + i for i, r in enumerate(contents)}
         index = [new_keys[k] if k in new_keys else self.keys[k] for _, k in records]
-        self._commit(columns, (t0, t1), token_crc, [i for i, _ in records], index)
+        self._commit(columns, (t0, t1), shards, [i for i, _ in records], index)
 
     def commit_unit(self, result) -> None:
         """Commit a unit a worker embedded: its token rows are already written (embedcache.partition)."""
@@ -626,17 +660,20 @@ class StoreWriter:
                 columns["pooled"] = result.pooled
             parts.append(columns)
         rows, crcs, start = [], [], c0
+        shards: list[tuple[int, np.ndarray]] = []
         r = self.head.records
         for result, columns in zip(results, parts):
             n = len(columns["content"])
             crc = {"tokens": result.token_crc, **{name: crc_of(values) for name, values in columns.items()}}
+            if result.token_end > result.token_start:
+                shards.append((result.token_start // self.shard_tokens, result.shard_crc))
             rows.append((r, r, start, start + n, result.token_start, result.token_end))
             crcs.append([crc.get(name, 0) for name in CHECKED_ARRAYS])
             start += n
         for name in parts[0]:
             self._write(name, c0, np.concatenate([p[name] for p in parts]))
         self._flush_writes()
-        self.head = append_commits(self.root, self.head, rows, crcs)
+        self.head = append_commits(self.root, self.head, rows, crcs, shards)
         self.content_end = start
         self.token_end = max([self.token_end, *(res.token_end for res in results)])
         keys = np.concatenate([p["content"] for p in parts]).tolist()
@@ -644,23 +681,23 @@ class StoreWriter:
 
     def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
         """Commit records whose sequences the store already holds."""
-        self._commit({}, (self.token_end, self.token_end), 0, ids, content_rows)
+        self._commit({}, (self.token_end, self.token_end), [], ids, content_rows)
 
-    def _commit(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
-                content_rows: list[int]) -> None:
+    def _commit(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], shards: list[tuple[int, np.ndarray]],
+                ids: list[str], content_rows: list[int]) -> None:
         try:
-            self._commit_rows(columns, token_range, token_crc, ids, content_rows)
+            self._commit_rows(columns, token_range, shards, ids, content_rows)
         except _io_errors() as e:  # disk full, permission, an unreachable bucket: nothing of this commit counts
             raise StoreError(
                 f"writing to store {self.where!r} failed: {type(e).__name__}: {e}; everything committed before it is "
                 f"kept: run the same command again to resume"
             ) from e
 
-    def _commit_rows(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], token_crc: int, ids: list[str],
-                     content_rows: list[int]) -> None:
+    def _commit_rows(self, columns: dict[str, np.ndarray], token_range: tuple[int, int], shards: list[tuple[int, np.ndarray]],
+                     ids: list[str], content_rows: list[int]) -> None:
         c0 = self.content_end
         n_new = len(columns["content"]) if "content" in columns else 0
-        crc = {"tokens": token_crc}
+        crc = {"tokens": int(shards[-1][1][-1]) if shards else 0}
         for name, values in columns.items():
             self._write(name, c0, values)
             crc[name] = crc_of(values)
@@ -674,7 +711,7 @@ class StoreWriter:
         self._flush_writes()
         t0, t1 = token_range
         row = (r0, r0 + len(ids), c0, c0 + n_new, t0, t1)
-        self.head = append_commit(self.root, self.head, row, [crc.get(name, 0) for name in CHECKED_ARRAYS])
+        self.head = append_commit(self.root, self.head, row, [crc.get(name, 0) for name in CHECKED_ARRAYS], shards)
         self.content_end, self.token_end = c0 + n_new, max(self.token_end, t1)
         if n_new:
             self.keys.update({str(k): c0 + i for i, k in enumerate(columns["content"].tolist())})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedcache.commits import CHECKED_ARRAYS, CONTENT_ARRAYS, RECORD_ARRAYS, TOKEN_INDEX_ARRAYS, crc_of
+from embedcache.commits import CHECKED_ARRAYS, CONTENT_ARRAYS, RECORD_ARRAYS, TOKEN_INDEX_ARRAYS, crc_of, shard_digests
 from embedcache.location import local_file_faults
 from embedcache.store import _io_errors, missing_objects
 
@@ -102,7 +102,19 @@ def verify_store(store) -> list[str]:
                     f"{where}: array {name!r} rows {lo}..{hi} (commit {commit}) do not match the checksum they were "
                     f"committed with: the data was changed after the build"
                 )
+            if name == "tokens" and store._index.shards is not None:
+                faults += _shard_faults(store, lo, values)
     return faults + chunks.lines()
+
+
+def _shard_faults(store, lo: int, values) -> list[str]:
+    """Each token shard of one commit's rows (starting at row `lo`) whose digest readers would refuse."""
+    shards = store._index.shards
+    first = lo // shards.rows
+    got = shard_digests(values, lo, shards.rows)
+    bad = [first + j for j in range(len(got)) if int(got[j]) != int(shards.expected[first + j])]
+    return [f"{store.path}: token shard {s} (rows {shards.lo[s]}..{shards.hi[s]}, commit {shards.commit[s]}) does not match "
+            f"its shard digest in the commit log" for s in bad]
 
 
 def _verify_legacy(store) -> list[str]:

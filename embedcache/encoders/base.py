@@ -69,6 +69,11 @@ class Encoder(ABC):
     def tokenize(self, seq: str) -> np.ndarray:
         """Content token ids of the whole sequence, no special tokens: (n,) int."""
 
+    def count_tokens(self, seq: str) -> int:
+        """len(self.tokenize(seq)): what planning needs. Encoders that can count without making the
+        ids override it, so planning a chromosome-long record stays small."""
+        return len(self.tokenize(seq))
+
     model: torch.nn.Module
 
     @abstractmethod

@@ -140,6 +140,9 @@ class EnformerEncoder(Encoder):
     def tokenize(self, seq: str) -> np.ndarray:
         return np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
 
+    def count_tokens(self, seq: str) -> int:
+        return len(seq)  # one token per base (the alphabet check has made it ASCII)
+
     def cost(self, n_tokens: int) -> int:
         # Every window is padded to the full input; count its 128-bp bins, the transformer's tokens.
         return self.window // self.bin_size

@@ -375,6 +375,11 @@ class HFTokenEncoder(Encoder):
         ids = self.tokenizer(seq, add_special_tokens=False, verbose=False)["input_ids"]
         return np.asarray(ids, dtype=np.int64)
 
+    def count_tokens(self, seq: str) -> int:
+        if self.lookup is not None and (n := self.lookup.count(seq)) is not None:
+            return n
+        return len(self.tokenize(seq))
+
     def cost(self, n_tokens: int) -> int:
         return n_tokens + self.layout.n_special
 

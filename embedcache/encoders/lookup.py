@@ -96,6 +96,22 @@ class VocabLookup:
         return ids[kmer_start | ~in_kmer]
 
 
+    def count(self, seq: str) -> int | None:
+        """len(self(seq)) without making the ids: about 3 bytes a letter instead of ~20, which is what
+        planning a chromosome-long record needs (it only counts). None where `self(seq)` is None."""
+        if not seq.isascii():
+            return None
+        codes = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
+        if not (self.single_ids >= 0)[codes].all():
+            return None
+        if self.k == 1:
+            return len(codes)
+        in_run = (self.letter_index >= 0)[codes].view(np.int8)  # (n,) 1 inside runs of k-mer letters
+        edges = np.flatnonzero(np.diff(in_run, prepend=np.int8(0), append=np.int8(0)))  # (2 * runs,) starts and ends
+        lengths = edges[1::2] - edges[::2]  # (runs,)
+        return int(len(codes) - lengths.sum() + (lengths // self.k + lengths % self.k).sum())
+
+
 def _probes(letters: list[str], k: int) -> list[str]:
     """Strings that exercise the split: every letter, then (for k-mers) runs of every length around
     k and 2k between the other letters, and seeded random mixes."""

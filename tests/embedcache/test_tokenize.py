@@ -33,9 +33,11 @@ def test_lookup_equals_the_tokenizer(models, name, alphabets, k):
         alphabet = rng.choice(alphabets)
         seq = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 100)))
         assert lookup(seq).tolist() == slow_ids(tokenizer, seq), seq
+        assert lookup.count(seq) == len(lookup(seq)), seq  # what planning uses: the count alone
     long = "".join(rng.choice("ACGTN" if k > 1 else alphabets[0]) for _ in range(5000))
     assert lookup(long).tolist() == slow_ids(tokenizer, long)
-    assert lookup("").tolist() == []
+    assert lookup.count(long) == len(lookup(long))
+    assert lookup("").tolist() == [] and lookup.count("") == 0
 
 
 @pytest.mark.parametrize("name,outside", [("esm2", ["MKVJJL", "mkvl", "MK VL", "MKÉVL", "MK<mask>VL"]),
@@ -44,7 +46,8 @@ def test_characters_outside_the_tables_go_through_the_tokenizer(models, name, ou
     encoder = load_encoder(name, BuildConfig.create(name, str(models[name])).encoder_settings())
     assert encoder.lookup is not None
     for seq in outside:
-        assert encoder.lookup(seq) is None, seq
+        assert encoder.lookup(seq) is None and encoder.lookup.count(seq) is None, seq
+        assert encoder.count_tokens(seq) == len(slow_ids(encoder.tokenizer, seq)), seq
         assert encoder.tokenize(seq).tolist() == slow_ids(encoder.tokenizer, seq), seq
 
 
