@@ -175,3 +175,26 @@ def test_bench_layers_checks_every_layer_against_its_own_build(tmp_path: Path) -
                "--layers", "0,-1", "--repeats", "1", "--json", str(out))  # fmt: skip
     figures = json.loads(out.read_text())
     assert figures["layers"] == [0, 2] and figures["every_layer_equal"] and len(figures["one_build_per_layer_s"]) == 2
+
+
+def test_bench_build_host_runs_every_case_through_the_stand_in(tmp_path: Path) -> None:
+    """The real build() with a free or sleeping stand-in forward; every store is checked complete by the script."""
+    out = tmp_path / "host.json"
+    run_script("bench_build_host.py", "--quick", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    result = json.loads(out.read_text())
+    assert [r["case"] for r in result["rows"]] == [f"{o}-{w}-{f}" for o in ("tokens", "pooled") for w in (64, 128) for f in ("free", "sleep")]
+    for row in result["rows"]:
+        assert all(run["tokens"] == result["input"]["total_residues"] for run in row["runs"])
+        assert row["tokens_per_s"] > 0 and 0 <= row["stand_in_share"] <= 1
+        assert (row["store_mb_s"] > 0 and row["share_of_raw_write"] > 0) if row["tokens"] else row["store_mb_s"] is None
+        assert (row["slept_share"] > 0) == (row["rate"] is not None)
+    assert result["raw_write"]["best_mb_s"] > 0 and result["raw_write"]["fsync"]
+
+
+def test_bench_integrity_measures_open_and_epoch_checks(tmp_path: Path) -> None:
+    out = tmp_path / "integrity.json"
+    run_script("bench_integrity.py", "--records", "400", "--commits", "8", "--epoch-mb", "8", "--dim", "64", "--repeats", "1",
+               "--json", str(out))  # fmt: skip
+    figures = json.loads(out.read_text())
+    assert figures["open"]["records"] == 400 and figures["open"]["commits"] >= 8 and figures["open"]["checks_s"] > 0
+    assert figures["epoch"]["bytes"] > 0 and figures["epoch"]["first_over_unchecked"] > 0
