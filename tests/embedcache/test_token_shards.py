@@ -112,3 +112,23 @@ def test_a_build_adding_digests_to_an_old_store_refuses_swapped_shards(tmp_path,
     swap_two_shards(store)
     code, err = build_more(tmp_path, models, store, capsys)
     assert code == 2 and "do not match the checksum they were committed with" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_flipped_byte_in_a_kept_shard_is_left_to_the_reads_and_verify_not_to_a_build(tmp_path, models, store, capsys):
+    """A build reads none of the token rows it keeps (checking them would make adding one record cost a
+    read of the whole store): it adds its records; the first read of the damaged shard refuses it, and
+    verify names it (docs/reliability.md)."""
+    s = open_store(store)
+    rid = record_in_shard(s, 1)
+    shard = shard_files(store)[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, err = build_more(tmp_path, models, store, capsys)
+    assert code == 0, err
+    s = open_store(store)
+    assert s.complete and "new1" in s.ids
+    with pytest.raises(StoreError, match=r"array 'tokens' rows \d+\.\.\d+ \(token shards 1\.\.1\) cannot be read: .*checksum"):
+        s.tokens(rid)
+    assert embedcache_main(["verify", str(store)]) == 2
+    assert "'tokens'" in capsys.readouterr().err
