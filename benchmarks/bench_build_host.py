@@ -54,16 +54,15 @@ import argparse
 import gc
 import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench_build import length_summary, random_proteins, sample_lengths, write_fasta
-from benchlib import load_average, machine_info, write_json
+from benchlib import load_average, machine_info, work_directory, write_json
 
 N_SPECIAL = 2  # ESM2 wraps every window in <cls> ... <eos>
 MB = 1e6
@@ -340,14 +339,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # saving and loading the models is not what is measured
     if args.threads:
         torch.set_num_threads(args.threads)
-    own_tmp = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="bench_build_host_")) if own_tmp else args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_directory(args.workdir, "bench_build_host_") as work:
         run(args, work)
-    finally:
-        if own_tmp:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:

@@ -51,11 +51,9 @@ import argparse
 import ctypes
 import json
 import mmap
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,7 +62,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from benchlib import GPU_BF16_PEAK_TFLOPS, machine_info, reuse_or_clear, write_json
+from benchlib import GPU_BF16_PEAK_TFLOPS, machine_info, reuse_or_clear, work_directory, write_json
 from cli.common import HelpFormatter
 
 SETUP_FILE = "bench_setup.json"
@@ -698,14 +696,8 @@ def run(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"bench_fusion_data.py: unknown --loaders {unknown}; expected a subset of {list(LOADERS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    own_tmp = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="bench_fusion_data_")) if own_tmp else args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_directory(args.workdir, "bench_fusion_data_") as work:
         return _run(args, work)
-    finally:
-        if own_tmp:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _run(args: argparse.Namespace, work: Path) -> dict:

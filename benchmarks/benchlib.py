@@ -11,7 +11,10 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +165,17 @@ class ForwardTimer:
                 hidden = output[0] if isinstance(output, (tuple, list)) else output
             if isinstance(hidden, torch.Tensor):
                 self.positions += hidden[..., 0].numel()
+
+
+@contextmanager
+def work_directory(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """`workdir` (made if missing, and kept: its data can be reused), or a temporary one removed afterwards."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
