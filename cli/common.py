@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 1 an unexpected error (a bug: one line saying so and where the traceback is);
 2 a usage error or one of the project's own errors (one line naming the file, key or value);
-130 interrupted (Ctrl-C). A closed stdout (`embedcache info STORE | head`) ends quietly.
+130 interrupted (Ctrl-C or SIGTERM). A closed stdout (`embedcache info STORE | head`) ends quietly.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
+import signal
 import sys
 import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 EXIT_UNEXPECTED = 1
@@ -80,11 +83,8 @@ def run_main(
     Only the project's own errors (EmbedcacheError, which fusion's FusionError derives from) are
     shown as messages: they are raised on purpose and name the file, key or value. Anything else
     is a bug and is reported as one (traceback in a file, or on stderr with --debug). `interrupted`
-    is what Ctrl-C prints: the truth about what was kept and how to go on.
+    is what Ctrl-C (and SIGTERM) prints: the truth about what was kept and how to go on.
     """
-    from embedcache.errors import EmbedcacheError
-    from fusion.errors import FusionError
-
     quiet_libraries()
     # A fatal signal prints every thread's Python stack instead of only "Bus error": a local store's
     # files are memory-mapped for reading (embedcache.mapped_store), where a disk error is a SIGBUS.
@@ -98,6 +98,31 @@ def run_main(
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    with _sigterm_as_ctrl_c():
+        return _run(parser, argv, interrupted, load_config, debug)
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a scheduler's kill, `timeout`) stops the command as Ctrl-C does, keeping what it finished."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(parser, argv, interrupted: str, load_config, debug: bool) -> int:
+    from embedcache.errors import EmbedcacheError
+    from fusion.errors import FusionError
+
     try:
         if load_config is not None:
             argv = load_config(parser, argv)
@@ -112,8 +137,8 @@ def run_main(
         # One line, whatever a library's text quoted inside it spans (transformers' offline message: three).
         print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a build's own (embedcache.errors.Interrupted) says what it kept
+        print(f"{parser.prog}: interrupted; {str(e) or interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         _quiet_broken_pipe()

@@ -3,8 +3,10 @@
 1. plan (embedcache.plan): one streamed pass over the inputs, in bounded memory; records spooled
    into the store; new sequences cut into length-sorted units with their own token regions;
 2. units run in this process or on Dask workers (embedcache.executors, embedcache.partition),
-   each writing its token shards straight into the store;
-3. this process commits each unit as it finishes (resume is per unit), then the records;
+   each writing its token shards straight into the store as they fill, from a host stage that runs
+   beside the forward (embedcache.host_stage);
+3. this process commits each unit as it finishes (resume is per unit; Ctrl-C commits the part of
+   the running unit that finished), then the records;
 4. the store is marked complete, the spool removed, and consolidated metadata written for xarray
    (embedcache's own readers never use it: the commit log decides what counts).
 
@@ -29,8 +31,9 @@ from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import resolve_overlap
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.encoders.base import transformers_progress
-from embedcache.errors import StoreError
-from embedcache.executors import check_store_reach, make_executor
+from embedcache.commits import read_log
+from embedcache.errors import Interrupted, StoreError
+from embedcache.executors import InProcess, check_store_reach, make_executor
 from embedcache.inputs import check_input_file
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
 from embedcache.location import Location, open_location
@@ -153,10 +156,10 @@ def build(
     check_store_reach(location, scheduler, scheduler_file, dry_run=dry_run)  # memory:// is this process's only
     for path in inputs:  # a mistyped path is named before minutes of loading a model
         check_input_file(path)
-    # The encoder this process would use (workers load their own). A dry run plans from the tokenizer
-    # and config alone: no weights are loaded, or needed.
+    # Planning needs the tokenizer and config alone: the weights are loaded when the first unit runs
+    # (by each Dask worker for its own units), so a build with nothing new to embed never loads them.
     with transformers_progress(progress):
-        encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False) if dry_run else encoder_for(config)
+        encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False)
     overlap = resolve_overlap(config, encoder)
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
     fp = fingerprint(fp_fields)
@@ -197,7 +200,11 @@ def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_f
     delete_spool(store)  # a killed build's spool is stale
     try:
         # Plan before creating anything: bad input stops the build with no store made.
-        plan = plan_build(config, inputs, encoder, location.url, stored_keys or {}, stored_ids or {}, SpoolWriter(store), **plan_args)
+        try:
+            plan = plan_build(config, inputs, encoder, location.url, stored_keys or {}, stored_ids or {}, SpoolWriter(store), **plan_args)
+        except KeyboardInterrupt:
+            raise Interrupted("while planning, before anything was written: " + (
+                "the store is as it was" if writer is not None else "no store was created")) from None
         if writer is None:
             if state == "partial":
                 log(f"{location.url}: a store creation was interrupted before; creating it again")
@@ -229,26 +236,41 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
     if writer.has_tokens and plan.units:
         writer.reserve_tokens(max(u.token_end for u in plan.units))
     tasks = [UnitTask(unit, config, location) for unit in plan.units]
-    n_tokens = 0
+    n_tokens, content_before = 0, writer.content_end
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not progress, dynamic_ncols=True)
+    shown: dict[int, int] = {}  # sequences of each running unit the bar already counts
+
+    def finished(task: UnitTask, n: int) -> None:  # within a unit, per batch (in-process units only)
+        shown[task.unit.index] = shown.get(task.unit.index, 0) + n
+        bar.update(n)
 
     def commit(results: list[UnitResult]) -> None:
         nonlocal n_tokens
         lease.check()
         writer.commit_units(results)
         n_tokens += sum(r.n_tokens for r in results)
-        bar.update(sum(len(r.keys) for r in results))
+        bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
     executor = make_executor(scheduler, scheduler_file, log) if tasks else None
     try:
         if executor is not None:
-            executor.run(tasks, commit)
+            if executor.name == InProcess.name:  # loaded here, so --no-progress silences transformers' bar too
+                with transformers_progress(progress):
+                    encoder_for(config)
+            executor.run(tasks, commit, finished)
+        _commit_records(writer, plan, lease)
+    except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
+        _, root = open_root(location, mode="r")
+        kept = read_log(root, location.url).content_end - content_before
+        raise Interrupted(
+            f"{kept} of {plan.n_new} new sequences were committed to {location.url} and are kept, with everything "
+            f"it held before; the records are committed last: run the same command again to finish the build"
+        ) from None
     finally:
         bar.close()
         if executor is not None:
             executor.close()
-    _commit_records(writer, plan, lease)
 
     seconds = time.time() - started
     rate = n_tokens / seconds if seconds > 0 else 0.0

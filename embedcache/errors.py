@@ -27,3 +27,7 @@ class FingerprintMismatch(StoreError):
 
 class SpoolError(StoreError):
     """A build's spool (embedcache.spool) that cannot be read back as it was written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a build, saying what was kept: the CLI prints its message."""

@@ -18,11 +18,12 @@ from typing import Callable, Iterable
 
 from embedcache.errors import EmbedcacheError, StoreError
 from embedcache.location import Location
-from embedcache.partition import UnitResult, UnitTask, run_unit
+from embedcache.partition import UnitInterrupted, UnitResult, UnitTask, run_unit
 
 logger = logging.getLogger("embedcache")
 
 OnResults = Callable[[list[UnitResult]], None]
+OnSequences = Callable[[UnitTask, int], None]
 Log = Callable[[str], None]
 RESOURCE = "GPU"  # one unit per worker at a time: declared by workers, asked for by every unit
 
@@ -31,8 +32,9 @@ class Executor(ABC):
     name: str
 
     @abstractmethod
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
-        """Run every task; call `on_results` in this process with the units that finished, in completion order."""
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
+        """Run every task; call `on_results` in this process with the units that finished, in completion order,
+        and `on_sequences(task, n)` as n more sequences of a running unit finish, where the executor can tell."""
 
     def close(self) -> None:
         pass
@@ -44,9 +46,16 @@ class InProcess(Executor):
     def __init__(self, log: Log = print):
         self.log = log
 
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
         for task in tasks:
-            on_results([run_unit(task, log=self.log)])
+            told = None if on_sequences is None else (lambda n, task=task: on_sequences(task, n))
+            try:
+                result = run_unit(task, log=self.log, on_sequences=told)
+            except UnitInterrupted as e:  # Ctrl-C: commit what the unit finished, then stop
+                if e.result is not None:
+                    on_results([e.result])
+                raise
+            on_results([result])
 
 
 class DaskExecutor(Executor):
@@ -62,8 +71,8 @@ class DaskExecutor(Executor):
         self.resources = {RESOURCE: 1} if declared else None
         log(f"dask: {len(workers)} workers at {client.scheduler.address}" + (f"; dashboard {link}" if link else ""))
 
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults) -> None:
-        from distributed import as_completed
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
+        from distributed import as_completed  # progress moves as units finish: workers report no batches
 
         futures = [
             self.client.submit(run_unit, task, key=f"embedcache-unit-{task.unit.index}-{task.location.url}",

@@ -11,7 +11,6 @@ rows (`--shard-mb`), however long the record. Rows equal what `embedcache.embed.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ from embedcache.encoders import Encoder
 from embedcache.errors import InputError
 from embedcache.memory import MemoryGuard
 from embedcache.reduce import pool_rows
+from embedcache.shard_writer import ShardWriter
 from embedcache.windows import SequencePlan
 
 
@@ -36,39 +36,6 @@ class StreamedRecord:
     pooled: np.ndarray | None  # (k, d) float32
     n_rows: int
     shard_crc: np.ndarray  # embedcache.commits.shard_digests of the rows written
-
-
-class _ShardWriter:
-    """Stored rows in, whole shards out: each written once, its digest chained (see shard_digests)."""
-
-    def __init__(self, array, start: int, shard_rows: int, row_shape: tuple[int, ...], dtype: str):
-        self.array, self.start, self.shard_rows = array, start, shard_rows
-        first_end = (start // shard_rows + 1) * shard_rows  # a unit starts on a boundary; stay correct if not
-        self.buffer = np.empty((shard_rows, *row_shape), dtype)
-        self.room, self.filled, self.crc, self.digests, self.written = first_end - start, 0, 0, [], 0
-
-    def add(self, rows: np.ndarray) -> None:
-        while len(rows):
-            take = min(len(rows), self.room - self.filled)
-            self.buffer[self.filled : self.filled + take] = rows[:take]
-            self.filled += take
-            rows = rows[take:]
-            if self.filled == self.room:
-                self._flush()
-
-    def _flush(self) -> None:
-        if self.filled:
-            block = self.buffer[: self.filled]
-            at = self.start + self.written
-            self.array[at : at + self.filled] = block
-            self.crc = zlib.crc32(block.reshape(-1).view(np.uint8), self.crc)
-            self.digests.append(self.crc)
-            self.written += self.filled
-        self.room, self.filled = self.shard_rows, 0
-
-    def finish(self) -> np.ndarray:
-        self._flush()
-        return np.asarray(self.digests, np.int64)
 
 
 class _RowPool:
@@ -106,7 +73,7 @@ def embed_long_record(encoder: Encoder, guard: MemoryGuard, token_ids: np.ndarra
     n = windows[-1][1]
     keep = _central_range(n, config.token_bins)
     pool_at = _central_range(n, config.pool_bins) if config.pooling == "center" else (0, n)
-    writer = _ShardWriter(array, token_start, shard_rows, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
+    writer = ShardWriter(array, token_start, shard_rows, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
         if config.tokens else None  # fmt: skip
     row_pool = _RowPool(config.token_pool)
     total = cls_total = None

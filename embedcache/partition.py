@@ -16,15 +16,16 @@ from typing import Callable
 
 import numpy as np
 
-from embedcache.commits import shard_digests
 from embedcache.config import BuildConfig
-from embedcache.embed import assemble, make_batches, plan_windows, to_numpy
+from embedcache.embed import make_batches, plan_windows
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError, SpoolError
+from embedcache.host_stage import HostStage
 from embedcache.long_record import embed_long_record, stored_bytes
 from embedcache.location import Location, io_errors, open_location
 from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
+from embedcache.shard_writer import ShardWriter
 from embedcache.spool import read_entries
 from embedcache.store import shard_rows
 
@@ -61,6 +62,15 @@ class UnitResult:
     def token_crc(self) -> int:
         """The crc32 of all the unit's token rows: its last shard's digest."""
         return int(self.shard_crc[-1]) if len(self.shard_crc) else 0
+
+
+class UnitInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside a unit. `result` is the unit's finished part (its sequences' rows all written), for
+    the build to commit before it stops, or None when nothing of the unit finished."""
+
+    def __init__(self, result: "UnitResult | None"):
+        super().__init__()
+        self.result = result
 
 
 class UnitError(EmbedcacheError):
@@ -114,13 +124,15 @@ def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None])
     return _GUARDS[key]
 
 
-def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print) -> UnitResult:
+def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print,
+             on_sequences: Callable[[int], None] | None = None) -> UnitResult:
     """Embed one unit and write its token rows. Errors name the unit, its first records and the worker.
 
     `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
+    `on_sequences(n)` is told as each batch finishes n more sequences (a progress bar that moves within a unit).
     """
     try:
-        return _run_unit(task, encoder or encoder_for(task.config), log)
+        return _run_unit(task, encoder or encoder_for(task.config), log, on_sequences)
     except UnitError:
         raise
     except Exception as e:
@@ -151,7 +163,9 @@ def what_next(e: BaseException) -> str:
     return "committed units are kept"
 
 
-def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> UnitResult:
+def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None], on_sequences: Callable[[int], None] | None) -> UnitResult:
+    """spool -> token ids -> windows -> length-sorted batches -> forward -> host stage (stitch, pool,
+    stored dtype, shard writes; on its own thread, beside the next forward) -> the commit's result."""
     unit, config = task.unit, task.config
     store = open_location(task.location, read_only=False)
     entries = read_entries(store, unit.locators)
@@ -161,40 +175,50 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None]) -> U
     plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
     guard = guard_for(encoder, config, log)  # out of device memory: split the batch, retry, lower the budget
     array = _tokens_array(store) if config.tokens else None
+    rows_per_shard = shard_rows(array) if array is not None else 1
     # A record larger than a unit (a chromosome) is streamed, so memory stays bounded (embedcache.long_record).
     # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
-    streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start,
-                                     shard_rows(array) if array is not None else 1, entries[i].id)
+    streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start, rows_per_shard, entries[i].id)
                 for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config)}  # fmt: skip
+    if streamed and config.tokens and len(entries) > 1:
+        raise AssertionError(f"unit {unit.index}: a record larger than a unit shares it with {len(entries) - 1} others")
+    writer = ShardWriter(array, unit.token_start, rows_per_shard, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
+        if config.tokens and not streamed else None  # fmt: skip
     items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
              for w, (s, e) in enumerate(p.windows)]  # fmt: skip
-    outs: list[list] = [[None] * len(p.windows) for p in plans]
-    for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
-        windows = []
-        for i, w in batch:
-            s, e = plans[i].windows[w]
-            windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
-        for (i, w), out in zip(batch, guard(windows, [entries[i].id for i, _ in batch])):
-            outs[i][w] = out
-    tokens, pooled = [], []
-    for i, (plan, o) in enumerate(zip(plans, outs)):
-        t, p = (None, streamed[i].pooled) if i in streamed else assemble(plan, o, config)
-        tokens.append(to_numpy(t, config.dtype) if config.tokens and t is not None else None)
-        pooled.append(p if p is None or isinstance(p, np.ndarray) else to_numpy(p, "float32"))
-    digests = np.zeros(0, np.int64)
-    lengths = np.zeros(0, np.int64)
-    if config.tokens and streamed:
-        if len(entries) > 1:
-            raise AssertionError(f"unit {unit.index}: a record larger than a unit shares it with {len(entries) - 1} others")
+    host = HostStage(plans, config, writer, set(streamed), on_sequences)
+    try:
+        with host:
+            for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
+                windows = []
+                for i, w in batch:
+                    s, e = plans[i].windows[w]
+                    windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
+                host.put(batch, guard(windows, [entries[i].id for i, _ in batch]))
+    except KeyboardInterrupt:  # the host stage has finished what was queued: keep the sequences it wrote
+        raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, host, writer)) from None
+    pooled = [streamed[i].pooled if i in streamed else p for i, p in enumerate(host.pooled)]
+    if not config.tokens:
+        lengths, digests = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    elif streamed:
         lengths, digests = np.array([streamed[0].n_rows], np.int64), streamed[0].shard_crc
-    elif config.tokens:
-        lengths = np.array([len(t) for t in tokens], np.int64)
-        _check_rows(unit, lengths)
-        block = np.concatenate([t[:, None, :] if t.ndim == 2 else t for t in tokens])  # (rows, k, d)
-        array[unit.token_start : unit.token_end] = block  # whole shards of this unit's own region
-        digests = shard_digests(block, unit.token_start, shard_rows(array))
+    else:
+        lengths, digests = host.lengths, writer.finish()
     stacked = None if pooled[0] is None else np.stack([p if p.ndim == 2 else p[None] for p in pooled]).astype(np.float32)
     return _result(unit, entries, plans, lengths, stacked, digests)
+
+
+def _finished_part(unit: Unit, entries: list, plans: list, host: HostStage, writer: ShardWriter | None) -> UnitResult | None:
+    """The result of the unit's first sequences that the host stage finished: a smaller unit of its own."""
+    k = host.next
+    if k == 0:
+        return None
+    lengths = host.lengths[:k] if writer is not None else np.zeros(0, np.int64)
+    digests = writer.finish() if writer is not None else np.zeros(0, np.int64)  # the last, short shard too
+    part = replace(unit, locators=unit.locators[:k], n_rows=unit.n_rows[:k], n_tokens=sum(p.n_input_tokens for p in plans[:k]),
+                   token_end=unit.token_start + int(lengths.sum()))  # fmt: skip
+    pooled = None if host.pooled[0] is None else np.stack([p if p.ndim == 2 else p[None] for p in host.pooled[:k]]).astype(np.float32)
+    return _result(part, entries[:k], plans[:k], lengths, pooled, digests)
 
 
 def _too_long_to_hold(encoder: Encoder, plan, config: BuildConfig) -> bool:

@@ -99,9 +99,12 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
         kwargs["attn_implementation"] = settings.attn_implementation
     config = None
     if not weights:
-        config = transformers.AutoConfig.from_pretrained(
-            settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code
-        )
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                settings.model, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+            )
+        except ValueError as e:  # the remote-code refusal, before any weights (a plan, a dry run)
+            raise (_remote_code_error(settings, e) or e) from e
     errors = []
     for name in _AUTO_CLASSES:
         auto = getattr(transformers, name)
@@ -113,11 +116,8 @@ def _load_auto_model(settings: EncoderSettings, extra: dict, *, weights: bool = 
         except ImportError as e:  # flash_attention_2 without the flash-attn package
             raise _attn_error(settings, e) or e
         except ValueError as e:  # "Unrecognized configuration class ... for this kind of AutoModel", remote-code refusal
-            if "trust_remote_code" in str(e):
-                raise EncoderError(
-                    f"model {settings.model!r} ships its own code; pass --trust-remote-code to allow it "
-                    f"(Nucleotide Transformer v2 checkpoints need this)"
-                ) from e
+            if (remote := _remote_code_error(settings, e)) is not None:
+                raise remote from e
             if (attn := _attn_error(settings, e)) is not None:
                 raise attn from e
             errors.append(f"{name}: {e}")
@@ -175,6 +175,13 @@ def _check_cached_weights(settings: EncoderSettings) -> None:
             f"(HF_HUB_OFFLINE=1): download them first (none of {', '.join(_WEIGHT_FILES)} is cached); "
             f"--dry-run plans without them"
         )
+
+
+def _remote_code_error(settings: EncoderSettings, e: ValueError) -> EncoderError | None:
+    if "trust_remote_code" not in str(e):
+        return None
+    return EncoderError(f"model {settings.model!r} ships its own code; pass --trust-remote-code to allow it "
+                        f"(Nucleotide Transformer v2 checkpoints need this)")
 
 
 def _load_tokenizer(settings: EncoderSettings):

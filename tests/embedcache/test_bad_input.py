@@ -89,10 +89,11 @@ def test_model_directory_that_does_not_exist(tmp_path, capsys):
     assert code == 2 and "model directory" in err and "no_model" in err and "does not exist" in err
 
 
-def test_remote_code_needs_the_flag(tmp_path, models, capsys):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["build", "dry-run"])
+def test_remote_code_needs_the_flag(tmp_path, models, capsys, dry_run):
     write_fasta(tmp_path / "in.fa", {"p1": "MKT"})
-    code, err = cli(capsys, "build", tmp_path / "in.fa", "-o", tmp_path / "s.zarr", "--encoder", "hf", "--model", models["remote"])
-    assert code == 2 and "--trust-remote-code" in err
+    code, err = cli(capsys, "build", tmp_path / "in.fa", "-o", tmp_path / "s.zarr", "--encoder", "hf", "--model", models["remote"], *dry_run)
+    assert code == 2 and "--trust-remote-code" in err, err
 
 
 def test_enformer_sequence_longer_than_window_needs_a_crop(tmp_path, models, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -38,6 +39,7 @@ from tests.conftest import unique_name
 
 from .conftest import write_fasta
 from .test_parity import AA, random_seqs
+from .test_store import esm2_config, run_build
 
 REPO = Path(__file__).resolve().parents[2]
 AGAIN = "run the same command again"
@@ -333,8 +335,10 @@ def _committed(store: Path) -> int:
         return 0
 
 
-def test_ctrl_c_keeps_the_commits_and_the_same_command_finishes(tmp_path, models, capsys):
-    """cli.embedcache_cli.INTERRUPTED and verify's "an interrupted build: run it again", with a real SIGINT."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_the_commits_and_the_same_command_finishes(tmp_path, models, capsys, sig):
+    """The build's interrupted message (what it kept) and verify's "an interrupted build: run it again",
+    with a real SIGINT, and with SIGTERM, which the CLI takes as Ctrl-C."""
     seqs = random_seqs(AA, [40 + (i * 37) % 120 for i in range(40)], seed=8)
     fasta = write_fasta(tmp_path / "a.fa", seqs)
     store = tmp_path / "s.zarr"
@@ -346,17 +350,96 @@ def test_ctrl_c_keeps_the_commits_and_the_same_command_finishes(tmp_path, models
     while _committed(store) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the build finished before it could be interrupted; make the input larger"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == f"embedcache: interrupted; what was committed is kept: {AGAIN} to finish the build"
+    said = re.fullmatch(rf"embedcache: interrupted; (\d+) of 40 new sequences were committed to {re.escape(str(store))} and are kept, "
+                        rf"with everything it held before; the records are committed last: {AGAIN} to finish the build",
+                        err.strip().splitlines()[-1])  # fmt: skip
+    assert said, err
     interrupted = open_store(store)
+    assert int(said[1]) == interrupted.committed.content
     assert not interrupted.complete and interrupted.committed.content > 0
     faults = interrupted.verify()
     assert faults == [f"{store}: status is 'incomplete', not 'complete' (an interrupted build: run it again)"], faults
     code, out, err = cli(capsys, *args)  # the same command again (in this process: it starts faster)
     assert code == 0 and out.startswith(f"{len(seqs) - interrupted.committed.content} new, "), out + err  # only what was not committed
     assert_holds(store, seqs)
+
+
+def test_ctrl_c_inside_a_unit_commits_the_sequences_it_finished(tmp_path, models, monkeypatch):
+    """One unit of 30 sequences in many batches, interrupted at its 5th batch: the sequences the host
+    stage finished are committed (a smaller unit of their own), the build says how many, and the same
+    command embeds only the rest, into the same store as an uninterrupted build."""
+    from embedcache import partition
+    from embedcache.errors import Interrupted
+
+    seqs = random_seqs(AA, [30 + i for i in range(30)], seed=5)
+    fasta = write_fasta(tmp_path / "a.fa", seqs)
+    config = esm2_config(models, max_tokens=100)  # a few sequences per batch; one unit (the default --unit-mb)
+    real_guard = partition.guard_for
+
+    class InterruptedAtBatch5:
+        """The real guard (and model), with Ctrl-C arriving as the 5th batch starts."""
+
+        def __init__(self, guard):
+            self.guard, self.calls = guard, 0
+            self.max_tokens = guard.max_tokens
+
+        def __call__(self, windows, records):
+            self.calls += 1
+            if self.calls == 5:
+                raise KeyboardInterrupt
+            return self.guard(windows, records)
+
+    monkeypatch.setattr(partition, "guard_for", lambda *a: InterruptedAtBatch5(real_guard(*a)))
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted, match=r"(\d+) of 30 new sequences were committed") as stopped:
+        run_build(config, [fasta], store)
+    kept = open_store(store)
+    assert kept.committed.content > 0 and kept.n_commits == 1 and not kept.complete  # part of the one unit
+    assert f"{kept.committed.content} of 30" in str(stopped.value)
+    monkeypatch.setattr(partition, "guard_for", real_guard)
+    report = run_build(config, [fasta], store)
+    assert report.plan.n_new == 30 - kept.committed.content
+    assert_holds(store, seqs)
+    reference = tmp_path / "ref.zarr"
+    run_build(config, [fasta], reference)
+    a, b = open_store(store), open_store(reference)
+    for rid in seqs:
+        np.testing.assert_array_equal(a.tokens(rid), b.tokens(rid))
+
+
+def test_a_build_with_nothing_new_loads_no_weights(tmp_path, models, monkeypatch):
+    from embedcache import partition
+
+    fasta = write_fasta(tmp_path / "a.fa", random_seqs(AA, [30, 40], seed=6))
+    run_build(esm2_config(models), [fasta], tmp_path / "s.zarr")
+    loads = []
+    real = partition.load_encoder
+    monkeypatch.setattr(partition, "_ENCODERS", {})  # as a new process: nothing loaded yet
+    monkeypatch.setattr(partition, "load_encoder", lambda *a, **kw: loads.append(kw) or real(*a, **kw))
+    assert run_build(esm2_config(models), [fasta], tmp_path / "s.zarr").plan.n_new == 0
+    assert loads == []
+
+
+def test_progress_moves_within_a_unit(tmp_path, models, monkeypatch):
+    """run_unit tells each batch's finished sequences, so a progress bar moves before the unit ends."""
+    import embedcache.executors as executors
+    from embedcache import partition
+
+    seqs = random_seqs(AA, [30 + i for i in range(20)], seed=7)
+    config = esm2_config(models, max_tokens=100)
+    store = tmp_path / "s.zarr"
+    told = []
+    real_run_unit = partition.run_unit
+
+    def counting(task, encoder=None, log=print, on_sequences=None):
+        return real_run_unit(task, encoder, log, on_sequences=lambda n: (told.append(n), on_sequences and on_sequences(n)))
+
+    monkeypatch.setattr(executors, "run_unit", counting)
+    run_build(config, [write_fasta(tmp_path / "a.fa", seqs)], store)
+    assert len(told) > 3 and sum(told) == 20  # one unit, told batch by batch
 
 
 # -- 3. a local store holds only regular files: verify and every reader refuse the rest, once ---------
