@@ -129,6 +129,49 @@ def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tup
     return shards * shard_tokens, UNIT_SEQUENCES
 
 
+@dataclass(frozen=True)
+class BuildJob:
+    """What a build was asked to do: the inputs, the store, where units run, who hears about it."""
+
+    config: BuildConfig
+    inputs: tuple[str | Path, ...]
+    location: Location
+    scheduler: str | None
+    scheduler_file: str | None
+    progress: bool
+    log: Log
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What this build stores, decided before anything is read or written: the encoder it plans with
+    (tokenizer and config; no weights), the fingerprint of its settings, the store's attrs, the planner's layout."""
+
+    encoder: Encoder
+    fingerprint: str
+    fields: dict
+    attrs: dict
+    plan_args: dict
+
+    @classmethod
+    def of(cls, config: BuildConfig, progress: bool, id_column: str, sequence_column: str) -> "StoreSpec":
+        # The weights are loaded when the first unit runs (by each Dask worker for its own units), so a
+        # build with nothing new to embed never loads them.
+        with transformers_progress(progress):
+            encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False)
+        overlap = resolve_overlap(config, encoder)
+        fields = fingerprint_fields(config, encoder.provenance(), overlap)
+        fp = fingerprint(fields)
+        _, shard = _token_layout(config, encoder)
+        unit_rows, unit_sequences = _unit_sizes(config, encoder, shard)
+        plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard, unit_rows=unit_rows,
+                         unit_sequences=unit_sequences)  # fmt: skip
+        return cls(encoder, fp, fields, _store_attrs(config, encoder, fp, fields, overlap), plan_args)
+
+    def plan(self, job: BuildJob, stored_keys: dict, stored_ids: dict, spool: SpoolWriter) -> BuildPlan:
+        return plan_build(job.config, list(job.inputs), self.encoder, job.location.url, stored_keys, stored_ids, spool, **self.plan_args)
+
+
 def build(
     config: BuildConfig,
     inputs: list[str | Path],
@@ -156,44 +199,38 @@ def build(
     check_store_reach(location, scheduler, scheduler_file, dry_run=dry_run)  # memory:// is this process's only
     for path in inputs:  # a mistyped path is named before minutes of loading a model
         check_input_file(path)
-    # Planning needs the tokenizer and config alone: the weights are loaded when the first unit runs
-    # (by each Dask worker for its own units), so a build with nothing new to embed never loads them.
-    with transformers_progress(progress):
-        encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False)
-    overlap = resolve_overlap(config, encoder)
-    fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
-    fp = fingerprint(fp_fields)
-    attrs = _store_attrs(config, encoder, fp, fp_fields, overlap)
-    _, shard = _token_layout(config, encoder)
-    unit_rows, unit_sequences = _unit_sizes(config, encoder, shard)
-    plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard, unit_rows=unit_rows,
-                     unit_sequences=unit_sequences)  # fmt: skip
+    job = BuildJob(config, tuple(inputs), location, scheduler, scheduler_file, progress, log)
+    spec = StoreSpec.of(config, progress, id_column, sequence_column)
     if dry_run:
-        stored_keys, stored_ids = _read_stored(location, fp, fp_fields)
-        with tempfile.TemporaryDirectory(prefix="embedcache-plan-") as tmp:
-            plan = plan_build(config, inputs, encoder, location.url, stored_keys, stored_ids, SpoolWriter(LocalStore(tmp)), **plan_args)
-        log(plan.describe())
-        return BuildReport(plan=plan, summary="dry run: nothing computed")
-
+        return _dry_run(job, spec)
     existed = location.is_local and location.local_path.exists()
     lease = WriterLease(open_location(location, read_only=False), location.url, ttl_s=lease_ttl_s, wait=wait, log=log)
     try:
         with lease:
-            return _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_fields, plan_args,
-                                      scheduler, scheduler_file, progress, log)  # fmt: skip
+            return _build_under_lease(job, spec, lease)
     finally:
         if location.is_local and not existed and location.local_path.is_dir() and not any(location.local_path.iterdir()):
             location.local_path.rmdir()  # bad input found while planning: leave no trace
 
 
-def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_fields, plan_args, scheduler,
-                       scheduler_file, progress, log) -> BuildReport:  # fmt: skip
+def _dry_run(job: BuildJob, spec: StoreSpec) -> BuildReport:
+    """Plan against what the store holds, with a throwaway spool: no lease, nothing written."""
+    stored_keys, stored_ids = _read_stored(job.location, spec.fingerprint, spec.fields)
+    with tempfile.TemporaryDirectory(prefix="embedcache-plan-") as tmp:
+        plan = spec.plan(job, stored_keys, stored_ids, SpoolWriter(LocalStore(tmp)))
+    job.log(plan.describe())
+    return BuildReport(plan=plan, summary="dry run: nothing computed")
+
+
+def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> BuildReport:
+    """open the store (if any) -> plan -> create the store (if none) -> embed and commit -> complete."""
+    location, log = job.location, job.log
     state = store_state(location)
     if state == "foreign":
         raise StoreError(f"{location.url!r} exists and holds other data, not an embedcache store; choose another -o")
     writer = stored_keys = stored_ids = None
     if state == "created":
-        writer = _open_existing(location, fp, fp_fields)
+        writer = _open_existing(location, spec.fingerprint, spec.fields)
         index = writer.index
         stored_keys, stored_ids = _stored_digests(index.content_keys, index.committed_content, index.ids, index.content_index)
     store = open_location(location, read_only=False)
@@ -201,19 +238,16 @@ def _build_under_lease(config, inputs, location, lease, encoder, attrs, fp, fp_f
     try:
         # Plan before creating anything: bad input stops the build with no store made.
         try:
-            plan = plan_build(config, inputs, encoder, location.url, stored_keys or {}, stored_ids or {}, SpoolWriter(store), **plan_args)
+            plan = spec.plan(job, stored_keys or {}, stored_ids or {}, SpoolWriter(store))
         except KeyboardInterrupt:
             raise Interrupted("while planning, before anything was written: " + (
                 "the store is as it was" if writer is not None else "no store was created")) from None
         if writer is None:
             if state == "partial":
                 log(f"{location.url}: a store creation was interrupted before; creating it again")
-            create_store(location, attrs=attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
-                         pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
-                         shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
-            writer = open_writer(location)
+            writer = _create(job, spec)
         writer.set_status("incomplete")
-        report = _run(config, inputs, location, lease, writer, plan, scheduler, scheduler_file, progress, log)
+        report = _embed_and_commit(job, lease, writer, plan)
     finally:
         delete_spool(store)
     lease.check()
@@ -227,7 +261,17 @@ def _open_existing(location: Location, fp: str, fp_fields: dict) -> StoreWriter:
     return open_writer(location)  # validates the log and trims leftovers of an interrupted build
 
 
-def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, scheduler, scheduler_file, progress, log) -> BuildReport:
+def _create(job: BuildJob, spec: StoreSpec) -> StoreWriter:
+    config, encoder = job.config, spec.encoder
+    create_store(job.location, attrs=spec.attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
+                 pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
+                 shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
+    return open_writer(job.location)
+
+
+def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan) -> BuildReport:
+    """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete."""
+    config, location, log = job.config, job.location, job.log
     started = time.time()
     base = -(-writer.token_end // writer.shard_tokens) * writer.shard_tokens if writer.shard_tokens else 0
     for unit in plan.units:  # the plan's token regions start at 0: place them after what the store holds
@@ -237,7 +281,7 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
         writer.reserve_tokens(max(u.token_end for u in plan.units))
     tasks = [UnitTask(unit, config, location) for unit in plan.units]
     n_tokens, content_before = 0, writer.content_end
-    bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)
     shown: dict[int, int] = {}  # sequences of each running unit the bar already counts
 
     def finished(task: UnitTask, n: int) -> None:  # within a unit, per batch (in-process units only)
@@ -252,11 +296,11 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
         bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
-    executor = make_executor(scheduler, scheduler_file, log) if tasks else None
+    executor = make_executor(job.scheduler, job.scheduler_file, log) if tasks else None
     try:
         if executor is not None:
             if executor.name == InProcess.name:  # loaded here, so --no-progress silences transformers' bar too
-                with transformers_progress(progress):
+                with transformers_progress(job.progress):
                     encoder_for(config)
             executor.run(tasks, commit, finished)
         _commit_records(writer, plan, lease)
@@ -271,12 +315,16 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
         bar.close()
         if executor is not None:
             executor.close()
+    return _complete(job, lease, writer, plan, executor, time.time() - started, n_tokens)
 
-    seconds = time.time() - started
+
+def _complete(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan, executor, seconds: float,
+              n_tokens: int) -> BuildReport:  # fmt: skip
+    """Mark the store complete with this build's entry, and say what it did."""
     rate = n_tokens / seconds if seconds > 0 else 0.0
     entry = {
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": [str(p) for p in inputs],
+        "inputs": [str(p) for p in job.inputs],
         "records": plan.n_records,
         "new_sequences": plan.n_new,
         "already_stored": plan.already_stored,
@@ -296,9 +344,9 @@ def _run(config, inputs, location, lease, writer: StoreWriter, plan: BuildPlan, 
     summary = (
         f"{plan.n_new} new, {plan.already_stored + plan.reused} already stored ({plan.reused} of them under new ids), {resumed}"
         f"{shared} shared a new sequence with another record ({plan.n_records} records); "
-        f"{n_tokens:,} input {plan.unit} -> {plan.n_rows:,} per-token rows in {seconds:.1f} s -> {location.url}"
+        f"{n_tokens:,} input {plan.unit} -> {plan.n_rows:,} per-token rows in {seconds:.1f} s -> {job.location.url}"
     )
-    log(summary)
+    job.log(summary)
     return BuildReport(plan=plan, seconds=seconds, tokens_per_second=rate, committed_units=len(plan.units), summary=summary)
 
 
