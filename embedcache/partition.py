@@ -179,9 +179,7 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None], on_s
     # A record larger than a unit (a chromosome) is streamed, so memory stays bounded (embedcache.long_record).
     # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
     streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start, rows_per_shard, entries[i].id)
-                for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config)}  # fmt: skip
-    if streamed and config.tokens and len(entries) > 1:
-        raise AssertionError(f"unit {unit.index}: a record larger than a unit shares it with {len(entries) - 1} others")
+                for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config, alone=len(plans) == 1)}  # fmt: skip
     writer = ShardWriter(array, unit.token_start, rows_per_shard, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
         if config.tokens and not streamed else None  # fmt: skip
     items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
@@ -221,10 +219,13 @@ def _finished_part(unit: Unit, entries: list, plans: list, host: HostStage, writ
     return _result(part, entries[:k], plans[:k], lengths, pooled, digests)
 
 
-def _too_long_to_hold(encoder: Encoder, plan, config: BuildConfig) -> bool:
-    """Whether one sequence's model outputs alone exceed a unit's budget (--unit-mb): then it is streamed."""
+def _too_long_to_hold(encoder: Encoder, plan, config: BuildConfig, alone: bool) -> bool:
+    """Whether one sequence's model outputs alone exceed a unit's budget (--unit-mb): then it is streamed.
+
+    With per-token rows, only a record alone in its unit: others share units cut to whole shards of
+    about --unit-mb of stored rows (plan.cut_units), which bounds their memory already."""
     held = stored_bytes(encoder.n_output_rows(plan.n_tokens), len(encoder.layer_indices), encoder.embed_dim)
-    return len(plan.windows) > 1 and held > config.unit_mb * (1 << 20)
+    return len(plan.windows) > 1 and held > config.unit_mb * (1 << 20) and (alone or not config.tokens)
 
 
 def _tokens_array(store):

@@ -47,3 +47,17 @@ def test_a_streamed_long_record_stores_what_the_in_memory_path_stores(tmp_path, 
             np.testing.assert_array_equal(a.tokens(rid), b.tokens(rid))  # the stored fp16 rows, bit for bit
         np.testing.assert_allclose(a.pooled([rid]), b.pooled([rid]), rtol=1e-5, atol=1e-6)
     assert b.verify() == []  # the streamed shards' digests and the commit's crc agree
+
+
+def test_records_sharing_small_units_are_not_streamed(tmp_path, models):
+    """Units cut to whole shards may hold several windowed records larger than --unit-mb by the
+    streaming rule's measure (float32 outputs): they are embedded together, as any unit's."""
+    records = random_seqs(AA, [150, 140, 130, 120, 90, 70], seed=4)
+    fasta = write_fasta(tmp_path / "in.fa", records)
+    small, big = tmp_path / "small.zarr", tmp_path / "big.zarr"
+    run_build(esm2_config(models, window=64, shard_mb=0.01, unit_mb=0.01), [fasta], small)
+    run_build(esm2_config(models, window=64), [fasta], big)
+    a, b = open_store(small), open_store(big)
+    assert a.n_commits > 3 and a.complete
+    for rid in records:
+        np.testing.assert_array_equal(a.tokens(rid), b.tokens(rid))
