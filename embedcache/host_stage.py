@@ -88,9 +88,8 @@ class HostStage:
             if i not in self.skip:
                 tokens, pooled = assemble(self.plans[i], self.outs[i], self.config)
                 if self.writer is not None:
-                    rows = to_numpy(tokens, self.config.dtype)
-                    self.writer.add(rows if rows.ndim == 3 else rows[:, None, :])
-                    self.lengths[i] = len(rows)
+                    self.writer.add(tokens if tokens.ndim == 3 else tokens[:, None, :])  # cast into the shard
+                    self.lengths[i] = len(tokens)
                 self.pooled[i] = None if pooled is None else to_numpy(pooled, "float32")
             self.outs[i] = None  # its window outputs are no longer needed
             self.next += 1

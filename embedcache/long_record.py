@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from embedcache.config import BuildConfig
-from embedcache.embed import to_numpy
 from embedcache.encoders import Encoder
 from embedcache.errors import InputError
 from embedcache.memory import MemoryGuard
@@ -82,31 +81,35 @@ def embed_long_record(encoder: Encoder, guard: MemoryGuard, token_ids: np.ndarra
     def put(rows: torch.Tensor | None) -> None:
         nonlocal n_rows
         if writer is not None and rows is not None and len(rows):
-            stored = to_numpy(rows, config.dtype)
-            writer.add(stored if stored.ndim == 3 else stored[:, None, :])
+            writer.add(rows if rows.ndim == 3 else rows[:, None, :])  # cast into the shard
             n_rows += len(rows)
 
-    for group in _window_groups(encoder, windows, guard.max_tokens):
-        inputs = [token_ids[plan.keep_start + windows[w][0] : plan.keep_start + windows[w][1]] for w in group]
-        for w, out in zip(group, guard(inputs, [record_id] * len(group))):
-            s, e = windows[w]
-            a = 0 if w == 0 else (s + windows[w - 1][1]) // 2  # stitch's cut between this window and its neighbours
-            b = e if w == len(windows) - 1 else (windows[w + 1][0] + e) // 2
-            piece = out.hidden[a - s : b - s]  # rows a..b of the stitched sequence
-            lo, hi = max(a, pool_at[0]), min(b, pool_at[1])
-            if hi > lo and config.pooling in ("mean", "center"):
-                part = piece[lo - a : hi - a].double().sum(0)
-                total = part if total is None else total + part
-            if config.pooling == "cls":
-                if out.cls is None:
-                    raise InputError(f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
-                                     f"model {config.model!r} adds none. Use --pooling mean.")
-                part = out.cls.double() * (e - s)
-                cls_total, cls_weight = part if cls_total is None else cls_total + part, cls_weight + (e - s)
-            lo, hi = max(a, keep[0]), min(b, keep[1])
-            if hi > lo:
-                put(row_pool.add(piece[lo - a : hi - a]))
-    put(row_pool.finish())
+    try:
+        for group in _window_groups(encoder, windows, guard.max_tokens):
+            inputs = [token_ids[plan.keep_start + windows[w][0] : plan.keep_start + windows[w][1]] for w in group]
+            for w, out in zip(group, guard(inputs, [record_id] * len(group))):
+                s, e = windows[w]
+                a = 0 if w == 0 else (s + windows[w - 1][1]) // 2  # stitch's cut between this window and its neighbours
+                b = e if w == len(windows) - 1 else (windows[w + 1][0] + e) // 2
+                piece = out.hidden[a - s : b - s]  # rows a..b of the stitched sequence
+                lo, hi = max(a, pool_at[0]), min(b, pool_at[1])
+                if hi > lo and config.pooling in ("mean", "center"):
+                    part = piece[lo - a : hi - a].double().sum(0)
+                    total = part if total is None else total + part
+                if config.pooling == "cls":
+                    if out.cls is None:
+                        raise InputError(f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
+                                         f"model {config.model!r} adds none. Use --pooling mean.")
+                    part = out.cls.double() * (e - s)
+                    cls_total, cls_weight = part if cls_total is None else cls_total + part, cls_weight + (e - s)
+                lo, hi = max(a, keep[0]), min(b, keep[1])
+                if hi > lo:
+                    put(row_pool.add(piece[lo - a : hi - a]))
+        put(row_pool.finish())
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     pooled = None
     if config.pooling in ("mean", "center"):
         pooled = (total / (pool_at[1] - pool_at[0])).float()

@@ -195,6 +195,10 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None], on_s
                 host.put(batch, guard(windows, [entries[i].id for i, _ in batch]))
     except KeyboardInterrupt:  # the host stage has finished what was queued: keep the sequences it wrote
         raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, host, writer)) from None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     pooled = [streamed[i].pooled if i in streamed else p for i, p in enumerate(host.pooled)]
     if not config.tokens:
         lengths, digests = np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -4,29 +4,48 @@ A unit owns whole shards of `tokens` (plan.cut_units), so writing each shard as 
 safe and never a partial-shard write (slow, and unsafe under concurrency). The crc32 of the rows is
 chained shard by shard as they are written: the digests `embedcache.commits.shard_digests` would
 compute over the whole block, without holding the block.
+
+A filled shard goes to zarr on a writer thread, so its encoding (chunk checksums, assembling the
+shard) and its write overlap the filling of the next: at most IN_FLIGHT shards are being written,
+each from a buffer of its own, so memory is (IN_FLIGHT + 1) shards.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import torch
+
+IN_FLIGHT = 2
 
 
 class ShardWriter:
-    """Rows (n, k, d) in the stored dtype, appended in order from `start`; `finish` writes the last,
-    possibly short, shard and returns the digests of every shard written."""
+    """Rows (n, k, d) appended in order from `start`; `finish` writes the last, possibly short, shard,
+    waits for every write and returns the digests of every shard written. `close` after an error."""
 
     def __init__(self, array, start: int, shard_rows: int, row_shape: tuple[int, ...], dtype: str):
         self.array, self.start, self.shard_rows = array, start, shard_rows
         first_end = (start // shard_rows + 1) * shard_rows  # a unit starts on a boundary; stay correct if not
         self.buffer = np.empty((shard_rows, *row_shape), dtype)
+        self.free: list[np.ndarray] = []
+        self.in_flight: deque[tuple[Future, np.ndarray]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="embedcache-shard-write")
         self.room, self.filled, self.crc, self.digests, self.written = first_end - start, 0, 0, [], 0
 
-    def add(self, rows: np.ndarray) -> None:
+    def add(self, rows: np.ndarray | torch.Tensor) -> None:
+        """Append rows (n, k, d): a numpy array in the stored dtype, or a torch tensor of any dtype on any
+        device, cast (as `embedcache.embed.to_numpy` does) straight into the shard's buffer: no array of its
+        own per sequence, whose fresh pages cost more than the cast."""
         while len(rows):
             take = min(len(rows), self.room - self.filled)
-            self.buffer[self.filled : self.filled + take] = rows[:take]
+            into = self.buffer[self.filled : self.filled + take]
+            if isinstance(rows, torch.Tensor):
+                torch.from_numpy(into).copy_(rows[:take])
+            else:
+                into[...] = rows[:take]
             self.filled += take
             rows = rows[take:]
             if self.filled == self.room:
@@ -36,12 +55,29 @@ class ShardWriter:
         if self.filled:
             block = self.buffer[: self.filled]
             at = self.start + self.written
-            self.array[at : at + self.filled] = block
             self.crc = zlib.crc32(block.reshape(-1).view(np.uint8), self.crc)
             self.digests.append(self.crc)
             self.written += self.filled
+            self.in_flight.append((self.pool.submit(self._write, at, block), self.buffer))
+            while len(self.in_flight) > IN_FLIGHT:  # wait for the oldest write; its buffer is free again
+                done, buffer = self.in_flight.popleft()
+                done.result()
+                self.free.append(buffer)
+            self.buffer = self.free.pop() if self.free else np.empty_like(self.buffer)
         self.room, self.filled = self.shard_rows, 0
+
+    def _write(self, at: int, block: np.ndarray) -> None:
+        self.array[at : at + len(block)] = block
 
     def finish(self) -> np.ndarray:
         self._flush()
+        try:
+            while self.in_flight:
+                self.in_flight.popleft()[0].result()  # a write's error (a full disk) surfaces here
+        finally:
+            self.close()
         return np.asarray(self.digests, np.int64)
+
+    def close(self) -> None:
+        """Wait for the writes under way and stop the writer threads (after an error, nothing is kept)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
