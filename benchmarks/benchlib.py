@@ -138,7 +138,9 @@ class ForwardTimer:
     def __enter__(self) -> "ForwardTimer":
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        # always_call: a forward that raises (a probe of a model loaded without weights, caught by its
+        # caller) still closes its call, or every later call would count as nested inside it.
+        self._handles = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post, always_call=True)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -158,6 +160,8 @@ class ForwardTimer:
         if self._depth == 0:
             if self.sync_cuda:
                 torch.cuda.synchronize()
+            if output is None:  # the forward raised (always_call): no call to count
+                return
             self.seconds += time.perf_counter() - self._started
             self.calls += 1
             hidden = getattr(output, "last_hidden_state", None)
