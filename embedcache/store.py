@@ -70,6 +70,7 @@ from embedcache.commits import (
     write_shard_digests,
 )
 from embedcache.errors import FingerprintMismatch, StoreError
+from embedcache.shard_stamps import current_stamps, record_stamps, recorded_stamps
 from embedcache.lease import LEASE_KEY
 from embedcache.spool import SPOOL_PREFIX
 from embedcache.location import Location, check_local_files, describe_io_error, io_errors, open_location, why_absent
@@ -512,7 +513,11 @@ class StoreWriter:
         self.has_tokens = "tokens" in root
         self.has_pooled = "pooled" in root
         self.n_layers = root["layer"].shape[0]
-        self.shard_tokens = root["tokens"].shards[0] if self.has_tokens else 0
+        self.shard_tokens = shard_rows(root["tokens"]) if self.has_tokens else 0
+        if self.has_tokens and self.index.shards is None:
+            self._add_shard_digests()  # reads every kept token row once: checks them all
+        elif self.has_tokens:
+            self._check_changed_shards()
         names = [n for n in CHECKED_ARRAYS if n in root]
         self._arrays = {n: root[n]._async_array.with_config(_WRITE_CONFIG) for n in names}
         self._pending: list[tuple[str, int, np.ndarray]] = []
@@ -521,8 +526,6 @@ class StoreWriter:
         self.content_end, self.token_end = c.content, c.tokens
         drop_consolidated(store, where)  # stale from here on; the build writes a new one when it completes
         self._trim()
-        if self.has_tokens and self.index.shards is None:
-            self._add_shard_digests()
 
     @property
     def committed(self) -> Committed:
@@ -557,6 +560,25 @@ class StoreWriter:
         write_shard_digests(self.root, shards)
         self.index = read_index(self.root, self.where, self.attrs)
 
+    def _check_changed_shards(self) -> None:
+        """Read and check each kept token shard whose object changed since the last completed build saw
+        it (embedcache.shard_stamps): a damaged one stops the build before anything is written."""
+        shards = self.index.shards
+        now = current_stamps(self.store, self.root["tokens"], len(shards.lo))
+        if now is None:  # a store that reports no stamps (memory://): nothing to compare
+            return
+        changed = np.flatnonzero((now != recorded_stamps(self.root, len(shards.lo))) & (shards.hi > shards.lo))
+        tokens = self.root["tokens"]
+        for s in changed.tolist():
+            lo, hi = int(shards.lo[s]), int(shards.hi[s])
+            try:
+                fault = shards.fault(s, tokens[lo:hi], self.where)
+            except _io_errors() + (ValueError, RuntimeError) as e:  # a chunk's crc32c fails: bytes changed
+                fault = (f"store {self.where!r}: token shard {s} (rows {lo}..{hi}, commit {int(shards.commit[s])}) changed since "
+                         f"the last build and cannot be read ({e})")
+            if fault:
+                raise StoreError(f"{fault}; refusing to extend the store (run embedcache verify)")
+
     def _resize(self, name: str, rows: int) -> None:
         arr = self._arrays[name]
         if arr.shape[0] != rows:
@@ -577,6 +599,10 @@ class StoreWriter:
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         if status == "complete":
             self._trim()  # drop the rows grown ahead of the log, so xarray sees exactly the committed arrays
+            if self.has_tokens:  # what the next build compares its listing with
+                stamps = current_stamps(self.store, self.root["tokens"], -(-self.token_end // self.shard_tokens))
+                if stamps is not None:
+                    record_stamps(self.root, stamps)
         builds = [*self.head.builds, build_entry] if build_entry else self.head.builds
         self.head = self.head.with_status(status, builds)
         write_head(self.root, self.head)

@@ -129,6 +129,10 @@ def test_damage_is_named_and_refused_on_every_backend(backend, tmp_path, models)
     assert any("'tokens'" in f and "cannot be read" in f for f in faults), faults
     with pytest.raises(StoreError, match="'tokens'"):
         open_store(url, backend.options).token_arrays()
+    # a later build lists the shards, reads the one whose object changed since the last build, refuses
+    more = write_fasta(tmp_path / "b.fa", {"late": "MKVL" * 10})
+    with pytest.raises(StoreError, match=r"token shard \d+ .* changed since the last build and cannot be read"):
+        run_build(esm2(models, shard_mb=0.005), [more], url, backend.options)
 
     # the chunk deleted: refused at open (no silent zeros), naming the chunk
     backend.fs.rm_file(chunk)

@@ -114,10 +114,9 @@ def test_a_build_adding_digests_to_an_old_store_refuses_swapped_shards(tmp_path,
     assert code == 2 and "do not match the checksum they were committed with" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_flipped_byte_in_a_kept_shard_is_left_to_the_reads_and_verify_not_to_a_build(tmp_path, models, store, capsys):
-    """A build reads none of the token rows it keeps (checking them would make adding one record cost a
-    read of the whole store): it adds its records; the first read of the damaged shard refuses it, and
-    verify names it (docs/reliability.md)."""
+def test_a_flipped_byte_in_a_kept_shard_stops_a_later_build(tmp_path, models, store, capsys):
+    """A build reads only the kept shards whose object changed since the last build saw it
+    (embedcache.shard_stamps): an edited one is read, fails its chunk's crc32c, and stops the build."""
     s = open_store(store)
     rid = record_in_shard(s, 1)
     shard = shard_files(store)[1]
@@ -125,10 +124,32 @@ def test_a_flipped_byte_in_a_kept_shard_is_left_to_the_reads_and_verify_not_to_a
     data[len(data) // 3] ^= 0xFF
     shard.write_bytes(bytes(data))
     code, err = build_more(tmp_path, models, store, capsys)
-    assert code == 0, err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "token shard 1 " in err and "changed since the last build and cannot be read" in err and "refusing to extend" in err, err
     s = open_store(store)
-    assert s.complete and "new1" in s.ids
+    assert "new1" not in s.ids and s.complete  # nothing was written
     with pytest.raises(StoreError, match=r"array 'tokens' rows \d+\.\.\d+ \(token shards 1\.\.1\) cannot be read: .*checksum"):
         s.tokens(rid)
     assert embedcache_main(["verify", str(store)]) == 2
     assert "'tokens'" in capsys.readouterr().err
+
+
+def test_a_swapped_pair_of_shards_stops_a_later_build(tmp_path, models, store, capsys):
+    a, b = swap_two_shards(store)
+    code, err = build_more(tmp_path, models, store, capsys)
+    assert code == 2 and f"token shard {min(a, b)} " in err and "does not hold the rows its commit wrote" in err, err
+
+
+def test_a_copied_store_is_checked_once_and_extended(tmp_path, models, store, capsys):
+    """A copy has new modification times: the next build reads and checks every shard once, goes on,
+    and records the new stamps, so the build after it reads none."""
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy, copy_function=shutil.copy)  # contents, not times
+    code, err = build_more(tmp_path, models, copy, capsys)
+    assert code == 0, err
+    s = open_store(copy)
+    assert "new1" in s.ids and s.complete and s.verify() == []
+    stamps = group(copy)["_commits/shard_stamp"][:]
+    assert len(stamps) == len(s._index.shards.lo) and (stamps != 0).all()
