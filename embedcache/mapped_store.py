@@ -170,6 +170,14 @@ class MappedLocalStore(LocalStore):
         self._maps: OrderedDict[str, tuple[tuple[int, int, int], mmap.mmap | bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
+    async def _open(self, *, mode=None) -> None:
+        # Batch threads may each make the first read at once, on loops of their own (run_reads): the
+        # first opens the store, the others find it open (zarr's own check-then-set would tell them
+        # "store is already open").
+        with self._lock:
+            if not self._is_open:
+                await super()._open(mode=mode)
+
     def with_read_only(self, read_only: bool = False) -> LocalStore:
         return MappedLocalStore(self.root, max_maps=self.max_maps) if read_only else LocalStore(self.root, read_only=False)
 

@@ -171,3 +171,28 @@ def test_stores_open_mapped_and_read_the_same_rows(tmp_path, models, monkeypatch
         np.testing.assert_array_equal(row[:n], tokens[o : o + n, 0])
     monkeypatch.setenv("EMBEDCACHE_MMAP", "0")  # the way out, for a filesystem that maps badly
     assert type(open_store(path).store) is LocalStore
+
+
+def test_threads_making_the_first_read_at_once_all_open_it(tmp_path):
+    """The first reads of a fresh store, from several threads at once (each on a loop of its own, as
+    fusion's batch threads): one opens it, none is told "store is already open"."""
+    import asyncio
+    import threading
+
+    put(tmp_path, "c/0", PAYLOAD)
+    for _ in range(30):
+        mapped, start, errors = MappedLocalStore(tmp_path), threading.Barrier(6), []
+
+        def reader() -> None:
+            start.wait()
+            try:
+                asyncio.run(mapped.get("c/0", default_buffer_prototype(), RangeByteRequest(0, 10)))
+            except BaseException as e:  # re-raised below, in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
