@@ -21,10 +21,11 @@ posix_fadvise, checked with mincore) and warm:
                - zarrs:   StreamedTokens with the zarrs codec pipeline (Rust) on the tokens array
                - memory:  InMemoryTokens (RAM; cold = its load)
                - stream-pooled: stores with every 8 rows averaged (embedcache build --token-pool 8)
-               - stream-max-tokens: `stream` with longer rows averaged down to 512 per batch (the recipe's
-                          `fusion --max-tokens 512`)
+               - stream-max-tokens: longer rows averaged down to 512 (the recipe's `fusion --max-tokens 512`):
+                          the reduced arrays (fusion.reduced, made once before any loader is timed) streamed
                - stream-max-tokens-2-workers: the same in 2 DataLoader worker processes (`--workers 2 --max-tokens 512`)
-               - max-tokens-before: the same, as the loader did it before (per-record arrays, adaptive pooling)
+               - max-tokens-before: the same rows averaged per batch from the stores, as before reduce-once
+                          (per-record arrays, adaptive pooling)
                - recipe:  as examples/isoformer/recipe.toml trains at full scale: RNA streamed, DNA and protein
                           in RAM (under its memory_gb), all averaged to 512 rows (cold: after the load)
     layout     the RNA rows alone, re-stored with other chunk / shard / codec choices, read per batch
@@ -202,7 +203,8 @@ def write_memmaps(work: Path, stores: dict[str, str]) -> dict[str, Path]:
 def evictable_files(stores: dict[str, str], memmaps: dict[str, Path], pooled: dict[str, str]) -> list[Path]:
     """Every file a read path may read, all evicted from the page cache before each one is measured."""
     tokens = [Path(p) / "tokens" for p in stores.values()]
-    return [*tokens, *(lz4_path(p) / "tokens" for p in stores.values()), *memmaps.values(), *pooled.values()]
+    reduced = [d for p in stores.values() for d in (Path(p).parent.parent / "reduced").glob("*.zarr")]
+    return [*tokens, *(lz4_path(p) / "tokens" for p in stores.values()), *memmaps.values(), *pooled.values(), *reduced]
 
 
 def write_pooled(work: Path, stores: dict[str, str], k: int) -> dict[str, str]:
@@ -404,7 +406,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
                 pooled: dict[str, str] | None = None, max_tokens: int = 512):
     """A StoreBatches whose per-token features are read the given way (stream-pooled: from the `pooled` stores;
     stream-max-tokens, max-tokens-before, recipe: longer rows averaged down to `max_tokens`)."""
-    from fusion.data import DataConfig, InMemoryTokens, StreamedTokens, open_batches
+    from fusion.data import DataConfig, ReducedTokens, StreamedTokens, open_batches
     from fusion.run import read_manifest
 
     if way == "stream-pooled":
@@ -413,7 +415,8 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
         stores = {m: str(lz4_path(p)) for m, p in stores.items()}
     loading = "memory" if way == "memory" else "stream"
     config = DataConfig(manifest=str(prepared), stores=stores, features="tokens", batch_size=batch_size, loading=loading,
-                        workers=workers_of(way), seed=seed, max_tokens=max_tokens if averages(way) else None)  # fmt: skip
+                        workers=workers_of(way), seed=seed, max_tokens=max_tokens if averages(way) else None,
+                        reduced_dir=str(Path(prepared).parent / "reduced"))  # fmt: skip
     batches = open_batches(config, read_manifest(prepared), log=lambda s: None)
     keys = {m: list(dict.fromkeys(batches.manifest.keys(m))) for m in MODALITIES}
     if way == "before":
@@ -422,7 +425,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
         batches.features = {m: MemmapTokens(memmaps[m], batches.stores[m], keys[m]) for m in MODALITIES}
     elif way == "recipe":  # at IsoFormer scale only RNA (116 GB after averaging) exceeds recipe.toml's memory_gb = 64
         for m in ("dna", "protein"):
-            batches.features[m] = InMemoryTokens(batches.stores[m], keys[m], max_rows=max_tokens)
+            batches.features[m] = ReducedTokens(batches.stores[m], keys[m], batches.features[m].reduced)
             batches.loading[m] = "memory"
     elif way == "max-tokens-before":
         batches.features = {m: MaxTokensBefore(batches.stores[m], max_tokens) for m in MODALITIES}
@@ -435,7 +438,7 @@ def open_loader(way: str, prepared: Path, stores: dict[str, str], memmaps: dict[
 
 
 def measure(way: str, args: argparse.Namespace, prepared: Path, stores: dict[str, str], memmaps: dict[str, Path],
-            pooled: dict[str, str], files: list[Path], reference) -> dict:
+            pooled: dict[str, str], files: list[Path], reference_loader) -> dict:
     """One read path: its files evicted, a cold then a warm epoch, its first batch checked against the memmap's."""
     resident = evict(files)
     t0 = time.perf_counter()
@@ -447,13 +450,15 @@ def measure(way: str, args: argparse.Namespace, prepared: Path, stores: dict[str
         if temp == "cold" and way == "memory":
             s += open_s  # its cold read is the load into RAM
         res[temp] = {"seconds": s, "samples": n, "samples_per_s": n / s, "mb_s": nbytes / 1e6 / s}
-    first = first_batch(batches)
+    first, order = first_batch(batches)
     if workers_of(way):  # through the worker processes, then shut them down
         workers = batches("train", shuffle=True, epoch=0)
         first = next(workers)
         del workers
-    # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them)
-    expected = reduced(reference, args.max_tokens) if averages(way) else reference
+    # stream-pooled holds other numbers by design (tests/embedcache/test_reduce.py checks them); the reduced
+    # arrays hold the averaged rows in fp16
+    reference = reference_loader._batch(reference_loader.split_arrays("train"), order)  # the same samples, from the memmap
+    expected = reduced(reference, args.max_tokens, fp16=way != "max-tokens-before") if averages(way) else reference
     if way != "stream-pooled" and not same_batch(first, expected):
         raise AssertionError(f"{way}: the first batch differs from the memmap of the same rows")
     return res
@@ -486,7 +491,7 @@ def _measure_default_malloc(args: argparse.Namespace) -> None:
     setup = data_setup(args)
     prepared, stores, _ = make_data(work, setup, lambda s: None)
     memmaps, pooled = write_memmaps(work, stores), write_pooled(work, stores, args.token_pool)
-    reference = first_batch(open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed))
+    reference = open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed)
     files = evictable_files(stores, memmaps, pooled)
     print(json.dumps(measure(args.measure_default_malloc, args, prepared, stores, memmaps, pooled, files, reference)))
 
@@ -509,32 +514,43 @@ def repeated_share(batches) -> float:
 
 
 def first_batch(batches):
-    """The first batch of the shuffled epoch 0 (as StoreBatches orders it), made in this thread.
+    """(the first batch of the shuffled epoch 0 as StoreBatches orders it, made in this thread; its samples).
 
     Not through the prefetching iterator, which would start `prefetch` batches ahead only to drop them.
     """
     arrays = batches.split_arrays("train")
-    order = np.random.default_rng([batches.config.seed, 0]).permutation(len(arrays.sample_ids))
-    return batches._batch(arrays, order[: batches.config.batch_size])
+    order = batches._order(arrays, shuffle=True, epoch=0)[: batches.config.batch_size]
+    return batches._batch(arrays, order), order
 
 
-def reduced(batch, max_tokens: int):
-    """`batch` (full rows) with every modality's longer rows averaged as `fusion --max-tokens` averages them."""
+def reduced(batch, max_tokens: int, fp16: bool):
+    """`batch` (full rows) with every modality's longer rows averaged as `fusion --max-tokens` averages them
+    (`fp16`: rounded as the reduced arrays store them)."""
     from dataclasses import replace
 
+    from fusion.batch import ModalityBatch
     from fusion.data import _pad
 
     def rows(f):
         return [torch.from_numpy(f.x[i, :n].numpy()) if n else None for i, n in enumerate(f.mask.sum(1).tolist())]
 
-    return replace(batch, features={m: _pad(rows(f), f.x.shape[-1], max_tokens) for m, f in batch.features.items()})
+    def rounded(f: ModalityBatch) -> ModalityBatch:
+        return ModalityBatch(x=f.x.half(), mask=f.mask, present=f.present) if fp16 else f
+
+    return replace(batch, features={m: rounded(_pad(rows(f), f.x.shape[-1], max_tokens)) for m, f in batch.features.items()})
 
 
 def same_batch(a, b) -> bool:
-    return a.sample_ids == b.sample_ids and all(  # values, not dtypes: `before` makes float32 batches of the same numbers
-        torch.equal(a.features[m].x.float(), b.features[m].x.float()) and torch.equal(a.features[m].mask, b.features[m].mask)
-        for m in MODALITIES
-    )
+    """Equal values and masks (not dtypes: `before` makes float32 batches of the same numbers), over the width both
+    batches have: reduced arrays pad every batch to max_tokens rows, with zeros and False beyond the rows."""
+
+    def same(fa, fb) -> bool:
+        w = min(fa.x.shape[1], fb.x.shape[1])
+        wider = fa if fa.x.shape[1] > w else fb
+        return (torch.equal(fa.x[:, :w].float(), fb.x[:, :w].float()) and torch.equal(fa.mask[:, :w], fb.mask[:, :w])
+                and not wider.mask[:, w:].any() and not wider.x[:, w:].any())  # fmt: skip
+
+    return a.sample_ids == b.sample_ids and all(same(a.features[m], b.features[m]) for m in MODALITIES)
 
 
 def sample_bytes(batches) -> dict[str, int]:
@@ -745,8 +761,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
 
     loaders: dict[str, dict] = {}
     reference_loader = open_loader("memmap", prepared, stores, memmaps, args.batch_size, args.seed)
-    reference, repeated = first_batch(reference_loader), repeated_share(reference_loader)
-    del reference_loader
+    repeated = repeated_share(reference_loader)
     print(f"  {repeated:.0%} of the rows an epoch delivers repeat a record already in the same batch (DNA of one gene): "
           f"the stream paths read those once, memmap and memory copy them")  # fmt: skip
     ways = [w for w in args.loaders.split(",") if w != "zarrs" or zarrs_store(stores["rna"]) is not None]
@@ -755,6 +770,10 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
     if not heap and any(w.endswith(DEFAULT_MALLOC_SUFFIX) for w in ways):  # malloc was left alone here too: they would repeat rows
         ways = [w for w in ways if not w.endswith(DEFAULT_MALLOC_SUFFIX)]
         print("  *-default-malloc: skipped (not glibc, or malloc tuned by the environment: every row already runs so)")
+    if any(averages(w) for w in ways):  # the reduced arrays, made once (as the first run of an ablation makes them)
+        t0 = time.perf_counter()
+        open_loader("stream-max-tokens", prepared, stores, memmaps, args.batch_size, args.seed, pooled, args.max_tokens)
+        print(f"  reduced every store to {args.max_tokens} rows per record once: {time.perf_counter() - t0:.1f} s")
     files = evictable_files(stores, memmaps, pooled)
     width = max(map(len, ways))
     for rep in range(args.repeats):
@@ -762,7 +781,7 @@ def _run(args: argparse.Namespace, work: Path) -> dict:
             if way.endswith(DEFAULT_MALLOC_SUFFIX):
                 res = measure_in_child(way.removesuffix(DEFAULT_MALLOC_SUFFIX), args, work)
             else:
-                res = measure(way, args, prepared, stores, memmaps, pooled, files, reference)
+                res = measure(way, args, prepared, stores, memmaps, pooled, files, reference_loader)
             loaders.setdefault(way, {"runs": []})["runs"].append(res)
             print(f"  {way:{width}s} cold {res['cold']['samples_per_s']:7.1f} samples/s {res['cold']['mb_s']:6.0f} MB/s | warm "
                   f"{res['warm']['samples_per_s']:7.1f} samples/s {res['warm']['mb_s']:6.0f} MB/s  (resident before "

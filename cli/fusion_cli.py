@@ -10,7 +10,7 @@ from pathlib import Path
 
 from embedcache.location import parse_storage_options
 from cli.common import HelpFormatter, add_debug_flag, run_main
-from fusion.data import FEATURES, LOADINGS, DataConfig
+from fusion.data import FEATURE_DEVICES, FEATURES, LOADINGS, DataConfig
 from fusion.errors import ConfigError, checked_config
 from fusion.models import AGGREGATORS, FusionModelConfig
 from fusion.models.config import HEADS
@@ -71,10 +71,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", action="append", metavar="MODALITY=I", dest="layers", help=_LAYER_HELP)
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
-    p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows)")
+    p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows). "
+                   "Each store is reduced once, on first use, into an fp16 array in --reduced-dir that later runs and every epoch reuse")
+    p.add_argument("--reduced-dir", help="directory of the --max-tokens reductions, named by store content, layer and max tokens "
+                   "(default: $EMBEDCACHE_CACHE/reduced, else ~/.cache/embedcache/reduced); a store that changed gets a new one")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
     p.add_argument("--loading", choices=LOADINGS, default="auto", help="per-token data: auto = RAM when under --memory-gb, else streamed from the store")
     p.add_argument("--memory-gb", type=float, default=8.0, help="per-token data above this is streamed under --loading auto")
+    p.add_argument("--feature-device", choices=FEATURE_DEVICES, default="auto",
+                   help="where batches are made. auto: pooled vectors and --max-tokens rows held in memory go to the training device once, "
+                   "when they fit --device-memory-gb, and each batch is an index gather there (no host collation); otherwise (streamed or "
+                   "unreduced rows, too large) batches are made on the host, in pinned memory for CUDA so the copy overlaps the step. "
+                   "device: always the former (an error if some rows cannot be); host: always the latter. The log and run.json say which")
+    p.add_argument("--device-memory-gb", type=float, help="features kept on a CUDA device up to this size (default: half its memory)")
     p.add_argument("--workers", type=int, default=0, help="torch DataLoader worker processes that read and assemble batches (forked: Linux); 0 = batches made in this process, by 2 background threads. For streamed per-token data: about one per core the training step leaves free (figures: benchmarks/README.md)")
 
 
@@ -283,6 +292,9 @@ def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
         batch_size=args.batch_size,
         loading=args.loading,
         memory_gb=args.memory_gb,
+        reduced_dir=args.reduced_dir,
+        feature_device=args.feature_device,
+        device_memory_gb=args.device_memory_gb,
         workers=args.workers,
         seed=seed,
     )

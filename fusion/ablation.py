@@ -94,7 +94,7 @@ def run_ablation(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    everything = open_batches(data, read_manifest(data.manifest), log=log)
+    everything = open_batches(data, read_manifest(data.manifest), log=log, progress=progress)
     subsets = subsets or modality_subsets(everything.modalities)
     ceilings = ceilings if ceilings is not None else known_ceilings(data.manifest)
     runs = planned_runs(subsets, aggregators, seeds)

@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -31,9 +30,11 @@ from embedcache.heap import keep_freed_memory
 from fusion.batch import Batch, ModalityBatch
 from fusion.errors import FusionError
 from fusion.prepare.manifest import Manifest
+from fusion.reduced import ReducedArray, ReductionConfig, group_mean, reduced_array
 
 FEATURES = ("tokens", "pooled")
 LOADINGS = ("auto", "memory", "stream")
+FEATURE_DEVICES = ("auto", "device", "host")
 
 
 class DataError(FusionError):
@@ -57,10 +58,15 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes that read and assemble batches (Linux: fork); 0 = two background threads in this process
     seed: int = 0  # shuffling seed (the epoch number is mixed in)
     layers: dict[str, int] = field(default_factory=dict)  # modality -> hidden state read from a store built with several; unset = its only one
+    reduced_dir: str | None = None  # where max_tokens reductions are kept (fusion.reduced); None = the user's cache directory
+    feature_device: str = "auto"  # auto | device | host: where in-memory features live and batches are gathered (StoreBatches.place)
+    device_memory_gb: float | None = None  # features placed on a CUDA device up to this size; None = half its memory
 
     def __post_init__(self) -> None:
         if self.features not in FEATURES:
             raise DataError(f"unknown features {self.features!r}; expected one of {list(FEATURES)}")
+        if self.feature_device not in FEATURE_DEVICES:
+            raise DataError(f"unknown feature_device {self.feature_device!r}; expected one of {list(FEATURE_DEVICES)}")
         if self.loading not in LOADINGS:
             raise DataError(f"unknown loading {self.loading!r}; expected one of {list(LOADINGS)}")
         if not self.stores:
@@ -104,56 +110,90 @@ class ModalityFeatures:
         raise NotImplementedError
 
 
-class PooledFeatures(ModalityFeatures):
+class IndexedFeatures(ModalityFeatures):
+    """Features held whole as one padded table, (records + 1, n, d) with a zero last row for absent samples,
+    so a batch is an index gather (`take`) on whatever device the table is on: no per-sample Python, no
+    host collation. `StoreBatches.place` moves the tables to the training device when they fit there."""
+
+    table: torch.Tensor  # (k + 1, n, d): row k is zeros (absent samples)
+    lengths: torch.Tensor  # (k + 1,) int64 rows per record; 0 in the last
+    row: dict[str, int]  # key -> row of the table
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + self.lengths.nbytes
+
+    def index(self, keys: list[str | None]) -> np.ndarray:
+        """(b,) table rows of the keys; absent samples get the zero row."""
+        absent = len(self.table) - 1
+        return np.array([absent if k is None else self.row[k] for k in keys], np.int64)
+
+    def take(self, at: torch.Tensor) -> ModalityBatch:
+        """The batch of table rows `at` (b,), on the table's device; fixed width n, so no device sync."""
+        x = self.table[at]  # (b, n, d)
+        length = self.lengths[at]  # (b,)
+        mask = torch.arange(x.shape[1], device=x.device) < length[:, None]  # (b, n)
+        return ModalityBatch(x=x, mask=mask, present=length > 0)
+
+    def gather(self, keys: list[str | None]) -> ModalityBatch:
+        return self.take(torch.from_numpy(self.index(keys)).to(self.table.device))
+
+    def to_(self, device: torch.device) -> None:
+        self.table, self.lengths = self.table.to(device), self.lengths.to(device)
+
+
+class PooledFeatures(IndexedFeatures):
     def __init__(self, store: EmbeddingStore, keys: list[str]):
         self.dim = store.embed_dim
         self.row = {k: i for i, k in enumerate(keys)}
-        self.table = torch.from_numpy(store.pooled(keys))  # (k, d)
+        pooled = torch.from_numpy(store.pooled(keys))  # (k, d) float32
+        self.table = rearrange(torch.cat([pooled, pooled.new_zeros(1, self.dim)]), "k d -> k 1 d")  # (k + 1, 1, d)
+        self.lengths = torch.ones(len(keys) + 1, dtype=torch.int64)
+        self.lengths[-1] = 0
+
+
+class ReducedTokens(IndexedFeatures):
+    """Per-token rows reduced once to at most `max_tokens` per record (fusion.reduced), held in memory:
+    the (records + 1, width, d) fp16 table of the reduced array, checked block by block as it is read."""
+
+    def __init__(self, store: EmbeddingStore, keys: list[str], reduced: ReducedArray):
+        self.dim, self.reduced = store.embed_dim, reduced
+        self.row = dict(zip(keys, store.rows(keys).tolist()))
+        n, width, d = reduced.shape
+        table = np.zeros((n + 1, width, d), np.float16)
+        reduced.load(out=table[:n])
+        self.table = torch.from_numpy(table)
+        self.lengths = torch.from_numpy(np.append(reduced.lengths, 0).astype(np.int64))
+
+
+class StreamedReducedTokens(ModalityFeatures):
+    """A reduced array too large for memory, read per batch.
+
+    Shuffled epochs visit the samples block by block of one streamed modality (`StoreBatches._order`
+    sets its `sequential`): its blocks are read whole, once an epoch each, in one large sequential read.
+    The other modalities' records come in no block order: they are read record by record.
+    """
+
+    def __init__(self, store: EmbeddingStore, keys: list[str], reduced: ReducedArray):
+        self.dim, self.reduced = store.embed_dim, reduced
+        self.row = dict(zip(keys, store.rows(keys).tolist()))
+        self.width = reduced.shape[1]
+        self.sequential = False
+
+    def index(self, keys: list[str | None]) -> np.ndarray:
+        return np.array([-1 if k is None else self.row[k] for k in keys], np.int64)
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
-        present = torch.tensor([k is not None for k in keys])
-        rows = torch.tensor([self.row[k] if k is not None else 0 for k in keys])
-        x = self.table[rows] * present[:, None]  # (b, d); zero for absent samples
-        return ModalityBatch(x=x[:, None, :], mask=present[:, None].clone(), present=present)
+        at = self.index(keys)
+        batch, x = _zeros((len(keys), self.width, self.dim), np.float16)  # (b, width, d), zero for absent samples
+        (self.reduced.rows_of if self.sequential else self.reduced.records_into)(at, x)
+        length = np.where(at >= 0, self.reduced.lengths[np.maximum(at, 0)], 0)  # (b,)
+        mask = np.arange(self.width) < length[:, None]  # (b, width)
+        return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.from_numpy(length > 0))
 
-
-# A window wider than this many rows is averaged by torch's adaptive pooling instead of row by row.
-_WIDE_WINDOW = 16
-
-
-def group_mean(x: torch.Tensor, max_rows: int | None) -> torch.Tensor:
-    """(L, d) -> (min(L, max_rows), d): the mean of consecutive, near-equal groups of rows.
-
-    An explicit, recorded reduction (DataConfig.max_tokens) for fusion inputs too long for the
-    compute at hand; every input row still counts, none is dropped. The groups are those of
-    `F.adaptive_avg_pool1d` (group i: rows floor(i L / m) to ceil((i + 1) L / m), so neighbours
-    may share a row), computed in float32 whatever x's dtype, and the result is bit-equal to it
-    (tests/fusion/test_data.py). It is summed here as a few (m, d) row gathers, one per position
-    within a group: about 6x faster than the pooling, which reads the rows transposed (2,000 x 1,024
-    fp16 rows to 512 on the 2-core VM: 1.8 ms vs 10.8 ms), and the pooling took half of a streamed
-    batch's time with max_tokens set. Groups wider than _WIDE_WINDOW rows still go through it.
-    """
-    if max_rows is None or len(x) <= max_rows:
-        return x
-    n = len(x)
-    group = torch.arange(max_rows, device=x.device)
-    start = group * n // max_rows  # (m,)
-    end = -(-(group + 1) * n // max_rows)  # (m,) ceil, exclusive
-    width = int((end - start).max())
-    if width > _WIDE_WINDOW:  # few groups of many rows: one pooling call rather than a long loop here
-        pooled = F.adaptive_avg_pool1d(rearrange(x.float(), "l d -> 1 d l"), max_rows)  # (1, d, m)
-        return rearrange(pooled, "1 d l -> l d")
-    size = end - start  # (m,) rows per group
-    smallest = int(size.min())
-    total = x[start].float()  # (m, d): each group's first row
-    for k in range(1, width):  # then each group's k-th row, added in row order as the pooling adds them
-        at = start + k
-        if k < smallest:  # every group has one
-            total += x[at]  # fp16 rows are widened to float32 exactly, in the addition
-        else:
-            has = (at < end).nonzero().squeeze(1)
-            total.index_add_(0, has, x[at[has]].float())
-    return total / size[:, None]  # (m, d) float32
+    @property
+    def nbytes(self) -> int:
+        return self.reduced.nbytes
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -216,42 +256,20 @@ def _pad_differentiable(pieces: list[torch.Tensor | None], lengths: list[int], w
 
 
 class InMemoryTokens(ModalityFeatures):
-    """All per-token rows of the needed records in one flat tensor (stored dtype, usually fp16), plus,
-    with `max_rows`, the group-averaged rows of the records longer than that (float32)."""
+    """All per-token rows of the needed records in one flat tensor, in the stored dtype (usually fp16)."""
 
-    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
+    def __init__(self, store: EmbeddingStore, keys: list[str]):
         self.dim = store.embed_dim
         flat, offsets, lengths = store.token_arrays()
         rows = store.rows(keys)
         self.flat = torch.from_numpy(flat)  # (T, d)
         self.span = {k: (int(offsets[r]), int(lengths[r])) for k, r in zip(keys, rows)}
-        self.reduced = torch.zeros(0, self.dim)  # (R, d) float32
-        self.reduced_at: dict[str, int] = {}  # key -> first row in `reduced` (its max_rows rows)
-        if max_rows is not None:
-            self._reduce_once(max_rows)
-
-    def _reduce_once(self, max_rows: int) -> None:
-        """Apply `group_mean` to every longer record now, not in every batch of every epoch.
-
-        The reduction is fixed per record; redone in the prefetch thread it took 5-7 ms a batch and
-        slowed the training step by about as much again (the threads contend). The results are
-        kept in float32, exactly as `_pad` computed them; shorter records stay in `flat`.
-        """
-        longer = [(k, o, n) for k, (o, n) in self.span.items() if n > max_rows]
-        self.reduced = torch.empty(len(longer) * max_rows, self.dim)  # (R, d) float32, filled in place
-        for j, (k, o, n) in enumerate(longer):
-            self.reduced[j * max_rows : (j + 1) * max_rows] = group_mean(self.flat[o : o + n], max_rows)
-            self.reduced_at[k] = j * max_rows
-        self.max_rows = max_rows
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         pieces: list[torch.Tensor | None] = []
         for k in keys:
             if k is None:
                 pieces.append(None)
-            elif k in self.reduced_at:
-                r = self.reduced_at[k]
-                pieces.append(self.reduced[r : r + self.max_rows])
             else:
                 o, n = self.span[k]
                 pieces.append(self.flat[o : o + n])
@@ -265,24 +283,18 @@ class StreamedTokens(ModalityFeatures):
     views of its mapped files: embedcache.reader.run_reads, embedcache.mapped_store; zarr's otherwise),
     so there is no thread pool here, and every chunk's crc32c is still checked.
     zarr decodes straight into the padded fp16 batch (`EmbeddingStore.read_tokens_into`): no array
-    per record to copy again (+10-15% in bench_fusion_data.py); with max_rows, the records longer
-    than that are then averaged (`group_mean`) from their rows in that batch.
+    per record to copy again (+10-15% in bench_fusion_data.py).
     """
 
-    def __init__(self, store: EmbeddingStore, keys: list[str], max_rows: int | None = None):
+    def __init__(self, store: EmbeddingStore, keys: list[str]):
         keep_freed_memory()  # zarr's ~1 MiB chunk buffers reused, not faulted in again per read (embedcache.heap)
-        self.dim, self.max_rows = store.embed_dim, max_rows
+        self.dim = store.embed_dim
         self.store = store
         self.dtype = np.dtype(store.attrs["stored_dtype"]["tokens"])
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         lengths = np.array([0 if k is None else self.store.token_span(k)[1] for k in keys])  # (b,)
         shape = (len(keys), max(int(lengths.max(initial=0)), 1), self.dim)  # (b, L, d)
-        if self.max_rows is not None and lengths.max(initial=0) > self.max_rows:  # longer rows are averaged, as `_pad` does
-            rows = np.zeros(shape, self.dtype)  # the full rows: read here, averaged into the batch `_pad` makes
-            self.store.read_tokens_into(keys, rows)
-            return _pad([torch.from_numpy(rows[i, :n]) if k is not None else None for i, (k, n) in enumerate(zip(keys, lengths))],
-                        self.dim, self.max_rows)  # fmt: skip
         batch, x = _zeros(shape, self.dtype)  # zero padding
         self.store.read_tokens_into(keys, x)  # zarr decodes into the batch: no per-record array to copy
         mask = np.arange(x.shape[1]) < lengths[:, None]  # (b, L)
@@ -306,8 +318,11 @@ class StoreBatches:
     manifest: Manifest
     features: dict[str, ModalityFeatures]
     stores: dict[str, EmbeddingStore]
-    loading: dict[str, str] = field(default_factory=dict)  # modality -> memory | stream | pooled
+    loading: dict[str, str] = field(default_factory=dict)  # modality -> memory | stream | pooled, and where it is gathered
+    device: torch.device | None = None  # set by `place`: every feature table lives there and batches are gathered there
+    pin: bool = False  # set by `place`: host-made batches go to pinned memory (asynchronous copies to a CUDA device)
     _splits: dict[str, "SplitArrays"] = field(default_factory=dict, repr=False)  # split -> arrays, made on first use
+    _indices: dict[str, dict] = field(default_factory=dict, repr=False)  # split -> table rows and targets on `device`
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -336,7 +351,41 @@ class StoreBatches:
             features={m: self.features[m] for m in modalities},
             stores={m: self.stores[m] for m in modalities},
             loading={m: self.loading[m] for m in modalities},
+            device=self.device,
+            pin=self.pin,
         )
+
+    def place(self, device: torch.device, *, log=print) -> None:
+        """Decide where batches are made for training on `device` (DataConfig.feature_device), and say so.
+
+        Features held whole (pooled vectors, reduced per-token rows in memory: `IndexedFeatures`) are
+        moved to the device once, when they fit its budget (device_memory_gb, default half of a CUDA
+        device's memory; a CPU device is the host RAM they already occupy): each batch is then an
+        index gather there, with no host collation and no copy per step. Otherwise (streamed rows,
+        rows not reduced, over budget, or feature_device=host) batches are made on the host by
+        background threads; for a CUDA device in pinned memory, so their copies overlap the step.
+        """
+        indexed = all(isinstance(f, IndexedFeatures) for f in self.features.values())
+        nbytes = sum(getattr(f, "nbytes", 0) for f in self.features.values())
+        budget = _device_budget(device, self.config.device_memory_gb)
+        choice = self.config.feature_device
+        if choice == "device" and not indexed:
+            held = [m for m, f in self.features.items() if not isinstance(f, IndexedFeatures)]
+            raise DataError(f"feature_device 'device': {held} are not held whole (per-token rows are placed on the device only "
+                            f"when reduced with max_tokens and in memory); use feature_device auto or host")
+        if choice == "device" or (choice == "auto" and indexed and nbytes <= budget):
+            for f in self.features.values():
+                f.to_(device)
+            self.device, self.pin = device, False
+            how = f"on {device}, gathered there per batch ({nbytes / 1e6:,.1f} MB of features)"
+        else:
+            self.device, self.pin = None, device.type == "cuda"
+            why = "feature_device host" if choice == "host" else ("streamed or not reduced" if not indexed else
+                                                                 f"{nbytes / 1e9:.1f} GB > the device budget {budget / 1e9:.1f} GB")
+            how = f"made on the host per batch ({why})" + ("; pinned, copied asynchronously" if self.pin else "")
+        where = f"batches on {device}" if self.device is not None else "batches on the host"
+        self.loading = {m: f"{v.split('; ')[0]}; {where}" for m, v in self.loading.items()}
+        log(f"features: {how}")
 
     def split_manifest(self, split: str) -> Manifest:
         return self.manifest.split(split)
@@ -352,25 +401,92 @@ class StoreBatches:
 
     def __call__(self, split: str, *, shuffle: bool = False, epoch: int = 0) -> Iterator[Batch]:
         arrays = self.split_arrays(split)
-        order = np.arange(len(arrays.sample_ids))
-        if shuffle:
-            np.random.default_rng([self.config.seed, epoch]).shuffle(order)
+        order = self._order(arrays, shuffle, epoch)
+        if self.device is not None:  # features on the device: each batch is an index gather there
+            return self._gathered(split, arrays, order)
         rows = [order[s : s + self.config.batch_size] for s in range(0, len(order), self.config.batch_size)]
         if self.config.workers:
             return _with_old_objects_frozen(lambda: _worker_batches(EpochBatches(self, arrays, rows), self.config.workers, self.config.prefetch))
         # Batches are assembled in background threads, overlapping the training step.
         return _with_old_objects_frozen(lambda: _prefetch(functools.partial(self._batch, arrays), rows, self.config.prefetch))
 
+    def _order(self, arrays: "SplitArrays", shuffle: bool, epoch: int) -> np.ndarray:
+        """The epoch's sample order. Shuffled epochs over a streamed reduced array go block by block (the
+        largest such modality's blocks in random order, samples shuffled within each), so every block
+        is read about once an epoch; other epochs are plain permutations."""
+        order = np.arange(len(arrays.sample_ids))
+        streamed = [(f.reduced.nbytes, m) for m, f in self.features.items() if isinstance(f, StreamedReducedTokens)]
+        leader = max(streamed)[1] if streamed and shuffle else None
+        for m, f in self.features.items():
+            if isinstance(f, StreamedReducedTokens):
+                f.sequential = m == leader
+        if not shuffle:
+            return order
+        rng = np.random.default_rng([self.config.seed, epoch])
+        if leader is None:
+            rng.shuffle(order)
+            return order
+        f = self.features[leader]
+        at = f.index(arrays.keys[leader])
+        block = np.where(at >= 0, at // f.reduced.block_rows, -1)  # absent samples form a block of their own
+        rank = rng.permutation(block.max() + 2)[block + 1]  # a random rank per block
+        return np.lexsort((rng.random(len(order)), rank))  # by block rank, then at random within the block
+
+    def _gathered(self, split: str, arrays: "SplitArrays", order: np.ndarray) -> Iterator[Batch]:
+        """Batches gathered on `self.device` from tables placed there: the split's table rows and targets
+        go there once; per batch, one index per modality (no host collation, no copies per step)."""
+        if split not in self._indices:
+            targets = arrays.targets.to(self.device)
+            self._indices[split] = {
+                "rows": {m: torch.from_numpy(f.index(arrays.keys[m])).to(self.device) for m, f in self.features.items()},
+                "targets": torch.nan_to_num(targets, nan=0.0),
+                "target_mask": ~torch.isnan(targets),
+            }
+        at = self._indices[split]
+        on_device = torch.from_numpy(order).to(self.device)
+        for s in range(0, len(order), self.config.batch_size):
+            b = on_device[s : s + self.config.batch_size]  # (b,)
+            yield Batch(
+                features={m: f.take(at["rows"][m][b]) for m, f in self.features.items()},
+                targets=at["targets"][b],
+                target_mask=at["target_mask"][b],
+                sample_ids=[arrays.sample_ids[r] for r in order[s : s + self.config.batch_size]],
+            )
+
     def _batch(self, arrays: "SplitArrays", rows: np.ndarray) -> Batch:
         features = {m: feats.gather([arrays.keys[m][r] for r in rows]) for m, feats in self.features.items()}
         targets = arrays.targets[rows]  # (b, t), NaN = missing
         mask = ~torch.isnan(targets)
-        return Batch(
+        batch = Batch(
             features=features,
             targets=torch.nan_to_num(targets, nan=0.0),
             target_mask=mask,
             sample_ids=[arrays.sample_ids[r] for r in rows],
         )
+        return _pinned(batch) if self.pin else batch
+
+
+def _pinned(batch: Batch) -> Batch:
+    """The batch in page-locked memory (made in a loader thread), so `Batch.to(cuda, non_blocking=True)`
+    copies it while the step runs instead of blocking on a pageable copy."""
+    pin = lambda t: t.pin_memory() if t.device.type == "cpu" else t  # noqa: E731 (live features may already be on the device)
+    return Batch(
+        features={m: ModalityBatch(x=pin(f.x), mask=pin(f.mask), present=pin(f.present)) for m, f in batch.features.items()},
+        targets=pin(batch.targets),
+        target_mask=pin(batch.target_mask),
+        sample_ids=batch.sample_ids,
+    )
+
+
+def _device_budget(device: torch.device, device_memory_gb: float | None) -> float:
+    """Bytes of features `place` puts on `device`: device_memory_gb, else half a CUDA device's memory
+    (the rest is the model's, its activations' and the optimizer's); a CPU device has no separate
+    memory, the features are already in RAM."""
+    if device_memory_gb is not None:
+        return device_memory_gb * 1e9
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2
+    return float("inf")
 
 
 @dataclass
@@ -540,8 +656,12 @@ def open_modality_store(config: DataConfig, manifest: Manifest, modality: str) -
     return store, keys
 
 
-def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreBatches:
-    """Open the stores, check them against the manifest, and load or prepare features per modality."""
+def open_batches(config: DataConfig, manifest: Manifest, *, log=print, progress: bool = False) -> StoreBatches:
+    """Open the stores, check them against the manifest, and load or prepare features per modality.
+
+    With max_tokens, per-token rows come from the store's reduced array (fusion.reduced), made on
+    first use (`progress`: its bar) and reused by every later run and epoch.
+    """
     features, stores, loading = {}, {}, {}
     for m in config.used_modalities:
         path = config.stores[m]
@@ -551,13 +671,19 @@ def open_batches(config: DataConfig, manifest: Manifest, *, log=print) -> StoreB
         else:
             if not store.has_tokens:
                 raise DataError(f"store {path!r} ({m}) holds no per-token embeddings (--no-tokens); use features='pooled'")
-            size = token_bytes(store, keys)
+            reduced = None
+            if config.max_tokens is not None:
+                reduced = reduced_array(store, ReductionConfig(config.max_tokens, int(store.layer)), config.reduced_dir, log=log, progress=progress)
+            size = token_bytes(store, keys) if reduced is None else reduced.nbytes
             in_memory = config.loading == "memory" or (config.loading == "auto" and size <= config.memory_gb * 1e9)
-            kind = InMemoryTokens if in_memory else StreamedTokens
-            features[m] = kind(store, keys, max_rows=config.max_tokens)
-            loading[m] = "memory" if in_memory else "stream"
+            if reduced is None:
+                features[m] = (InMemoryTokens if in_memory else StreamedTokens)(store, keys)
+            else:
+                features[m] = (ReducedTokens if in_memory else StreamedReducedTokens)(store, keys, reduced)
+            loading[m] = ("memory" if in_memory else "stream") + ("" if reduced is None else f", reduced to {config.max_tokens} rows")
             pool = store.attrs.get("config", {}).get("token_pool")
             pooled_note = f", every {pool} rows averaged at build (--token-pool)" if pool and pool > 1 else ""
-            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB per-token, {loading[m]}{pooled_note})")
+            what = "per-token" if reduced is None else f"per-token reduced, {reduced.path}"
+            log(f"{m}: {len(keys)} records from {path} ({size / 1e6:,.1f} MB {what}, {loading[m]}{pooled_note})")
         stores[m] = store
     return StoreBatches(config=config, manifest=manifest, features=features, stores=stores, loading=loading)

@@ -116,7 +116,8 @@ def _run_demo(out: Path, config: DemoConfig, log: Log) -> dict:
     log(describe(open_store(stores["rna"]).info()))
 
     data = DataConfig(
-        manifest=str(prepared.out_dir), stores=stores, features="tokens", max_tokens=config.max_tokens, batch_size=config.batch_size
+        manifest=str(prepared.out_dir), stores=stores, features="tokens", max_tokens=config.max_tokens, batch_size=config.batch_size,
+        reduced_dir=str(out / "reduced"),  # the demo keeps everything it makes in its own directory
     )
     model_options = {"d_model": config.d_model, "n_heads": 4, "head_hidden": 2 * config.d_model}
     train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size)

@@ -579,8 +579,11 @@ class LiveFeed:
         self.live: dict[str, LiveEncoder] = {}
         self.device = torch.device("cpu")
 
-    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log) -> StoreBatches:
+    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log, progress: bool = False) -> StoreBatches:
         return open_sequence_batches(data, manifest, log=log)
+
+    def place(self, batches: StoreBatches, device: torch.device, log: Log) -> None:
+        pass  # batches hold sequences; the live encoders run on the training device
 
     def _load(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
         self.device = resolve_device(train_config.device)

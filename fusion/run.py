@@ -200,7 +200,10 @@ class Feed(Protocol):
 
     mode: str
 
-    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log) -> StoreBatches: ...
+    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log, progress: bool = False) -> StoreBatches: ...
+
+    def place(self, batches: StoreBatches, device: torch.device, log: Log) -> None:
+        """Where batches are made for training on `device` (cached: StoreBatches.place)."""
 
     def prepare(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
         """Before the fusion model exists (finetune: check modes, load the encoders)."""
@@ -237,8 +240,11 @@ class CachedFeed:
 
     mode = "cached"
 
-    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log) -> StoreBatches:
-        return open_batches(data, manifest, log=log)
+    def open_batches(self, data: DataConfig, manifest: Manifest, log: Log, progress: bool = False) -> StoreBatches:
+        return open_batches(data, manifest, log=log, progress=progress)
+
+    def place(self, batches: StoreBatches, device: torch.device, log: Log) -> None:
+        batches.place(device, log=log)
 
     def prepare(self, batches: StoreBatches, train_config: TrainConfig, log: Log) -> None:
         pass
@@ -357,11 +363,12 @@ def run_directory(path: Path) -> Iterator[Path]:
 
 def _train_in(feed: Feed, data: DataConfig, aggregator: str, model_options: dict, train_config: TrainConfig, run_dir: Path,
               batches: StoreBatches | None, progress: bool, log: Log) -> RunResult:  # fmt: skip
-    batches = batches or feed.open_batches(data, read_manifest(data.manifest), log)
+    batches = batches or feed.open_batches(data, read_manifest(data.manifest), log, progress)
     for split in SPLITS:  # an empty split, or one without a single target value, is an error now, not after an epoch
         part = batches.split_manifest(split)
         if np.isnan(part.targets()).all():
             raise RunError(f"manifest {part.path}: every target of the {split!r} split is missing ({len(part)} samples); nothing to fit or select on")
+    feed.place(batches, resolve_device(train_config.device), log)
     feed.prepare(batches, train_config, log)
     seed_everything(train_config.seed)  # the model's initial weights depend on the seed too
     fusion = feed.initial_fusion(batches, data, log) or build_model(batches, aggregator, model_options)
@@ -504,7 +511,7 @@ def open_run(
     data = DataConfig.from_dict({**data.to_dict(), **overrides})
     feed = feed_for(run, trust_remote_code=trust_remote_code)
     with transformers_progress(progress or run.mode == "cached"):
-        batches = feed.open_batches(data, read_manifest(data.manifest), log)
+        batches = feed.open_batches(data, read_manifest(data.manifest), log, progress)
         check_run_data(checkpoint, batches, source="evaluation data")
         model = feed.reopen(run, batches, checkpoint, device, log)
     return OpenedRun(run_dir=run_dir, manifest=run, checkpoint=checkpoint, batches=batches, model=model)

@@ -42,3 +42,11 @@ def free_port() -> int:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reduced_array_cache(tmp_path_factory):
+    """Reduced arrays (fusion.reduced) made by tests, and by the commands they run, go to a temporary cache."""
+    from fusion.reduced import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("embedcache-cache"))

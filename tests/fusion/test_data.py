@@ -1,4 +1,4 @@
-"""Per-token loading: RAM and streamed features give the same batches, with and without max_tokens."""
+"""Per-token loading: RAM and streamed features give the same batches; `group_mean` is the pooling."""
 
 from __future__ import annotations
 
@@ -39,19 +39,16 @@ def store(tmp_path_factory):
     return open_store(path)
 
 
-@pytest.mark.parametrize("max_rows", [None, 1, 3, 5, 100])
-def test_memory_and_stream_batches_are_identical(store, max_rows):
+def test_memory_and_stream_batches_are_identical(store):
     keys = list(LENGTHS)
     batch = ["e", None, "a", "d", "b", "e", "c"]  # an absent sample, a repeated record, every length
-    memory = InMemoryTokens(store, keys, max_rows=max_rows).gather(batch)
-    stream = StreamedTokens(store, keys, max_rows=max_rows).gather(batch)
-    # What the batch was before InMemoryTokens reduced records at load: _pad on the stored rows.
-    per_batch = _pad([None if k is None else torch.from_numpy(store.tokens(k)) for k in batch], DIM, max_rows)
+    memory = InMemoryTokens(store, keys).gather(batch)
+    stream = StreamedTokens(store, keys).gather(batch)
+    per_batch = _pad([None if k is None else torch.from_numpy(store.tokens(k)) for k in batch], DIM)  # the stored rows, padded
     for got in (memory, stream):
         assert torch.equal(got.x, per_batch.x) and torch.equal(got.mask, per_batch.mask)
         assert torch.equal(got.present, per_batch.present)
-    expected_rows = [0 if k is None else min(LENGTHS[k], max_rows or 10**9) for k in batch]
-    assert memory.mask.sum(1).tolist() == expected_rows
+    assert memory.mask.sum(1).tolist() == [0 if k is None else LENGTHS[k] for k in batch]
 
 
 def test_padding_live_rows_keeps_their_gradients():
@@ -85,13 +82,10 @@ def test_group_mean_passes_gradients_to_every_row():
     assert (x.grad > 0).all()
 
 
-@pytest.mark.parametrize("max_rows, dtype", [(None, torch.float16), (100, torch.float16), (3, torch.float32)])
-def test_batches_keep_the_stored_dtype_unless_rows_were_averaged(store, max_rows, dtype):
-    """fp16 rows travel as fp16 (half the bytes to collate and queue); averaged rows are float32, so a
-    batch holding any is float32 and no averaged value is rounded."""
-    batch = ["e", "a", None]
+def test_batches_keep_the_stored_dtype(store):
+    """fp16 rows travel as fp16: half the bytes to collate and queue."""
     for kind in (InMemoryTokens, StreamedTokens):
-        assert kind(store, list(LENGTHS), max_rows=max_rows).gather(batch).x.dtype == dtype
+        assert kind(store, list(LENGTHS)).gather(["e", "a", None]).x.dtype == torch.float16
 
 
 def test_the_model_sees_the_same_numbers_from_fp16_and_float32_batches(store):

@@ -1,0 +1,178 @@
+"""Reduce once (fusion.reduced): the array equals the per-batch reduction it replaces, is reused, is made
+anew when its store changes, refuses damage, and feeds batches on the device equal to host-made ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fusion.reduced as reduced_module
+from embedcache import open_store
+from embedcache.store import ContentResult, create_store, open_writer
+from fusion.data import DataConfig, ReducedTokens, StoreBatches, StreamedReducedTokens, _pad, open_batches
+from fusion.reduced import ReducedError, ReductionConfig, reduced_array
+
+DIM = 8
+LENGTHS = {"a": 1, "b": 3, "c": 5, "d": 8, "e": 40, "f": 17, "g": 2}
+ATTRS = {
+    "format": "embedcache-store", "schema_version": 2, "fingerprint": "test", "embed_dim": DIM,
+    "config": {"encoder": "test", "model": "synthetic", "pooling": "mean", "dtype": "float16"},
+    "provenance": {}, "stored_dtype": {"tokens": "float16", "pooled": "float32"},
+}  # fmt: skip
+
+
+def _commit(path: Path, lengths: dict[str, int], seed: int) -> None:
+    writer = open_writer(path)
+    rng = np.random.default_rng(seed)
+    results = []
+    for key, n in lengths.items():
+        rows = (rng.standard_normal((n, DIM)) * 3).astype(np.float16)
+        results.append(ContentResult(key=f"k{key}", residues="A" * n, tokens=rows, pooled=rows.mean(0).astype(np.float32),
+                                     n_input_tokens=n, n_cropped=0, n_windows=1))  # fmt: skip
+    writer.commit(results, [(key, f"k{key}") for key in lengths])
+    writer.set_status("complete")
+
+
+@pytest.fixture
+def store_path(tmp_path) -> Path:
+    path = tmp_path / "tokens.zarr"
+    create_store(path, attrs=ATTRS, embed_dim=DIM, pooled=True, tokens=True, token_dtype="float16", shard_mb=1.0)
+    _commit(path, LENGTHS, seed=0)
+    return path
+
+
+def _reduce(store, max_tokens: int, cache: Path, log=lambda m: None):
+    return reduced_array(store, ReductionConfig(max_tokens, store.layer), cache, log=log)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, 5, 100])
+def test_reduced_rows_are_the_per_batch_reduction_in_fp16(store_path, tmp_path, max_tokens):
+    """Bit for bit: what `_pad` made of the stored rows every batch (float32 group means), rounded to fp16."""
+    store = open_store(store_path)
+    keys = list(LENGTHS)
+    array = _reduce(store, max_tokens, tmp_path / "cache")
+    batch = ["e", None, "a", "d", "b", "e", "c", "f"]  # an absent sample, a repeated record, every length
+    per_batch = _pad([None if k is None else torch.from_numpy(store.tokens(k)) for k in batch], DIM, max_tokens)
+    for features in (ReducedTokens(store, keys, array), StreamedReducedTokens(store, keys, array)):
+        got = features.gather(batch)
+        assert got.x.dtype == torch.float16 and torch.equal(got.present, per_batch.present)
+        width = per_batch.x.shape[1]
+        assert torch.equal(got.mask[:, :width], per_batch.mask) and not got.mask[:, width:].any()
+        assert torch.equal(got.x[:, :width], per_batch.x.half()) and not got.x[:, width:].any()
+
+
+def test_made_once_then_reused_and_made_anew_when_the_store_changes(store_path, tmp_path):
+    cache = tmp_path / "cache"
+    said = []
+    first = _reduce(open_store(store_path), 4, cache, log=said.append)
+    assert len(said) == 1 and "reducing" in said[0]
+    again = _reduce(open_store(store_path), 4, cache, log=said.append)
+    assert len(said) == 1 and again.path == first.path  # nothing read from the store again
+    assert _reduce(open_store(store_path), 5, cache, log=said.append).path != first.path  # another max_tokens: another array
+
+    _commit(store_path, {"h": 9}, seed=1)  # the store gains a commit: its old reduction no longer describes it
+    store = open_store(store_path)
+    extended = _reduce(store, 4, cache, log=said.append)
+    assert extended.path != first.path and len(said) == 3
+    rows = ReducedTokens(store, ["h"], extended).gather(["h"])
+    assert rows.mask.sum().item() == 4
+
+
+def test_an_array_that_does_not_describe_its_store_is_refused(store_path, tmp_path):
+    store = open_store(store_path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    meta_file = array.path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["fusion_reduced"]["source"]["commits"] = 7
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ReducedError, match=r"reduced array .* holds .*'commits': 7.* needs .*delete it"):
+        _reduce(store, 4, tmp_path / "cache")
+
+
+def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)  # 2 records a block: 4 blocks
+    store = open_store(store_path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    assert array.block_rows == 2
+    a, b = array.path / "rows" / "c" / "0" / "0" / "0", array.path / "rows" / "c" / "1" / "0" / "0"
+    data_a, data_b = a.read_bytes(), b.read_bytes()  # each chunk's own crc32c still holds after the swap
+    a.write_bytes(data_b), b.write_bytes(data_a)
+    reopened = _reduce(store, 4, tmp_path / "cache")
+    with pytest.raises(ReducedError, match=r"block 0 \(records 0\.\.1\) has crc32"):
+        reopened.load()
+    with pytest.raises(ReducedError, match=r"block 1 \(records 2\.\.3\)"):
+        StreamedReducedTokens(store, list(LENGTHS), reopened).gather(["c"])
+
+
+def test_an_interrupted_reduction_leaves_nothing_that_looks_complete(store_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)
+    calls, real = [], reduced_module.group_mean
+
+    def failing(x, m):  # Ctrl-C in the third block
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(x, m)
+
+    monkeypatch.setattr(reduced_module, "group_mean", failing)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        _reduce(open_store(store_path), 4, cache)
+    assert os.listdir(cache) == []  # neither the array nor its temporary
+    monkeypatch.setattr(reduced_module, "group_mean", real)
+    assert _reduce(open_store(store_path), 4, cache).load().shape == (len(LENGTHS), 4, DIM)
+
+
+def test_streamed_epochs_visit_blocks_one_after_another(demo_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * 2 * 16 * 2)  # 4 records of 2 rows x 16 a block
+    config = DataConfig(manifest=demo_data["prep"], stores={"rna": demo_data["stores"]["rna"]}, max_tokens=2, loading="stream",
+                        reduced_dir=str(tmp_path), batch_size=4)  # fmt: skip
+    from fusion.run import read_manifest
+
+    batches = open_batches(config, read_manifest(config.manifest), log=lambda m: None)
+    features = batches.features["rna"]
+    assert isinstance(features, StreamedReducedTokens)
+    arrays = batches.split_arrays("train")
+    block = features.index(arrays.keys["rna"]) // features.reduced.block_rows
+    order = batches._order(arrays, shuffle=True, epoch=3)
+    assert sorted(order) == list(range(len(order))) and not np.array_equal(order, np.sort(order))
+    seen = block[order]
+    assert (np.diff(seen) != 0).sum() == len(set(seen.tolist())) - 1  # each block's samples in one run
+
+
+@pytest.mark.parametrize("features", ["pooled", "tokens"])
+def test_batches_gathered_on_the_device_equal_host_made_ones(demo_data, tmp_path, features):
+    from fusion.run import read_manifest
+
+    kw = dict(manifest=demo_data["prep"], stores=demo_data["stores"], features=features, batch_size=5, reduced_dir=str(tmp_path))
+    kw |= {"max_tokens": 6} if features == "tokens" else {}
+    manifest = read_manifest(demo_data["prep"])
+    host = open_batches(DataConfig(**kw, feature_device="host"), manifest, log=lambda m: None)
+    host.place(torch.device("cpu"), log=lambda m: None)
+    device = open_batches(DataConfig(**kw), manifest, log=lambda m: None)
+    said = []
+    device.place(torch.device("cpu"), log=said.append)
+    assert host.device is None and device.device == torch.device("cpu")
+    assert "gathered there per batch" in said[0] and "batches on cpu" in device.loading["rna"]
+    for split in ("train", "test"):
+        for a, b in zip(host(split, shuffle=True, epoch=1), device(split, shuffle=True, epoch=1), strict=True):
+            assert a.sample_ids == b.sample_ids
+            assert torch.equal(a.targets, b.targets) and torch.equal(a.target_mask, b.target_mask)
+            for m in a.features:
+                fa, fb = a.features[m], b.features[m]
+                assert torch.equal(fa.x, fb.x) and torch.equal(fa.mask, fb.mask) and torch.equal(fa.present, fb.present)
+
+
+def test_feature_device_device_refuses_rows_that_are_not_held_whole(demo_data):
+    from fusion.data import DataError
+    from fusion.run import read_manifest
+
+    config = DataConfig(manifest=demo_data["prep"], stores=demo_data["stores"], feature_device="device", loading="stream")
+    batches = open_batches(config, read_manifest(config.manifest), log=lambda m: None)
+    with pytest.raises(DataError, match=r"feature_device 'device': \['(dna|rna|protein)'.*are not held whole"):
+        batches.place(torch.device("cpu"))
