@@ -41,6 +41,33 @@ The features of different modalities come from independently drawn sequences (th
 never enter the CDS or the promoter), so the three terms are statistically independent and their
 variance shares add up.
 
+The token term (opt-in: SyntheticConfig.share_token > 0; at the default 0 no draw is added and the
+CSV and genome are byte-identical to those without it), a signal only per-token features can carry:
+    y_t = ... + token_t(isoform; 0 if non-coding)
+  - What: serine leaves the protein background and every coding protein gets exactly
+    TOKEN_MARKERS = 18 serines back, as k ~ U{0..3} runs of TOKEN_RUN = 6 plus single serines, each
+    piece in its own gap (no two touch). The feature `clustered_ser` is the share of the serines that
+    have a serine neighbour, = 6k / 18. Flavour: a cluster of phosphosites or a low-complexity
+    stretch acts where a scattered one does not.
+  - Why pooling destroys it: every residue count, so the composition and the length, is the same
+    whatever k; only the ORDER differs. A mean over a protein's residue tokens is permutation-invariant
+    and sees none of it (the tiny random ESM2 mixes little context into each residue's output: the
+    ridge probe on its pooled embeddings stays at the subset ceilings without the token term,
+    benchmarks/bench_token_signal.py). Serine has six codons, so a run spreads over 36 in-frame codon
+    pairs (6-mer tokens) of the RNA instead of repeating one token (tryptophan's TGGTGG) that the pooled
+    RNA embedding could count. Not quite nothing is left in the RNA: a run's codon junctions shift a few
+    out-of-frame 3-mers, and ridge on the RNA's 1-3-mer frequencies reads ~0.08 of the term's variance
+    (none from 1-2-mers); the pooled tiny NT embedding shows none (the bench's token correlations).
+  - What sees it: the per-token rows, group-averaged to DataConfig.max_tokens (consecutive groups of
+    w = length / max_tokens residues; 5-19 at max_tokens 16): a row covering a run has a serine share
+    of about 6 / w against about 1 / w for single serines, and a model with a per-row nonlinearity
+    before pooling (cross-attention's feed-forward blocks) can read that. Group-averaging is what makes
+    the window visible: the fusion model has no positions and attends only across modalities.
+  It is centred and scaled like the other terms (over coding isoforms, 0 for non-coding ones), counts as
+  protein in subset_ceiling_r2, and synthetic.json holds its definition and weights (planted["token"]),
+  its own ceiling token_ceiling_r2 = mean over tissues of Var(token) / Var(y), and
+  subset_ceiling_r2_without_token: each subset's ceiling for a model blind to it.
+
 What a ridge probe on the demo's encoders' pooled embeddings reaches on this data, per modality
 subset and seed, is in benchmarks/README.md (bench_fusion_sweep.py); `embedding_baseline` computes
 such a table, and the slow test in tests/fusion/test_prepare_synthetic.py checks its ordering. The
@@ -91,6 +118,26 @@ RNA_FEATURES = ("poly_u_tracts", "poly_c_tracts")
 TRACT_BASES = ("T", "C")
 TRACT_MIN = 12
 PROTEIN_FEATURES = ("his_minus_gln", "asn_minus_lys")
+# The opt-in token term (SyntheticConfig.share_token): every coding protein holds exactly TOKEN_MARKERS copies
+# of TOKEN_RESIDUE (none elsewhere), TOKEN_RUN-long runs or single residues; the feature is the share of the
+# copies that touch another copy. Serine: six codons, so a run of them is spread over 36 in-frame codon
+# pairs (6-mer tokens) of the RNA instead of repeating one token the RNA encoder could count.
+TOKEN_FEATURES = ("clustered_ser",)
+TOKEN_RESIDUE = "S"
+TOKEN_MARKERS = 18
+TOKEN_RUN = 6
+TOKEN_DEFINITION = {  # written into synthetic.json's planted["token"] beside the features and weights
+    "modality": "protein",
+    "residue": TOKEN_RESIDUE,
+    "markers_per_protein": TOKEN_MARKERS,
+    "run_length": TOKEN_RUN,
+    "definition": (
+        f"clustered_ser = share of the protein's {TOKEN_MARKERS} {TOKEN_RESIDUE} residues that have an {TOKEN_RESIDUE} "
+        f"neighbour; planted as k ~ U{{0..{TOKEN_MARKERS // TOKEN_RUN}}} runs of {TOKEN_RUN} plus single "
+        f"{TOKEN_RESIDUE} residues (no two adjacent), so it is {TOKEN_RUN}k/{TOKEN_MARKERS}; every residue count "
+        f"is independent of it"
+    ),
+}
 MODALITIES = ("dna", "rna", "protein")
 SPLIT_ORDER = ("train", "validation", "test")
 
@@ -139,17 +186,19 @@ class SyntheticConfig:
     share_dna: float = 0.25  # variance share of the promoter term in every tissue
     share_rna: float = 0.30  # variance share of the RNA (poly-U / poly-C tract) term
     share_protein: float = 0.20  # variance share of the protein term (over all transcripts; 0 for non-coding)
-    share_noise: float = 0.25  # variance share of Gaussian noise; the four shares sum to 1
+    share_noise: float = 0.25  # variance share of Gaussian noise; the five shares sum to 1
+    share_token: float = 0.0  # variance share of the token term (serine clustering, protein; 0 for non-coding): off by default
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/validation/test shares of GENES
     missing_target_fraction: float = 0.01  # share of target cells left empty (NaN) to exercise masking
     seed: int = 0  # every random draw derives from this
 
     def __post_init__(self) -> None:
-        total = self.share_dna + self.share_rna + self.share_protein + self.share_noise
-        if abs(total - 1.0) > 1e-6 or min(self.share_dna, self.share_rna, self.share_protein, self.share_noise) < 0:
+        shares = (self.share_dna, self.share_rna, self.share_protein, self.share_token, self.share_noise)
+        total = sum(shares)
+        if abs(total - 1.0) > 1e-6 or min(shares) < 0:
             raise PrepareError(
                 f"variance shares dna={self.share_dna}, rna={self.share_rna}, protein={self.share_protein}, "
-                f"noise={self.share_noise} must be >= 0 and sum to 1 (they sum to {total})"
+                f"token={self.share_token}, noise={self.share_noise} must be >= 0 and sum to 1 (they sum to {total})"
             )
         if self.share_noise <= 0:
             raise PrepareError("share_noise must be > 0 (the ceiling is defined against a noisy target)")
@@ -167,6 +216,11 @@ class SyntheticConfig:
         lo, hi = self.tract_length
         if not TRACT_MIN <= lo <= hi:
             raise PrepareError(f"tract_length {self.tract_length} must satisfy {TRACT_MIN} (TRACT_MIN) <= low <= high")
+        if self.share_token > 0 and self.protein_length[0] < 3 * TOKEN_MARKERS:
+            raise PrepareError(
+                f"protein_length {self.protein_length} is too short for the token term: its {TOKEN_MARKERS} "
+                f"(TOKEN_MARKERS) serines need proteins of >= {3 * TOKEN_MARKERS} aa"
+            )
         if not 0 < self.tract_share_max * len(TRACT_BASES) < 1:
             raise PrepareError(
                 f"tract_share_max {self.tract_share_max} must be > 0 and < 1/{len(TRACT_BASES)} "
@@ -188,6 +242,8 @@ class SyntheticInfo:
     ceiling_r2: float  # best achievable R^2 averaged over tissues (log1p target space)
     ceiling_r2_per_tissue: dict[str, float]
     subset_ceiling_r2: dict[str, float]  # best R^2 from the true signal of a subset of modalities, e.g. "dna+rna"
+    token_ceiling_r2: float | None = None  # R^2 of the token term alone (None: not planted, share_token 0)
+    subset_ceiling_r2_without_token: dict[str, float] | None = None  # subset ceilings of a model blind to the token term
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +272,15 @@ def protein_features(protein: str) -> np.ndarray:
     return np.array([(protein.count("H") - protein.count("Q")) / n, (protein.count("N") - protein.count("K")) / n])
 
 
+def token_features(protein: str) -> np.ndarray:
+    """(1,) share of the protein's TOKEN_RESIDUE copies that touch another copy (lie in a run of >= 2); 0 if none.
+
+    A function of the residues' order only: any rearrangement keeps every residue count and can move it from 0 to 1.
+    """
+    runs = [len(r) for r in re.findall(f"{TOKEN_RESIDUE}+", protein)]
+    return np.array([sum(r for r in runs if r >= 2) / max(sum(runs), 1)])
+
+
 def true_signal(
     meta: dict,
     dna_by_gene: dict[str, str],
@@ -224,22 +289,25 @@ def true_signal(
     genes: Sequence[str],
     transcripts: Sequence[str],
 ) -> dict[str, np.ndarray]:
-    """Per modality, the (n, 30) planted term for each transcript, recomputed from sequences.
+    """Per modality, the (n, 30) planted term for each transcript, recomputed from sequences; with the
+    token term planted (synthetic.json's planted holds "token"), that term too, under "token".
 
     `meta` is synthetic.json; `genes[i]` / `transcripts[i]` name transcript i's gene and id.
-    A transcript missing from `protein_by_tx` is non-coding (protein term 0).
+    A transcript missing from `protein_by_tx` is non-coding (protein and token terms 0).
     """
     feats = {
         "dna": np.stack([dna_features(dna_by_gene[g]) for g in genes]),
         "rna": np.stack([rna_features(rna_by_tx[t]) for t in transcripts]),
         "protein": np.stack([protein_features(protein_by_tx.get(t, "")) for t in transcripts]),
     }
+    if "token" in meta["planted"]:
+        feats["token"] = np.stack([token_features(protein_by_tx.get(t, "")) for t in transcripts])
     coding = np.array([t in protein_by_tx for t in transcripts])
     out = {}
-    for m in MODALITIES:
+    for m in feats:
         p = meta["planted"][m]
         z = (feats[m] - np.array(p["feature_mean"])) / np.array(p["feature_std"])
-        if m == "protein":
+        if m in ("protein", "token"):
             z[~coding] = 0.0
         out[m] = z @ np.array(p["weights"])  # (n, k) @ (k, 30)
     return out
@@ -273,16 +341,23 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticC
     }
     coding = np.array([t["protein"] is not None for t in transcripts])
     n, n_t = len(transcripts), len(GTEX_TISSUES)
-    shares = {"dna": config.share_dna, "rna": config.share_rna, "protein": config.share_protein}
+    components = [
+        ("dna", DNA_FEATURES, config.share_dna),
+        ("rna", RNA_FEATURES, config.share_rna),
+        ("protein", PROTEIN_FEATURES, config.share_protein),
+    ]
+    if config.share_token > 0:  # only then: with it off no draw is added, and the data stay those it had before
+        feats["token"] = np.stack([token_features(t["protein"] or "") for t in transcripts])
+        components.append(("token", TOKEN_FEATURES, config.share_token))
     terms, planted = {}, {}
-    for m, names in zip(MODALITIES, (DNA_FEATURES, RNA_FEATURES, PROTEIN_FEATURES)):
-        rows = coding if m == "protein" else np.ones(n, bool)  # protein features are centred over coding isoforms
+    for m, names, share in components:
+        rows = coding if m in ("protein", "token") else np.ones(n, bool)  # protein features are centred over coding isoforms
         mean, std = feats[m][rows].mean(axis=0), feats[m][rows].std(axis=0)
         z = (feats[m] - mean) / std
         z[~rows] = 0.0
         loadings = rng.standard_normal((len(names), n_t))
         raw = z @ loadings  # (n, 30)
-        scale = np.sqrt(shares[m]) / raw.std(axis=0)  # exact share of variance over all transcripts
+        scale = np.sqrt(share) / raw.std(axis=0)  # exact share of variance over all transcripts
         weights = loadings * scale
         terms[m] = z @ weights
         planted[m] = {
@@ -290,11 +365,15 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticC
             "feature_mean": mean.tolist(),
             "feature_std": std.tolist(),
             "weights": weights.tolist(),  # (k, 30): term = ((features - mean) / std) @ weights
-            "variance_share": shares[m],
+            "variance_share": share,
         }
+        if m == "token":
+            planted[m].update(TOKEN_DEFINITION)
     noise_std = float(np.sqrt(config.share_noise))
     noise = rng.standard_normal((n, n_t)) * noise_std
     signal = terms["dna"] + terms["rna"] + terms["protein"]
+    if "token" in terms:
+        signal = signal + terms["token"]
     offset = rng.uniform(2.0, 4.0, n_t)
     offset = np.maximum(offset, -(signal + noise).min(axis=0) + 0.05)  # keep log1p(TPM) >= 0, i.e. TPM >= 0
     y = offset + signal + noise  # (n, 30) log1p(TPM)
@@ -360,6 +439,8 @@ def generate_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticC
         ceiling_r2=meta["ceiling_r2"],
         ceiling_r2_per_tissue=dict(zip(GTEX_TISSUES, meta["ceiling_r2_per_tissue"])),
         subset_ceiling_r2=meta["subset_ceiling_r2"],
+        token_ceiling_r2=meta.get("token_ceiling_r2"),
+        subset_ceiling_r2_without_token=meta.get("subset_ceiling_r2_without_token"),
     )
 
 
@@ -368,20 +449,32 @@ def _ceilings(
 ) -> dict:
     """Best achievable R^2 per tissue, Var(signal) / (Var(signal) + noise variance), for each modality subset.
 
+    With the token term planted (terms["token"]), it belongs to the protein modality: a subset with protein
+    includes it. Then also: its own ceiling, Var(token) / Var(y), and each subset's ceiling without it,
+    i.e. for a model that cannot see it (pooled features: see the module docstring).
+
     Also measured: the R^2 of the oracle prediction offset + signal on the observed targets,
     over all transcripts and per split (a split's own value is the reference for a model scored on it).
     """
     total = terms["dna"] + terms["rna"] + terms["protein"]
+    if "token" in terms:
+        total = total + terms["token"]
     var_y = total.var(axis=0) + noise_std**2  # terms are independent of each other and of the noise
-    subsets = {}
-    for r in range(1, 4):
-        for combo in itertools.combinations(MODALITIES, r):
-            # Given only this subset, the other terms act like noise for the best predictor.
-            subsets["+".join(combo)] = float(np.mean(sum(terms[m] for m in combo).var(axis=0) / var_y))
+
+    def subset_ceilings(with_token: bool) -> dict[str, float]:
+        out = {}
+        for r in range(1, 4):
+            for combo in itertools.combinations(MODALITIES, r):
+                token = with_token and "token" in terms and "protein" in combo
+                parts = [terms[m] for m in combo] + ([terms["token"]] if token else [])
+                # Given only this subset, the other terms act like noise for the best predictor.
+                out["+".join(combo)] = float(np.mean(sum(parts).var(axis=0) / var_y))
+        return out
+
     per_tissue = total.var(axis=0) / var_y
     oracle = offset + total
     by_split = {s: mean_r2(y[splits == s], oracle[splits == s]) for s in SPLIT_ORDER}
-    return {
+    out = {
         "ceiling_r2": float(per_tissue.mean()),
         "ceiling_r2_per_tissue": per_tissue.tolist(),
         "ceiling_definition": (
@@ -389,9 +482,18 @@ def _ceilings(
         ),
         "empirical_r2_of_true_signal": mean_r2(y, oracle),
         "empirical_r2_of_true_signal_by_split": by_split,
-        "subset_ceiling_r2": subsets,
-        "realised_variance_share": {m: float(np.mean(terms[m].var(axis=0) / var_y)) for m in MODALITIES},
+        "subset_ceiling_r2": subset_ceilings(with_token=True),
+        "realised_variance_share": {m: float(np.mean(terms[m].var(axis=0) / var_y)) for m in terms},
     }
+    if "token" in terms:
+        out["ceiling_definition"] = (
+            "Var(dna + rna + protein + token) / (Var(dna + rna + protein + token) + noise_std^2) per tissue, over all "
+            "transcripts; the token term counts as protein in subset_ceiling_r2"
+        )
+        out["token_ceiling_r2"] = float(np.mean(terms["token"].var(axis=0) / var_y))
+        out["token_ceiling_definition"] = "Var(token) / Var(y) per tissue, averaged over tissues: R^2 of the token term alone"
+        out["subset_ceiling_r2_without_token"] = subset_ceilings(with_token=False)
+    return out
 
 
 def _letters(rng: np.random.Generator, n: int, p: Sequence[float]) -> str:
@@ -477,14 +579,19 @@ def _layout_genome(rng: np.random.Generator, config: SyntheticConfig, genes: lis
 
 
 def _draw_protein(rng: np.random.Generator, config: SyntheticConfig) -> tuple[str, str]:
-    """A protein (starting with M, no stop) and its CDS (with a stop codon), codons uniform among synonyms."""
+    """A protein (starting with M, no stop) and its CDS (with a stop codon), codons uniform among synonyms.
+
+    With the token term on, TOKEN_RESIDUE leaves the background and exactly TOKEN_MARKERS copies are put in
+    afterwards (`_place_markers`), so its count is the same in every protein and only their order varies.
+    """
     while True:  # box shares with s_his + s_asn + s_asp = 1.5 keep every base and dinucleotide count unchanged
         s = rng.uniform(0.1, 0.9, 2)
         s3 = 1.5 - s.sum()
         if 0.1 <= s3 <= 0.9:
             break
     box_mass = 0.1
-    probs = {a: w for a, w in _BACKGROUND_AA.items()}
+    token = config.share_token > 0
+    probs = {a: w for a, w in _BACKGROUND_AA.items() if not (token and a == TOKEN_RESIDUE)}
     norm = sum(probs.values()) / (1 - box_mass * len(_BOXES))
     probs = {a: w / norm for a, w in probs.items()}
     for (pyr, pur), share in zip(_BOXES, (s[0], s[1], s3)):
@@ -492,9 +599,24 @@ def _draw_protein(rng: np.random.Generator, config: SyntheticConfig) -> tuple[st
     letters = np.array(list(probs))
     p = np.array(list(probs.values()))
     length = int(rng.integers(config.protein_length[0], config.protein_length[1] + 1))
-    protein = "M" + "".join(letters[rng.choice(len(letters), size=length - 1, p=p / p.sum())])
+    body = "".join(letters[rng.choice(len(letters), size=length - 1 - (TOKEN_MARKERS if token else 0), p=p / p.sum())])
+    protein = "M" + (_place_markers(rng, body) if token else body)
     cds = "".join(_CODONS[a][rng.integers(len(_CODONS[a]))] for a in protein) + _STOPS[rng.integers(3)]
     return protein, cds
+
+
+def _place_markers(rng: np.random.Generator, body: str) -> str:
+    """`body` with TOKEN_MARKERS copies of TOKEN_RESIDUE inserted: k ~ U{0..TOKEN_MARKERS // TOKEN_RUN} runs of
+    TOKEN_RUN and the rest single, each piece in its own gap between body residues (so no two pieces touch)."""
+    runs = int(rng.integers(0, TOKEN_MARKERS // TOKEN_RUN + 1))
+    pieces = [TOKEN_RESIDUE * TOKEN_RUN] * runs + [TOKEN_RESIDUE] * (TOKEN_MARKERS - runs * TOKEN_RUN)
+    pieces = [pieces[i] for i in rng.permutation(len(pieces))]
+    gaps = np.sort(rng.choice(len(body) + 1, size=len(pieces), replace=False))  # gap g: before body[g]
+    out, prev = [], 0
+    for gap, piece in zip(gaps, pieces):
+        out += [body[prev:gap], piece]
+        prev = gap
+    return "".join(out) + body[prev:]
 
 
 def _draw_transcripts(rng: np.random.Generator, config: SyntheticConfig, genes: list[dict]) -> list[dict]:

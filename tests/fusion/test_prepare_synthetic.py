@@ -1,4 +1,4 @@
-"""The synthetic IsoFormer data: real schema, determinism, the stated ceiling, and the modality ordering."""
+"""The synthetic IsoFormer data: real schema, determinism, the stated ceiling, the modality ordering, and the opt-in token term."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from fusion.prepare.synthetic import (
     GTEX_TISSUES,
     MODALITIES,
     TRACT_MIN,
+    TOKEN_MARKERS,
+    TOKEN_RUN,
     SyntheticConfig,
     composition_baseline,
     embedding_baseline,
@@ -26,6 +28,7 @@ from fusion.prepare.synthetic import (
     mean_r2,
     ridge_fit_predict,
     rna_features,
+    token_features,
     true_signal,
 )
 
@@ -230,3 +233,113 @@ def test_demo_encoders_see_every_modality_and_order_the_subsets(tmp_path):
     genes = f["gene_id"].astype(str).to_numpy()[coding]
     pred = ridge_fit_predict(x[train], y[train], genes[train], x[~train], alphas=[1.0, 10.0, 100.0, 1000.0])
     assert mean_r2(y[~train], pred) < 0.05
+
+
+# -- the opt-in token term (share_token): a signal in the residues' order only ------------------------------
+
+TOKEN_SMALL = replace(SMALL, share_dna=0.2, share_rna=0.2, share_protein=0.15, share_token=0.2)
+
+
+def clustered_serine_share(protein: str) -> float:
+    """The token feature from its definition, written out: serines with a serine neighbour / all serines."""
+    ser = [i for i, a in enumerate(protein) if a == "S"]
+    touching = [i for i in ser if (i > 0 and protein[i - 1] == "S") or (i + 1 < len(protein) and protein[i + 1] == "S")]
+    return len(touching) / max(len(ser), 1)
+
+
+def test_token_ceiling_is_what_its_definition_gives(tmp_path):
+    """Recompute the token feature from the prepared proteins, the term from the stated weights, and the
+    ceilings from the terms: synthetic.json's token_ceiling_r2 and both subset ceiling sets follow."""
+    meta, out = generate_and_prepare(tmp_path, TOKEN_SMALL)
+    m = load_prepared(out)
+    f = m.frame
+    proteins = read_fasta(out / "protein.fa")
+    coding = f["protein_id"].notna().to_numpy()
+    feature = np.array([clustered_serine_share(proteins[k]) if ok else 0.0 for k, ok in zip(f["protein_id"], coding)])
+    assert {p.count("S") for p in proteins.values()} == {TOKEN_MARKERS}  # the count carries nothing
+    assert set(np.round(feature[coding] * TOKEN_MARKERS / TOKEN_RUN, 9)) <= {0.0, 1.0, 2.0, 3.0}  # k runs of TOKEN_RUN
+    planted = meta["planted"]["token"]
+    assert planted["features"] == ["clustered_ser"] and planted["modality"] == "protein"
+    assert planted["feature_mean"] == pytest.approx([feature[coding].mean()])
+    assert planted["feature_std"] == pytest.approx([feature[coding].std()])
+    z = np.where(coding, (feature - feature[coding].mean()) / feature[coding].std(), 0.0)
+    token = z[:, None] @ np.array(planted["weights"])  # (n, 1) @ (1, 30)
+
+    terms = planted_terms(meta, out, f)
+    assert terms["token"] == pytest.approx(token, abs=1e-9)
+    y = m.targets().astype(np.float64)
+    residual = y - np.array(meta["offset"]) - sum(terms.values())
+    assert abs(np.nanstd(residual) - meta["noise_std"]) < 0.05 * meta["noise_std"]  # nothing else is planted
+
+    var_y = sum(terms.values()).var(axis=0) + meta["noise_std"] ** 2
+    assert meta["token_ceiling_r2"] == pytest.approx(np.mean(token.var(axis=0) / var_y), abs=1e-9)
+    assert meta["token_ceiling_r2"] == pytest.approx(TOKEN_SMALL.share_token, abs=0.03)
+    assert meta["realised_variance_share"]["token"] == pytest.approx(meta["token_ceiling_r2"], abs=1e-12)
+    with_token, without = meta["subset_ceiling_r2"], meta["subset_ceiling_r2_without_token"]
+    assert with_token["protein"] == pytest.approx(np.mean((terms["protein"] + token).var(axis=0) / var_y), abs=1e-9)
+    assert without["protein"] == pytest.approx(np.mean(terms["protein"].var(axis=0) / var_y), abs=1e-9)
+    assert with_token["dna+rna"] == without["dna+rna"]  # the token term is protein's
+    assert with_token["dna+rna+protein"] == pytest.approx(meta["ceiling_r2"], abs=1e-12)
+    info = generate_synthetic(tmp_path / "again", TOKEN_SMALL)
+    assert info.token_ceiling_r2 == meta["token_ceiling_r2"]
+    assert info.subset_ceiling_r2_without_token == without
+
+
+def test_token_term_is_invisible_to_composition(tmp_path):
+    """What any mean over tokens could use, the protein's residue composition and length and the RNA's 1-2-mer
+    composition (where the serine codons sit), predicts none of the token term; reordering the residues does.
+
+    Not checked: RNA 3-mers. A run's codon junctions shift a few out-of-frame 3-mers, and ridge on 1-3-mer
+    frequencies reads ~0.08 of the term's variance (1,500 genes); see the module docstring."""
+    config = replace(TOKEN_SMALL, n_genes=300, n_chromosomes=3)
+    meta, out = generate_and_prepare(tmp_path, config)
+    f = load_prepared(out).frame
+    coding = f["protein_id"].notna().to_numpy()
+    proteins = read_fasta(out / "protein.fa")
+    rna = read_fasta(out / "rna.fa")
+    protein = [proteins[k] for k in f["protein_id"][coding]]
+    y = planted_terms(meta, out, f)["token"][coding]
+    train = (f["split"] == "train").to_numpy()[coding]
+    genes = f["gene_id"].astype(str).to_numpy()[coding]
+    lengths = np.array([[len(p)] for p in protein], dtype=float)
+    for x in (
+        np.hstack([kmer_frequencies(protein, (1,), "ACDEFGHIKLMNPQRSTVWY"), lengths]),
+        kmer_frequencies([rna[k] for k in f["rna_id"][coding]], (1, 2)),
+    ):
+        pred = ridge_fit_predict(x[train], y[train], genes[train], x[~train], alphas=[1.0, 10.0, 100.0, 1000.0])
+        assert mean_r2(y[~train], pred) < 0.05
+    # The same residues in another order: the feature moves, every count stays.
+    rng = np.random.default_rng(0)
+    shuffled = ["".join(rng.permutation(list(p))) for p in protein]
+    assert all(sorted(a) == sorted(b) for a, b in zip(protein, shuffled))
+    before = np.array([token_features(p)[0] for p in protein])
+    after = np.array([token_features(p)[0] for p in shuffled])
+    assert before.std() > 0.3 and abs(np.corrcoef(before, after)[0, 1]) < 0.2
+
+
+def test_token_term_off_by_default_leaves_the_data_as_they_were(tmp_path):
+    """share_token = 0 (the default) adds no random draw: sequences, genome and targets are those the
+    generator wrote before the token term existed (fingerprints recorded then), and synthetic.json gains
+    only the config field."""
+    import hashlib
+
+    assert SyntheticConfig().share_token == 0.0
+    info = generate_synthetic(tmp_path, SMALL)
+    genome = hashlib.sha256((tmp_path / "genome.fa").read_bytes()).hexdigest()
+    assert genome == "25ff76cd704fafd2fe336b7e1c44f897762db76098142a6e978e5beded523b0e"
+    csv = pd.read_csv(info.csv_path)
+    sequences = hashlib.sha256(csv[list(CSV_COLUMNS)].to_csv(index=False).encode()).hexdigest()
+    assert sequences == "3992d2c14177d44509e4ceedd9071d06ed33ab6c31a1e7642f8cf0a14ffd1977"
+    y = np.log1p(csv[list(GTEX_TISSUES)].to_numpy())
+    assert int(np.isnan(y).sum()) == 79 and float(np.nansum(y)) == pytest.approx(11284.664509087721, abs=1e-6)
+    meta = json.loads(info.json_path.read_text())
+    assert sorted(meta["planted"]) == sorted(MODALITIES) and "token_ceiling_r2" not in meta
+    assert info.token_ceiling_r2 is None and info.subset_ceiling_r2_without_token is None
+    assert meta["config"]["share_token"] == 0.0
+
+
+def test_token_config_is_checked():
+    with pytest.raises(PrepareError, match=r"token=0.2, noise=0.25 must be >= 0 and sum to 1"):
+        SyntheticConfig(share_token=0.2)
+    with pytest.raises(PrepareError, match=r"protein_length \(40, 300\) is too short for the token term"):
+        replace(TOKEN_SMALL, protein_length=(40, 300))
