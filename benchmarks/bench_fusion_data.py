@@ -121,18 +121,20 @@ ATTRS = {"format": "embedcache-store", "schema_version": 2, "fingerprint": "benc
          "stored_dtype": {"tokens": "float16", "pooled": "float32"}}  # fmt: skip
 
 
-def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0, token_codec: str = "none") -> None:
+def write_store(path: Path, rows: list[np.ndarray], keys: list[str], dim: int, group_mb: float = 32.0, token_codec: str = "none",
+                pooled: bool = False) -> None:  # fmt: skip
     """A complete embedcache store of `rows` (one record per key), longest first and committed in ~group_mb
-    groups, as a build orders and commits them."""
+    groups, as a build orders and commits them; `pooled`: with each record's mean row as its pooled vector."""
     from embedcache.store import ContentResult, create_store, open_writer
 
-    create_store(path, attrs={**ATTRS, "embed_dim": dim}, embed_dim=dim, pooled=False, tokens=True, token_dtype="float16",
-                 shard_mb=32.0, token_codec=token_codec)  # fmt: skip
+    attrs = {**ATTRS, "embed_dim": dim, "config": {**ATTRS["config"], "pooling": "mean" if pooled else "none"}}
+    create_store(path, attrs=attrs, embed_dim=dim, pooled=pooled, tokens=True, token_dtype="float16", shard_mb=32.0, token_codec=token_codec)
     writer = open_writer(path)
     buffer, size = [], 0
     longest_first = sorted(range(len(keys)), key=lambda i: -len(rows[i]))
     for key, r in ((keys[i], rows[i]) for i in longest_first):
-        buffer.append(ContentResult(key=f"c-{key}", residues=key, tokens=r, pooled=None, n_input_tokens=len(r), n_cropped=0, n_windows=1))
+        mean = r.astype(np.float32).mean(0) if pooled else None
+        buffer.append(ContentResult(key=f"c-{key}", residues=key, tokens=r, pooled=mean, n_input_tokens=len(r), n_cropped=0, n_windows=1))
         size += r.nbytes
         if size >= group_mb * 1e6:
             writer.commit(buffer, [(b.residues, b.key) for b in buffer])
@@ -149,8 +151,6 @@ def data_setup(args: argparse.Namespace) -> Setup:
 
 def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Path, dict[str, str], float]:
     """(prepared dir, modality -> store path, seconds): random rows at IsoFormer shapes, three stores, a manifest."""
-    import pandas as pd
-
     prepared = work / "prepared"
     stores = {m: str(work / "stores" / f"{m}.zarr") for m in MODALITIES}
     made = ("prepared", "stores", "stores-lz4", "memmap", "layouts", *(p.name for p in work.glob("stores-pool*")))
@@ -168,17 +168,25 @@ def make_data(work: Path, setup: Setup, log: Callable[[str], None]) -> tuple[Pat
         rows = [rng.standard_normal((int(n), dims[m]), dtype=np.float32).astype(np.float16) for n in lens]
         write_store(Path(stores[m]), rows, keys, dims[m])
         write_store(lz4_path(stores[m]), rows, keys, dims[m], token_codec="lz4")
+    write_manifest(prepared, gene, genes, transcripts, setup.n_targets, rng)
+    (work / SETUP_FILE).write_text(json.dumps(asdict(setup)))  # last: its presence marks a whole data set
+    return prepared, stores, time.perf_counter() - started
+
+
+def write_manifest(prepared: Path, gene: np.ndarray, genes: list[str], transcripts: list[str], n_targets: int,
+                   rng: np.random.Generator) -> None:  # fmt: skip
+    """A prepared directory (manifest.csv + prepare.json): one sample per transcript, keyed by its gene (DNA) and itself
+    (RNA, protein), random targets, split by gene as the paper does (8:1:1)."""
+    import pandas as pd
+
     prepared.mkdir(parents=True)
-    # Split by gene, as the paper does; only train is read here.
     split = np.where(gene % 10 == 8, "validation", np.where(gene % 10 == 9, "test", "train"))
     frame = pd.DataFrame({"sample_id": transcripts, "gene_id": [genes[g] for g in gene], "split": split,
                           "dna": [genes[g] for g in gene], "rna": transcripts, "protein": transcripts})  # fmt: skip
-    targets = [f"tissue_{i}" for i in range(setup.n_targets)]
-    frame[targets] = rng.standard_normal((len(frame), setup.n_targets)).astype(np.float32)
+    targets = [f"tissue_{i}" for i in range(n_targets)]
+    frame[targets] = rng.standard_normal((len(frame), n_targets)).astype(np.float32)
     frame.to_csv(prepared / "manifest.csv", index=False)
     (prepared / "prepare.json").write_text(json.dumps({"kind": "bench", "targets": targets, "key_columns": {m: m for m in MODALITIES}}))
-    (work / SETUP_FILE).write_text(json.dumps(asdict(setup)))  # last: its presence marks a whole data set
-    return prepared, stores, time.perf_counter() - started
 
 
 def lz4_path(store: str) -> Path:

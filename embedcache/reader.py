@@ -256,6 +256,14 @@ class EmbeddingStore:
             raise StoreError(f"store {self.path!r}: array 'tokens' rows of {len(spans)} records cannot be read: {e}; run embedcache verify") from e
         return [rows[i] for i in record_ids]
 
+    def token_rows(self, lo: int, hi: int, layer: int | None = None) -> np.ndarray:
+        """(hi - lo, d) rows lo..hi of the flat `tokens` array (`token_span` gives each record's), in one read:
+        for passes over many records stored side by side (fusion.reduced reads a block of records so)."""
+        self.check_token_rows([(lo, hi)])
+        if self.schema_version == 1:
+            return self._read("tokens", slice(lo, hi))
+        return self._read("tokens", (slice(lo, hi), self.layer_position(layer)))
+
     def read_tokens_into(self, record_ids: list[str | None], out: np.ndarray, layer: int | None = None) -> None:
         """Write each record's (L_i, d) per-token rows straight into out[i, :L_i], in ONE zarr call.
 

@@ -198,3 +198,18 @@ def test_bench_integrity_measures_open_and_epoch_checks(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["open"]["records"] == 400 and figures["open"]["commits"] >= 8 and figures["open"]["checks_s"] > 0
     assert figures["epoch"]["bytes"] > 0 and figures["epoch"]["first_over_unchecked"] > 0
+
+
+def test_bench_fusion_pace_measures_every_way_against_the_limits(tmp_path: Path) -> None:
+    out = tmp_path / "pace.json"
+    proc = run_script("bench_fusion_pace.py", "--quick", "--n-genes", "4", "--batch-size", "4", "--model-batch", "2", "--json", str(out))
+    result = json.loads(out.read_text())
+    for shapes in ("demo", "recipe"):
+        r = result[shapes]
+        assert set(r["ways"]) == {"pooled", "pooled-host", "tokens-memory", "reduced-memory", "tokens-stream", "reduced-stream"}
+        samples = {w["samples"] for w in r["ways"].values()}
+        assert len(samples) == 1 and samples.pop() > 0  # every way delivers the whole train split
+        assert r["ways"]["tokens-stream"]["of_raw"] > 0 and r["ways"]["reduced-memory"]["memcopy_gb_s"] > 0
+        assert r["models"]["full"]["flops_per_sample"] > r["models"]["pooled"]["flops_per_sample"] > 0
+        assert set(r["bound"]) == set(r["ways"]) and r["reduced_gb"] > 0
+    assert "bound by" in proc.stdout
