@@ -287,16 +287,17 @@ class TimedBatches:
         it = self.inner(split, shuffle=shuffle, epoch=epoch)
         if split == "train" and self.train_batches:
             it = itertools.islice(it, self.train_batches)
-        record = {"split": split, "shuffle": shuffle, "epoch": epoch, "stamps": [], "batches": [], "memory": []}
+        record = {"split": split, "shuffle": shuffle, "epoch": epoch, "stamps": [], "waits": [], "batches": [], "memory": []}
         self.passes.append(record)
         training = split == "train" and shuffle
         return self._timed(it, record, keep=self.keep and training, memory=self.memory if training else None)
 
     @staticmethod
     def _timed(it, record: dict, keep: bool, memory: Callable[[], dict] | None) -> Iterator:
-        stamps = record["stamps"]
+        stamps, waits = record["stamps"], record["waits"]
         stamps.append(time.perf_counter())  # asked for the first batch
         for batch in it:
+            waits.append(time.perf_counter() - stamps[-1])  # the step waited this long for its batch
             if keep:
                 record["batches"].append(batch.features)
             yield batch
@@ -534,6 +535,9 @@ def epoch_figures(batches: TimedBatches, history: list[dict], full_train_batches
     val_seconds = [p["stamps"][-1] - p["stamps"][0] for p in val_passes]
     epoch_seconds = [row["seconds"] for row in history]
     rest = [e - t - v for e, t, v in zip(epoch_seconds, train_seconds, val_seconds)]
+    # train()'s loop waits for the GPU every step (loss.item(), then the batch's target count, queued after
+    # the backward and the optimizer step), so time blocked in the loader is time the accelerator had nothing to do
+    waited = [w for e, p in enumerate(train_passes) for i, w in enumerate(p["waits"]) if e > 0 or i >= warmup]
     ran = len(steps[0])
     whole = ran == full_train_batches
     step = statistics.median(timed)
@@ -547,6 +551,7 @@ def epoch_figures(batches: TimedBatches, history: list[dict], full_train_batches
         "step_seconds": steps,  # per epoch, every step (warm-up included)
         "timed_steps": len(timed),
         "step_seconds_median": step,
+        "data_wait_share": sum(waited) / sum(timed),  # of the timed steps' time: waiting for the next batch
         "step_seconds_min": min(timed),
         "step_seconds_max": max(timed),
         "validation_pass_seconds": val_seconds,
@@ -720,7 +725,8 @@ def print_configuration(report: dict, run: dict) -> None:
         "(whole-run peaks below: on the CPU glibc keeps freed blocks, so peak RSS creeps up with the number of steps run)")
 
     print("\n== results (per training epoch of the train split; validation pass and checkpoint included)")
-    header = f"  {'mode':7s} | {'s/epoch':>9s} | {'s/step':>8s} | {'train samples/s':>15s} | {'peak memory':32s} | {'vs cached':>9s}"
+    header = (f"  {'mode':7s} | {'s/epoch':>9s} | {'s/step':>8s} | {'data wait':>9s} | {'train samples/s':>15s} | {'peak memory':32s} | "
+              f"{'vs cached':>9s}")  # fmt: skip
     print(header)
     print("  " + "-" * (len(header) - 2))
     cached = results.get("cached", {})
@@ -735,9 +741,10 @@ def print_configuration(report: dict, run: dict) -> None:
         mark = "" if r["epoch_seconds_measured"] is not None else "*"
         samples_per_s = d["samples"]["train"] / (r["step_seconds_median"] * r["train_batches_full"])
         ratio = f"{r['epoch_seconds'] / base:.1f}x" if base else "-"
-        print(f"  {mode:7s} | {r['epoch_seconds']:8.2f}{mark:1s} | {r['step_seconds_median']:8.3f} | {samples_per_s:15.1f} | "
+        print(f"  {mode:7s} | {r['epoch_seconds']:8.2f}{mark:1s} | {r['step_seconds_median']:8.3f} | {r['data_wait_share']:9.0%} | {samples_per_s:15.1f} | "
               f"{memory_cell(r):32s} | {ratio:>9s}")
-    print("  s/step: median over timed steps; train samples/s = train samples / (train batches x s/step).")
+    print("  s/step: median over timed steps; data wait: the timed steps' share of time spent waiting for the next batch; "
+          "train samples/s = train samples / (train batches x s/step).")
     for mode in cfg["modes"]:
         r = results[mode]
         if "error" in r:

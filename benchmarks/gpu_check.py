@@ -10,7 +10,8 @@ Steps, each a child process under its own time limit (a failing step is recorded
     bench-build   bench_build.py at the ESM2-650M shape: extract.py-style loop vs embedcache (fp32),
                   embedcache bf16 (residues/s, MFU, padding efficiency, bf16 vs fp32 parity), and the
                   unpadded vs padded forward on the same batches
-    bench-fusion  bench_fusion.py --size isoformer: cached vs frozen vs full finetune s/epoch
+    bench-fusion  bench_fusion.py --size isoformer: cached vs frozen vs full finetune s/epoch, and the share
+                  of each training step spent waiting for its batch (the data-wait share)
 
 Without CUDA it says so and runs what a CPU can at toy size (bench_build on a tiny ESM2, bench_fusion
 --size tiny cut short; the gpu tests are collected and skipped), so the script itself is tried here.
