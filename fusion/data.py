@@ -3,7 +3,10 @@
 Per modality, features come from one store, either pooled vectors (n = 1) or per-token rows.
 Per-token data is loaded into RAM when it fits (one sequential read of the flat `tokens` array)
 and otherwise streamed: each batch reads its sequences in one zarr call (concurrent per-sequence
-reads), and two background threads prepare the next batches while the model trains. The training
+reads), and two background threads prepare the next batches while the model trains. With
+max_tokens, rows come from the store's reduced array (fusion.reduced), made once. Features held
+whole (pooled, reduced in memory) can live on the training device, where a batch is an index
+gather (`StoreBatches.place`). The training
 loop reads through zarr directly: xarray with dask adds tens of milliseconds per small batch, and
 orthogonal indexing of a sharded array (zarr's oindex) reads several times slower than concurrent
 per-sequence reads.
