@@ -9,7 +9,7 @@ and written, under a name derived from exactly those, into a cache directory:
     <cache>/<digest>.zarr/
         rows       (records, width, d) float16   each record's reduced rows, zero past its length; one
                                                  shard (file) per block of records (about BLOCK_BYTES),
-                                                 one chunk per record inside it
+                                                 chunks of about CHUNK_BYTES (at least one record) inside it
         lengths    (records,) int32              rows per record (<= max_tokens)
         block_crc  (blocks,) uint32              crc32 of each block's rows: a swapped chunk is refused
         zarr.json  attrs["fusion_reduced"]: format, ReductionConfig, the source store, block rows
@@ -56,7 +56,8 @@ from fusion.errors import FusionError
 
 FORMAT = "fusion-reduced-tokens"
 FORMAT_VERSION = 1
-BLOCK_BYTES = 16 << 20  # rows of one chunk: large sequential reads, few enough files
+BLOCK_BYTES = 16 << 20  # records of one shard (a block): large sequential reads, few enough files
+CHUNK_BYTES = 256 << 10  # records of one chunk inside it, at least one: what a record-by-record read reads
 CACHE_ENV = "EMBEDCACHE_CACHE"  # overrides the cache root (default: $XDG_CACHE_HOME/embedcache or ~/.cache/embedcache)
 CACHED_BLOCKS = 4  # decoded blocks a streamed reader keeps per modality
 
@@ -161,6 +162,10 @@ class ReducedArray:
         self._lock = threading.Lock()
 
     @property
+    def n_blocks(self) -> int:
+        return len(self._block_crc)
+
+    @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
 
@@ -217,10 +222,13 @@ class ReducedArray:
 
     def records_into(self, at: np.ndarray, out: np.ndarray) -> None:
         """out[i] = the rows of record at[i], read record by record (concurrently, in one call: a chunk each),
-        for samples in no block order; each block is checked whole on its first read. -1 leaves out[i]."""
-        for b in np.unique(at[at >= 0] // self.block_rows):
-            if int(b) not in self._checked:
-                self.block(int(b))
+        for samples in no block order. A block not read before is read whole (it is checked on its first read)
+        and serves its records from memory, so no record is read twice. -1 leaves out[i]."""
+        unseen = [b for b in np.unique(at[at >= 0] // self.block_rows).tolist() if b not in self._checked and b not in self._cache]
+        if unseen:
+            whole = (at >= 0) & np.isin(at // self.block_rows, unseen)
+            self.rows_of(np.where(whole, at, -1), out)
+            at = np.where(whole, -1, at)
         array = self._rows._async_array
         first = {int(r): i for i, r in reversed(list(enumerate(at))) if r >= 0}
 
@@ -266,12 +274,14 @@ def _write(store: EmbeddingStore, config: ReductionConfig, path: Path, progress:
     """Reduce every record of the store, block by block, into a temporary array; rename it into place when complete."""
     n, d = len(store), store.embed_dim
     width = max(1, min(config.max_tokens, max((store.token_span(i)[1] for i in store.ids), default=1)))
-    block_rows = max(1, BLOCK_BYTES // (width * d * 2))
+    record_bytes = width * d * 2
+    chunk_rows = max(1, CHUNK_BYTES // record_bytes)  # records of one chunk: small records share one, so a block is not thousands of chunks
+    block_rows = max(1, BLOCK_BYTES // record_bytes) // chunk_rows * chunk_rows or chunk_rows
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         group = zarr.open_group(str(tmp), mode="w")
-        rows = group.create_array("rows", shape=(n, width, d), shards=(block_rows, width, d), chunks=(1, width, d), dtype=config.dtype,
+        rows = group.create_array("rows", shape=(n, width, d), shards=(block_rows, width, d), chunks=(chunk_rows, width, d), dtype=config.dtype,
                                   dimension_names=("record", "row", "feature"), compressors=(Crc32cCodec(),), fill_value=0)  # fmt: skip
         lengths = np.zeros(n, np.int32)
         crcs = np.zeros(-(-n // block_rows), np.uint32)

@@ -52,9 +52,11 @@ H100_PEAK_FLOPS = 989e12
 MFU = {"nucleotide-transformer": 0.40, "esm2": 0.40, "enformer": 0.30}
 # MEASURED (benchmarks/README.md, bench_store_layout: 1 MiB chunks in 32 MiB shards, 2-core VM): per-token store writes.
 STORE_WRITE_BPS = 185e6
-# MEASURED (benchmarks/README.md, bench_fusion_data "the recipe's configuration": RNA streamed, DNA and
-# protein in RAM, 512 rows; one loader, cold, 2-core VM): training samples per second the loader delivers.
-LOADER_SAMPLES_PER_S = 232.2
+# MEASURED (benchmarks/README.md, bench_fusion_pace at the recipe's shapes, 2-core VM): training samples per
+# second the loader delivers from the reduced arrays (512 rows), streamed from disk (a cold first epoch) and
+# gathered from memory.
+LOADER_SAMPLES_PER_S = 233.0
+GATHER_SAMPLES_PER_S = 4362.0
 # ASSUMED: the share of an H100's bf16 peak the fusion model's training step reaches (a small model:
 # its matrices are d_model = 256 wide).
 TRAIN_MFU = 0.10
@@ -393,13 +395,16 @@ on a 2-core VM (benchmarks/README.md).
   backward, all three modalities, an epoch of {t['train_samples']:,} training samples, at an assumed
   {TRAIN_MFU:.0%} of an H100's bf16 peak:
 {compute}
-- **Data loading.** At the {LOADER_SAMPLES_PER_S:g} samples/s that `bench_fusion_data.py` measured for the recipe's
-  configuration on a 2-core VM (benchmarks/README.md), an epoch takes about {epoch_s / 60:.0f} minutes: the
-  loader, not the GPU, sets the pace. The recipe's {runs} runs of up to {train.epochs} epochs (early stopping
-  after {train.early_stopping_patience} without improvement) would take up to {runs * train.epochs * epoch_s / 86400:.0f} days at that rate. Give the
-  loader more cores (`workers = N` under `[fusion]` in your TOML: DataLoader processes, each
-  reading on its own core) or, on a host with enough RAM, a larger `memory_gb` so that every
-  modality is held in RAM.
+- **Data loading.** Each store is averaged to 512 rows per record once, into an fp16 array that
+  every epoch and run reuses. Streamed from disk, the reduced arrays delivered {LOADER_SAMPLES_PER_S:g} samples/s on a
+  2-core VM (`bench_fusion_pace.py`, benchmarks/README.md): an epoch takes about {epoch_s / 60:.0f} minutes, so the
+  loader, not the GPU, sets the pace, and the recipe's {runs} runs of up to {train.epochs} epochs (early stopping
+  after {train.early_stopping_patience} without improvement) would take up to {runs * train.epochs * epoch_s / 86400:.0f} days at that rate. Held in memory, the
+  same rows are gathered at {GATHER_SAMPLES_PER_S:,.0f} samples/s on that CPU, still below what one H100 or H200
+  consumes at the assumed MFU; on the GPU itself (`--feature-device`: features up to half its memory) a
+  gather is not the bound, but the reduced arrays above exceed one GPU's memory. Give the loader more
+  cores (`workers = N` under `[fusion]` in your TOML) and a larger `memory_gb`, so that as much as
+  fits is held in RAM.
 
 ## How the figures are made
 

@@ -96,6 +96,7 @@ def test_an_array_that_does_not_describe_its_store_is_refused(store_path, tmp_pa
 
 def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)  # 2 records a block: 4 blocks
+    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)  # a chunk per record
     store = open_store(store_path)
     array = _reduce(store, 4, tmp_path / "cache")
     assert array.block_rows == 2
@@ -111,6 +112,7 @@ def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monke
 
 def test_an_interrupted_reduction_leaves_nothing_that_looks_complete(store_path, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)
+    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)
     calls, real = [], reduced_module.group_mean
 
     def failing(x, m):  # Ctrl-C in the third block
@@ -130,6 +132,7 @@ def test_an_interrupted_reduction_leaves_nothing_that_looks_complete(store_path,
 
 def test_streamed_epochs_visit_blocks_one_after_another(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * 2 * 16 * 2)  # 4 records of 2 rows x 16 a block
+    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 2 * 2 * 16 * 2)  # 2 records a chunk
     config = DataConfig(manifest=demo_data["prep"], stores={"rna": demo_data["stores"]["rna"]}, max_tokens=2, loading="stream",
                         reduced_dir=str(tmp_path), batch_size=4)  # fmt: skip
     from fusion.run import read_manifest
@@ -176,3 +179,18 @@ def test_feature_device_device_refuses_rows_that_are_not_held_whole(demo_data):
     batches = open_batches(config, read_manifest(config.manifest), log=lambda m: None)
     with pytest.raises(DataError, match=r"feature_device 'device': \['(dna|rna|protein)'.*are not held whole"):
         batches.place(torch.device("cpu"))
+
+
+def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(store_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * DIM * 2)  # one record a block: 7 blocks, more than stay decoded
+    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)
+    store = open_store(store_path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    assert array.n_blocks == len(LENGTHS) > reduced_module.CACHED_BLOCKS
+    batch = ["e", None, "a", "d", "e", "g", "f"]
+    memory = ReducedTokens(store, list(LENGTHS), array).gather(batch)
+    streamed = StreamedReducedTokens(store, list(LENGTHS), array)
+    for sequential in (False, True):  # record by record (another modality leads the order), then whole blocks
+        streamed.sequential = sequential
+        got = streamed.gather(batch)
+        assert torch.equal(got.x, memory.x) and torch.equal(got.mask, memory.mask) and torch.equal(got.present, memory.present)
