@@ -66,6 +66,10 @@ class ReducedError(FusionError):
     """A reduced array is damaged, foreign or does not belong to its store."""
 
 
+# What reading a damaged array raises: a missing or short file, a chunk's crc32c, a codec.
+_READ_ERRORS = (OSError, ValueError, RuntimeError, zarr.errors.BaseZarrError)
+
+
 # A window wider than this many rows is averaged by torch's adaptive pooling instead of row by row.
 _WIDE_WINDOW = 16
 
@@ -167,7 +171,7 @@ class ReducedArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+        return int(np.prod(self.shape)) * self._rows.dtype.itemsize
 
     def _check(self, b: int, block: np.ndarray) -> None:
         if b in self._checked:
@@ -182,7 +186,7 @@ class ReducedArray:
     def _read(self, lo: int, hi: int) -> np.ndarray:
         try:
             return self._rows[lo:hi]
-        except (OSError, ValueError, RuntimeError, zarr.errors.BaseZarrError) as e:  # a chunk's crc32c, a missing file
+        except _READ_ERRORS as e:
             raise ReducedError(f"reduced array {str(self.path)!r}: records {lo}..{hi - 1} cannot be read ({e}); "
                                f"delete the array and it is made again") from e
 
@@ -193,7 +197,7 @@ class ReducedArray:
         rows = out if out is not None else np.empty(self.shape, np.float16)
         try:
             self._rows.get_orthogonal_selection(slice(0, n), out=NDBuffer.from_numpy_array(rows))
-        except (OSError, ValueError, RuntimeError, zarr.errors.BaseZarrError) as e:  # a chunk's crc32c, a missing file
+        except _READ_ERRORS as e:
             raise ReducedError(f"reduced array {str(self.path)!r} cannot be read ({e}); delete it and it is made again") from e
         for b in range(len(self._block_crc)):
             self._check(b, rows[b * self.block_rows : (b + 1) * self.block_rows])
@@ -238,7 +242,7 @@ class ReducedArray:
 
         try:
             run_reads(self._rows.store, read_all())
-        except (OSError, ValueError, RuntimeError, zarr.errors.BaseZarrError) as e:
+        except _READ_ERRORS as e:
             raise ReducedError(f"reduced array {str(self.path)!r}: {len(first)} records cannot be read ({e}); delete it and it is made again") from e
         for i, r in enumerate(at):
             if r >= 0 and first[int(r)] != i:
@@ -248,13 +252,20 @@ class ReducedArray:
 def reduced_array(store: EmbeddingStore, config: ReductionConfig, cache_dir: str | Path | None = None, *,
                   log: Callable[[str], None] = print, progress: bool = False) -> ReducedArray:  # fmt: skip
     """The store's reduction: opened from the cache when it was made before, else made now (one pass over the store)."""
+    if cache_dir and "://" in str(cache_dir):  # checked before Path(), which folds "s3://b" into "s3:/b"
+        raise ReducedError(f"--reduced-dir {str(cache_dir)!r}: reduced arrays live in a local directory (the stores themselves may be remote)")
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    if "://" in str(root):
-        raise ReducedError(f"--reduced-dir {str(root)!r}: reduced arrays live in a local directory (the stores themselves may be remote)")
     path = root / array_name(store, config)
     if not path.exists():
         log(f"reducing {store.path} to at most {config.max_tokens} rows per record (layer {config.layer}) once, into {path}")
-        _write(store, config, path, progress)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file in the way, no permission, a read-only disk
+            raise ReducedError(f"--reduced-dir {str(root)!r}: cannot make a directory for the reduced arrays there ({e})") from e
+        try:
+            _write(store, config, path, progress)
+        except OSError as e:  # the disk filled up, the directory became read-only: nothing is left behind
+            raise ReducedError(f"reducing {store.path} into {str(path)!r} failed: {e}") from e
     return ReducedArray(path, store, config)
 
 
@@ -274,10 +285,9 @@ def _write(store: EmbeddingStore, config: ReductionConfig, path: Path, progress:
     """Reduce every record of the store, block by block, into a temporary array; rename it into place when complete."""
     n, d = len(store), store.embed_dim
     width = max(1, min(config.max_tokens, max((store.token_span(i)[1] for i in store.ids), default=1)))
-    record_bytes = width * d * 2
+    record_bytes = width * d * np.dtype(config.dtype).itemsize
     chunk_rows = max(1, CHUNK_BYTES // record_bytes)  # records of one chunk: small records share one, so a block is not thousands of chunks
     block_rows = max(1, BLOCK_BYTES // record_bytes) // chunk_rows * chunk_rows or chunk_rows
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         group = zarr.open_group(str(tmp), mode="w")

@@ -194,3 +194,13 @@ def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(stor
         streamed.sequential = sequential
         got = streamed.gather(batch)
         assert torch.equal(got.x, memory.x) and torch.equal(got.mask, memory.mask) and torch.equal(got.present, memory.present)
+
+
+def test_a_reduced_dir_that_cannot_hold_arrays_is_refused_in_one_line(store_path, tmp_path):
+    store = open_store(store_path)
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("")
+    with pytest.raises(ReducedError, match=r"--reduced-dir '.*a-file/sub': cannot make a directory"):
+        _reduce(store, 4, in_the_way / "sub")
+    with pytest.raises(ReducedError, match=r"--reduced-dir 's3://bucket/reduced': reduced arrays live in a local directory"):
+        _reduce(store, 4, "s3://bucket/reduced")

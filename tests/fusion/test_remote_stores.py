@@ -50,3 +50,16 @@ def test_finetune_from_s3(demo_data, s3_stores, s3_endpoint, tmp_path):
             "--batch-size", "16", "--out", str(run), *FAST]  # fmt: skip
     assert fusion_main(args) == 0
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
+
+
+def test_max_tokens_reduces_s3_stores_once_into_a_local_directory(demo_data, s3_stores, s3_endpoint, tmp_path):
+    run, reduced = tmp_path / "run", tmp_path / "reduced"
+    args = ["train", "--manifest", demo_data["prep"], *_store_args(s3_stores, s3_endpoint), "--max-tokens", "4",
+            "--reduced-dir", str(reduced), "--out", str(run), *FAST]  # fmt: skip
+    assert fusion_main(args) == 0
+    arrays = sorted(p.name for p in reduced.glob("*.zarr"))
+    assert len(arrays) == 2  # one per S3 store
+    loading = json.loads((run / "run.json").read_text())["loading"]
+    assert all("reduced to 4 rows" in v for v in loading.values()), loading
+    assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0  # reuses them: nothing new made
+    assert sorted(p.name for p in reduced.glob("*")) == arrays
