@@ -33,7 +33,7 @@ from embedcache.heap import keep_freed_memory
 from fusion.batch import Batch, ModalityBatch
 from fusion.errors import FusionError
 from fusion.prepare.manifest import Manifest
-from fusion.reduced import CACHED_BLOCKS, ReducedArray, ReductionConfig, group_mean, reduced_array
+from fusion.reduced import READ_AHEAD, ReducedArray, ReductionConfig, group_mean, reduced_array
 
 FEATURES = ("tokens", "pooled")
 LOADINGS = ("auto", "memory", "stream")
@@ -176,16 +176,21 @@ class StreamedReducedTokens(ModalityFeatures):
     """A reduced array too large for memory, read per batch.
 
     Shuffled epochs visit the samples block by block of one streamed modality (`StoreBatches._order`
-    sets its `sequential`): its blocks are read whole, once an epoch each, in one large sequential read.
-    The other modalities' records come in no block order: they are read record by record, unless the
-    array has at most CACHED_BLOCKS blocks, which then stay decoded.
+    gives it the epoch's block order, `lead`): its blocks are read whole, once an epoch each, in one
+    large sequential read, READ_AHEAD blocks ahead of the batches. The other modalities' records come
+    in no block order: each is read where it lies (ReducedArray maps the blocks' files).
     """
 
     def __init__(self, store: EmbeddingStore, keys: list[str], reduced: ReducedArray):
         self.dim, self.reduced = store.embed_dim, reduced
         self.row = dict(zip(keys, store.rows(keys).tolist()))
         self.width = reduced.shape[1]
-        self.sequential = False
+        self.lead(None)
+
+    def lead(self, blocks: list[int] | None) -> None:
+        """The epoch's order of this array's blocks when this modality leads it, None when it does not."""
+        self.sequential = blocks is not None
+        self._ahead = {b: blocks[i + 1 : i + 1 + READ_AHEAD] for i, b in enumerate(blocks or [])}  # block -> the next ones
 
     def index(self, keys: list[str | None]) -> np.ndarray:
         return np.array([-1 if k is None else self.row[k] for k in keys], np.int64)
@@ -193,8 +198,11 @@ class StreamedReducedTokens(ModalityFeatures):
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         at = self.index(keys)
         batch, x = _zeros((len(keys), self.width, self.dim), np.float16)  # (b, width, d), zero for absent samples
-        whole_blocks = self.sequential or self.reduced.n_blocks <= CACHED_BLOCKS  # a small array stays decoded whole
-        (self.reduced.rows_of if whole_blocks else self.reduced.records_into)(at, x)
+        self.reduced.rows_of(at, x)
+        if self.sequential:  # the blocks after this batch's are read while the next batches are made
+            for b in np.unique(at[at >= 0] // self.reduced.block_rows).tolist():
+                for nxt in self._ahead.get(b, ()):
+                    self.reduced.read_ahead(nxt)
         length = np.where(at >= 0, self.reduced.lengths[np.maximum(at, 0)], 0)  # (b,)
         mask = np.arange(self.width) < length[:, None]  # (b, width)
         return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.from_numpy(length > 0))
@@ -425,9 +433,9 @@ class StoreBatches:
         order = np.arange(len(arrays.sample_ids))
         streamed = [(f.reduced.nbytes, m) for m, f in self.features.items() if isinstance(f, StreamedReducedTokens)]
         leader = max(streamed)[1] if streamed and shuffle else None
-        for m, f in self.features.items():
+        for f in self.features.values():
             if isinstance(f, StreamedReducedTokens):
-                f.sequential = m == leader
+                f.lead(None)
         if not shuffle:
             return order
         rng = np.random.default_rng([self.config.seed, epoch])
@@ -438,7 +446,9 @@ class StoreBatches:
         at = f.index(arrays.keys[leader])
         block = np.where(at >= 0, at // f.reduced.block_rows, -1)  # absent samples form a block of their own
         rank = rng.permutation(block.max() + 2)[block + 1]  # a random rank per block
-        return np.lexsort((rng.random(len(order)), rank))  # by block rank, then at random within the block
+        order = np.lexsort((rng.random(len(order)), rank))  # by block rank, then at random within the block
+        f.lead([b for b in dict.fromkeys(block[order].tolist()) if b >= 0])  # its blocks in the order the epoch visits them
+        return order
 
     def _gathered(self, split: str, arrays: "SplitArrays", order: np.ndarray) -> Iterator[Batch]:
         """Batches gathered on `self.device` from tables placed there: the split's table rows and targets

@@ -7,34 +7,38 @@ store is fixed by the store's content, its layer and `max_tokens`, so it is comp
 and written, under a name derived from exactly those, into a cache directory:
 
     <cache>/<digest>.zarr/
-        rows       (records, width, d) float16   each record's reduced rows, zero past its length; one
-                                                 shard (file) per block of records (about BLOCK_BYTES),
-                                                 chunks of about CHUNK_BYTES (at least one record) inside it
+        rows       (records, width, d) float16   each record's reduced rows, zero past its length; one raw
+                                                 chunk (file, no codec) per block of records (about
+                                                 BLOCK_BYTES): the file is the block's rows as in memory
         lengths    (records,) int32              rows per record (<= max_tokens)
-        block_crc  (blocks,) uint32              crc32 of each block's rows: a swapped chunk is refused
+        block_crc  (blocks,) uint32              crc32 of each block's rows: a changed or swapped file is refused
         zarr.json  attrs["fusion_reduced"]: format, ReductionConfig, the source store, block rows
 
-Records are in the store's own record order (`EmbeddingStore.ids`). A streamed epoch reads the
-modality it is ordered by a whole block at a time (one sequential read of a file), the others record
-by record (a chunk each, no block read for one record). Every chunk also carries its crc32c, as in a
-store. The array is written under a temporary name and renamed when complete, so
-a killed reduction never leaves one that looks finished; a store that gained commits (or a
-different layer or max_tokens) has another digest, so its array is made anew and a stale one is
-never read. Reading checks each block's crc32 once per object, as it first reads it.
+Records are in the store's own record order (`EmbeddingStore.ids`). Reading maps each block's file
+(ReducedArray): a streamed epoch reads the modality it is ordered by a whole block at a time (one
+sequential read of a file, the next blocks read ahead on threads of their own), the others record by
+record (only the pages a record lies on, once its block was checked). The array is written under a
+temporary name and renamed when complete, so a killed reduction never leaves one that looks
+finished; a store that gained commits (or a different layer or max_tokens) has another digest, so
+its array is made anew and a stale one is never read. Each block's crc32 is checked once per
+process, on its first read (a record read later from a block checked before is not checked again).
+The chunks carry no crc32c of their own, unlike a store's: the block's crc32 covers every byte once,
+and also catches a swapped file, which per-chunk checksums cannot.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import hashlib
 import json
+import math
+import mmap
 import os
 import shutil
 import threading
 import uuid
 import zlib
-from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,28 +50,23 @@ import zarr
 from einops import rearrange
 from tqdm.auto import tqdm
 from zarr.codecs import Crc32cCodec
-from zarr.core.buffer.cpu import NDBuffer
+from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
 from embedcache import EmbeddingStore
-from embedcache.mapped_store import MappedLocalStore, can_map
-from embedcache.reader import run_reads
+from embedcache.errors import StoreError
+from embedcache.mapped_store import open_regular
 from fusion.errors import FusionError
 
 FORMAT = "fusion-reduced-tokens"
-FORMAT_VERSION = 1
-BLOCK_BYTES = 16 << 20  # records of one shard (a block): large sequential reads, few enough files
-CHUNK_BYTES = 256 << 10  # records of one chunk inside it, at least one: what a record-by-record read reads
+FORMAT_VERSION = 2  # 2: one raw chunk file per block, read mapped (1: shards of crc32c chunks)
+BLOCK_BYTES = 16 << 20  # records of one chunk file (a block): large sequential reads, few enough files
 CACHE_ENV = "EMBEDCACHE_CACHE"  # overrides the cache root (default: $XDG_CACHE_HOME/embedcache or ~/.cache/embedcache)
-CACHED_BLOCKS = 4  # decoded blocks a streamed reader keeps per modality
+READ_AHEAD = 2  # blocks read ahead of the batches of a modality that leads a streamed epoch (and threads reading them)
 
 
 class ReducedError(FusionError):
     """A reduced array is damaged, foreign or does not belong to its store."""
-
-
-# What reading a damaged array raises: a missing or short file, a chunk's crc32c, a codec.
-_READ_ERRORS = (OSError, ValueError, RuntimeError, zarr.errors.BaseZarrError)
 
 
 # A window wider than this many rows is averaged by torch's adaptive pooling instead of row by row.
@@ -138,14 +137,23 @@ def array_name(store: EmbeddingStore, config: ReductionConfig) -> str:
 
 
 class ReducedArray:
-    """An opened reduced array: lengths in memory, rows read whole (`load`) or block by block (`rows_of`)."""
+    """An opened reduced array: lengths in memory, each block's file mapped and its rows read in place.
+
+    The rows array has no codec and one chunk per block, so a block's chunk file is its rows as they
+    lie in memory (C order, little-endian fp16): they are read through a read-only memory map of it,
+    without zarr's decode. zarr copied every block on its one event-loop thread, which held a streamed
+    epoch near half of the disk's read rate (benchmarks/bench_fusion_pace.py). Mapped, the page cache
+    is the only cache; the copy into a batch is the one copy; a record read later touches only its
+    own pages. What a mapping implies (a disk error or a file truncated in place is a SIGBUS, not an
+    exception) is as for the stores (embedcache.mapped_store); nothing truncates these files in place.
+    """
 
     def __init__(self, path: Path, store: EmbeddingStore, config: ReductionConfig):
         self.path = path
         try:
-            group = zarr.open_group(MappedLocalStore(path) if can_map() else LocalStore(path, read_only=True), mode="r")
+            group = zarr.open_group(LocalStore(path, read_only=True), mode="r")
             meta = dict(group.attrs.get("fusion_reduced", {}))
-            self._rows = group["rows"]
+            rows = group["rows"]
             self.lengths = group["lengths"][:]  # (n,) int32
             self._block_crc = group["block_crc"][:]  # (blocks,) uint32
         except (OSError, KeyError, ValueError, zarr.errors.BaseZarrError) as e:
@@ -157,13 +165,26 @@ class ReducedArray:
                                f"delete it and it is made again")
         n = len(store)
         self.block_rows = int(meta.get("block_rows", 0))
-        if self._rows.shape[0] != n or len(self.lengths) != n or self.block_rows < 1 or len(self._block_crc) != -(-n // self.block_rows):
-            raise ReducedError(f"reduced array {str(path)!r}: {self._rows.shape[0]} rows, {len(self.lengths)} lengths, "
+        if rows.shape[0] != n or len(self.lengths) != n or self.block_rows < 1 or len(self._block_crc) != -(-n // self.block_rows):
+            raise ReducedError(f"reduced array {str(path)!r}: {rows.shape[0]} rows, {len(self.lengths)} lengths, "
                                f"{len(self._block_crc)} block digests of {self.block_rows} records; store {store.path!r} has {n} records")
-        self.shape = tuple(self._rows.shape)  # (n, width, d)
+        layout = (rows.shards, rows.chunks[0], rows.dtype, [type(c).__name__ for c in rows.metadata.codecs], rows.metadata.codecs[0].endian)
+        if layout[:-1] != (None, self.block_rows, np.dtype(config.dtype), ["BytesCodec"]) or layout[-1] not in (None, Endian.little):
+            raise ReducedError(f"reduced array {str(path)!r}: rows laid out as (shards, chunk rows, dtype, codecs, endian) {layout}, "
+                               f"not one raw little-endian chunk of {self.block_rows} records per block; delete it and it is made again")
+        self.shape = tuple(rows.shape)  # (n, width, d)
+        self._rows_dir = path / "rows"
+        self._keys = [rows.metadata.encode_chunk_key((b, 0, 0)) for b in range(self.n_blocks)]  # block -> its file under rows/
+        self._maps: dict[int, np.ndarray] = {}  # block -> its mapped rows
         self._checked: set[int] = set()
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()  # block -> decoded rows (streamed reads)
+        self._forked()
+
+    def _forked(self) -> None:
+        """The locks and the read-ahead thread of this process (a forked DataLoader worker makes its own)."""
+        self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._checking: dict[int, Future] = {}  # block -> its check under way
+        self._reader: ThreadPoolExecutor | None = None  # checks blocks ahead (read_ahead), made on first use
 
     @property
     def n_blocks(self) -> int:
@@ -171,82 +192,87 @@ class ReducedArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self._rows.dtype.itemsize
+        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+
+    def _mapped(self, b: int) -> np.ndarray:
+        """(<= block_rows, width, d) rows of block b, mapped from its file (not read: pages come in as they are touched)."""
+        with self._lock:
+            if b in self._maps:
+                return self._maps[b]
+        lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0])
+        size = self.block_rows * math.prod(self.shape[1:]) * 2  # zarr writes the last block's chunk whole too
+        try:
+            with os.fdopen(open_regular(self._rows_dir, self._keys[b]), "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    raise ValueError(f"{os.fstat(f.fileno()).st_size} bytes, a block is {size}")
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, StoreError) as e:
+            raise ReducedError(f"reduced array {str(self.path)!r}: block {b} (records {lo}..{hi - 1}, rows/{self._keys[b]}) cannot be read "
+                               f"({e}); delete the array and it is made again") from e
+        rows = np.frombuffer(mapping, np.float16).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
+        with self._lock:
+            return self._maps.setdefault(b, rows)
 
     def _check(self, b: int, block: np.ndarray) -> None:
-        if b in self._checked:
-            return
-        crc = zlib.crc32(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+        crc = zlib.crc32(block)  # reads the block's pages in: its disk read happens here, with the GIL released
         if crc != int(self._block_crc[b]):
             lo = b * self.block_rows
             raise ReducedError(f"reduced array {str(self.path)!r}: block {b} (records {lo}..{lo + len(block) - 1}) has crc32 {crc}, "
                                f"recorded {int(self._block_crc[b])}: the file was changed or swapped; delete the array and it is made again")
         self._checked.add(b)
 
-    def _read(self, lo: int, hi: int) -> np.ndarray:
-        try:
-            return self._rows[lo:hi]
-        except _READ_ERRORS as e:
-            raise ReducedError(f"reduced array {str(self.path)!r}: records {lo}..{hi - 1} cannot be read ({e}); "
-                               f"delete the array and it is made again") from e
-
-    def load(self, out: np.ndarray | None = None) -> np.ndarray:
-        """(n, width, d) float16: every block, read in one call (chunks decoded concurrently, straight
-        into `out` when given) and checked."""
-        n = self.shape[0]
-        rows = out if out is not None else np.empty(self.shape, np.float16)
-        try:
-            self._rows.get_orthogonal_selection(slice(0, n), out=NDBuffer.from_numpy_array(rows))
-        except _READ_ERRORS as e:
-            raise ReducedError(f"reduced array {str(self.path)!r} cannot be read ({e}); delete it and it is made again") from e
-        for b in range(len(self._block_crc)):
-            self._check(b, rows[b * self.block_rows : (b + 1) * self.block_rows])
-        return rows
-
     def block(self, b: int) -> np.ndarray:
-        """(<= block_rows, width, d) rows of block b, checked on its first read; the last CACHED_BLOCKS stay decoded."""
+        """(<= block_rows, width, d) rows of block b (mapped), checked on its first read."""
+        if os.getpid() != self._pid:
+            self._forked()
+        if b in self._checked:
+            return self._mapped(b)
         with self._lock:
-            if b in self._cache:
-                self._cache.move_to_end(b)
-                return self._cache[b]
-        rows = self._read(b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0]))
+            future, mine = self._checking.get(b), False
+            if future is None:
+                future, mine = self._checking.setdefault(b, Future()), True
+        if mine:
+            self._verify(b, future)
+        return future.result()
+
+    def read_ahead(self, b: int) -> None:
+        """Check block b (reading it from the disk) on a background thread, when that is not done or under way,
+        so its read overlaps the batches made from the blocks before it."""
+        if os.getpid() != self._pid:
+            self._forked()
         with self._lock:
+            if b in self._checked or b in self._checking:
+                return
+            future = self._checking[b] = Future()
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="fusion-read-ahead")
+        self._reader.submit(self._verify, b, future)
+
+    def _verify(self, b: int, future: Future) -> None:
+        """Map and check block b, then resolve `future` with its rows (or its error: whoever waits raises it)."""
+        try:
+            rows = self._mapped(b)
             self._check(b, rows)
-            self._cache[b] = rows
-            while len(self._cache) > CACHED_BLOCKS:
-                self._cache.popitem(last=False)
-        return rows
+            future.set_result(rows)
+        except BaseException as e:
+            future.set_exception(e)
+        finally:
+            with self._lock:
+                self._checking.pop(b, None)
 
     def rows_of(self, at: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = the rows of record at[i], a whole block at a time (kept decoded: samples visited block by block); -1 leaves out[i]."""
-        for b in np.unique(at[at >= 0] // self.block_rows):
-            rows = self.block(int(b))
+        """out[i] = the rows of record at[i] (-1 leaves out[i]); each block is checked on its first read."""
+        for b in np.unique(at[at >= 0] // self.block_rows).tolist():
+            rows = self.block(b)
             pick = np.flatnonzero((at >= 0) & (at // self.block_rows == b))
             out[pick] = rows[at[pick] - b * self.block_rows]
 
-    def records_into(self, at: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = the rows of record at[i], read record by record (concurrently, in one call: a chunk each),
-        for samples in no block order. A block not read before is read whole (it is checked on its first read)
-        and serves its records from memory, so no record is read twice. -1 leaves out[i]."""
-        unseen = [b for b in np.unique(at[at >= 0] // self.block_rows).tolist() if b not in self._checked and b not in self._cache]
-        if unseen:
-            whole = (at >= 0) & np.isin(at // self.block_rows, unseen)
-            self.rows_of(np.where(whole, at, -1), out)
-            at = np.where(whole, -1, at)
-        array = self._rows._async_array
-        first = {int(r): i for i, r in reversed(list(enumerate(at))) if r >= 0}
-
-        async def read_all() -> None:
-            await asyncio.gather(*(array.get_orthogonal_selection(slice(r, r + 1), out=NDBuffer.from_numpy_array(out[i : i + 1]))
-                                   for r, i in first.items()))  # fmt: skip
-
-        try:
-            run_reads(self._rows.store, read_all())
-        except _READ_ERRORS as e:
-            raise ReducedError(f"reduced array {str(self.path)!r}: {len(first)} records cannot be read ({e}); delete it and it is made again") from e
-        for i, r in enumerate(at):
-            if r >= 0 and first[int(r)] != i:
-                out[i] = out[first[int(r)]]
+    def load(self, out: np.ndarray | None = None) -> np.ndarray:
+        """(n, width, d) float16: every block, checked and copied into `out` (made when not given)."""
+        rows = out if out is not None else np.empty(self.shape, np.float16)
+        for b in range(self.n_blocks):
+            rows[b * self.block_rows : (b + 1) * self.block_rows] = self.block(b)
+        return rows
 
 
 def reduced_array(store: EmbeddingStore, config: ReductionConfig, cache_dir: str | Path | None = None, *,
@@ -285,14 +311,13 @@ def _write(store: EmbeddingStore, config: ReductionConfig, path: Path, progress:
     """Reduce every record of the store, block by block, into a temporary array; rename it into place when complete."""
     n, d = len(store), store.embed_dim
     width = max(1, min(config.max_tokens, max((store.token_span(i)[1] for i in store.ids), default=1)))
-    record_bytes = width * d * np.dtype(config.dtype).itemsize
-    chunk_rows = max(1, CHUNK_BYTES // record_bytes)  # records of one chunk: small records share one, so a block is not thousands of chunks
-    block_rows = max(1, BLOCK_BYTES // record_bytes) // chunk_rows * chunk_rows or chunk_rows
+    block_rows = max(1, BLOCK_BYTES // (width * d * np.dtype(config.dtype).itemsize))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         group = zarr.open_group(str(tmp), mode="w")
-        rows = group.create_array("rows", shape=(n, width, d), shards=(block_rows, width, d), chunks=(chunk_rows, width, d), dtype=config.dtype,
-                                  dimension_names=("record", "row", "feature"), compressors=(Crc32cCodec(),), fill_value=0)  # fmt: skip
+        # One raw chunk per block (ReducedArray maps it), written even when all zeros: a missing file is an error, not zeros.
+        rows = group.create_array("rows", shape=(n, width, d), chunks=(block_rows, width, d), dtype=config.dtype, compressors=None,
+                                  dimension_names=("record", "row", "feature"), fill_value=0, config={"write_empty_chunks": True})  # fmt: skip
         lengths = np.zeros(n, np.int32)
         crcs = np.zeros(-(-n // block_rows), np.uint32)
         bar = tqdm(total=n, unit="record", desc=f"reduce {Path(store.path).name}", disable=not progress, dynamic_ncols=True)

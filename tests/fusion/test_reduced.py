@@ -96,12 +96,11 @@ def test_an_array_that_does_not_describe_its_store_is_refused(store_path, tmp_pa
 
 def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)  # 2 records a block: 4 blocks
-    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)  # a chunk per record
     store = open_store(store_path)
     array = _reduce(store, 4, tmp_path / "cache")
     assert array.block_rows == 2
     a, b = array.path / "rows" / "c" / "0" / "0" / "0", array.path / "rows" / "c" / "1" / "0" / "0"
-    data_a, data_b = a.read_bytes(), b.read_bytes()  # each chunk's own crc32c still holds after the swap
+    data_a, data_b = a.read_bytes(), b.read_bytes()
     a.write_bytes(data_b), b.write_bytes(data_a)
     reopened = _reduce(store, 4, tmp_path / "cache")
     with pytest.raises(ReducedError, match=r"block 0 \(records 0\.\.1\) has crc32"):
@@ -110,9 +109,27 @@ def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monke
         StreamedReducedTokens(store, list(LENGTHS), reopened).gather(["c"])
 
 
+def test_reading_ahead_checks_the_next_blocks_and_a_bad_one_fails_the_batch_that_needs_it(store_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * DIM * 2)  # one record a block: 7 blocks
+    store = open_store(store_path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    (array.path / "rows" / "c" / "5" / "0" / "0").unlink()
+    reopened = _reduce(store, 4, tmp_path / "cache")
+    streamed, ids = StreamedReducedTokens(store, list(LENGTHS), reopened), store.ids  # ids[k]: record k, in block k
+    streamed.lead([2, 3, 4, 5, 6, 0, 1])
+    streamed.gather([ids[2]])  # block 2 read; 3 and 4 read ahead
+    for b in (3, 4):
+        reopened.block(b)  # waits for the read under way, or finds it done
+    assert reopened._checked == {2, 3, 4}
+    streamed.gather([ids[4]])  # reads 5 and 6 ahead: 5's file is gone, which only the batch that needs it reports
+    with pytest.raises(ReducedError, match=r"block 5 \(records 5\.\.5, rows/c/5/0/0\) cannot be read .*No such file"):
+        streamed.gather([ids[5]])
+    whole = ReducedTokens(store, list(LENGTHS), _reduce(store, 4, tmp_path / "another"))
+    assert torch.equal(streamed.gather([ids[6]]).x, whole.gather([ids[6]]).x)  # the blocks read ahead serve their rows
+
+
 def test_an_interrupted_reduction_leaves_nothing_that_looks_complete(store_path, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 2 * 4 * DIM * 2)
-    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)
     calls, real = [], reduced_module.group_mean
 
     def failing(x, m):  # Ctrl-C in the third block
@@ -132,7 +149,6 @@ def test_an_interrupted_reduction_leaves_nothing_that_looks_complete(store_path,
 
 def test_streamed_epochs_visit_blocks_one_after_another(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * 2 * 16 * 2)  # 4 records of 2 rows x 16 a block
-    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 2 * 2 * 16 * 2)  # 2 records a chunk
     config = DataConfig(manifest=demo_data["prep"], stores={"rna": demo_data["stores"]["rna"]}, max_tokens=2, loading="stream",
                         reduced_dir=str(tmp_path), batch_size=4)  # fmt: skip
     from fusion.run import read_manifest
@@ -146,6 +162,8 @@ def test_streamed_epochs_visit_blocks_one_after_another(demo_data, tmp_path, mon
     assert sorted(order) == list(range(len(order))) and not np.array_equal(order, np.sort(order))
     seen = block[order]
     assert (np.diff(seen) != 0).sum() == len(set(seen.tolist())) - 1  # each block's samples in one run
+    visits = list(dict.fromkeys(seen.tolist()))
+    assert features._ahead == {b: visits[i + 1 : i + 1 + reduced_module.READ_AHEAD] for i, b in enumerate(visits)}  # what is read ahead
 
 
 @pytest.mark.parametrize("features", ["pooled", "tokens"])
@@ -183,15 +201,14 @@ def test_feature_device_device_refuses_rows_that_are_not_held_whole(demo_data):
 
 def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(store_path, tmp_path, monkeypatch):
     monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * DIM * 2)  # one record a block: 7 blocks, more than stay decoded
-    monkeypatch.setattr(reduced_module, "CHUNK_BYTES", 4 * DIM * 2)
     store = open_store(store_path)
     array = _reduce(store, 4, tmp_path / "cache")
-    assert array.n_blocks == len(LENGTHS) > reduced_module.CACHED_BLOCKS
+    assert array.n_blocks == len(LENGTHS)
     batch = ["e", None, "a", "d", "e", "g", "f"]
     memory = ReducedTokens(store, list(LENGTHS), array).gather(batch)
     streamed = StreamedReducedTokens(store, list(LENGTHS), array)
-    for sequential in (False, True):  # record by record (another modality leads the order), then whole blocks
-        streamed.sequential = sequential
+    for blocks in (None, [6, 4, 0, 3, 5, 1, 2]):  # record by record (another modality leads the order), then whole blocks, read ahead
+        streamed.lead(blocks)
         got = streamed.gather(batch)
         assert torch.equal(got.x, memory.x) and torch.equal(got.mask, memory.mask) and torch.equal(got.present, memory.present)
 
