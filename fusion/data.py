@@ -160,13 +160,13 @@ class PooledFeatures(IndexedFeatures):
 
 class ReducedTokens(IndexedFeatures):
     """Per-token rows reduced once to at most `max_tokens` per record (fusion.reduced), held in memory:
-    the (records + 1, width, d) fp16 table of the reduced array, checked block by block as it is read."""
+    the (records + 1, width, d) table of the reduced array (fp16 unless the store is fp32), checked block by block as it is read."""
 
     def __init__(self, store: EmbeddingStore, keys: list[str], reduced: ReducedArray):
         self.dim, self.reduced = store.embed_dim, reduced
         self.row = dict(zip(keys, store.rows(keys).tolist()))
         n, width, d = reduced.shape
-        table = np.zeros((n + 1, width, d), np.float16)
+        table = np.zeros((n + 1, width, d), reduced.dtype)
         reduced.load(out=table[:n])
         self.table = torch.from_numpy(table)
         self.lengths = torch.from_numpy(np.append(reduced.lengths, 0).astype(np.int64))
@@ -197,7 +197,7 @@ class StreamedReducedTokens(ModalityFeatures):
 
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         at = self.index(keys)
-        batch, x = _zeros((len(keys), self.width, self.dim), np.float16)  # (b, width, d), zero for absent samples
+        batch, x = _zeros((len(keys), self.width, self.dim), self.reduced.dtype)  # (b, width, d), zero for absent samples
         self.reduced.rows_of(at, x)
         if self.sequential:  # the blocks after this batch's are read while the next batches are made
             for b in np.unique(at[at >= 0] // self.reduced.block_rows).tolist():
@@ -691,7 +691,7 @@ def open_batches(config: DataConfig, manifest: Manifest, *, log=print, progress:
                 raise DataError(f"store {path!r} ({m}) holds no per-token embeddings (--no-tokens); use features='pooled'")
             reduced = None
             if config.max_tokens is not None:
-                reduced = reduced_array(store, ReductionConfig(config.max_tokens, int(store.layer)), config.reduced_dir, log=log, progress=progress)
+                reduced = reduced_array(store, ReductionConfig.of(store, config.max_tokens), config.reduced_dir, log=log, progress=progress)
             size = token_bytes(store, keys) if reduced is None else reduced.nbytes
             in_memory = config.loading == "memory" or (config.loading == "auto" and size <= config.memory_gb * 1e9)
             if reduced is None:

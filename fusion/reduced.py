@@ -7,9 +7,10 @@ store is fixed by the store's content, its layer and `max_tokens`, so it is comp
 and written, under a name derived from exactly those, into a cache directory:
 
     <cache>/<digest>.zarr/
-        rows       (records, width, d) float16   each record's reduced rows, zero past its length; one raw
-                                                 chunk (file, no codec) per block of records (about
-                                                 BLOCK_BYTES): the file is the block's rows as in memory
+        rows       (records, width, d) float16   each record's reduced rows, zero past its length, in the
+                                                 store's per-token dtype (float16 unless built float32);
+                                                 one raw chunk (file, no codec) per block of records
+                                                 (about BLOCK_BYTES): the file is the block's rows as in memory
         lengths    (records,) int32              rows per record (<= max_tokens)
         block_crc  (blocks,) uint32              crc32 of each block's rows: a changed or swapped file is refused
         zarr.json  attrs["fusion_reduced"]: format, ReductionConfig, the source store, block rows
@@ -116,6 +117,13 @@ class ReductionConfig:
     layer: int  # the store's hidden state that was reduced
     dtype: str = "float16"  # stored dtype of the reduced rows
 
+    @classmethod
+    def of(cls, store: EmbeddingStore, max_tokens: int) -> "ReductionConfig":
+        """The reduction of `store`'s layer, in the store's own per-token dtype: rows stored in float32
+        (`embedcache build --dtype float32`, for an encoder whose rows differ below float16's step)
+        stay float32."""
+        return cls(max_tokens, int(store.layer), store.attrs["stored_dtype"]["tokens"])
+
 
 def default_cache_dir() -> Path:
     """Where reduced arrays live unless the run says (`--reduced-dir`): $EMBEDCACHE_CACHE/reduced,
@@ -140,9 +148,9 @@ class ReducedArray:
     """An opened reduced array: lengths in memory, each block's file mapped and its rows read in place.
 
     The rows array has no codec and one chunk per block, so a block's chunk file is its rows as they
-    lie in memory (C order, little-endian fp16): they are read through a read-only memory map of it,
-    without zarr's decode. zarr copied every block on its one event-loop thread, which held a streamed
-    epoch near half of the disk's read rate (benchmarks/bench_fusion_pace.py). Mapped, the page cache
+    lie in memory (C order, little-endian): they are read through a read-only memory map of it,
+    without zarr's decode, which copied every block on zarr's one event-loop thread and held a
+    streamed epoch under half of the disk's read rate (benchmarks/README.md). Mapped, the page cache
     is the only cache; the copy into a batch is the one copy; a record read later touches only its
     own pages. What a mapping implies (a disk error or a file truncated in place is a SIGBUS, not an
     exception) is as for the stores (embedcache.mapped_store); nothing truncates these files in place.
@@ -173,6 +181,7 @@ class ReducedArray:
             raise ReducedError(f"reduced array {str(path)!r}: rows laid out as (shards, chunk rows, dtype, codecs, endian) {layout}, "
                                f"not one raw little-endian chunk of {self.block_rows} records per block; delete it and it is made again")
         self.shape = tuple(rows.shape)  # (n, width, d)
+        self.dtype = np.dtype(config.dtype)
         self._rows_dir = path / "rows"
         self._keys = [rows.metadata.encode_chunk_key((b, 0, 0)) for b in range(self.n_blocks)]  # block -> its file under rows/
         self._maps: dict[int, np.ndarray] = {}  # block -> its mapped rows
@@ -192,7 +201,7 @@ class ReducedArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(np.float16).itemsize
+        return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def _mapped(self, b: int) -> np.ndarray:
         """(<= block_rows, width, d) rows of block b, mapped from its file (not read: pages come in as they are touched)."""
@@ -200,7 +209,7 @@ class ReducedArray:
             if b in self._maps:
                 return self._maps[b]
         lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0])
-        size = self.block_rows * math.prod(self.shape[1:]) * 2  # zarr writes the last block's chunk whole too
+        size = self.block_rows * math.prod(self.shape[1:]) * self.dtype.itemsize  # zarr writes the last block's chunk whole too
         try:
             with os.fdopen(open_regular(self._rows_dir, self._keys[b]), "rb") as f:
                 if os.fstat(f.fileno()).st_size != size:
@@ -209,7 +218,7 @@ class ReducedArray:
         except (OSError, ValueError, StoreError) as e:
             raise ReducedError(f"reduced array {str(self.path)!r}: block {b} (records {lo}..{hi - 1}, rows/{self._keys[b]}) cannot be read "
                                f"({e}); delete the array and it is made again") from e
-        rows = np.frombuffer(mapping, np.float16).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
+        rows = np.frombuffer(mapping, self.dtype).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
         with self._lock:
             return self._maps.setdefault(b, rows)
 
@@ -268,9 +277,11 @@ class ReducedArray:
             out[pick] = rows[at[pick] - b * self.block_rows]
 
     def load(self, out: np.ndarray | None = None) -> np.ndarray:
-        """(n, width, d) float16: every block, checked and copied into `out` (made when not given)."""
-        rows = out if out is not None else np.empty(self.shape, np.float16)
+        """(n, width, d) rows: every block, checked (the next ones read ahead) and copied into `out` (made when not given)."""
+        rows = out if out is not None else np.empty(self.shape, self.dtype)
         for b in range(self.n_blocks):
+            for ahead in range(b + 1, min(b + 1 + READ_AHEAD, self.n_blocks)):
+                self.read_ahead(ahead)
             rows[b * self.block_rows : (b + 1) * self.block_rows] = self.block(b)
         return rows
 

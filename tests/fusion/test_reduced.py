@@ -47,7 +47,7 @@ def store_path(tmp_path) -> Path:
 
 
 def _reduce(store, max_tokens: int, cache: Path, log=lambda m: None):
-    return reduced_array(store, ReductionConfig(max_tokens, store.layer), cache, log=log)
+    return reduced_array(store, ReductionConfig.of(store, max_tokens), cache, log=log)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 3, 5, 100])
@@ -92,6 +92,24 @@ def test_an_array_that_does_not_describe_its_store_is_refused(store_path, tmp_pa
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(ReducedError, match=r"reduced array .* holds .*'commits': 7.* needs .*delete it"):
         _reduce(store, 4, tmp_path / "cache")
+
+
+def test_a_float32_store_is_reduced_in_float32(tmp_path):
+    """Rows built in float32 keep their precision: the reduction is `_pad`'s float32 group means, exactly."""
+    path = tmp_path / "fp32.zarr"
+    create_store(path, attrs={**ATTRS, "stored_dtype": {"tokens": "float32", "pooled": "float32"}}, embed_dim=DIM, pooled=True,
+                 tokens=True, token_dtype="float32", shard_mb=1.0)  # fmt: skip
+    writer = open_writer(path)
+    rows = {k: np.random.default_rng(n).standard_normal((n, DIM)).astype(np.float32) * 1e-4 + 1 for k, n in LENGTHS.items()}
+    writer.commit([ContentResult(key=f"k{k}", residues="A" * len(r), tokens=r, pooled=r.mean(0), n_input_tokens=len(r), n_cropped=0,
+                                 n_windows=1) for k, r in rows.items()], [(k, f"k{k}") for k in rows])  # fmt: skip
+    writer.set_status("complete")
+    store = open_store(path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    assert array.dtype == np.float32
+    got = ReducedTokens(store, list(LENGTHS), array).gather(list(LENGTHS))
+    want = _pad([torch.from_numpy(store.tokens(k)) for k in LENGTHS], DIM, 4)
+    assert got.x.dtype == torch.float32 and torch.equal(got.x, want.x) and torch.equal(got.mask, want.mask)
 
 
 def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monkeypatch):
