@@ -11,7 +11,7 @@ once and cached under --data), each modality subset:
     ridge probe        fusion.probe on pooled vectors (deterministic)
     pooled mean-concat the fusion model on pooled vectors (the demo ablation's inputs)
     tokens x-attn      the cross-attention fusion model on per-token rows averaged to --max-tokens
-                       (one modality: no layers, i.e. mean-concat of those rows)
+                       (one modality: its feed-forward layers only, nothing to attend to)
     tokens mean-concat (only with --models) mean-concat on those rows: the per-token inputs without the layers
 test mean R^2 beside the subset's ceiling with the token term (the protein subsets') and without it
 (the best a model blind to it can do), and `token corr`: the mean over tissues of the test correlation of

@@ -17,7 +17,7 @@ def create_parser() -> argparse.ArgumentParser:
         prog="python -m cli.demo",
         description="Synthetic IsoFormer data -> adapter -> embedcache stores (tiny Enformer / NT / ESM2) -> "
         "a per-token fusion run -> modality ablation beside the ridge probe and the known ceiling -> reports "
-        "with plots. Offline, on the CPU: about 4.5 minutes on 2 idle cores (after the install); --full takes longer.",
+        "with plots. Offline, on the CPU: about 3.5 minutes on 2 idle cores (after the install); --full takes longer.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="demo-out", help="output directory")

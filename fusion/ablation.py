@@ -1,11 +1,11 @@
 """`fusion ablate`: every modality subset x aggregator x seed, beside the ridge probe and the known ceiling.
 
-Features are loaded once; each run trains on a view with its subset's modalities. With one modality
-the cross-attention aggregator builds no layers and IS mean-concat pooling (see
-CrossAttentionAggregator), so a single-modality subset is trained once for both and reported as
-mean-concat. The ridge probe (fusion.probe, deterministic) is fitted once per subset on the pooled
-features of the same stores. Where the data are planted (fusion prepare synthetic), the best
-achievable R^2 per subset is read from synthetic.json and shown as the ceiling.
+Features are loaded once; each run trains on a view with its subset's modalities. Every aggregator
+is trained on every subset, single-modality ones included: with one modality cross-attention keeps
+its feed-forward layers (see CrossAttentionAggregator), so it is not mean-concat there. The ridge
+probe (fusion.probe, deterministic) is fitted once per subset on the pooled features of the same
+stores. Where the data are planted (fusion prepare synthetic), the best achievable R^2 per subset is
+read from synthetic.json and shown as the ceiling.
 
 out_dir receives: runs/<subset>__<aggregator>__seed<k>/ (a full `fusion train` run each),
 probe/<subset>/ (a full `fusion probe` run each), ablation_runs.csv (one row per run),
@@ -31,8 +31,6 @@ from fusion.train import TrainConfig
 
 Log = Callable[[str], None]
 PROBE = "ridge probe"  # the aggregator column of the probe's rows
-# Aggregators that, given a single modality, are the same model as another one (no run of their own).
-SAME_WITH_ONE_MODALITY = {"cross-attention": "mean-concat"}
 
 
 def modality_subsets(modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
@@ -41,14 +39,8 @@ def modality_subsets(modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def planned_runs(subsets: list[tuple[str, ...]], aggregators: list[str], seeds: list[int]) -> list[tuple[tuple[str, ...], str, int]]:
-    """(subset, aggregator, seed) to train: single-modality subsets once per distinct model, not per aggregator name."""
-    runs = []
-    for subset in subsets:
-        names = aggregators
-        if len(subset) == 1:
-            names = list(dict.fromkeys(SAME_WITH_ONE_MODALITY.get(a, a) for a in aggregators))
-        runs += [(subset, a, s) for a in names for s in seeds]
-    return runs
+    """(subset, aggregator, seed) to train: every subset with every aggregator and seed, in that order."""
+    return [(subset, a, s) for subset in subsets for a in aggregators for s in seeds]
 
 
 def known_ceilings(manifest: str | Path) -> dict[str, float] | None:
@@ -99,8 +91,8 @@ def run_ablation(
     ceilings = ceilings if ceilings is not None else known_ceilings(data.manifest)
     runs = planned_runs(subsets, aggregators, seeds)
     total = len(runs) + (len(subsets) if probe is not None else 0)
-    log(f"ablation: {len(runs)} training runs ({len(subsets)} modality subsets x {aggregators} x seeds {seeds}; single-modality "
-        f"subsets once per distinct model)" + (f" + {len(subsets)} probe fits" if probe is not None else "") + f" -> {out_dir}")
+    probes = f" + {len(subsets)} probe fits" if probe is not None else ""
+    log(f"ablation: {len(runs)} training runs ({len(subsets)} modality subsets x {aggregators} x seeds {seeds}){probes} -> {out_dir}")
     rows = []
     started = time.perf_counter()
     bar = tqdm(total=total, desc="ablation", unit="run", disable=not progress, dynamic_ncols=True)
@@ -143,7 +135,6 @@ def run_ablation(
     pd.DataFrame(rows).to_csv(out_dir / "ablation_runs.csv", index=False)
     markdown, table = ablation_table(rows, ceilings=ceilings)
     note = (f"\nInputs: {data.features} features of {', '.join(f'{m}={p}' for m, p in data.stores.items())}; manifest {data.manifest}. "
-            f"Single-modality subsets are trained once: with one modality cross-attention is mean-concat. "
             f"The {PROBE} (ridge per target, alpha by gene-grouped CV on the training split) is deterministic: one fit per subset.\n")
     table.to_csv(out_dir / "ablation.csv", index=False)
     (out_dir / "ablation.md").write_text(markdown + note)

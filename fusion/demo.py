@@ -192,11 +192,11 @@ def modality_additions(table: pd.DataFrame) -> dict[str, list[dict]]:
     seed spread it is judged against (the larger of the two rows' standard deviations over seeds; 0 with one
     seed, which has no spread, so any drop counts).
 
-    A single-modality subset is trained once as mean-concat (cross-attention is the same model there): its row
-    stands for every aggregator.
+    An aggregator's own single-modality rows are used; where it has none (ablations from before single-modality
+    cross-attention kept its feed-forward layers trained those subsets once, as mean-concat), mean-concat's stand in.
     """
     learned = table[table["aggregator"] != PROBE]
-    singles = learned[~learned["modalities"].str.contains("+", regex=False)].set_index("modalities")
+    singles = learned[~learned["modalities"].str.contains("+", regex=False) & (learned["aggregator"] == "mean-concat")].set_index("modalities")
     out = {}
     for aggregator in learned["aggregator"].unique():
         rows = {**singles.to_dict("index"), **learned[learned["aggregator"] == aggregator].set_index("modalities").to_dict("index")}

@@ -7,8 +7,7 @@ figures as transcribed from reviews of the paper; no training code was released 
 
 `paper_table` reads what examples/isoformer/recipe.py produced:
     - `fusion ablate`'s ablation_runs.csv (one row per run; NT as DNA encoder): every subset with the
-      recipe's aggregator, single-modality subsets under "mean-concat" (with one modality
-      cross-attention IS mean-concat pooling, so ablate trains them once) and the "ridge probe" rows;
+      recipe's aggregator (single-modality subsets included) and the "ridge probe" rows;
     - the run directories of `fusion train` with Enformer as DNA encoder (one per seed), and
       optionally that subset's `fusion probe` directory;
 and returns one row per paper row (plus subsets the paper does not report), in the paper's order:
@@ -27,7 +26,6 @@ from pathlib import Path
 import pandas as pd
 
 PROBE = "ridge probe"  # the aggregator name `fusion ablate` gives its probe rows (fusion.ablation.PROBE)
-SINGLE_MODALITY_AGGREGATOR = "mean-concat"  # the name `fusion ablate` reports single-modality runs under
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +113,7 @@ def paper_table(
             used = aggregator
             probe = enformer_probe_metrics
         else:
-            used = SINGLE_MODALITY_AGGREGATOR if "+" not in paper.modalities else aggregator
+            used = aggregator
             mine = runs[(runs["modalities"] == paper.modalities) & (runs["aggregator"] == used)]
             r2, spearman = mine["test_mean_r2"], mine["test_mean_spearman"]
             probe_rows = runs[(runs["modalities"] == paper.modalities) & (runs["aggregator"] == PROBE)]
@@ -179,9 +177,8 @@ def _markdown(table: pd.DataFrame, aggregator: str) -> str:
             "-" if math.isnan(r.probe_r2) else f"{r.probe_r2:.3f}", str(r.n_seeds),
         ]) + " |")  # fmt: skip
     notes = (
-        f"\nTest split; mean ± std over seeds (ddof 1). Paper: {SOURCE}. Single-modality rows are the "
-        f"{SINGLE_MODALITY_AGGREGATOR} model (with one modality the cross-attention aggregator has nothing to attend "
-        f"to); multi-modality rows use {aggregator}. The ridge probe is fitted on "
+        f"\nTest split; mean ± std over seeds (ddof 1). Paper: {SOURCE}. Every row uses {aggregator} (with one "
+        f"modality, cross-attention's feed-forward layers only: nothing to attend to). The ridge probe is fitted on "
         f"the same stores' pooled vectors. '-': not run, or not reported by the paper.\n"
     )
     return "\n".join(lines) + "\n" + notes

@@ -85,22 +85,29 @@ class CrossAttentionLayer(nn.Module):
     so training adds cross-modal terms to what mean-concat learns instead of starting from a random
     mixture (on the demo's pooled dna+rna: post-norm 0.442, pre-norm with zero init 0.453 test
     mean R^2, mean-concat 0.457, probe 0.454; benchmarks/README.md).
+
+    attend=False builds the feed-forward half only (x <- x + FFN(LN(x)); context is not read): the layer of
+    a single-modality model, which has no other modality to attend to.
     """
 
-    def __init__(self, *, d_model: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, n_heads: int, dropout: float, attend: bool = True) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm_context = nn.LayerNorm(d_model)
-        self.attn = MaskedAttention(d_model=d_model, n_heads=n_heads)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attend = attend
+        if attend:
+            self.norm1 = nn.LayerNorm(d_model)
+            self.norm_context = nn.LayerNorm(d_model)
+            self.attn = MaskedAttention(d_model=d_model, n_heads=n_heads)
+            self.attn_dropout = nn.Dropout(dropout)
+            nn.init.zeros_(self.attn.to_out.weight)
+            nn.init.zeros_(self.attn.to_out.bias)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model=d_model, dropout=dropout)
-        for last in (self.attn.to_out, self.ffn[3]):  # each branch's output layer
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
+        nn.init.zeros_(self.ffn[3].weight)  # the branch's output layer
+        nn.init.zeros_(self.ffn[3].bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_dropout(self.attn(self.norm1(x), self.norm_context(context), context_mask))  # (b, n, d)
+        if self.attend:
+            x = x + self.attn_dropout(self.attn(self.norm1(x), self.norm_context(context), context_mask))  # (b, n, d)
         return x + self.ffn(self.norm2(x))  # (b, n, d)
 
 
@@ -112,19 +119,25 @@ class CrossAttentionAggregator(Aggregator):
     All modalities are updated from the previous layer's tokens, so the modality order does
     not matter. A sample for which no other modality is present gets a zero attention
     update (its tokens still pass the norms and feed-forward blocks). With a single
-    configured modality there is nothing to attend to: no layers are built and this is
-    exactly the masked-mean pooling of that modality.
+    configured modality there is nothing to attend to, and the layers are their feed-forward
+    halves only: the model is what a multi-modality one is for a sample whose other
+    modalities are absent. They must not be dropped: without a per-row nonlinearity before
+    the mean, a signal in how rows differ within a sequence (and not in their mean) never
+    reaches h_multi; with no layers, protein-only per-token cross-attention could not read the
+    planted serine-clustering term that every model with another modality recovered
+    (benchmarks/bench_token_signal.py).
     """
 
     def __init__(self, *, modalities: tuple[str, ...], d_model: int, n_layers: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.modalities = tuple(modalities)
         self.out_dim = len(self.modalities) * d_model
-        n_built = n_layers if len(self.modalities) > 1 else 0
+        attend = len(self.modalities) > 1
         self.layers = nn.ModuleList(
-            nn.ModuleDict({m: CrossAttentionLayer(d_model=d_model, n_heads=n_heads, dropout=dropout) for m in self.modalities})
-            for _ in range(n_built)
+            nn.ModuleDict({m: CrossAttentionLayer(d_model=d_model, n_heads=n_heads, dropout=dropout, attend=attend) for m in self.modalities})
+            for _ in range(n_layers)
         )
+        self.register_load_state_dict_pre_hook(_identity_layers_for_layerless_checkpoints)
 
     @classmethod
     def from_config(cls, config: "FusionModelConfig") -> "CrossAttentionAggregator":
@@ -141,7 +154,8 @@ class CrossAttentionAggregator(Aggregator):
         for layer in self.layers:
             updated = {}
             for m in self.modalities:
-                others = [o for o in self.modalities if o != m]
+                # One modality: its layers (attend=False) do not read the context; its own tokens fill the argument.
+                others = [o for o in self.modalities if o != m] or [m]
                 context = torch.cat([h[o] for o in others], dim=1)  # (b, sum n_o, d)
                 context_mask = torch.cat([masks[o] for o in others], dim=1)  # (b, sum n_o)
                 x = layer[m](h[m], context, context_mask)  # (b, n_m, d)
@@ -150,3 +164,17 @@ class CrossAttentionAggregator(Aggregator):
             h = updated
         pooled = [masked_mean(h[m], masks[m]) for m in self.modalities]  # M x (b, d)
         return torch.cat(pooled, dim=-1)  # (b, M * d)
+
+
+def _identity_layers_for_layerless_checkpoints(module: CrossAttentionAggregator, state_dict: dict, prefix: str, *_) -> None:
+    """Load hook: a single-modality checkpoint saved before its feed-forward layers existed loads as it ran.
+
+    Such a model had no layers (plain masked-mean pooling). Filling the missing layer entries with the
+    module's current weights, and zeros for each feed-forward block's output layer, makes every layer the
+    identity (x + 0), so the old checkpoint predicts exactly as before.
+    """
+    if len(module.modalities) > 1 or not len(module.layers) or any(k.startswith(f"{prefix}layers.") for k in state_dict):
+        return
+    for name, value in module.layers.state_dict().items():
+        output_layer = name.endswith(("ffn.3.weight", "ffn.3.bias"))
+        state_dict[f"{prefix}layers.{name}"] = torch.zeros_like(value) if output_layer else value.clone()

@@ -93,13 +93,14 @@ def _runs(rows: list[tuple[str, str, int, float, float]]) -> pd.DataFrame:
 
 def test_paper_table_takes_the_right_runs_per_row():
     runs = _runs([
-        ("dna", "mean-concat", 0, 0.1, 0.4), ("dna", "mean-concat", 1, 0.2, 0.5), ("dna", "ridge probe", 0, 0.15, 0.45),
+        ("dna", "cross-attention", 0, 0.1, 0.4), ("dna", "cross-attention", 1, 0.2, 0.5), ("dna", "ridge probe", 0, 0.15, 0.45),
+        ("dna", "mean-concat", 0, 0.9, 0.9),  # another aggregator: not this table's
         ("dna+rna", "cross-attention", 0, 0.3, 0.6), ("dna+rna", "cross-attention", 1, 0.5, 0.7),
         ("dna+rna", "mean-concat", 0, 0.9, 0.9),  # another aggregator: not this table's
     ])  # fmt: skip
     markdown, table = paper_table(runs, aggregator="cross-attention")
     dna = table[table["modalities"] == "dna"].iloc[0]
-    assert (dna["aggregator"], dna["n_seeds"], dna["r2_mean"], dna["probe_r2"]) == ("mean-concat", 2, pytest.approx(0.15), 0.15)
+    assert (dna["aggregator"], dna["n_seeds"], dna["r2_mean"], dna["probe_r2"]) == ("cross-attention", 2, pytest.approx(0.15), 0.15)
     assert dna["r2_std"] == pytest.approx(math.sqrt(0.005))  # ddof 1 over the two seeds
     pair = table[table["modalities"] == "dna+rna"].iloc[0]
     assert (pair["aggregator"], pair["r2_mean"], pair["spearman_mean"]) == ("cross-attention", pytest.approx(0.4), pytest.approx(0.65))

@@ -233,12 +233,39 @@ def test_attention_update_is_zero_without_keys_and_ignores_masked_keys() -> None
     torch.testing.assert_close(out[0], attn(queries[:1], context[:1, :2], mask[:1, :2])[0])
 
 
-def test_cross_attention_with_one_modality_is_mean_pooling() -> None:
+def test_cross_attention_with_one_modality_keeps_a_per_row_nonlinearity() -> None:
+    """One modality: feed-forward layers only (nothing to attend to). They start as the identity (mean pooling),
+    and once trained they read what the mean of the rows cannot: two samples with the same mean row differ."""
+    torch.manual_seed(0)
     aggregator = CrossAttentionAggregator(modalities=("rna",), d_model=4, n_layers=2, n_heads=2, dropout=0.0)
-    assert len(list(aggregator.parameters())) == 0
+    assert len(aggregator.layers) == 2 and not hasattr(aggregator.layers[0]["rna"], "attn")
     tokens = {"rna": torch.randn(3, 5, 4)}
     masks = {"rna": torch.rand(3, 5) > 0.5}
+    masks["rna"][:, 0] = True
+    tokens = {"rna": torch.where(masks["rna"][..., None], tokens["rna"], 0.0)}
     torch.testing.assert_close(aggregator(tokens, masks), masked_mean(tokens["rna"], masks["rna"]))
+    with torch.no_grad():
+        for p in aggregator.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    spread = torch.tensor([[[1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, -0.5, -3.0]]])  # (1, 2, 4): mean row 0
+    flat = torch.zeros(1, 2, 4)  # the same mean row, no spread
+    both = torch.ones(1, 2, dtype=torch.bool)
+    assert not torch.allclose(aggregator({"rna": spread}, {"rna": both}), aggregator({"rna": flat}, {"rna": both}))
+
+
+def test_single_modality_cross_attention_checkpoint_without_layers_loads_as_mean_pooling() -> None:
+    """A checkpoint saved when one-modality cross-attention had no layers loads, and predicts as it did then."""
+    model = make_model("cross-attention", ("rna",))
+    old_state = {k: v for k, v in model.state_dict().items() if not k.startswith("aggregator.layers.")}
+    old = make_model("mean-concat", ("rna",))
+    old.load_state_dict(old_state)  # the layerless model had exactly mean-concat's entries
+    model.load_state_dict(old_state)
+    features = make_features(("rna",))
+    with torch.no_grad():
+        torch.testing.assert_close(model(features), old(features))
+    with pytest.raises(RuntimeError, match="Missing key"):  # a multi-modality checkpoint still needs its layers
+        two = make_model("cross-attention", ("dna", "rna"))
+        two.load_state_dict({k: v for k, v in two.state_dict().items() if not k.startswith("aggregator.layers.")})
 
 
 def test_cross_attention_starts_as_mean_concat_and_learns_to_mix() -> None:

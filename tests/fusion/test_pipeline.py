@@ -122,18 +122,18 @@ def test_ablation_writes_a_table_with_probe_rows(demo_data, tmp_path, capsys):
             "--no-progress"]  # fmt: skip
     assert fusion_main(args) == 0
     table = pd.read_csv(out / "ablation.csv")
-    # 3 single-modality subsets trained once (cross-attention is mean-concat there), 4 multi-modal x 2 aggregators, 7 probe rows
-    assert len(table) == 3 + 4 * 2 + 7
+    # 7 subsets x 2 aggregators (single-modality cross-attention keeps its feed-forward layers), 7 probe rows
+    assert len(table) == 7 * 2 + 7
     singles = table[~table["modalities"].str.contains("+", regex=False)]
-    assert set(singles["aggregator"]) == {"mean-concat", "ridge probe"}
+    assert set(singles["aggregator"]) == {"cross-attention", "mean-concat", "ridge probe"}
     learned = table[table["aggregator"] != "ridge probe"]
     assert set(learned["n_seeds"]) == {2} and set(table[table["aggregator"] == "ridge probe"]["n_seeds"]) == {1}
     assert table["ceiling_r2"].between(0, 1).all()  # planted data: synthetic.json found through prepare.json
     markdown = (out / "ablation.md").read_text()
     assert "ridge probe" in markdown and "ceiling R²" in markdown and (out / "ablation.png").stat().st_size > 0
     runs = pd.read_csv(out / "ablation_runs.csv")
-    assert len(runs) == (3 + 4 * 2) * 2 + 7 and np.isfinite(runs["test_mean_r2"]).all()
-    assert "[29/29]" in capsys.readouterr().out  # k of N progress with elapsed and ETA
+    assert len(runs) == 7 * 2 * 2 + 7 and np.isfinite(runs["test_mean_r2"]).all()
+    assert "[35/35]" in capsys.readouterr().out  # k of N progress with elapsed and ETA
 
 
 def test_ablation_runs_only_the_subsets_asked_for(demo_data, tmp_path, capsys):
