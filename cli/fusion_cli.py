@@ -72,7 +72,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modalities", help="comma-separated subset of the stores' modalities to feed the model (default: all)")
     p.add_argument("--features", choices=FEATURES, default="tokens", help="per-token rows with masks, or one pooled vector per modality")
     p.add_argument("--max-tokens", type=int, help="average longer per-token inputs in consecutive equal groups down to this many rows (recorded in run.json; default: all rows). "
-                   "Each store is reduced once, on first use, into an fp16 array in --reduced-dir that later runs and every epoch reuse")
+                   "Each store is reduced once, on first use, into an array in the store's per-token dtype (fp16 unless built float32) in --reduced-dir that later runs and every epoch reuse")
     p.add_argument("--reduced-dir", help="directory of the --max-tokens reductions, named by store content, layer and max tokens "
                    "(default: $EMBEDCACHE_CACHE/reduced, else ~/.cache/embedcache/reduced); a store that changed gets a new one")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
