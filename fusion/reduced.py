@@ -13,7 +13,8 @@ and written, under a name derived from exactly those, into a cache directory:
                                                  (about BLOCK_BYTES): the file is the block's rows as in memory
         lengths    (records,) int32              rows per record (<= max_tokens)
         block_crc  (blocks,) uint32              crc32 of each block's rows: a changed or swapped file is refused
-        zarr.json  attrs["fusion_reduced"]: format, ReductionConfig, the source store, block rows
+        zarr.json  attrs["fusion_reduced"]: format, ReductionConfig, the source store, block rows, the crc32
+                   of lengths and of block_crc (zarr reads a lost chunk as zeros; checked on open)
 
 Records are in the store's own record order (`EmbeddingStore.ids`). Reading maps each block's file
 (ReducedArray): a streamed epoch reads the modality it is ordered by a whole block at a time (one
@@ -39,6 +40,7 @@ import shutil
 import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,9 +62,10 @@ from embedcache.mapped_store import open_regular
 from fusion.errors import FusionError
 
 FORMAT = "fusion-reduced-tokens"
-FORMAT_VERSION = 2  # 2: one raw chunk file per block, read mapped (1: shards of crc32c chunks)
+FORMAT_VERSION = 3  # 3: lengths and block digests checked on open; 2: one raw chunk file per block, read mapped; 1: shards of crc32c chunks
 BLOCK_BYTES = 16 << 20  # records of one chunk file (a block): large sequential reads, few enough files
 CACHE_ENV = "EMBEDCACHE_CACHE"  # overrides the cache root (default: $XDG_CACHE_HOME/embedcache or ~/.cache/embedcache)
+MAX_MAPS = 64  # block files kept mapped per array (each mapping holds a file descriptor)
 READ_AHEAD = 2  # blocks read ahead of the batches of a modality that leads a streamed epoch (and threads reading them)
 
 
@@ -171,6 +174,10 @@ class ReducedArray:
         if found != expected:
             raise ReducedError(f"reduced array {str(path)!r} holds {found}, but store {store.path!r} with this reduction needs {expected}; "
                                f"delete it and it is made again")
+        index_digests = {"lengths": zlib.crc32(self.lengths.tobytes()), "block_crc": zlib.crc32(self._block_crc.tobytes())}
+        if meta.get("index_digests") != index_digests:  # zarr reads a missing chunk as zeros: a lost file must not pass for zero lengths
+            raise ReducedError(f"reduced array {str(path)!r}: lengths and block digests have crc32 {index_digests}, recorded "
+                               f"{meta.get('index_digests')}: a file was changed or lost; delete the array and it is made again")
         n = len(store)
         self.block_rows = int(meta.get("block_rows", 0))
         if rows.shape[0] != n or len(self.lengths) != n or self.block_rows < 1 or len(self._block_crc) != -(-n // self.block_rows):
@@ -184,7 +191,7 @@ class ReducedArray:
         self.dtype = np.dtype(config.dtype)
         self._rows_dir = path / "rows"
         self._keys = [rows.metadata.encode_chunk_key((b, 0, 0)) for b in range(self.n_blocks)]  # block -> its file under rows/
-        self._maps: dict[int, np.ndarray] = {}  # block -> its mapped rows
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # block -> its mapped rows, the last MAX_MAPS used
         self._checked: set[int] = set()
         self._forked()
 
@@ -207,6 +214,7 @@ class ReducedArray:
         """(<= block_rows, width, d) rows of block b, mapped from its file (not read: pages come in as they are touched)."""
         with self._lock:
             if b in self._maps:
+                self._maps.move_to_end(b)
                 return self._maps[b]
         lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0])
         size = self.block_rows * math.prod(self.shape[1:]) * self.dtype.itemsize  # zarr writes the last block's chunk whole too
@@ -219,8 +227,11 @@ class ReducedArray:
             raise ReducedError(f"reduced array {str(self.path)!r}: block {b} (records {lo}..{hi - 1}, rows/{self._keys[b]}) cannot be read "
                                f"({e}); delete the array and it is made again") from e
         rows = np.frombuffer(mapping, self.dtype).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
-        with self._lock:
-            return self._maps.setdefault(b, rows)
+        with self._lock:  # rows still in use keep their mapping open after it leaves this LRU
+            rows = self._maps.setdefault(b, rows)
+            while len(self._maps) > MAX_MAPS:
+                self._maps.popitem(last=False)
+            return rows
 
     def _check(self, b: int, block: np.ndarray) -> None:
         crc = zlib.crc32(block)  # reads the block's pages in: its disk read happens here, with the GIL released
@@ -234,12 +245,13 @@ class ReducedArray:
         """(<= block_rows, width, d) rows of block b (mapped), checked on its first read."""
         if os.getpid() != self._pid:
             self._forked()
-        if b in self._checked:
-            return self._mapped(b)
         with self._lock:
+            checked = b in self._checked  # under the lock: a check that just ended is seen, not made again
             future, mine = self._checking.get(b), False
-            if future is None:
+            if not checked and future is None:
                 future, mine = self._checking.setdefault(b, Future()), True
+        if checked:
+            return self._mapped(b)
         if mine:
             self._verify(b, future)
         return future.result()
@@ -255,7 +267,12 @@ class ReducedArray:
             future = self._checking[b] = Future()
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="fusion-read-ahead")
-        self._reader.submit(self._verify, b, future)
+        try:
+            self._reader.submit(self._verify, b, future)
+        except BaseException as e:  # no thread to run it (shutting down): whoever waits for b must not wait forever
+            with self._lock:
+                self._checking.pop(b, None)
+            future.set_exception(e)
 
     def _verify(self, b: int, future: Future) -> None:
         """Map and check block b, then resolve `future` with its rows (or its error: whoever waits raises it)."""
@@ -312,7 +329,8 @@ def _block_tokens(store: EmbeddingStore, ids: list[str], layer: int) -> list[np.
     spans = [store.token_span(i) for i in ids]
     lo, hi = min(o for o, _ in spans), max(o + n for o, n in spans)
     rows = sum(n for _, n in spans)
-    if (hi - lo) > 2 * rows + (BLOCK_BYTES // (2 * store.embed_dim)):  # scattered: the span would read far more than the records
+    row_bytes = store.embed_dim * np.dtype(store.attrs["stored_dtype"]["tokens"]).itemsize
+    if (hi - lo) > 2 * rows + BLOCK_BYTES // row_bytes:  # scattered: the span would read far more than the records
         return store.tokens_many(ids, layer=layer)
     flat = store.token_rows(lo, hi, layer=layer)  # (hi - lo, d)
     return [flat[o - lo : o - lo + n] for o, n in spans]
@@ -322,7 +340,7 @@ def _write(store: EmbeddingStore, config: ReductionConfig, path: Path, progress:
     """Reduce every record of the store, block by block, into a temporary array; rename it into place when complete."""
     n, d = len(store), store.embed_dim
     width = max(1, min(config.max_tokens, max((store.token_span(i)[1] for i in store.ids), default=1)))
-    block_rows = max(1, BLOCK_BYTES // (width * d * np.dtype(config.dtype).itemsize))
+    block_rows = max(1, min(n, BLOCK_BYTES // (width * d * np.dtype(config.dtype).itemsize)))  # a small array: one block of its records
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         group = zarr.open_group(str(tmp), mode="w")
@@ -352,6 +370,7 @@ def _write(store: EmbeddingStore, config: ReductionConfig, path: Path, progress:
             "source": source_of(store),
             "store": store.path,  # where it was made from (not part of its identity: a moved store keeps its array)
             "block_rows": block_rows,
+            "index_digests": {"lengths": zlib.crc32(lengths.tobytes()), "block_crc": zlib.crc32(crcs.tobytes())},
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         try:

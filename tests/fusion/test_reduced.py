@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,17 @@ def test_a_float32_store_is_reduced_in_float32(tmp_path):
     got = ReducedTokens(store, list(LENGTHS), array).gather(list(LENGTHS))
     want = _pad([torch.from_numpy(store.tokens(k)) for k in LENGTHS], DIM, 4)
     assert got.x.dtype == torch.float32 and torch.equal(got.x, want.x) and torch.equal(got.mask, want.mask)
+    streamed = StreamedReducedTokens(store, list(LENGTHS), array)
+    streamed.lead(list(range(array.n_blocks)))
+    assert torch.equal(streamed.gather(list(LENGTHS)).x, want.x)
+
+
+def test_a_lost_lengths_file_is_refused_not_read_as_zero_lengths(store_path, tmp_path):
+    store = open_store(store_path)
+    array = _reduce(store, 4, tmp_path / "cache")
+    (array.path / "lengths" / "c" / "0").unlink()  # zarr would read every length as 0: every sample absent
+    with pytest.raises(ReducedError, match=r"lengths and block digests have crc32 .* a file was changed or lost; delete the array"):
+        _reduce(store, 4, tmp_path / "cache")
 
 
 def test_swapped_blocks_are_refused_naming_the_block(store_path, tmp_path, monkeypatch):
@@ -134,11 +146,20 @@ def test_reading_ahead_checks_the_next_blocks_and_a_bad_one_fails_the_batch_that
     (array.path / "rows" / "c" / "5" / "0" / "0").unlink()
     reopened = _reduce(store, 4, tmp_path / "cache")
     streamed, ids = StreamedReducedTokens(store, list(LENGTHS), reopened), store.ids  # ids[k]: record k, in block k
+    checked_on, verify = {}, reopened._verify
+
+    def recording(b, future):
+        checked_on[b] = threading.current_thread().name
+        verify(b, future)
+
+    monkeypatch.setattr(reopened, "_verify", recording)
     streamed.lead([2, 3, 4, 5, 6, 0, 1])
     streamed.gather([ids[2]])  # block 2 read; 3 and 4 read ahead
     for b in (3, 4):
         reopened.block(b)  # waits for the read under way, or finds it done
     assert reopened._checked == {2, 3, 4}
+    assert checked_on[2] == threading.current_thread().name  # the batch's own block, here
+    assert all(checked_on[b].startswith("fusion-read-ahead") for b in (3, 4)), checked_on  # the next ones, ahead
     streamed.gather([ids[4]])  # reads 5 and 6 ahead: 5's file is gone, which only the batch that needs it reports
     with pytest.raises(ReducedError, match=r"block 5 \(records 5\.\.5, rows/c/5/0/0\) cannot be read .*No such file"):
         streamed.gather([ids[5]])
@@ -218,7 +239,8 @@ def test_feature_device_device_refuses_rows_that_are_not_held_whole(demo_data):
 
 
 def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(store_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * DIM * 2)  # one record a block: 7 blocks, more than stay decoded
+    monkeypatch.setattr(reduced_module, "BLOCK_BYTES", 4 * DIM * 2)  # one record a block: 7 blocks
+    monkeypatch.setattr(reduced_module, "MAX_MAPS", 2)  # more blocks than stay mapped
     store = open_store(store_path)
     array = _reduce(store, 4, tmp_path / "cache")
     assert array.n_blocks == len(LENGTHS)
@@ -229,6 +251,7 @@ def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(stor
         streamed.lead(blocks)
         got = streamed.gather(batch)
         assert torch.equal(got.x, memory.x) and torch.equal(got.mask, memory.mask) and torch.equal(got.present, memory.present)
+    assert len(array._maps) <= 2
 
 
 def test_a_reduced_dir_that_cannot_hold_arrays_is_refused_in_one_line(store_path, tmp_path):
