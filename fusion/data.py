@@ -175,10 +175,11 @@ class ReducedTokens(IndexedFeatures):
 class StreamedReducedTokens(ModalityFeatures):
     """A reduced array too large for memory, read per batch.
 
-    Shuffled epochs visit the samples block by block of one streamed modality (`StoreBatches._order`
-    gives it the epoch's block order, `lead`): its blocks are read whole, once an epoch each, in one
-    large sequential read, READ_AHEAD blocks ahead of the batches. The other modalities' records come
-    in no block order: each is read where it lies (ReducedArray maps the blocks' files).
+    Shuffled epochs visit the samples block by block of the largest streamed modality
+    (`StoreBatches._order`), so its blocks are read whole, once an epoch each, in one large sequential
+    read; the other modalities' records come in no block order and are read where they lie
+    (ReducedArray maps the blocks' files). Every streamed modality is told the order in which the
+    epoch first reaches its blocks (`lead`) and checks the next READ_AHEAD of them ahead of the batches.
     """
 
     def __init__(self, store: EmbeddingStore, keys: list[str], reduced: ReducedArray):
@@ -188,8 +189,7 @@ class StreamedReducedTokens(ModalityFeatures):
         self.lead(None)
 
     def lead(self, blocks: list[int] | None) -> None:
-        """The epoch's order of this array's blocks when this modality leads it, None when it does not."""
-        self.sequential = blocks is not None
+        """The order in which the epoch first reaches this array's blocks (None: read nothing ahead)."""
         self._ahead = {b: blocks[i + 1 : i + 1 + READ_AHEAD] for i, b in enumerate(blocks or [])}  # block -> the next ones
 
     def index(self, keys: list[str | None]) -> np.ndarray:
@@ -199,7 +199,7 @@ class StreamedReducedTokens(ModalityFeatures):
         at = self.index(keys)
         batch, x = _zeros((len(keys), self.width, self.dim), self.reduced.dtype)  # (b, width, d), zero for absent samples
         self.reduced.rows_of(at, x)
-        if self.sequential:  # the blocks after this batch's are read while the next batches are made
+        if self._ahead:  # the blocks after this batch's are read and checked while the next batches are made
             for b in np.unique(at[at >= 0] // self.reduced.block_rows).tolist():
                 for nxt in self._ahead.get(b, ()):
                     self.reduced.read_ahead(nxt)
@@ -429,25 +429,25 @@ class StoreBatches:
     def _order(self, arrays: "SplitArrays", shuffle: bool, epoch: int) -> np.ndarray:
         """The epoch's sample order. Shuffled epochs over a streamed reduced array go block by block (the
         largest such modality's blocks in random order, samples shuffled within each), so every block
-        is read about once an epoch; other epochs are plain permutations."""
+        is read about once an epoch; other epochs are plain permutations (or in order, unshuffled).
+        Each streamed reduced modality is told the order in which the epoch first reaches its blocks,
+        so that it reads the next ones ahead."""
         order = np.arange(len(arrays.sample_ids))
-        streamed = [(f.reduced.nbytes, m) for m, f in self.features.items() if isinstance(f, StreamedReducedTokens)]
-        leader = max(streamed)[1] if streamed and shuffle else None
-        for f in self.features.values():
-            if isinstance(f, StreamedReducedTokens):
-                f.lead(None)
-        if not shuffle:
-            return order
-        rng = np.random.default_rng([self.config.seed, epoch])
-        if leader is None:
-            rng.shuffle(order)
-            return order
-        f = self.features[leader]
-        at = f.index(arrays.keys[leader])
-        block = np.where(at >= 0, at // f.reduced.block_rows, -1)  # absent samples form a block of their own
-        rank = rng.permutation(block.max() + 2)[block + 1]  # a random rank per block
-        order = np.lexsort((rng.random(len(order)), rank))  # by block rank, then at random within the block
-        f.lead([b for b in dict.fromkeys(block[order].tolist()) if b >= 0])  # its blocks in the order the epoch visits them
+        streamed = {m: f for m, f in self.features.items() if isinstance(f, StreamedReducedTokens)}
+        if shuffle:
+            rng = np.random.default_rng([self.config.seed, epoch])
+            if streamed:
+                leader = max(streamed, key=lambda m: streamed[m].reduced.nbytes)
+                f = streamed[leader]
+                at = f.index(arrays.keys[leader])
+                block = np.where(at >= 0, at // f.reduced.block_rows, -1)  # absent samples form a block of their own
+                rank = rng.permutation(block.max() + 2)[block + 1]  # a random rank per block
+                order = np.lexsort((rng.random(len(order)), rank))  # by block rank, then at random within the block
+            else:
+                rng.shuffle(order)
+        for m, f in streamed.items():
+            at = f.index(arrays.keys[m])[order]
+            f.lead(list(dict.fromkeys((at[at >= 0] // f.reduced.block_rows).tolist())))  # its blocks, as the epoch first reaches them
         return order
 
     def _gathered(self, split: str, arrays: "SplitArrays", order: np.ndarray) -> Iterator[Batch]:

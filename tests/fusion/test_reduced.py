@@ -203,6 +203,9 @@ def test_streamed_epochs_visit_blocks_one_after_another(demo_data, tmp_path, mon
     assert (np.diff(seen) != 0).sum() == len(set(seen.tolist())) - 1  # each block's samples in one run
     visits = list(dict.fromkeys(seen.tolist()))
     assert features._ahead == {b: visits[i + 1 : i + 1 + reduced_module.READ_AHEAD] for i, b in enumerate(visits)}  # what is read ahead
+    in_order = block[batches._order(arrays, shuffle=False, epoch=0)]  # an evaluation epoch reads ahead too, in its own order
+    firsts = [b for b in dict.fromkeys(in_order.tolist()) if b >= 0]
+    assert features._ahead == {b: firsts[i + 1 : i + 1 + reduced_module.READ_AHEAD] for i, b in enumerate(firsts)}
 
 
 @pytest.mark.parametrize("features", ["pooled", "tokens"])
