@@ -53,9 +53,9 @@ MFU = {"nucleotide-transformer": 0.40, "esm2": 0.40, "enformer": 0.30}
 # MEASURED (benchmarks/README.md, bench_store_layout: 1 MiB chunks in 32 MiB shards, 2-core VM): per-token store writes.
 STORE_WRITE_BPS = 185e6
 # MEASURED (benchmarks/README.md, bench_fusion_pace at the recipe's shapes, 2-core VM): training samples per
-# second the loader delivers from the reduced arrays (512 rows), streamed from disk (a cold first epoch) and
-# gathered from memory.
-LOADER_SAMPLES_PER_S = 564.0
+# second the loader delivers from the reduced arrays (512 rows), streamed from disk (a cold first epoch: the
+# median of 12 runs, 337-595) and gathered from memory.
+LOADER_SAMPLES_PER_S = 466.0
 GATHER_SAMPLES_PER_S = 4658.0
 # ASSUMED: the share of an H100's bf16 peak the fusion model's training step reaches (a small model:
 # its matrices are d_model = 256 wide).
