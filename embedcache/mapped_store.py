@@ -187,8 +187,8 @@ class MappedLocalStore(LocalStore):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _maps=OrderedDict(), _lock=threading.Lock())
 
-    def _mapping(self, key: str) -> mmap.mmap | bytes:
-        """The file `key`, mapped (from the LRU when it is still the same file)."""
+    def mapped(self, key: str) -> mmap.mmap | bytes:
+        """The file `key`, mapped (from the LRU when it is still the same file); b"" for an empty file."""
         path = self.root / key
         with self._lock:
             seen = self._maps.get(key)
@@ -215,7 +215,7 @@ class MappedLocalStore(LocalStore):
                 return None
             return (prototype or default_buffer_prototype()).buffer.from_bytes(data)
         try:  # no hand-off to zarr's thread pool: a view costs a stat (module docstring)
-            data = self._mapping(key)
+            data = self.mapped(key)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
         start, stop = byte_bounds(byte_range, len(data))

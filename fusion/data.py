@@ -198,11 +198,9 @@ class StreamedReducedTokens(ModalityFeatures):
     def gather(self, keys: list[str | None]) -> ModalityBatch:
         at = self.index(keys)
         batch, x = _zeros((len(keys), self.width, self.dim), self.reduced.dtype)  # (b, width, d), zero for absent samples
-        self.reduced.rows_of(at, x)
-        if self._ahead:  # the blocks after this batch's are read and checked while the next batches are made
-            for b in np.unique(at[at >= 0] // self.reduced.block_rows).tolist():
-                for nxt in self._ahead.get(b, ()):
-                    self.reduced.read_ahead(nxt)
+        for b in self.reduced.rows_of(at, x):  # the blocks after this batch's are read and checked while the next batches are made
+            for nxt in self._ahead.get(b, ()):
+                self.reduced.read_ahead(nxt)
         length = np.where(at >= 0, self.reduced.lengths[np.maximum(at, 0)], 0)  # (b,)
         mask = np.arange(self.width) < length[:, None]  # (b, width)
         return ModalityBatch(x=batch, mask=torch.from_numpy(mask), present=torch.from_numpy(length > 0))

@@ -34,13 +34,11 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import mmap
 import os
 import shutil
 import threading
 import uuid
 import zlib
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,7 +56,7 @@ from zarr.storage import LocalStore
 
 from embedcache import EmbeddingStore
 from embedcache.errors import StoreError
-from embedcache.mapped_store import open_regular
+from embedcache.mapped_store import MappedLocalStore
 from fusion.errors import FusionError
 
 FORMAT = "fusion-reduced-tokens"
@@ -66,7 +64,7 @@ FORMAT_VERSION = 3  # 3: lengths and block digests checked on open; 2: one raw c
 BLOCK_BYTES = 16 << 20  # records of one chunk file (a block): large sequential reads, few enough files
 CACHE_ENV = "EMBEDCACHE_CACHE"  # overrides the cache root (default: $XDG_CACHE_HOME/embedcache or ~/.cache/embedcache)
 MAX_MAPS = 64  # block files kept mapped per array (each mapping holds a file descriptor)
-READ_AHEAD = 2  # blocks read ahead of the batches of a modality that leads a streamed epoch (and threads reading them)
+READ_AHEAD = 2  # blocks each streamed modality checks ahead of its batches, and the threads doing it
 
 
 class ReducedError(FusionError):
@@ -189,16 +187,16 @@ class ReducedArray:
                                f"not one raw little-endian chunk of {self.block_rows} records per block; delete it and it is made again")
         self.shape = tuple(rows.shape)  # (n, width, d)
         self.dtype = np.dtype(config.dtype)
-        self._rows_dir = path / "rows"
         self._keys = [rows.metadata.encode_chunk_key((b, 0, 0)) for b in range(self.n_blocks)]  # block -> its file under rows/
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()  # block -> its mapped rows, the last MAX_MAPS used
         self._checked: set[int] = set()
         self._forked()
 
     def _forked(self) -> None:
-        """The locks and the read-ahead thread of this process (a forked DataLoader worker makes its own)."""
+        """The locks, mapped files and read-ahead threads of this process (a forked DataLoader worker makes its own)."""
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        # the block files, mapped (the last MAX_MAPS used; opened without following a symlink, mapped anew if replaced)
+        self._files = MappedLocalStore(self.path / "rows", max_maps=MAX_MAPS)
         self._checking: dict[int, Future] = {}  # block -> its check under way
         self._reader: ThreadPoolExecutor | None = None  # checks blocks ahead (read_ahead), made on first use
 
@@ -212,26 +210,16 @@ class ReducedArray:
 
     def _mapped(self, b: int) -> np.ndarray:
         """(<= block_rows, width, d) rows of block b, mapped from its file (not read: pages come in as they are touched)."""
-        with self._lock:
-            if b in self._maps:
-                self._maps.move_to_end(b)
-                return self._maps[b]
         lo, hi = b * self.block_rows, min((b + 1) * self.block_rows, self.shape[0])
         size = self.block_rows * math.prod(self.shape[1:]) * self.dtype.itemsize  # zarr writes the last block's chunk whole too
         try:
-            with os.fdopen(open_regular(self._rows_dir, self._keys[b]), "rb") as f:
-                if os.fstat(f.fileno()).st_size != size:
-                    raise ValueError(f"{os.fstat(f.fileno()).st_size} bytes, a block is {size}")
-                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data = self._files.mapped(self._keys[b])
+            if len(data) != size:
+                raise ValueError(f"{len(data)} bytes, a block is {size}")
         except (OSError, ValueError, StoreError) as e:
             raise ReducedError(f"reduced array {str(self.path)!r}: block {b} (records {lo}..{hi - 1}, rows/{self._keys[b]}) cannot be read "
                                f"({e}); delete the array and it is made again") from e
-        rows = np.frombuffer(mapping, self.dtype).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
-        with self._lock:  # rows still in use keep their mapping open after it leaves this LRU
-            rows = self._maps.setdefault(b, rows)
-            while len(self._maps) > MAX_MAPS:
-                self._maps.popitem(last=False)
-            return rows
+        return np.frombuffer(data, self.dtype).reshape(self.block_rows, *self.shape[1:])[: hi - lo]
 
     def _check(self, b: int, block: np.ndarray) -> None:
         crc = zlib.crc32(block)  # reads the block's pages in: its disk read happens here, with the GIL released
@@ -286,12 +274,15 @@ class ReducedArray:
             with self._lock:
                 self._checking.pop(b, None)
 
-    def rows_of(self, at: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = the rows of record at[i] (-1 leaves out[i]); each block is checked on its first read."""
-        for b in np.unique(at[at >= 0] // self.block_rows).tolist():
+    def rows_of(self, at: np.ndarray, out: np.ndarray) -> list[int]:
+        """out[i] = the rows of record at[i] (-1 leaves out[i]); each block is checked on its first read.
+        Returns the blocks read."""
+        blocks = np.unique(at[at >= 0] // self.block_rows).tolist()
+        for b in blocks:
             rows = self.block(b)
             pick = np.flatnonzero((at >= 0) & (at // self.block_rows == b))
             out[pick] = rows[at[pick] - b * self.block_rows]
+        return blocks
 
     def load(self, out: np.ndarray | None = None) -> np.ndarray:
         """(n, width, d) rows: every block, checked (the next ones read ahead) and copied into `out` (made when not given)."""

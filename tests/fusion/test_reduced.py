@@ -254,7 +254,7 @@ def test_streamed_rows_are_the_same_read_block_by_block_or_record_by_record(stor
         streamed.lead(blocks)
         got = streamed.gather(batch)
         assert torch.equal(got.x, memory.x) and torch.equal(got.mask, memory.mask) and torch.equal(got.present, memory.present)
-    assert len(array._maps) <= 2
+    assert len(array._files._maps) <= 2
 
 
 def test_a_reduced_dir_that_cannot_hold_arrays_is_refused_in_one_line(store_path, tmp_path):
