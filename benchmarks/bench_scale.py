@@ -271,8 +271,8 @@ def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path,
 
     config = BuildConfig.create("sim-gpu", "sim-gpu", tokens=False, device="cpu", max_tokens=args.sim_max_tokens)
     plan_s, commit_s, records_s = [], [], []
-    saved = build_module.UNIT_SEQUENCES
-    build_module.UNIT_SEQUENCES = unit_sequences  # pooled-only units are cut by sequence count, not --unit-mb
+    saved = build_module.POOLED_UNIT_SEQUENCES
+    build_module.POOLED_UNIT_SEQUENCES = unit_sequences  # pooled-only units are cut by sequence count, not --unit-mb
     if client is not None:
         from distributed import get_task_stream
 
@@ -285,7 +285,7 @@ def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path,
                 timing(build_module, "_commit_records", records_s), stream as ts:  # fmt: skip
             report = build(config, [fasta], store, scheduler=scheduler, progress=False, log=lambda _: None)
     finally:
-        build_module.UNIT_SEQUENCES = saved
+        build_module.POOLED_UNIT_SEQUENCES = saved
     wall = time.perf_counter() - started
     units = report.plan.units
     sleep_of_unit = {u.index: u.n_tokens / args.gpu_tokens_per_s for u in units}

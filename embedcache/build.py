@@ -56,7 +56,10 @@ from embedcache.store import (
 )
 
 Log = Callable[[str], None]
-UNIT_SEQUENCES = 4096  # sequences of one pooled-only unit (per-token units are sized by --unit-mb)
+UNIT_SEQUENCES = 4096  # the most sequences of a per-token unit (sized by --unit-mb)
+# Sequences of a pooled-only unit: few enough that the in-process pipeline reads and plans the next unit,
+# and commits the last, while this one runs the model (a single unit would do both with the model idle).
+POOLED_UNIT_SEQUENCES = 512
 
 
 @dataclass
@@ -123,7 +126,7 @@ def _read_stored(location: Location, fp: str, fp_fields: dict) -> tuple[dict, di
 def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tuple[int, int]:
     """(token rows, sequences) per unit: whole shards of about `config.unit_mb`."""
     if not config.tokens:
-        return 1 << 62, UNIT_SEQUENCES
+        return 1 << 62, POOLED_UNIT_SEQUENCES
     row = _row_bytes(config, encoder) * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
     return shards * shard_tokens, UNIT_SEQUENCES

@@ -1,5 +1,6 @@
-"""Where units run: in this process (the default) or on a Dask cluster. One code path: both call
-`embedcache.partition.run_unit` and hand each result back to the build as it finishes.
+"""Where units run: in this process (the default) or on a Dask cluster. One code path: both run a
+unit's stages of `embedcache.partition` (prepare, forward, finish; a Dask worker through `run_unit`)
+and hand each result back to the build as it finishes.
 
 `--scheduler local[:N]` starts a dask.distributed LocalCluster of N single-threaded worker
 processes (on a CUDA machine: dask-cuda's LocalCUDACluster when installed, one worker per GPU;
@@ -14,11 +15,23 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from embedcache.errors import EmbedcacheError, StoreError
 from embedcache.location import Location
-from embedcache.partition import UnitInterrupted, UnitResult, UnitTask, run_unit
+from embedcache.partition import (
+    RunningUnit,
+    UnitInterrupted,
+    UnitResult,
+    UnitTask,
+    encoder_for,
+    finish_unit,
+    forward_unit,
+    named,
+    prepare_unit,
+    run_unit,
+)
 
 logger = logging.getLogger("embedcache")
 
@@ -41,21 +54,67 @@ class Executor(ABC):
 
 
 class InProcess(Executor):
+    """Units in this process, their stages overlapped (partition.prepare_unit, forward_unit, finish_unit):
+    while a unit's forward runs, the next unit is read and planned on one thread and the previous one is
+    finished (its last shard writes) and committed on another, so the model never waits for a unit to
+    start or end. One unit ahead and one behind: memory holds at most three units' work.
+
+    Ctrl-C: the unit being finished is committed, then the running unit's finished sequences (as a
+    smaller unit), then the build stops; a rerun recomputes at most the batches in flight."""
+
     name = "in-process"
 
     def __init__(self, log: Log = print):
         self.log = log
 
     def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
-        for task in tasks:
-            told = None if on_sequences is None else (lambda n, task=task: on_sequences(task, n))
+        tasks = list(tasks)
+        if not tasks:
+            return
+        encoder = encoder_for(tasks[0].config)  # every task of a build has the same config
+
+        def told(task: UnitTask) -> Callable[[int], None] | None:
+            return None if on_sequences is None else (lambda n: on_sequences(task, n))
+
+        def finish_and_commit(running: RunningUnit) -> None:
+            on_results([named(running.prepared.task, finish_unit, running)])
+
+        with ThreadPoolExecutor(1, thread_name_prefix="embedcache-prepare") as ahead, \
+                ThreadPoolExecutor(1, thread_name_prefix="embedcache-commit") as behind:  # fmt: skip
+            next_unit: Future = ahead.submit(named, tasks[0], prepare_unit, tasks[0], encoder)
+            committing: Future | None = None
+            running: RunningUnit | None = None
             try:
-                result = run_unit(task, log=self.log, on_sequences=told)
-            except UnitInterrupted as e:  # Ctrl-C: commit what the unit finished, then stop
+                for i, task in enumerate(tasks):
+                    prepared = next_unit.result()
+                    if i + 1 < len(tasks):
+                        next_unit = ahead.submit(named, tasks[i + 1], prepare_unit, tasks[i + 1], encoder)
+                    running = named(task, forward_unit, prepared, encoder, self.log, told(task))
+                    if committing is not None:
+                        committing.result()  # the previous unit, finished and committed beside this forward
+                    committing, running = behind.submit(finish_and_commit, running), None
+                committing.result()
+            except UnitInterrupted as e:  # Ctrl-C in a forward: what finished before it, then its finished part
+                _settle(committing)
                 if e.result is not None:
                     on_results([e.result])
                 raise
-            on_results([result])
+            except KeyboardInterrupt:  # Ctrl-C between forwards: commit what has run, then stop
+                _settle(committing)
+                if running is not None:
+                    on_results([finish_unit(running)])
+                raise
+            except BaseException:
+                if running is not None:
+                    running.abort()
+                next_unit.cancel()
+                raise
+
+
+def _settle(committing: Future | None) -> None:
+    """Wait for a unit's commit under way; its own error is what the build reports, when it failed."""
+    if committing is not None:
+        committing.result()
 
 
 class DaskExecutor(Executor):

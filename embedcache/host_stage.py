@@ -5,8 +5,8 @@ windows are all done, converts their rows to the stored dtype and hands them to 
 which writes each shard as it fills. A unit's batches come longest first, as its rows are laid out
 (plan.cut_units, embed.make_batches), so finished sequences form a prefix of the unit's rows; one
 finishing early waits for those before it. At most QUEUE batches wait for this thread, so memory
-stays bounded. An error here surfaces in the forward's thread at its next batch (run_unit then names
-the unit and its records, as for any error of the unit).
+stays bounded. An error here surfaces in the forward's thread at its next batch, or at `stop` (the
+partition's stages then name the unit and its records, as for any error of the unit).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ QUEUE = 2  # batches of window outputs waiting for this thread: the forward runs
 
 
 class HostStage:
-    """`put` each batch's (sequence, window) items and outputs; after the `with` block, `lengths` and
-    `pooled` hold each sequence's stored row count and pooled vector (None where `skip` names it)."""
+    """`start`, `put` each batch's (sequence, window) items and outputs, `stop`; then `lengths` and `pooled`
+    hold each sequence's stored row count and pooled vector (None where `skip` names it)."""
 
     def __init__(self, plans: list[SequencePlan], config: BuildConfig, writer: ShardWriter | None, skip: set[int],
                  on_sequences: Callable[[int], None] | None = None):
@@ -43,7 +43,7 @@ class HostStage:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="embedcache-host-stage", daemon=True)
 
-    def __enter__(self) -> "HostStage":
+    def start(self) -> "HostStage":
         self.thread.start()
         return self
 
@@ -51,10 +51,13 @@ class HostStage:
         self._raise()
         self.queue.put((batch, outs))
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.queue.put(None)  # the thread finishes what is queued (at most QUEUE batches), then stops
-        self.thread.join()
-        if exc_type is None:
+    def stop(self, check: bool) -> None:
+        """Finish what is queued (at most QUEUE batches) and stop the thread; with `check`, raise its error,
+        or fail when a sequence never got all its windows. Stopping twice is stopping once."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if check:
             self._raise()
             if self.next < len(self.plans):
                 raise AssertionError(f"{len(self.plans) - self.next} sequences of the unit never got all their windows")

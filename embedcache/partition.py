@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -21,13 +22,14 @@ from embedcache.embed import make_batches, plan_windows
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError, SpoolError
 from embedcache.host_stage import HostStage
-from embedcache.long_record import embed_long_record, stored_bytes
+from embedcache.long_record import StreamedRecord, embed_long_record, stored_bytes
 from embedcache.location import Location, io_errors, open_location
 from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
 from embedcache.shard_writer import ShardWriter
-from embedcache.spool import read_entries
+from embedcache.spool import SpoolEntry, read_entries
 from embedcache.store import shard_rows
+from embedcache.windows import SequencePlan
 
 
 @dataclass
@@ -82,12 +84,14 @@ _GUARDS: dict[str, MemoryGuard] = {}  # and its out-of-memory guard: a lowered t
 
 
 def _worker_name() -> str:
-    try:
+    if "distributed" in sys.modules:  # a Dask worker has it imported; importing it here costs a build ~0.3 s
         from distributed import get_worker
 
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f"{socket.gethostname()} pid {os.getpid()}"
+        try:
+            return get_worker().address
+        except ValueError:  # imported, but not on a worker
+            pass
+    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _device_for_worker(config: BuildConfig) -> str:
@@ -126,13 +130,22 @@ def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None])
 
 def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print,
              on_sequences: Callable[[int], None] | None = None) -> UnitResult:
-    """Embed one unit and write its token rows. Errors name the unit, its first records and the worker.
+    """Embed one unit and write its token rows: prepare -> forward -> finish, one after another (a Dask
+    worker's way; `embedcache.executors.InProcess` overlaps the stages of consecutive units instead).
+    Errors name the unit, its first records and the worker.
 
     `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
     `on_sequences(n)` is told as each batch finishes n more sequences (a progress bar that moves within a unit).
     """
+    encoder = encoder or encoder_for(task.config)
+    prepared = named(task, prepare_unit, task, encoder)
+    return named(task, finish_unit, named(task, forward_unit, prepared, encoder, log, on_sequences))
+
+
+def named(task: UnitTask, stage: Callable, *args):
+    """`stage(*args)`, its errors named with the unit, its first records and the worker (`UnitError`)."""
     try:
-        return _run_unit(task, encoder or encoder_for(task.config), log, on_sequences)
+        return stage(*args)
     except UnitError:
         raise
     except Exception as e:
@@ -163,18 +176,55 @@ def what_next(e: BaseException) -> str:
     return "committed units are kept"
 
 
-def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None], on_sequences: Callable[[int], None] | None) -> UnitResult:
-    """spool -> token ids -> windows -> length-sorted batches -> forward -> host stage (stitch, pool,
-    stored dtype, shard writes; on its own thread, beside the next forward) -> the commit's result."""
-    unit, config = task.unit, task.config
+@dataclass
+class PreparedUnit:
+    """A unit read from the spool and planned (spool -> token ids -> windows), ready for its forward."""
+
+    task: UnitTask
+    entries: list[SpoolEntry]
+    token_ids: list[np.ndarray]
+    plans: list[SequencePlan]
+    array: object | None  # the store's `tokens` array (zarr), when the build keeps per-token rows
+
+
+@dataclass
+class RunningUnit:
+    """A unit whose forward is done; its host stage may still be stitching, pooling and writing shards."""
+
+    prepared: PreparedUnit
+    host: HostStage | None  # None: nothing to embed (an empty unit)
+    writer: ShardWriter | None
+    streamed: dict[int, StreamedRecord]
+
+    def abort(self) -> None:
+        """Stop the host stage and the shard writes after an error elsewhere (nothing of the unit is kept)."""
+        if self.host is not None:
+            self.host.stop(check=False)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
+    """The unit's sequences from the spool, their token ids and windows (no model call: it may run on a
+    thread of its own while the previous unit's forward runs)."""
     store = open_location(task.location, read_only=False)
-    entries = read_entries(store, unit.locators)
-    if not entries:
-        return _empty(unit)
+    entries = read_entries(store, task.unit.locators)
     token_ids = [encoder.tokenize(e.residues) for e in entries]
-    plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
+    plans = [plan_windows(encoder, len(ids), task.config) for ids in token_ids]
+    array = _tokens_array(store) if task.config.tokens and entries else None
+    return PreparedUnit(task, entries, token_ids, plans, array)
+
+
+def forward_unit(prepared: PreparedUnit, encoder: Encoder, log: Callable[[str], None],
+                 on_sequences: Callable[[int], None] | None) -> RunningUnit:
+    """Length-sorted batches -> forward -> the host stage (stitch, pool, stored dtype, shard writes; on its
+    own thread beside the next forward). Returns when the last batch is handed over; `finish_unit` waits
+    for the rest. Ctrl-C raises UnitInterrupted with the sequences the host stage finished."""
+    unit, config, plans, token_ids, entries, array = (prepared.task.unit, prepared.task.config, prepared.plans,
+                                                      prepared.token_ids, prepared.entries, prepared.array)  # fmt: skip
+    if not entries:
+        return RunningUnit(prepared, None, None, {})
     guard = guard_for(encoder, config, log)  # out of device memory: split the batch, retry, lower the budget
-    array = _tokens_array(store) if config.tokens else None
     rows_per_shard = shard_rows(array) if array is not None else 1
     # A record larger than a unit (a chromosome) is streamed, so memory stays bounded (embedcache.long_record).
     # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
@@ -184,20 +234,33 @@ def _run_unit(task: UnitTask, encoder: Encoder, log: Callable[[str], None], on_s
         if config.tokens and not streamed else None  # fmt: skip
     items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
              for w, (s, e) in enumerate(p.windows)]  # fmt: skip
-    host = HostStage(plans, config, writer, set(streamed), on_sequences)
+    running = RunningUnit(prepared, HostStage(plans, config, writer, set(streamed), on_sequences).start(), writer, streamed)
     try:
-        with host:
-            for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
-                windows = []
-                for i, w in batch:
-                    s, e = plans[i].windows[w]
-                    windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
-                host.put(batch, guard(windows, [entries[i].id for i, _ in batch]))
-    except KeyboardInterrupt:  # the host stage has finished what was queued: keep the sequences it wrote
-        raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, host, writer)) from None
+        for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
+            windows = []
+            for i, w in batch:
+                s, e = plans[i].windows[w]
+                windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
+            running.host.put(batch, guard(windows, [entries[i].id for i, _ in batch]))
+    except KeyboardInterrupt:  # the host stage finishes what was queued: keep the sequences it wrote
+        running.host.stop(check=False)
+        raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, running.host, writer)) from None
     except BaseException:
-        if writer is not None:
-            writer.close()
+        running.abort()
+        raise
+    return running
+
+
+def finish_unit(running: RunningUnit) -> UnitResult:
+    """Wait for the unit's host stage and shard writes; the result its commit needs."""
+    prepared, host, writer, streamed = running.prepared, running.host, running.writer, running.streamed
+    unit, config, entries, plans = prepared.task.unit, prepared.task.config, prepared.entries, prepared.plans
+    if host is None:
+        return _empty(unit)
+    try:
+        host.stop(check=True)
+    except BaseException:
+        running.abort()
         raise
     pooled = [streamed[i].pooled if i in streamed else p for i, p in enumerate(host.pooled)]
     if not config.tokens:

@@ -5,19 +5,23 @@ safe and never a partial-shard write (slow, and unsafe under concurrency). The c
 chained shard by shard as they are written: the digests `embedcache.commits.shard_digests` would
 compute over the whole block, without holding the block.
 
-A filled shard goes to zarr on a writer thread, so its encoding (chunk checksums, assembling the
-shard) and its write overlap the filling of the next: at most IN_FLIGHT shards are being written,
-each from a buffer of its own, so memory is (IN_FLIGHT + 1) shards.
+A filled shard goes to a writer thread, so its encoding (chunk checksums, laying out the shard:
+embedcache.shard_image, or zarr for layouts it does not cover) and its write overlap the filling of
+the next: at most IN_FLIGHT shards are being written, each from a buffer of its own, so memory is
+(IN_FLIGHT + 1) shards of rows plus one encoded shard per writer thread.
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+from embedcache.shard_image import ShardImage, ShardLayout
 
 IN_FLIGHT = 2
 
@@ -33,6 +37,9 @@ class ShardWriter:
         self.free: list[np.ndarray] = []
         self.in_flight: deque[tuple[Future, np.ndarray]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="embedcache-shard-write")
+        layout = ShardLayout.of(array)
+        self.layout = layout if layout is not None and layout.shard_rows == shard_rows else None
+        self.images = threading.local()  # each writer thread lays out its shards in a buffer of its own
         self.room, self.filled, self.crc, self.digests, self.written = first_end - start, 0, 0, [], 0
 
     def add(self, rows: np.ndarray | torch.Tensor) -> None:
@@ -67,7 +74,13 @@ class ShardWriter:
         self.room, self.filled = self.shard_rows, 0
 
     def _write(self, at: int, block: np.ndarray) -> None:
-        self.array[at : at + len(block)] = block
+        if self.layout is not None and at % self.shard_rows == 0:  # a whole shard: laid out here, one store call
+            image = getattr(self.images, "image", None)
+            if image is None:
+                image = self.images.image = ShardImage(self.layout)
+            image.write(self.array, at // self.shard_rows, block)
+        else:
+            self.array[at : at + len(block)] = block
 
     def finish(self) -> np.ndarray:
         self._flush()

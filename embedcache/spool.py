@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
-from zarr.abc.store import ByteRequest, RangeByteRequest, Store
+from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -35,6 +35,7 @@ from embedcache.errors import SpoolError
 
 SPOOL_PREFIX = "_spool"
 PART_BYTES = 64 << 20
+GAP = 64 << 10  # entries closer than this in a part are read by one request: a request costs about as much
 _HEADER = struct.Struct("<QQQI")  # id, source, residues: byte lengths; crc32 of the three fields' bytes
 _ENCODING, _ERRORS = "utf-8", "surrogatepass"  # any Python str round-trips, lone surrogates included
 
@@ -114,19 +115,39 @@ def _missing(key: str) -> str:
 
 
 async def _read_ranges(store: Store, locators: np.ndarray) -> list[tuple[bytes, str]]:
-    async def one(part: int, offset: int, length: int) -> tuple[bytes, str]:
-        request: ByteRequest = RangeByteRequest(int(offset), int(offset) + int(length))
-        buf = await store.get(_key(int(part)), prototype=default_buffer_prototype(), byte_range=request)
+    """The bytes of each locator's entry (and where they are, for errors), in the order of `locators`:
+    entries whose bytes lie within GAP of each other in one part are fetched by one request."""
+    async def one(part: int, start: int, end: int) -> bytes:
+        buf = await store.get(_key(part), prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, end))
         if buf is None:
-            raise SpoolError(_missing(_key(int(part))))
-        return buf.to_bytes(), f"{_key(int(part))} bytes {int(offset)}..{int(offset) + int(length)}"
+            raise SpoolError(_missing(_key(part)))
+        return buf.to_bytes()
 
-    return list(await asyncio.gather(*(one(*loc) for loc in locators)))
+    part, offset, length = (locators[:, i].astype(np.int64) for i in range(3))
+    order = np.lexsort((offset, part)).tolist()
+    part, offset, end = part.tolist(), offset.tolist(), (offset + length).tolist()
+    groups: list[list[int]] = []  # runs of entries, in (part, offset) order, read by one request each
+    reach = 0  # the end of the last group's bytes
+    for i in order:
+        if groups and part[i] == part[groups[-1][0]] and offset[i] - reach < GAP:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        reach = max(reach, end[i]) if len(groups[-1]) > 1 else end[i]
+    blobs = await asyncio.gather(*(one(part[g[0]], offset[g[0]], max(end[i] for i in g)) for g in groups))
+    out: list[tuple[bytes, str] | None] = [None] * len(order)
+    for g, blob in zip(groups, blobs):
+        first = offset[g[0]]
+        for i in g:
+            out[i] = (blob[offset[i] - first : end[i] - first], f"{_key(part[i])} bytes {offset[i]}..{end[i]}")
+    return out  # type: ignore[return-value]
 
 
 def read_entries(store: Store, locators: np.ndarray) -> list[SpoolEntry]:
-    """The entries at `locators` ((n, 3) int64: part, offset, length), concurrently."""
-    return [_decode(blob, where) for blob, where in sync(_read_ranges(store, locators))]
+    """The entries at `locators` ((n, 3) int64: part, offset, length), in their order."""
+    if len(locators) == 0:
+        return []
+    return [_decode(blob, where) for blob, where in sync(_read_ranges(store, np.asarray(locators)))]
 
 
 def iter_entries(store: Store, n_parts: int) -> Iterator[SpoolEntry]:

@@ -104,6 +104,32 @@ def test_spool_round_trips_every_byte_across_parts(tmp_path, monkeypatch):
     assert list(iter_entries(store, writer.part)) == expected
 
 
+def test_spool_reads_nearby_entries_together_in_any_order(tmp_path, monkeypatch):
+    """A unit asks for its entries length-sorted, scattered over the spool: entries within GAP of each other
+    in one part come in one request, far ones in their own, and each comes back in the order asked."""
+    monkeypatch.setattr(spool_module, "PART_BYTES", 400)
+    monkeypatch.setattr(spool_module, "GAP", 150)
+    store = LocalStore(tmp_path / "spool")
+    writer = SpoolWriter(store)
+    entries = [(f"r{i}", "a.fa", "MK" * (5 + 20 * (i % 3))) for i in range(12)]  # 27- to 107-letter entries
+    locators = np.array([writer.append(*e) for e in entries], np.int64)
+    writer.flush()
+    assert writer.part >= 3
+    asked = [7, 0, 11, 3, 4, 9, 1]
+    requests = []
+    real_get = LocalStore.get
+
+    async def counting(self, key, prototype, byte_range=None):
+        requests.append((key, byte_range))
+        return await real_get(self, key, prototype, byte_range)
+
+    monkeypatch.setattr(LocalStore, "get", counting)
+    assert read_entries(store, locators[asked]) == [spool_module.SpoolEntry(*entries[i]) for i in asked]
+    parts = {int(locators[i, 0]) for i in asked}
+    assert len(parts) <= len(requests) < len(asked)  # nearby entries shared a request; no request spans two parts
+    assert read_entries(store, locators[:0]) == []
+
+
 def test_a_damaged_spool_is_named_never_read_shifted(tmp_path):
     store = LocalStore(tmp_path / "spool")
     writer = SpoolWriter(store)
@@ -424,7 +450,7 @@ def test_a_build_with_nothing_new_loads_no_weights(tmp_path, models, monkeypatch
 
 
 def test_progress_moves_within_a_unit(tmp_path, models, monkeypatch):
-    """run_unit tells each batch's finished sequences, so a progress bar moves before the unit ends."""
+    """A unit's forward tells each batch's finished sequences, so a progress bar moves before the unit ends."""
     import embedcache.executors as executors
     from embedcache import partition
 
@@ -432,12 +458,12 @@ def test_progress_moves_within_a_unit(tmp_path, models, monkeypatch):
     config = esm2_config(models, max_tokens=100)
     store = tmp_path / "s.zarr"
     told = []
-    real_run_unit = partition.run_unit
+    real_forward_unit = partition.forward_unit
 
-    def counting(task, encoder=None, log=print, on_sequences=None):
-        return real_run_unit(task, encoder, log, on_sequences=lambda n: (told.append(n), on_sequences and on_sequences(n)))
+    def counting(prepared, encoder, log, on_sequences):
+        return real_forward_unit(prepared, encoder, log, lambda n: (told.append(n), on_sequences and on_sequences(n)))
 
-    monkeypatch.setattr(executors, "run_unit", counting)
+    monkeypatch.setattr(executors, "forward_unit", counting)
     run_build(config, [write_fasta(tmp_path / "a.fa", seqs)], store)
     assert len(told) > 3 and sum(told) == 20  # one unit, told batch by batch
 
