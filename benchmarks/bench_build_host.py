@@ -13,6 +13,11 @@ CPU and, in bf16, on CUDA) is replaced by a stand-in defined here, which returns
                 an accelerator of `rate` tokens/s would take (`--rates`, one per width; defaults
                 1M tokens/s at width 640 ~ ESM2-150M, 150k tokens/s at width 1280 ~ ESM2-650M, an H100).
 
+On a GPU, `--forms model --device cuda` runs the real forward instead (a random ESM2 at the width's real
+depth: 30 layers at 640 ~ ESM2-150M, 33 at 1280 ~ ESM2-650M, in the build's bf16): the forward's busy
+time, taken with CUDA events around each call, over the build body's wall is the share of the time the
+accelerator computes, beside tokens/s and MFU (benchmarks/gpu_check.py runs it).
+
 With `--fresh-outputs` it copies the rows into a fresh tensor every call instead, as a model's output
 is fresh (and on a GPU, `windows_to_host`'s device-to-host copy allocates and writes one): that copy's
 time counts inside the stand-in.
@@ -62,7 +67,7 @@ import numpy as np
 import torch
 
 from bench_build import length_summary, random_proteins, sample_lengths, write_fasta
-from benchlib import load_average, machine_info, work_directory, write_json
+from benchlib import gpu_peak_tflops, load_average, machine_info, work_directory, write_json
 
 N_SPECIAL = 2  # ESM2 wraps every window in <cls> ... <eos>
 MB = 1e6
@@ -130,23 +135,83 @@ def load_with_stand_in(config, rate: float | None, seed: int, fresh: bool = Fals
     return encoder, stand_in
 
 
+class ModelTimer:
+    """Wraps the loaded encoder's real packed-window forward (`UnpaddedEsm`): the same counters as the stand-in,
+    and the time the device spends in it (CUDA events around each call; on the CPU, the call's wall time)."""
+
+    def __init__(self, forward, device: torch.device, params_non_embedding: int, layers: int, hidden: int):
+        self.forward, self.device = forward, device
+        self.model = {"params_non_embedding": params_non_embedding, "layers": layers, "hidden": hidden}
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_seconds = self.slept = self.copied = 0.0
+        self.calls = self.packed = self.padded = self.grown = 0
+        self.flops = 0.0
+
+    def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, output_hidden_states: bool = False):
+        from bench_build import model_flops
+
+        lengths = np.diff(cu_seqlens.cpu().numpy()) - N_SPECIAL  # content tokens of each window
+        self.flops += model_flops(lengths.tolist(), self.model)
+        self.calls += 1
+        self.packed += len(input_ids)
+        self.padded += len(lengths) * int(max_len)
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self.forward(input_ids, cu_seqlens, max_len, output_hidden_states=output_hidden_states)
+            end.record()
+            self.events.append((start, end))
+            return out
+        started = time.perf_counter()
+        out = self.forward(input_ids, cu_seqlens, max_len, output_hidden_states=output_hidden_states)
+        self.cpu_seconds += time.perf_counter() - started
+        return out
+
+    @property
+    def seconds(self) -> float:
+        """Seconds the device was busy in the forwards (read after the build, which has synchronised)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        return self.cpu_seconds
+
+
+def load_with_timer(config) -> tuple[object, ModelTimer]:
+    """The encoder `build(config, ...)` will use, its real forward wrapped in a ModelTimer."""
+    from embedcache.partition import encoder_for
+
+    encoder = encoder_for(config)
+    if getattr(encoder, "unpadded", None) is None:
+        raise SystemExit(f"the {config.encoder} encoder does not run through UnpaddedEsm here; nothing to time")
+    model = encoder.model
+    embedding = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
+    timer = ModelTimer(encoder.unpadded, encoder.device, sum(p.numel() for p in model.parameters()) - embedding,
+                       encoder.n_layers, encoder.embed_dim)  # fmt: skip
+    encoder.unpadded = timer
+    return encoder, timer
+
+
 # -- cases ----------------------------------------------------------------------------------------
+
+
+FORMS = ("free", "sleep", "model")
 
 
 @dataclass(frozen=True)
 class Case:
     width: int
     tokens: bool  # per-token fp16 + pooled; False: pooled only (--no-tokens)
-    rate: float | None  # None: free
+    form: str  # free | sleep (stand-ins) | model (the real forward, timed)
+    rate: float | None = None  # the sleeping stand-in's tokens/s
 
     @property
     def name(self) -> str:
-        return f"{'tokens' if self.tokens else 'pooled'}-{self.width}-{'sleep' if self.rate else 'free'}"
+        return f"{'tokens' if self.tokens else 'pooled'}-{self.width}-{self.form}"
 
     @property
     def label(self) -> str:
         what = "per-token fp16" if self.tokens else "pooled only"
-        return f"{what}, {self.width}, " + (f"sleep {self.rate / 1e3:,.0f}k tok/s" if self.rate else "free")
+        return f"{what}, {self.width}, " + (f"sleep {self.rate / 1e3:,.0f}k tok/s" if self.form == "sleep" else self.form)
 
 
 @dataclass
@@ -167,6 +232,7 @@ class Run:
     packed_positions: int
     padded_positions: int
     load_average: float | None = None
+    model_flops: float | None = None  # the real forward's (form "model")
 
 
 @dataclass
@@ -235,13 +301,15 @@ def run_case(case: Case, args, model_dirs: dict[int, Path], fasta: Path, ids: li
     from embedcache.build import build
     from embedcache.config import BuildConfig
 
+    model = case.form == "model"  # the real forward on --device, in the build's own precision (bf16 on CUDA)
     config = BuildConfig.create(
-        "esm2", str(model_dirs[case.width]), tokens=case.tokens, precision="fp32", device="cpu",
+        "esm2", str(model_dirs[case.width, model]), tokens=case.tokens, precision="auto" if model else "fp32",
+        device=args.device if model else "cpu",
         **({"max_tokens": args.max_tokens} if args.max_tokens else {}),
         **({"shard_mb": args.shard_mb} if args.shard_mb else {}),
     )  # fmt: skip
     started = time.perf_counter()
-    _, stand_in = load_with_stand_in(config, case.rate, args.seed, args.fresh_outputs)
+    _, stand_in = load_with_timer(config) if model else load_with_stand_in(config, case.rate, args.seed, args.fresh_outputs)
     load_seconds = time.perf_counter() - started
     gc.collect()
     load = load_average()
@@ -254,7 +322,7 @@ def run_case(case: Case, args, model_dirs: dict[int, Path], fasta: Path, ids: li
         case.name, seconds, cpu_seconds, load_seconds, report.seconds, stand_in.seconds, stand_in.slept, stand_in.copied,
         stand_in.calls,
         report.plan.n_tokens, rows, rows * case.width * np.dtype(config.dtype).itemsize, store_file_bytes(store),
-        stand_in.packed, stand_in.padded, load,
+        stand_in.packed, stand_in.padded, load, getattr(stand_in, "flops", None),
     )  # fmt: skip
     shutil.rmtree(store)
     os.sync()  # untimed: the next run starts with nothing of this one left to write back
@@ -295,6 +363,15 @@ def create_parser() -> argparse.ArgumentParser:
     a("--warmup-sequences", type=int, default=10, help="sequences of the untimed warm-up builds (default %(default)s)")
     a("--seed", type=int, default=0, help="seed of the input, the models and the stand-in's values (default %(default)s)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    a("--forms", default="free,sleep",
+      help="forms of the forward, comma-separated (default %(default)s): free and sleep are stand-ins on the CPU; "
+           "model runs the real random ESM2 on --device, in the build's precision (bf16 on CUDA), its busy time "
+           "taken with CUDA events")  # fmt: skip
+    a("--device", default="cpu", help="device of the model form (default %(default)s; cuda on a GPU)")
+    a("--model-layers", type=_ints, default=None,
+      help="layers of the model form's ESM2, one per width (default: ESM2's own, 30 at 640 (150M), 33 at 1280 (650M), "
+           "else 2)")  # fmt: skip
+    a("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak for MFU (default: by device name)")
     a("--fresh-outputs", action="store_true",
       help="the stand-in copies its rows into a fresh tensor every call (a model's output, a GPU's device-to-host "
            "copy) instead of returning a view of its buffer")  # fmt: skip
@@ -313,6 +390,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, small if quick else full)
     if quick:
         args.warmup_sequences = min(args.warmup_sequences, 4)
+    args.forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    if not args.forms or set(args.forms) - set(FORMS):
+        raise SystemExit(f"--forms: {args.forms}; choose from {', '.join(FORMS)}")
+    esm2_layers = {640: 30, 1280: 33}
+    args.model_layers = args.model_layers or [esm2_layers.get(w, 2) for w in args.widths]
+    if len(args.model_layers) != len(args.widths):
+        raise SystemExit(f"--model-layers gives {len(args.model_layers)} for {len(args.widths)} widths: one per width")
     if len(args.rates) != len(args.widths):
         raise SystemExit(f"--rates gives {len(args.rates)} rates for {len(args.widths)} widths {args.widths}: one per width")
     if args.repeats < 1 or args.n_sequences < 1 or min(args.widths) < 2 or min(args.rates) <= 0:
@@ -321,7 +405,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def all_cases(args) -> list[Case]:
-    cases = [Case(w, tokens, rate) for tokens in (True, False) for w, r in zip(args.widths, args.rates) for rate in (None, r)]
+    cases = [Case(w, tokens, form, r if form == "sleep" else None)
+             for tokens in (True, False) for w, r in zip(args.widths, args.rates) for form in args.forms]  # fmt: skip
     if args.cases:
         wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
         unknown = sorted(set(wanted) - {c.name for c in cases})
@@ -349,7 +434,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     from embedcache.tiny_models import make_tiny_esm2
 
     cases = all_cases(args)
-    machine = machine_info(device="cpu (the model's forward is a stand-in)")
+    device = args.device if "model" in args.forms else "cpu (the model's forward is a stand-in)"
+    machine = machine_info(device=device)
     print("== machine")
     print(f"  {machine['platform']}  {machine['cpu_model']}; {machine['cpu_cores']} cores, torch threads "
           f"{machine['torch_threads']}; python {machine['python']}, torch {machine['torch']}, embedcache {machine['embedcache']}")  # fmt: skip
@@ -371,21 +457,24 @@ def run(args: argparse.Namespace, work: Path) -> dict:
           f"mean {inputs['mean']:.0f}, p90 {inputs['p90']:.0f}, max {inputs['max']} (log-normal, natural aa frequencies)")  # fmt: skip
 
     widths = sorted({c.width for c in cases})
-    model_dirs = {w: make_tiny_esm2(work / f"model_{w}", hidden=w, layers=1, heads=max(1, w // 64), seed=args.seed) for w in widths}
-    defaults = BuildConfig.create("esm2", str(model_dirs[widths[0]]))
+    layers = dict(zip(args.widths, args.model_layers))
+    # A stand-in needs the model's width only (1 layer); the model form, the real depth.
+    model_dirs = {(c.width, c.form == "model"): make_tiny_esm2(
+        work / f"model_{c.width}{'_full' if c.form == 'model' else ''}", hidden=c.width,
+        layers=layers[c.width] if c.form == "model" else 1, heads=max(1, c.width // 64), seed=args.seed) for c in cases}  # fmt: skip
+    defaults = BuildConfig.create("esm2", str(next(iter(model_dirs.values()))))
     shard_mb = args.shard_mb or defaults.shard_mb
     widest = max((c.width for c in cases if c.tokens), default=max(widths))
     chunk, shard_rows = token_chunking(widest * 2, shard_mb)
     shard_bytes = shard_rows * widest * 2
     raw_total = n_residues * widest * 2
-    print(f"  models: random ESM2, 1 layer, widths {widths} (only their width matters: the forward is a stand-in); "
+    print(f"  models: random ESM2, widths {widths}: 1 layer for the stand-ins (only the width matters), "
+          f"{', '.join(f'{layers[w]} layers at {w}' for w in widths)} for the model form on {args.device}; "
           f"batch budget {args.max_tokens or defaults.max_tokens} tokens, shards {shard_mb:g} MiB")  # fmt: skip
 
-    # Untimed warm-up: first-call costs (imports, allocator, zarr's event loop) of every width and output.
-    for w in widths:
-        for tokens in sorted({c.tokens for c in cases if c.width == w}):
-            run_case(Case(w, tokens, None), args, model_dirs, warm_fasta, ids[:warm], int(lengths[:warm].sum()),
-                     work / "warmup.zarr")  # fmt: skip
+    # Untimed warm-up: first-call costs (imports, allocator, zarr's event loop, CUDA kernels) of every width and output.
+    for case in dict.fromkeys(Case(c.width, c.tokens, c.form if c.form == "model" else "free") for c in cases):
+        run_case(case, args, model_dirs, warm_fasta, ids[:warm], int(lengths[:warm].sum()), work / "warmup.zarr")
 
     print(f"== timed runs ({args.repeats} rounds, the order reversed every other round; raw write: "
           f"{-(-raw_total // shard_bytes)} files of {shard_bytes / MB:.1f} MB, fsync each)")  # fmt: skip
@@ -403,10 +492,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             runs[item.name].append(result)
             mbs = f"{result.token_bytes / MB / result.seconds:9,.0f} MB/s" if item.tokens else f"{'':>14}"
             print(f"  round {r + 1}  {item.name:<34}{result.seconds:7.2f} s  {mbs}  {result.tokens / result.seconds:10,.0f} tok/s  "
-                  f"stand-in {result.stand_in_seconds / result.seconds:6.1%}  cpu/wall {result.cpu_seconds / result.seconds:.2f}")  # fmt: skip
+                  f"forward {result.stand_in_seconds / result.seconds:6.1%}  cpu/wall {result.cpu_seconds / result.seconds:.2f}")  # fmt: skip
     load_end = load_average()
 
     raw_best = max(raws, key=lambda x: x.mb_s)
+    cuda = "model" in args.forms and torch.device(args.device).type == "cuda"
+    peak = (args.peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name())) if cuda else None
     rows = []
     for case in cases:
         best = min(runs[case.name], key=lambda x: x.seconds)
@@ -420,20 +511,25 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             "host_seconds": best.seconds - best.stand_in_seconds, "cpu_per_wall": best.cpu_seconds / best.seconds,
             "outside_units_seconds": best.seconds - best.units_seconds, "ideal_tokens_per_s": case.rate,
             "share_of_rate": best.tokens / best.seconds / case.rate if case.rate else None,
+            "mfu": best.model_flops / best.seconds / (peak * 1e12) if best.model_flops and peak else None,
             "runs": [vars(x) for x in runs[case.name]],
         })  # fmt: skip
 
     print(f"== result (best of {args.repeats}; raw write {raw_best.mb_s:,.0f} MB/s, best of {len(raws)}: "
           f"{', '.join(f'{x.mb_s:,.0f}' for x in raws)})")  # fmt: skip
-    print(f"  {'case':<38}{'body s':>8}{'tokens/s':>11}{'store MB/s':>12}{'% of raw':>10}{'stand-in':>10}{'% of rate':>11}{'cpu/wall':>10}")
+    print(f"  {'case':<38}{'body s':>8}{'tokens/s':>11}{'store MB/s':>12}{'% of raw':>10}{'forward':>10}{'% of rate':>11}"
+          f"{'MFU':>7}{'cpu/wall':>10}")  # fmt: skip
     for row in rows:
         mbs = f"{row['store_mb_s']:12,.0f}{row['share_of_raw_write']:10.0%}" if row["tokens"] else f"{'-':>12}{'-':>10}"
         of_rate = f"{row['share_of_rate']:11.0%}" if row["rate"] else f"{'-':>11}"
+        mfu = f"{row['mfu']:7.1%}" if row["mfu"] is not None else f"{'-':>7}"
         print(f"  {row['label']:<38}{row['best_seconds']:8.2f}{row['tokens_per_s']:11,.0f}{mbs}{row['stand_in_share']:10.1%}"
-              f"{of_rate}{row['cpu_per_wall']:10.2f}")  # fmt: skip
+              f"{of_rate}{mfu}{row['cpu_per_wall']:10.2f}")  # fmt: skip
     print(f"  tokens/s = {n_residues:,} content tokens / body seconds (build() with the encoder loaded: plan, store, units, "
-          f"commits); store MB/s = per-token fp16 rows / body seconds; stand-in = share of the body inside the stand-in "
-          f"forward ({'sleep + copy' if args.fresh_outputs else 'sleep; rows are views of its buffer'}); % of rate = tokens/s / the sleeping stand-in's rate")  # fmt: skip
+          f"commits); store MB/s = per-token fp16 rows / body seconds; forward = share of the body inside the stand-in "
+          f"forward ({'sleep + copy' if args.fresh_outputs else 'sleep; rows are views of its buffer'}), or the model's "
+          f"busy time (CUDA events) over the body; % of rate = tokens/s / the sleeping stand-in's rate; MFU against the "
+          f"GPU's dense bf16 peak ({peak or '-'} TFLOP/s)")  # fmt: skip
     if load_end is not None:
         print(f"  load average (1 min) at the end: {load_end:.2f} (this benchmark alone adds ~1-2)")
 

@@ -271,8 +271,9 @@ def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path,
 
     config = BuildConfig.create("sim-gpu", "sim-gpu", tokens=False, device="cpu", max_tokens=args.sim_max_tokens)
     plan_s, commit_s, records_s = [], [], []
-    saved = build_module.POOLED_UNIT_SEQUENCES
-    build_module.POOLED_UNIT_SEQUENCES = unit_sequences  # pooled-only units are cut by sequence count, not --unit-mb
+    saved = build_module.POOLED_UNIT_SEQUENCES, build_module.UNIT_SEQUENCES
+    # pooled-only units are cut by sequence count, not --unit-mb (in this process and on Dask alike here)
+    build_module.POOLED_UNIT_SEQUENCES = build_module.UNIT_SEQUENCES = unit_sequences
     if client is not None:
         from distributed import get_task_stream
 
@@ -285,7 +286,7 @@ def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path,
                 timing(build_module, "_commit_records", records_s), stream as ts:  # fmt: skip
             report = build(config, [fasta], store, scheduler=scheduler, progress=False, log=lambda _: None)
     finally:
-        build_module.POOLED_UNIT_SEQUENCES = saved
+        build_module.POOLED_UNIT_SEQUENCES, build_module.UNIT_SEQUENCES = saved
     wall = time.perf_counter() - started
     units = report.plan.units
     sleep_of_unit = {u.index: u.n_tokens / args.gpu_tokens_per_s for u in units}
@@ -294,8 +295,9 @@ def run_simulated_build(client, scheduler: str | None, fasta: Path, store: Path,
     if client is not None:
         tasks = _task_overheads(ts.data, sleep_of_unit)
         workers = len(client.scheduler_info(n_workers=-1)["workers"])
-    else:  # one unit after another in this thread: what is not sleep or commit is the worker's CPU
-        extra = (executor_s - sum(sleep_of_unit.values()) - sum(commit_s)) / len(units)  # one unit per commit here
+    else:  # forwards one after another in this thread, each unit committed beside the next one's forward:
+        # what is not sleep is the worker's CPU, plus the commit time the overlap did not hide (an upper bound)
+        extra = (executor_s - sum(sleep_of_unit.values())) / len(units)
         tasks = {"worker_extra_s_per_unit": extra, "gap_s_between_units": 0.0, "units_seen": len(units)}
         workers = 1
     ideal = n_tokens / (workers * args.gpu_tokens_per_s)

@@ -10,6 +10,9 @@ Steps, each a child process under its own time limit (a failing step is recorded
     bench-build   bench_build.py at the ESM2-650M shape: extract.py-style loop vs embedcache (fp32),
                   embedcache bf16 (residues/s, MFU, padding efficiency, bf16 vs fp32 parity), and the
                   unpadded vs padded forward on the same batches
+    build-busy    bench_build_host.py --forms model: real builds (per-token and pooled-only) of random ESM2s at
+                  the 150M and 650M shapes in bf16, the share of each build's wall the GPU spends in forwards
+                  (CUDA events), beside tokens/s and MFU
     bench-fusion  bench_fusion.py --size isoformer: cached vs frozen vs full finetune s/epoch, and the share
                   of each training step spent waiting for its batch (the data-wait share)
 
@@ -40,15 +43,19 @@ BUDGET_SECONDS = 470  # the whole check, under the 8 minutes it is sized for (se
 
 # (name, time limit in seconds, arguments on CUDA, arguments without CUDA or None = skipped there)
 STEPS = [
-    ("pytest-gpu", 80,
+    ("pytest-gpu", 70,
      [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"],
      [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"]),
-    ("bench-build", 240,
-     [sys.executable, str(BENCH / "bench_build.py"), "--shape", "650M", "--n-sequences", "1000", "--repeats", "1",
+    ("bench-build", 170,
+     [sys.executable, str(BENCH / "bench_build.py"), "--shape", "650M", "--n-sequences", "700", "--repeats", "1",
       "--max-tokens", "16384", "--warmup-sequences", "16", "--unpadded-ab", "on"],
      [sys.executable, str(BENCH / "bench_build.py"), "--hidden", "64", "--layers", "2", "--heads", "4",
       "--n-sequences", "40", "--max-length", "300", "--repeats", "1", "--warmup-sequences", "2", "--unpadded-ab", "on"]),
-    ("bench-fusion", 130,
+    ("build-busy", 100,
+     [sys.executable, str(BENCH / "bench_build_host.py"), "--forms", "model", "--device", "cuda", "--n-sequences", "1500",
+      "--repeats", "1", "--warmup-sequences", "16"],
+     [sys.executable, str(BENCH / "bench_build_host.py"), "--forms", "model", "--quick"]),
+    ("bench-fusion", 120,
      [sys.executable, str(BENCH / "bench_fusion.py"), "--size", "isoformer", "--n-genes", "12", "--steps", "3",
       "--warmup-steps", "1", "--cached-epochs", "2"],
      [sys.executable, str(BENCH / "bench_fusion.py"), "--size", "tiny", "--n-genes", "10", "--batch-size", "4",
@@ -57,6 +64,7 @@ STEPS = [
 WITHOUT_CUDA = {
     "pytest-gpu": "every gpu-marked test skips without CUDA (collected, so imports and markers are checked)",
     "bench-build": "toy ESM2 (hidden 64, 2 layers) instead of ESM2-650M; no bf16, no MFU (CPU)",
+    "build-busy": "--quick: tiny ESM2s timed by wall clock on the CPU; no MFU",
     "bench-fusion": "--size tiny instead of isoformer (the Enformer window alone takes ~30 s per step on a CPU)",
 }
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,9 @@ from embedcache.store import (
 )
 
 Log = Callable[[str], None]
-UNIT_SEQUENCES = 4096  # the most sequences of a per-token unit (sized by --unit-mb)
-# Sequences of a pooled-only unit: few enough that the in-process pipeline reads and plans the next unit,
-# and commits the last, while this one runs the model (a single unit would do both with the model idle).
+UNIT_SEQUENCES = 4096  # the most sequences of a unit: a pooled-only unit on Dask (per-token units: --unit-mb)
+# Sequences of a pooled-only unit in this process: few enough that its pipeline reads and plans the next
+# unit, and commits the last, while this one runs the model (one unit would do both with the model idle).
 POOLED_UNIT_SEQUENCES = 512
 
 
@@ -123,10 +124,10 @@ def _read_stored(location: Location, fp: str, fp_fields: dict) -> tuple[dict, di
     return _stored_digests(index.content_keys, index.committed_content, index.ids, index.content_index)
 
 
-def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int) -> tuple[int, int]:
+def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int, in_process: bool) -> tuple[int, int]:
     """(token rows, sequences) per unit: whole shards of about `config.unit_mb`."""
     if not config.tokens:
-        return 1 << 62, POOLED_UNIT_SEQUENCES
+        return 1 << 62, POOLED_UNIT_SEQUENCES if in_process else UNIT_SEQUENCES
     row = _row_bytes(config, encoder) * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
     return shards * shard_tokens, UNIT_SEQUENCES
@@ -157,7 +158,7 @@ class StoreSpec:
     plan_args: dict
 
     @classmethod
-    def of(cls, config: BuildConfig, progress: bool, id_column: str, sequence_column: str) -> "StoreSpec":
+    def of(cls, config: BuildConfig, progress: bool, id_column: str, sequence_column: str, in_process: bool) -> "StoreSpec":
         # The weights are loaded when the first unit runs (by each Dask worker for its own units), so a
         # build with nothing new to embed never loads them.
         with transformers_progress(progress):
@@ -166,7 +167,7 @@ class StoreSpec:
         fields = fingerprint_fields(config, encoder.provenance(), overlap)
         fp = fingerprint(fields)
         _, shard = _token_layout(config, encoder)
-        unit_rows, unit_sequences = _unit_sizes(config, encoder, shard)
+        unit_rows, unit_sequences = _unit_sizes(config, encoder, shard, in_process)
         plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard, unit_rows=unit_rows,
                          unit_sequences=unit_sequences)  # fmt: skip
         return cls(encoder, fp, fields, _store_attrs(config, encoder, fp, fields, overlap), plan_args)
@@ -203,7 +204,7 @@ def build(
     for path in inputs:  # a mistyped path is named before minutes of loading a model
         check_input_file(path)
     job = BuildJob(config, tuple(inputs), location, scheduler, scheduler_file, progress, log)
-    spec = StoreSpec.of(config, progress, id_column, sequence_column)
+    spec = StoreSpec.of(config, progress, id_column, sequence_column, in_process=scheduler is None and scheduler_file is None)
     if dry_run:
         return _dry_run(job, spec)
     existed = location.is_local and location.local_path.exists()
@@ -286,18 +287,21 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, pl
     n_tokens, content_before = 0, writer.content_end
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)
     shown: dict[int, int] = {}  # sequences of each running unit the bar already counts
+    counting = threading.Lock()  # a unit's host stage and the last unit's commit tell the bar from their own threads
 
     def finished(task: UnitTask, n: int) -> None:  # within a unit, per batch (in-process units only)
-        shown[task.unit.index] = shown.get(task.unit.index, 0) + n
-        bar.update(n)
+        with counting:
+            shown[task.unit.index] = shown.get(task.unit.index, 0) + n
+            bar.update(n)
 
     def commit(results: list[UnitResult]) -> None:
         nonlocal n_tokens
         lease.check()
         writer.commit_units(results)
-        n_tokens += sum(r.n_tokens for r in results)
-        bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
-        bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
+        with counting:
+            n_tokens += sum(r.n_tokens for r in results)
+            bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
+            bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
     executor = make_executor(job.scheduler, job.scheduler_file, log) if tasks else None
     try:

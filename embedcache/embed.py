@@ -117,9 +117,9 @@ def embed_sequences(encoder: Encoder, sequences: list[str], config: BuildConfig)
 
 
 # Stored dtypes by name, converted by torch: vectorised and multithreaded, unlike numpy's float16 cast.
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+STORED_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
     """A CPU numpy array of `x` in the stored dtype (a view when `x` already is one)."""
-    return x.detach().to(device="cpu", dtype=_TORCH_DTYPES[dtype]).numpy()
+    return x.detach().to(device="cpu", dtype=STORED_DTYPES[dtype]).numpy()

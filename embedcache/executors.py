@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 from embedcache.errors import EmbedcacheError, StoreError
 from embedcache.location import Location
+from embedcache.shard_writer import ShardBuffers
 from embedcache.partition import (
     RunningUnit,
     UnitInterrupted,
@@ -72,42 +73,50 @@ class InProcess(Executor):
         if not tasks:
             return
         encoder = encoder_for(tasks[0].config)  # every task of a build has the same config
+        buffers = ShardBuffers()  # each unit's shard writer takes over the buffers of the one before
 
         def told(task: UnitTask) -> Callable[[int], None] | None:
             return None if on_sequences is None else (lambda n: on_sequences(task, n))
 
-        def finish_and_commit(running: RunningUnit) -> None:
-            on_results([named(running.prepared.task, finish_unit, running)])
+        def commit(running: RunningUnit) -> None:
+            if running.claim():  # once, whichever thread gets there first (a Ctrl-C may race the commit thread)
+                on_results([named(running.prepared.task, finish_unit, running)])
+
+        def prepare(task: UnitTask) -> Future:
+            return ahead.submit(named, task, prepare_unit, task, encoder)
 
         with ThreadPoolExecutor(1, thread_name_prefix="embedcache-prepare") as ahead, \
                 ThreadPoolExecutor(1, thread_name_prefix="embedcache-commit") as behind:  # fmt: skip
-            next_unit: Future = ahead.submit(named, tasks[0], prepare_unit, tasks[0], encoder)
+            next_unit: Future | None = prepare(tasks[0])
             committing: Future | None = None
             running: RunningUnit | None = None
+            # The forward stops early when the unit being committed failed: its error ends the build at once.
+            failed = lambda: committing is not None and committing.done() and committing.exception() is not None  # noqa: E731
             try:
                 for i, task in enumerate(tasks):
-                    prepared = next_unit.result()
-                    if i + 1 < len(tasks):
-                        next_unit = ahead.submit(named, tasks[i + 1], prepare_unit, tasks[i + 1], encoder)
-                    running = named(task, forward_unit, prepared, encoder, self.log, told(task))
-                    if committing is not None:
-                        committing.result()  # the previous unit, finished and committed beside this forward
-                    committing, running = behind.submit(finish_and_commit, running), None
-                committing.result()
-            except UnitInterrupted as e:  # Ctrl-C in a forward: what finished before it, then its finished part
+                    prepared = next_unit.result() if next_unit is not None else named(task, prepare_unit, task, encoder)
+                    # A lone record (a chromosome) is prepared in its turn: its token ids alone may be gigabytes.
+                    next_unit = prepare(tasks[i + 1]) if i + 1 < len(tasks) and tasks[i + 1].unit.n_sequences > 1 else None
+                    running = named(task, forward_unit, prepared, encoder, self.log, told(task), failed, buffers)
+                    _settle(committing)  # the previous unit, finished and committed beside this forward
+                    committing, running = behind.submit(commit, running), None
                 _settle(committing)
-                if e.result is not None:
-                    on_results([e.result])
-                raise
-            except KeyboardInterrupt:  # Ctrl-C between forwards: commit what has run, then stop
-                _settle(committing)
-                if running is not None:
-                    on_results([finish_unit(running)])
+            except KeyboardInterrupt as stop:  # Ctrl-C: what has run is committed, then the build stops
+                try:
+                    _settle(committing)
+                    if isinstance(stop, UnitInterrupted) and stop.result is not None:  # the running unit's finished part
+                        on_results([stop.result])
+                    elif running is not None:  # its forward had finished
+                        commit(running)
+                finally:
+                    if running is not None:
+                        running.abort()  # a no-op when it was committed
                 raise
             except BaseException:
                 if running is not None:
                     running.abort()
-                next_unit.cancel()
+                if next_unit is not None:
+                    next_unit.cancel()
                 raise
 
 

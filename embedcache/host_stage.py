@@ -16,8 +16,10 @@ import threading
 from typing import Callable
 
 import numpy as np
+import torch
 
 from embedcache.config import BuildConfig
+from embedcache.device_stage import HostBatch, on_host
 from embedcache.embed import assemble, to_numpy
 from embedcache.encoders import WindowOutput
 from embedcache.shard_writer import ShardWriter
@@ -34,7 +36,8 @@ class HostStage:
                  on_sequences: Callable[[int], None] | None = None):
         self.plans, self.config, self.writer, self.skip = plans, config, writer, skip
         self.on_sequences = on_sequences  # called with the number of sequences finished since the last call
-        self.outs: list[list[WindowOutput | None] | None] = [[None] * len(p.windows) for p in plans]
+        # (item in its batch, the batch) of each window that has run, per sequence
+        self.parts: list[list[tuple[int, HostBatch] | None] | None] = [[None] * len(p.windows) for p in plans]
         self.missing = [0 if i in skip else len(p.windows) for i, p in enumerate(plans)]
         self.next = 0  # the first sequence not yet handed to the writer
         self.lengths = np.zeros(len(plans), np.int64)
@@ -47,9 +50,11 @@ class HostStage:
         self.thread.start()
         return self
 
-    def put(self, batch: list[tuple[int, int]], outs: list[WindowOutput]) -> None:
+    def put(self, items: list[tuple[int, int]], batch: HostBatch | list[WindowOutput]) -> None:
+        """A batch's (sequence, window) items and their outputs: a HostBatch from the device stage, or the
+        forward's outputs on the CPU as they are (reduced on this thread)."""
         self._raise()
-        self.queue.put((batch, outs))
+        self.queue.put((items, batch))
 
     def stop(self, check: bool) -> None:
         """Finish what is queued (at most QUEUE batches) and stop the thread; with `check`, raise its error,
@@ -71,11 +76,18 @@ class HostStage:
             if self.error is not None:
                 continue  # keep taking batches so the forward never blocks on a dead stage
             try:
-                batch, outs = item
-                for (i, w), out in zip(batch, outs):
-                    self.outs[i][w] = out
+                items, batch = item
+                if not isinstance(batch, HostBatch):  # outputs on the CPU: reduced here, beside the forward
+                    batch = on_host(items, batch, self.plans, self.config)
+                batch.wait()
+                for at, (i, w) in enumerate(items):
+                    self.parts[i][w] = at, batch
                     self.missing[i] -= 1
                 self._write_finished()
+                if batch.borrowed:  # its buffer is reused a few batches on: keep what is still waiting
+                    for at, (i, w) in enumerate(items):
+                        if i >= self.next:
+                            self.parts[i][w] = 0, batch.keep(at)
             except BaseException as e:  # handed to the forward's thread
                 self.error = e
         if self.error is None:  # sequences with no batch of their own (all skipped) pass too
@@ -89,12 +101,20 @@ class HostStage:
         while self.next < len(self.plans) and self.missing[self.next] == 0:
             i = self.next
             if i not in self.skip:
-                tokens, pooled = assemble(self.plans[i], self.outs[i], self.config)
+                tokens, pooled = self._assemble(i)
                 if self.writer is not None:
                     self.writer.add(tokens if tokens.ndim == 3 else tokens[:, None, :])  # cast into the shard
                     self.lengths[i] = len(tokens)
-                self.pooled[i] = None if pooled is None else to_numpy(pooled, "float32")
-            self.outs[i] = None  # its window outputs are no longer needed
+                self.pooled[i] = None if pooled is None else to_numpy(pooled, "float32").copy()  # not a view of a reused buffer
+            self.parts[i] = None  # its outputs are no longer needed
             self.next += 1
         if self.on_sequences is not None and self.next > start:
             self.on_sequences(self.next - start)
+
+    def _assemble(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(stored rows, pooled) of sequence i: reduced already (one window), or stitched from its windows."""
+        parts = self.parts[i]
+        if len(parts) == 1 and parts[0][1].window[parts[0][0]] is None:
+            at, batch = parts[0]
+            return batch.rows[at], batch.pooled[at]
+        return assemble(self.plans[i], [batch.window[at] for at, batch in parts], self.config)

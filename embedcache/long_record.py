@@ -12,12 +12,13 @@ rows (`--shard-mb`), however long the record. Rows equal what `embedcache.embed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from embedcache.config import BuildConfig
-from embedcache.encoders import Encoder
+from embedcache.encoders import Encoder, WindowOutput
 from embedcache.errors import InputError
 from embedcache.memory import MemoryGuard
 from embedcache.reduce import pool_rows
@@ -67,56 +68,92 @@ def _central_range(n: int, k: int | None) -> tuple[int, int]:
 def embed_long_record(encoder: Encoder, guard: MemoryGuard, token_ids: np.ndarray, plan: SequencePlan, config: BuildConfig,
                       array, token_start: int, shard_rows: int, record_id: str) -> StreamedRecord:
     """Embed one windowed sequence and write its stored rows to `array` from `token_start` (tokens only
-    when the build stores them); returns its pooled vector and the digests of the shards written."""
-    windows = plan.windows
-    n = windows[-1][1]
-    keep = _central_range(n, config.token_bins)
-    pool_at = _central_range(n, config.pool_bins) if config.pooling == "center" else (0, n)
-    writer = ShardWriter(array, token_start, shard_rows, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
-        if config.tokens else None  # fmt: skip
-    row_pool = _RowPool(config.token_pool)
-    total = cls_total = None
-    cls_weight, n_rows = 0.0, 0
+    when the build stores them); returns its pooled vector and the digests of the shards written.
 
-    def put(rows: torch.Tensor | None) -> None:
-        nonlocal n_rows
-        if writer is not None and rows is not None and len(rows):
-            writer.add(rows if rows.ndim == 3 else rows[:, None, :])  # cast into the shard
-            n_rows += len(rows)
-
+    window batches -> each window's piece of the stitched rows -> the pooled sum, and the stored rows."""
+    n = plan.windows[-1][1]
+    pooled = _PooledSum(config, n)
+    rows = _StoredRows(ShardWriter(array, token_start, shard_rows, (len(encoder.layer_indices), encoder.embed_dim), config.dtype),
+                       _central_range(n, config.token_bins), config.token_pool) if config.tokens else None  # fmt: skip
     try:
-        for group in _window_groups(encoder, windows, guard.max_tokens):
-            inputs = [token_ids[plan.keep_start + windows[w][0] : plan.keep_start + windows[w][1]] for w in group]
-            for w, out in zip(group, guard(inputs, [record_id] * len(group))):
-                s, e = windows[w]
-                a = 0 if w == 0 else (s + windows[w - 1][1]) // 2  # stitch's cut between this window and its neighbours
-                b = e if w == len(windows) - 1 else (windows[w + 1][0] + e) // 2
-                piece = out.hidden[a - s : b - s]  # rows a..b of the stitched sequence
-                lo, hi = max(a, pool_at[0]), min(b, pool_at[1])
-                if hi > lo and config.pooling in ("mean", "center"):
-                    part = piece[lo - a : hi - a].double().sum(0)
-                    total = part if total is None else total + part
-                if config.pooling == "cls":
-                    if out.cls is None:
-                        raise InputError(f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
-                                         f"model {config.model!r} adds none. Use --pooling mean.")
-                    part = out.cls.double() * (e - s)
-                    cls_total, cls_weight = part if cls_total is None else cls_total + part, cls_weight + (e - s)
-                lo, hi = max(a, keep[0]), min(b, keep[1])
-                if hi > lo:
-                    put(row_pool.add(piece[lo - a : hi - a]))
-        put(row_pool.finish())
+        for (s, e), (a, b), piece, out in _pieces(encoder, guard, token_ids, plan, record_id):
+            pooled.add(a, b, piece, out.cls, e - s)
+            if rows is not None:
+                rows.add(a, b, piece)
+        n_rows, shard_crc = rows.finish() if rows is not None else (0, np.zeros(0, np.int64))
     except BaseException:
-        if writer is not None:
-            writer.close()
+        if rows is not None:
+            rows.writer.close()
         raise
-    pooled = None
-    if config.pooling in ("mean", "center"):
-        pooled = (total / (pool_at[1] - pool_at[0])).float()
-    elif config.pooling == "cls":
-        pooled = (cls_total / cls_weight).float()
-    shard_crc = writer.finish() if writer is not None else np.zeros(0, np.int64)
-    return StreamedRecord(None if pooled is None else pooled.cpu().numpy(), n_rows, shard_crc)
+    return StreamedRecord(pooled.result(), n_rows, shard_crc)
+
+
+def _pieces(encoder: Encoder, guard: MemoryGuard, token_ids: np.ndarray, plan: SequencePlan,
+            record_id: str) -> Iterator[tuple[tuple[int, int], tuple[int, int], torch.Tensor, WindowOutput]]:  # fmt: skip
+    """((s, e) the window, (a, b), rows a..b of the stitched sequence, the window's output) of each window in order, computed
+    window batch by window batch: each window's share of the rows, cut where `windows.stitch` cuts."""
+    windows = plan.windows
+    for group in _window_groups(encoder, windows, guard.max_tokens):
+        inputs = [token_ids[plan.keep_start + windows[w][0] : plan.keep_start + windows[w][1]] for w in group]
+        for w, out in zip(group, guard(inputs, [record_id] * len(group))):
+            s, e = windows[w]
+            a = 0 if w == 0 else (s + windows[w - 1][1]) // 2
+            b = e if w == len(windows) - 1 else (windows[w + 1][0] + e) // 2
+            yield (s, e), (a, b), out.hidden[a - s : b - s], out
+
+
+class _PooledSum:
+    """The pooled vector (`embed.pool`) of a stitched sequence from its pieces as they arrive, summed in float64."""
+
+    def __init__(self, config: BuildConfig, n: int):
+        self.config = config
+        self.span = _central_range(n, config.pool_bins) if config.pooling == "center" else (0, n)
+        self.total: torch.Tensor | None = None
+        self.weight = 0.0
+
+    def add(self, a: int, b: int, piece: torch.Tensor, cls: torch.Tensor | None, window_tokens: int) -> None:
+        if self.config.pooling in ("mean", "center"):
+            lo, hi = max(a, self.span[0]), min(b, self.span[1])
+            if hi > lo:
+                self._add(piece[lo - a : hi - a].double().sum(0), 0.0)
+        elif self.config.pooling == "cls":
+            if cls is None:
+                raise InputError(f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
+                                 f"model {self.config.model!r} adds none. Use --pooling mean.")  # fmt: skip
+            self._add(cls.double() * window_tokens, float(window_tokens))  # weighted by the tokens the window saw, as pool() does
+
+    def _add(self, part: torch.Tensor, weight: float) -> None:
+        self.total = part if self.total is None else self.total + part
+        self.weight += weight
+
+    def result(self) -> np.ndarray | None:
+        if self.total is None:
+            return None
+        count = self.weight if self.config.pooling == "cls" else self.span[1] - self.span[0]
+        return (self.total / count).float().cpu().numpy()
+
+
+class _StoredRows:
+    """The stored rows of a stitched sequence from its pieces: the central `keep` rows, `token_pool` means,
+    written shard by shard."""
+
+    def __init__(self, writer: ShardWriter, keep: tuple[int, int], token_pool: int | None):
+        self.writer, self.keep, self.row_pool = writer, keep, _RowPool(token_pool)
+        self.n_rows = 0
+
+    def add(self, a: int, b: int, piece: torch.Tensor) -> None:
+        lo, hi = max(a, self.keep[0]), min(b, self.keep[1])
+        if hi > lo:
+            self._put(self.row_pool.add(piece[lo - a : hi - a]))
+
+    def _put(self, rows: torch.Tensor | None) -> None:
+        if rows is not None and len(rows):
+            self.writer.add(rows if rows.ndim == 3 else rows[:, None, :])  # cast into the shard
+            self.n_rows += len(rows)
+
+    def finish(self) -> tuple[int, np.ndarray]:
+        self._put(self.row_pool.finish())
+        return self.n_rows, self.writer.finish()
 
 
 def _window_groups(encoder: Encoder, windows: tuple[tuple[int, int], ...], max_tokens: int) -> list[list[int]]:

@@ -28,11 +28,12 @@ class MemoryGuard:
         self.log = log
         self.lowered = False  # whether the budget was lowered (and said so)
 
-    def __call__(self, windows: list[np.ndarray], records: list[str]) -> list[WindowOutput]:
-        """Outputs in the order of `windows`; `records[i]` names the record window i belongs to."""
+    def __call__(self, windows: list[np.ndarray], records: list[str], to_host: bool = True) -> list[WindowOutput]:
+        """Outputs in the order of `windows` (`Encoder.forward`'s, `to_host` as there); `records[i]` names the
+        record window i belongs to."""
         out: list[WindowOutput] = []
         for part in self._split_to_budget(list(range(len(windows))), windows):
-            out += self._run([windows[i] for i in part], [records[i] for i in part])
+            out += self._run([windows[i] for i in part], [records[i] for i in part], to_host)
         return out
 
     def _padded(self, windows: list[np.ndarray]) -> int:
@@ -47,9 +48,9 @@ class MemoryGuard:
             current.append(i)
         return parts + [current] if current else parts
 
-    def _run(self, windows: list[np.ndarray], records: list[str]) -> list[WindowOutput]:
+    def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool) -> list[WindowOutput]:
         try:
-            return self.encoder.forward(windows)
+            return self.encoder.forward(windows, to_host)
         except torch.OutOfMemoryError as e:
             message = str(e).splitlines()[0] if str(e) else "out of memory"
         # Retry outside the except block, so the failed call's frames (and their tensors) are freed first.
@@ -70,4 +71,4 @@ class MemoryGuard:
                 )
             self.lowered, self.max_tokens = True, budget
         half = len(windows) // 2
-        return self._run(windows[:half], records[:half]) + self._run(windows[half:], records[half:])
+        return self._run(windows[:half], records[:half], to_host) + self._run(windows[half:], records[half:], to_host)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass, replace
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -21,12 +22,13 @@ from embedcache.config import BuildConfig
 from embedcache.embed import make_batches, plan_windows
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.errors import EmbedcacheError, SpoolError
-from embedcache.host_stage import HostStage
+from embedcache.device_stage import DeviceStage, reduces_on_device
+from embedcache.host_stage import QUEUE, HostStage
 from embedcache.long_record import StreamedRecord, embed_long_record, stored_bytes
 from embedcache.location import Location, io_errors, open_location
 from embedcache.memory import MemoryGuard
 from embedcache.plan import Unit
-from embedcache.shard_writer import ShardWriter
+from embedcache.shard_writer import ShardBuffers, ShardWriter
 from embedcache.spool import SpoolEntry, read_entries
 from embedcache.store import shard_rows
 from embedcache.windows import SequencePlan
@@ -137,7 +139,7 @@ def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str]
     `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
     `on_sequences(n)` is told as each batch finishes n more sequences (a progress bar that moves within a unit).
     """
-    encoder = encoder or encoder_for(task.config)
+    encoder = encoder or named(task, encoder_for, task.config)
     prepared = named(task, prepare_unit, task, encoder)
     return named(task, finish_unit, named(task, forward_unit, prepared, encoder, log, on_sequences))
 
@@ -195,6 +197,14 @@ class RunningUnit:
     host: HostStage | None  # None: nothing to embed (an empty unit)
     writer: ShardWriter | None
     streamed: dict[int, StreamedRecord]
+    claimed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """True for the first caller only: whoever finishes and commits the unit (it is committed once)."""
+        with self.lock:
+            first, self.claimed = not self.claimed, True
+            return first
 
     def abort(self) -> None:
         """Stop the host stage and the shard writes after an error elsewhere (nothing of the unit is kept)."""
@@ -216,10 +226,13 @@ def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
 
 
 def forward_unit(prepared: PreparedUnit, encoder: Encoder, log: Callable[[str], None],
-                 on_sequences: Callable[[int], None] | None) -> RunningUnit:
-    """Length-sorted batches -> forward -> the host stage (stitch, pool, stored dtype, shard writes; on its
-    own thread beside the next forward). Returns when the last batch is handed over; `finish_unit` waits
-    for the rest. Ctrl-C raises UnitInterrupted with the sequences the host stage finished."""
+                 on_sequences: Callable[[int], None] | None, stop: Callable[[], bool] | None = None,
+                 buffers: ShardBuffers | None = None) -> RunningUnit:
+    """Length-sorted batches -> forward -> the device stage (off the CPU: reduce, copy back what is stored) ->
+    the host stage (stitch, pool, stored dtype, shard writes; on its own thread beside the next forward). Returns when the last batch is handed over; `finish_unit` waits
+    for the rest. Ctrl-C raises UnitInterrupted with the sequences the host stage finished. `stop()`, asked
+    before each batch, ends the forward early (the caller has an error to raise: the unit is not finished).
+    `buffers`: shard buffers the build's units share (else the unit's own)."""
     unit, config, plans, token_ids, entries, array = (prepared.task.unit, prepared.task.config, prepared.plans,
                                                       prepared.token_ids, prepared.entries, prepared.array)  # fmt: skip
     if not entries:
@@ -230,24 +243,30 @@ def forward_unit(prepared: PreparedUnit, encoder: Encoder, log: Callable[[str], 
     # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
     streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start, rows_per_shard, entries[i].id)
                 for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config, alone=len(plans) == 1)}  # fmt: skip
-    writer = ShardWriter(array, unit.token_start, rows_per_shard, (len(encoder.layer_indices), encoder.embed_dim), config.dtype) \
+    writer = ShardWriter(array, unit.token_start, rows_per_shard, (len(encoder.layer_indices), encoder.embed_dim), config.dtype, buffers) \
         if config.tokens and not streamed else None  # fmt: skip
     items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
              for w, (s, e) in enumerate(p.windows)]  # fmt: skip
     running = RunningUnit(prepared, HostStage(plans, config, writer, set(streamed), on_sequences).start(), writer, streamed)
+    # Off the CPU, each batch is reduced on its device and only what is stored comes back (device_stage).
+    device_stage = DeviceStage(plans, config, encoder.device, QUEUE) if reduces_on_device(encoder.device) else None
     try:
         for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
+            if stop is not None and stop():
+                break
             windows = []
             for i, w in batch:
                 s, e = plans[i].windows[w]
                 windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
-            running.host.put(batch, guard(windows, [entries[i].id for i, _ in batch]))
+            outs = guard(windows, [entries[i].id for i, _ in batch], to_host=False)
+            running.host.put(batch, outs if device_stage is None else device_stage(batch, outs))
     except KeyboardInterrupt:  # the host stage finishes what was queued: keep the sequences it wrote
         running.host.stop(check=False)
         raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, running.host, writer)) from None
     except BaseException:
         running.abort()
         raise
+    prepared.token_ids = []  # the forward's alone: not held while the unit is finished and committed
     return running
 
 

@@ -8,7 +8,9 @@ whole shards) and its chunks are uncompressed, so every chunk has the same size 
 is the same for every shard: each chunk's rows and crc32c are copied into a buffer that is reused
 from shard to shard, the index appended, and the bytes handed to the store (any zarr store: a local
 disk, S3, ...). Only the layout `embedcache.store` creates qualifies (`ShardLayout.of`); anything
-else (lz4 chunks, a partial shard) goes through zarr. Tests compare the bytes with zarr's own.
+else (lz4 chunks, rows that do not start on a shard boundary) goes through zarr. Every chunk is
+written, the rows past a short shard's end as zeros (zarr leaves chunks beyond the array's extent
+out; both read the same). Tests compare the bytes with zarr's own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 _PLAIN = (BytesCodec(endian="little"), Crc32cCodec())  # raw little-endian bytes, then the crc32c
 _CRC = 4  # bytes of a crc32c, after what it covers
@@ -90,8 +93,10 @@ class ShardImage:
         if n > layout.shard_rows or rows.shape[1:] != (layout.k, layout.d) or rows.dtype != layout.dtype:
             raise AssertionError(f"rows {rows.shape} {rows.dtype} do not fit a shard of {layout}")
         per_layer = layout.n_chunks // layout.k
-        # (row block, layer) -> that chunk's rows (chunk_rows, d), in the buffer itself (copy=False: a view or an error)
-        chunks = np.reshape(self.bodies.view(layout.dtype), (per_layer, layout.k, layout.chunk_rows, layout.d), copy=False)
+        # (row block, layer) -> that chunk's rows (chunk_rows, d), in the buffer itself
+        chunks = self.bodies.view(layout.dtype).reshape(per_layer, layout.k, layout.chunk_rows, layout.d)
+        if not np.shares_memory(chunks, self.buffer):  # reshape copies where it cannot view; this layout never needs to
+            raise AssertionError(f"the chunks of {layout} are not a view of the shard buffer")
         for c in range(per_layer):
             lo, hi = c * layout.chunk_rows, min(n, (c + 1) * layout.chunk_rows)
             for j in range(layout.k):
@@ -101,7 +106,9 @@ class ShardImage:
                 into[max(hi - lo, 0) :] = 0
                 self._seal(c * layout.k + j)
         key = array.metadata.encode_chunk_key((shard, 0, 0))
-        buffer = default_buffer_prototype().buffer.from_array_like(self.buffer)
+        # zarr's MemoryStore keeps the buffer it is given rather than writing it anywhere: give it its own
+        data = self.buffer.copy() if isinstance(array.store_path.store, MemoryStore) else self.buffer
+        buffer = default_buffer_prototype().buffer.from_array_like(data)
         sync((array.store_path / key).set(buffer))
 
     def _seal(self, slot: int) -> None:

@@ -36,6 +36,7 @@ from embedcache.errors import SpoolError
 SPOOL_PREFIX = "_spool"
 PART_BYTES = 64 << 20
 GAP = 64 << 10  # entries closer than this in a part are read by one request: a request costs about as much
+MAX_REQUEST = 8 << 20  # bytes one request may span, so a unit's scattered entries never pull a whole part
 _HEADER = struct.Struct("<QQQI")  # id, source, residues: byte lengths; crc32 of the three fields' bytes
 _ENCODING, _ERRORS = "utf-8", "surrogatepass"  # any Python str round-trips, lone surrogates included
 
@@ -116,7 +117,8 @@ def _missing(key: str) -> str:
 
 async def _read_ranges(store: Store, locators: np.ndarray) -> list[tuple[bytes, str]]:
     """The bytes of each locator's entry (and where they are, for errors), in the order of `locators`:
-    entries whose bytes lie within GAP of each other in one part are fetched by one request."""
+    entries whose bytes lie within GAP of each other in one part are fetched by one request (of at most
+    MAX_REQUEST bytes, or one entry)."""
     async def one(part: int, start: int, end: int) -> bytes:
         buf = await store.get(_key(part), prototype=default_buffer_prototype(), byte_range=RangeByteRequest(start, end))
         if buf is None:
@@ -129,7 +131,7 @@ async def _read_ranges(store: Store, locators: np.ndarray) -> list[tuple[bytes, 
     groups: list[list[int]] = []  # runs of entries, in (part, offset) order, read by one request each
     reach = 0  # the end of the last group's bytes
     for i in order:
-        if groups and part[i] == part[groups[-1][0]] and offset[i] - reach < GAP:
+        if groups and part[i] == part[groups[-1][0]] and offset[i] - reach < GAP and end[i] - offset[groups[-1][0]] <= MAX_REQUEST:
             groups[-1].append(i)
         else:
             groups.append([i])

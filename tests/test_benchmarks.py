@@ -178,16 +178,20 @@ def test_bench_layers_checks_every_layer_against_its_own_build(tmp_path: Path) -
 
 
 def test_bench_build_host_runs_every_case_through_the_stand_in(tmp_path: Path) -> None:
-    """The real build() with a free or sleeping stand-in forward; every store is checked complete by the script."""
+    """The real build() with a free or sleeping stand-in forward, or the real model's timed (the GPU check's form);
+    every store is checked complete by the script."""
     out = tmp_path / "host.json"
-    run_script("bench_build_host.py", "--quick", "--workdir", str(tmp_path / "work"), "--json", str(out))
+    run_script("bench_build_host.py", "--quick", "--forms", "free,sleep,model", "--workdir", str(tmp_path / "work"), "--json", str(out))
     result = json.loads(out.read_text())
-    assert [r["case"] for r in result["rows"]] == [f"{o}-{w}-{f}" for o in ("tokens", "pooled") for w in (64, 128) for f in ("free", "sleep")]
+    forms = ("free", "sleep", "model")
+    assert [r["case"] for r in result["rows"]] == [f"{o}-{w}-{f}" for o in ("tokens", "pooled") for w in (64, 128) for f in forms]
     for row in result["rows"]:
         assert all(run["tokens"] == result["input"]["total_residues"] for run in row["runs"])
         assert row["tokens_per_s"] > 0 and 0 <= row["stand_in_share"] <= 1
         assert (row["store_mb_s"] > 0 and row["share_of_raw_write"] > 0) if row["tokens"] else row["store_mb_s"] is None
         assert (row["slept_share"] > 0) == (row["rate"] is not None)
+        assert (row["runs"][0]["model_flops"] or 0) > 0 if row["case"].endswith("model") else row["runs"][0]["model_flops"] is None
+        assert row["mfu"] is None  # MFU on CUDA only
     assert result["raw_write"]["best_mb_s"] > 0 and result["raw_write"]["fsync"]
 
 

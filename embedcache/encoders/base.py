@@ -84,10 +84,12 @@ class Encoder(ABC):
         end-to-end finetune mode trains through this exact function.
         """
 
-    def forward(self, windows: list[np.ndarray]) -> list[WindowOutput]:
-        """`encode_windows` for building stores: no autograd, float32 outputs on the CPU."""
+    def forward(self, windows: list[np.ndarray], to_host: bool = True) -> list[WindowOutput]:
+        """`encode_windows` for building stores: no autograd; float32 outputs on the CPU, or (`to_host=False`)
+        left on the device for `embedcache.device_stage` to reduce there."""
         with torch.inference_mode():
-            return windows_to_host(self.encode_windows(windows))
+            outs = self.encode_windows(windows)
+            return windows_to_host(outs) if to_host else outs
 
     @property
     def layer_index(self) -> int:

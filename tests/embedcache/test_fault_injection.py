@@ -412,11 +412,11 @@ def test_ctrl_c_inside_a_unit_commits_the_sequences_it_finished(tmp_path, models
             self.guard, self.calls = guard, 0
             self.max_tokens = guard.max_tokens
 
-        def __call__(self, windows, records):
+        def __call__(self, windows, records, to_host=True):
             self.calls += 1
             if self.calls == 5:
                 raise KeyboardInterrupt
-            return self.guard(windows, records)
+            return self.guard(windows, records, to_host)
 
     monkeypatch.setattr(partition, "guard_for", lambda *a: InterruptedAtBatch5(real_guard(*a)))
     store = tmp_path / "s.zarr"
@@ -460,8 +460,8 @@ def test_progress_moves_within_a_unit(tmp_path, models, monkeypatch):
     told = []
     real_forward_unit = partition.forward_unit
 
-    def counting(prepared, encoder, log, on_sequences):
-        return real_forward_unit(prepared, encoder, log, lambda n: (told.append(n), on_sequences and on_sequences(n)))
+    def counting(prepared, encoder, log, on_sequences, *rest):
+        return real_forward_unit(prepared, encoder, log, lambda n: (told.append(n), on_sequences and on_sequences(n)), *rest)
 
     monkeypatch.setattr(executors, "forward_unit", counting)
     run_build(config, [write_fasta(tmp_path / "a.fa", seqs)], store)
@@ -592,3 +592,37 @@ def test_an_interrupted_demo_runs_again_in_the_same_out(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "run" / "run.json").read_text())["status"] == "complete"
+
+
+def test_a_commit_that_fails_beside_the_next_units_forward_stops_the_build_cleanly(tmp_path, models, monkeypatch):
+    """In this process a unit is committed on a thread of its own while the next unit's forward runs: its
+    failure stops the build with the store's one-line error, no unit's threads are left running, the units
+    committed before it are kept, and the same command finishes the store."""
+    import threading
+
+    from embedcache.store import StoreWriter
+
+    seqs = random_seqs(AA, [60, 55, 50, 45, 40, 35], seed=12)
+    fasta = write_fasta(tmp_path / "a.fa", seqs)
+    config = esm2_config(models, shard_mb=0.005)  # one shard per unit: six units
+    store = tmp_path / "s.zarr"
+    real_commit = StoreWriter._commit_units
+    calls = []
+
+    def failing_third(self, results):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_commit(self, results)
+
+    monkeypatch.setattr(StoreWriter, "_commit_units", failing_third)
+    with pytest.raises(StoreError, match=f"writing to store .* failed: OSError: .*No space left on device.*{AGAIN} to resume"):
+        run_build(config, [fasta], store)
+    assert all(name.startswith("embedcache-commit") for name in calls)
+    assert open_store(store).committed.content == 2
+    leftover = [t.name for t in threading.enumerate() if t.name.startswith(("embedcache-host-stage", "embedcache-shard-write",
+                                                                              "embedcache-prepare", "embedcache-commit"))]  # fmt: skip
+    assert leftover == []
+    monkeypatch.setattr(StoreWriter, "_commit_units", real_commit)
+    assert run_build(config, [fasta], store).plan.n_new == 4
+    assert_holds(store, seqs)
