@@ -246,17 +246,29 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
     """
     path = Path(model).expanduser()
     if path.is_dir():
-        h = hashlib.sha256()
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
         if not files:
             raise EncoderError(f"model directory {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        return {"source": "local", "weights_sha256": _weights_sha256(path, files)}
+    return {"source": "hub", "hub_id": model, "revision": commit_hash or cached_commit(model, revision) or revision or "unknown"}
+
+
+# A build loads its encoder twice (to plan, without weights; to embed): hashing a 650M model's 2.6 GB
+# once per process is enough while its files are unchanged (the same path, sizes and mtimes).
+_HASHED: dict[tuple, str] = {}
+
+
+def _weights_sha256(path: Path, files: list[Path]) -> str:
+    stamp = (str(path.resolve()), tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    if stamp not in _HASHED:
+        h = hashlib.sha256()
         for p in files:
             h.update(p.relative_to(path).as_posix().encode())
             with open(p, "rb") as f:
                 for block in iter(lambda: f.read(1 << 22), b""):
                     h.update(block)
-        return {"source": "local", "weights_sha256": h.hexdigest()}
-    return {"source": "hub", "hub_id": model, "revision": commit_hash or cached_commit(model, revision) or revision or "unknown"}
+        _HASHED[stamp] = h.hexdigest()
+    return _HASHED[stamp]
 
 
 def cached_commit(model: str, revision: str | None) -> str | None:

@@ -40,3 +40,24 @@ def test_the_fingerprint_names_the_hub_commit(tmp_path):
     plant(tmp_path / "hub", "org/tiny-esm2", second, seed=1)  # main moved on
     b = build(tmp_path, tmp_path / "hub", tmp_path / "b.zarr")
     assert b["provenance"]["weights"]["revision"] == second and a["fingerprint"] != b["fingerprint"]
+
+
+def test_a_local_directory_is_hashed_once_while_its_weights_stay_the_same(tmp_path, monkeypatch):
+    """A build loads its encoder twice (to plan, to embed): the second load reuses the hash of unchanged
+    files; a weight file rewritten in place (same path and size, new bytes) is hashed again."""
+    import hashlib
+
+    from embedcache.encoders.base import weights_identity
+
+    model = make_tiny_esm2(tmp_path / "m", seed=0)
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: hashed.append(1) or real(*a))
+    first = weights_identity(str(model), None, None)
+    assert weights_identity(str(model), None, None) == first and len(hashed) == 1
+    weights = next(model.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1000))  # a new mtime, as a rewrite gives
+    assert weights_identity(str(model), None, None) != first and len(hashed) == 2
