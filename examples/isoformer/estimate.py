@@ -50,8 +50,10 @@ PROTEIN_MEDIAN_AA, PROTEIN_SIGMA = 380, 0.6  # mean 455 aa; every coding transcr
 # ASSUMED GPU: H100 SXM dense bf16 peak, and the share of it each encoder's forward reaches.
 H100_PEAK_FLOPS = 989e12
 MFU = {"nucleotide-transformer": 0.40, "esm2": 0.40, "enformer": 0.30}
-# MEASURED (benchmarks/README.md, bench_store_layout: 1 MiB chunks in 32 MiB shards, 2-core VM): per-token store writes.
-STORE_WRITE_BPS = 185e6
+# MEASURED (benchmarks/README.md, bench_build_host: a build's host side writing per-token fp16 rows, its forward a
+# free stand-in, at width 640, the recipe's narrowest (the most per-token work per byte); the median of 3 runs,
+# 607-708 MB/s, 2-core VM).
+STORE_WRITE_BPS = 691e6
 # MEASURED (benchmarks/README.md, bench_fusion_pace at the recipe's shapes, 2-core VM): training samples per
 # second the loader delivers from the reduced arrays (512 rows), streamed from disk (a cold first epoch: the
 # median of 12 runs, 337-595) and gathered from memory.
@@ -304,9 +306,14 @@ def project(plans: dict[str, dict], flops: dict, sample: dict) -> list[dict]:
             "cropped": round(plan["cropped"] * scale), "rows": round(plan["rows"] * scale),
             "size_gb": (plan["rows"] * WIDTH[store] * 2 + plan["sequences"] * WIDTH[store] * 4 + plan["tokens"]) * scale / 1e9, "pflop": total * scale / 1e15,
             "mfu": MFU[encoder[store]], "h100_minutes": seconds / 60,
-            "write_minutes": plan["rows"] * scale * WIDTH[store] * 2 / STORE_WRITE_BPS / 60,
         })  # fmt: skip
+        rows[-1]["write_minutes"] = write_minutes(rows[-1])
     return rows
+
+
+def write_minutes(build: dict) -> float:
+    """Minutes a build's host side takes to write the store's per-token rows (fp16) at STORE_WRITE_BPS."""
+    return build["rows"] * WIDTH[build["store"]] * 2 / STORE_WRITE_BPS / 60
 
 
 STORE_SHORT = {"rna": "RNA", "protein": "protein", "dna_nt": "DNA (NT-v2)", "dna_enformer": "DNA (Enformer)"}
@@ -327,7 +334,9 @@ def sizes_page(result: dict) -> str:
     t = result["training"]
     gb = lambda x: f"{x:,.0f} GB"  # noqa: E731
     count = lambda x: f"{x / 1e9:,.2f}G" if x >= 1e9 else f"{x / 1e6:,.1f}M"  # noqa: E731
-    rows = ["| store | records | tokens | per-token rows | width | disk | one H100, forward (projected) | writing at 185 MB/s |",
+    for r in result["builds"]:  # figures kept in an older JSON follow the current write rate
+        r["write_minutes"] = write_minutes(r)
+    rows = [f"| store | records | tokens | per-token rows | width | disk | one H100, forward (projected) | writing at {STORE_WRITE_BPS / 1e6:.0f} MB/s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in result["builds"]:
         rows.append(f"| {STORE_LABEL[r['store']]} | {r['records']:,} | {count(r['tokens'])} {r['unit']} | {count(r['rows'])} | "
@@ -351,9 +360,11 @@ def sizes_page(result: dict) -> str:
         f"per epoch, **{f * t['train_samples'] / (H100_PEAK_FLOPS * TRAIN_MFU):,.0f} s per epoch** on one H100."
         for k, f in step.items()
     )
-    bound = ("- On one GPU the builds would be bound by writing the stores (and by reading and tokenising the\n"
-             "  inputs), not by the forward passes." if writes > forward else
-             "- On one GPU the builds would be bound by the forward passes, not by writing the stores.")
+    by_writes = [STORE_SHORT[r["store"]] for r in result["builds"] if r["write_minutes"] > r["h100_minutes"]]
+    by_forward = [STORE_SHORT[r["store"]] for r in result["builds"] if r["write_minutes"] <= r["h100_minutes"]]
+    bound = (f"- On one GPU fed by a 2-core host like the one measured, the builds of {', '.join(by_writes) or 'no store'} would\n"
+             f"  be bound by the build's host side (writing the store), those of {', '.join(by_forward) or 'no store'} by the\n"
+             f"  forward passes.")
     sample = result.get("sample", {})
     sample_text = f"{SAMPLE_GENES} genes" + (f" / {sample['transcripts']:,} transcripts" if "transcripts" in sample else "")
     streamed = [STORE_SHORT[k] for k in ("rna", "protein", "dna_nt", "dna_enformer") if k in builds and builds[k]["size_gb"] > fusion["memory_gb"]]
@@ -372,8 +383,8 @@ assumptions (below), and no GPU has timed these builds.
 
 Disk is one stored layer in fp16 (the `tokens` array, plus pooled vectors and residues). The
 forward time assumes {MFU['esm2']:.0%} of an H100's bf16 peak for NT-v2 and ESM2 and {MFU['enformer']:.0%} for Enformer.
-The write time uses the {STORE_WRITE_BPS / 1e6:.0f} MB/s that `bench_store_layout.py` measured for one writer
-on a 2-core VM (benchmarks/README.md).
+The write time uses the {STORE_WRITE_BPS / 1e6:.0f} MB/s of per-token rows that a build's host side writes on a
+2-core VM with the model's forward taken out (`bench_build_host.py`, benchmarks/README.md).
 
 {chr(10).join(rows)}
 
@@ -430,9 +441,11 @@ plan with the true lengths.
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| store | records | unique sequences | tokens | model windows | cropped | per-token rows | size (fp16) | forward PFLOP | assumed MFU | one H100 (forward) | store writes at 185 MB/s |",
+    lines = ["| store | records | unique sequences | tokens | model windows | cropped | per-token rows | size (fp16) | forward PFLOP | assumed MFU "
+             f"| one H100 (forward) | store writes at {STORE_WRITE_BPS / 1e6:.0f} MB/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
+        r["write_minutes"] = write_minutes(r)
         lines.append(f"| {r['store']} | {r['records']:,} | {r['sequences']:,} | {r['tokens']:,} {r['unit']} | {r['windows']:,} | {r['cropped']:,} | "
                      f"{r['rows']:,} | {r['size_gb']:,.0f} GB | {r['pflop']:,.0f} | {r['mfu']:.0%} | {r['h100_minutes']:.1f} min | {r['write_minutes']:.0f} min |")  # fmt: skip
     return "\n".join(lines)
