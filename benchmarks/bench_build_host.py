@@ -19,8 +19,7 @@ time, taken with CUDA events around each call, over the build body's wall is the
 accelerator computes, beside tokens/s and MFU (benchmarks/gpu_check.py runs it).
 
 With `--fresh-outputs` it copies the rows into a fresh tensor every call instead, as a model's output
-is fresh (and on a GPU, `windows_to_host`'s device-to-host copy allocates and writes one): that copy's
-time counts inside the stand-in.
+is fresh: that copy's time counts inside the stand-in.
 
 Cases (`--cases`, default all): per-token fp16 + pooled (`tokens`) and pooled-only (`pooled`, the
 build's `--no-tokens`) at each width of `--widths`, each free and sleeping. Input: synthetic
@@ -145,16 +144,13 @@ class ModelTimer:
         self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.cpu_seconds = self.slept = self.copied = 0.0
         self.calls = self.packed = self.padded = self.grown = 0
-        self.flops = 0.0
+        self.cu_seqlens: list[torch.Tensor] = []  # read back after the build: reading them now would wait for the device
 
     def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, output_hidden_states: bool = False):
-        from bench_build import model_flops
-
-        lengths = np.diff(cu_seqlens.cpu().numpy()) - N_SPECIAL  # content tokens of each window
-        self.flops += model_flops(lengths.tolist(), self.model)
+        self.cu_seqlens.append(cu_seqlens)
         self.calls += 1
         self.packed += len(input_ids)
-        self.padded += len(lengths) * int(max_len)
+        self.padded += (len(cu_seqlens) - 1) * int(max_len)
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -166,6 +162,13 @@ class ModelTimer:
         out = self.forward(input_ids, cu_seqlens, max_len, output_hidden_states=output_hidden_states)
         self.cpu_seconds += time.perf_counter() - started
         return out
+
+    @property
+    def flops(self) -> float:
+        from bench_build import model_flops
+
+        windows = [n - N_SPECIAL for c in self.cu_seqlens for n in np.diff(c.cpu().numpy()).tolist()]  # content tokens
+        return model_flops(windows, self.model)
 
     @property
     def seconds(self) -> float:

@@ -2,18 +2,21 @@
 
 A sequence in one window (most proteins and transcripts) is reduced where its output was computed: its
 stored rows (the central `--token-bins`, `--token-pool` means) cast to the stored dtype, and its pooled
-vector in float32, by the same functions as `embedcache.embed.assemble` and from the same float32
-values, so the rows are bit for bit those the host would make. A windowed sequence's windows leave as
+vector in float32, from the same float32 values as `embedcache.embed.assemble`, so the rows are bit
+for bit those the host would make and the pooled vectors equal within float32 rounding (with the
+default reductions, the batch's sequences are averaged together by one segment reduction). A windowed sequence's windows leave as
 float32 outputs: the host stage stitches them once all have run.
 
 On a CUDA device the batch's pieces are copied into pinned host buffers, reused batch after batch, with
-asynchronous copies, so the next forward is queued at once; the host stage waits for the copy's event
-before it reads them. On the CPU there is nothing to copy: the outputs are handed over as they are and
+an asynchronous copy: the forward thread queues the next batch's work without waiting for the copy,
+and the host stage waits for the copy's event before it reads them. Should the device run out of
+memory for the reduction, that batch's outputs go to the host stage as they are. On the CPU there is nothing to copy: the outputs are handed over as they are and
 the host stage reduces them on its own thread (`on_host`), casting rows straight into the shard.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +29,9 @@ from embedcache.windows import SequencePlan, central
 
 
 def reduces_on_device(device: torch.device) -> bool:
-    """Whether batches are reduced where they were computed (DeviceStage) rather than on the host stage."""
-    return device.type != "cpu"
+    """Whether batches are reduced where they were computed (DeviceStage) rather than on the host stage:
+    on CUDA, whose copies into pinned memory an event tells the end of."""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -61,6 +65,9 @@ def on_host(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[
     return HostBatch(items, rows, pooled, window)
 
 
+ALIGN = 16  # bytes: where each piece of a batch starts in its host buffer
+
+
 class DeviceStage:
     """Reduces each batch on its device and copies the results into one of SLOTS pinned host buffers.
 
@@ -74,28 +81,45 @@ class DeviceStage:
         self.slots: list[torch.Tensor | None] = [None] * (queued + 2)
         self.n = 0
 
-    def __call__(self, items: list[tuple[int, int]], outs: list[WindowOutput]) -> HostBatch:
+    def __call__(self, items: list[tuple[int, int]], outs: list[WindowOutput]) -> HostBatch | list[WindowOutput]:
+        """The batch's HostBatch, or, when the device has no memory left for the reduction, its outputs as they
+        are (the host stage then reduces them on the CPU, as it does for a CPU build)."""
+        try:
+            with torch.inference_mode(), nullcontext() if self.device.type != "cuda" else torch.cuda.device(self.device):
+                return self._reduce_and_copy(items, outs)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return outs
+
+    def _reduce_and_copy(self, items: list[tuple[int, int]], outs: list[WindowOutput]) -> HostBatch:
         rows, pooled, window = _reduce(items, outs, self.plans, self.config, on_device=True)
         pieces = [t for t in rows if t is not None] + [t for t in pooled if t is not None]
         pieces += [t for w in window if w is not None for t in (w.hidden, w.cls) if t is not None]
         if not pieces:
             return HostBatch(items, rows, pooled, window)
-        # Every piece as bytes, back to back in one device buffer, then one copy into the slot.
-        flat = torch.cat([p.contiguous().reshape(-1).view(torch.uint8) for p in pieces])
+        # Every piece as bytes, back to back in one device buffer (each from a multiple of ALIGN, so that any
+        # dtype can be viewed there), then one copy into the slot.
+        parts = []
+        for p in pieces:
+            parts.append(p.contiguous().reshape(-1).view(torch.uint8))
+            if len(parts[-1]) % ALIGN:
+                parts.append(torch.zeros(ALIGN - len(parts[-1]) % ALIGN, dtype=torch.uint8, device=p.device))
+        flat = torch.cat(parts)
         slot = self._slot(len(flat))
         host = slot[: len(flat)]
         host.copy_(flat, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
         at = 0
 
         def back(p: torch.Tensor) -> torch.Tensor:
             nonlocal at
             n = p.numel() * p.element_size()
             out = host[at : at + n].view(p.dtype).reshape(p.shape)
-            at += n
+            at += -(-n // ALIGN) * ALIGN
             return out
 
         rows = [None if t is None else back(t) for t in rows]
@@ -134,7 +158,9 @@ def _reduce(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[
             for k, r in zip(one, hidden.to(dtype).split(lengths)):
                 rows[k] = r
         if config.pooling == "mean":
-            means = torch.segment_reduce(hidden.flatten(1), "mean", lengths=torch.tensor(lengths, device=hidden.device))
+            # lengths queued, not waited for (a blocking copy would wait for the forward); unsafe: no checks that read them back
+            counts = torch.tensor(lengths).to(hidden.device, non_blocking=True)
+            means = torch.segment_reduce(hidden.flatten(1), "mean", lengths=counts, unsafe=True)
             for k, m in zip(one, means.view(len(one), *hidden.shape[1:])):
                 pooled[k] = m
     for k, ((i, _), out) in enumerate(zip(items, outs)):
@@ -144,7 +170,10 @@ def _reduce(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[
             hidden = out.hidden.float()  # (n, k, d): as the host path has it
             kept = pool_rows(central(hidden, config.token_bins), config.token_pool) if config.tokens else None
             rows[k] = None if kept is None else kept.to(dtype) if on_device else kept
-            pooled[k] = pool(hidden, [None if out.cls is None else out.cls.float()], plans[i], config)
+            if on_device and config.pooling == "cls" and out.cls is not None:  # one window: its CLS (pool() would
+                pooled[k] = out.cls.float()  # weigh it by its length, in a tensor made on the device each time)
+            else:
+                pooled[k] = pool(hidden, [None if out.cls is None else out.cls.float()], plans[i], config)
     return rows, pooled, window
 
 

@@ -109,8 +109,8 @@ class InProcess(Executor):
                     elif running is not None:  # its forward had finished
                         commit(running)
                 finally:
-                    if running is not None:
-                        running.abort()  # a no-op when it was committed
+                    if running is not None and running.claim():  # not committed, nor being committed elsewhere
+                        running.abort()
                 raise
             except BaseException:
                 if running is not None:

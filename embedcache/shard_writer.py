@@ -115,8 +115,8 @@ class ShardWriter:
             self.array[at : at + len(block)] = block
 
     def finish(self) -> np.ndarray:
-        self._flush()
         try:
+            self._flush()
             while self.in_flight:
                 done, buffer = self.in_flight.popleft()
                 done.result()  # a write's error (a full disk) surfaces here

@@ -254,12 +254,14 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
 
 
 # A build loads its encoder twice (to plan, without weights; to embed): hashing a 650M model's 2.6 GB
-# once per process is enough while its files are unchanged (the same path, sizes and mtimes).
+# once per process is enough while its files are unchanged (the same path, files, sizes, times, inodes).
 _HASHED: dict[tuple, str] = {}
 
 
 def _weights_sha256(path: Path, files: list[Path]) -> str:
-    stamp = (str(path.resolve()), tuple((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    # ctime and inode too: no tool sets them, so a rewrite within a coarse mtime's tick still shows
+    stats = [(p, p.stat()) for p in files]
+    stamp = (str(path.resolve()), tuple((p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for p, st in stats))
     if stamp not in _HASHED:
         h = hashlib.sha256()
         for p in files:

@@ -444,8 +444,9 @@ class HFTokenEncoder(Encoder):
         cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])  # (b + 1,)
         with self.autocast():
             last, states = self.unpadded(
-                torch.from_numpy(input_ids).to(self.device),
-                torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device),
+                # queued behind the work already on the device, not waited for (the copy stages the arrays at once)
+                torch.from_numpy(input_ids).to(self.device, non_blocking=True),
+                torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device, non_blocking=True),
                 int(lengths.max()),
                 output_hidden_states=self.layer_indices != (self.n_layers,),
             )

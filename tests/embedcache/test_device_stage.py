@@ -64,14 +64,15 @@ def test_reducing_on_the_device_stores_what_the_host_path_stores(tmp_path, model
 
 
 def test_the_device_stage_copies_back_only_what_is_stored():
-    """Rows in the stored dtype, pooled vectors in float32: nothing else leaves the device."""
+    """Rows in the stored dtype, pooled vectors in float32: nothing else leaves the device. Each piece starts on
+    a multiple of 16 bytes, so a float32 piece after an odd number of float16 values can still be viewed."""
     config = BuildConfig.create("esm2", "m", window=8)
     plans = [SequencePlan(0, 5, ((0, 5),), 5), SequencePlan(0, 12, ((0, 8), (6, 12)), 12)]
     stage = DeviceStage(plans, config, torch.device("cpu"), queued=2)
-    hidden = torch.randn(5, 1, 4)
-    window = torch.randn(8, 1, 4)
+    hidden = torch.randn(5, 1, 3)  # 15 float16 values: 30 bytes
+    window = torch.randn(8, 1, 3)
     batch = stage([(0, 0), (1, 0)], [WindowOutput(hidden, None), WindowOutput(window, None)])
     assert batch.rows[0].dtype == torch.float16 and torch.equal(batch.rows[0], hidden.half())
     assert torch.allclose(batch.pooled[0], hidden.mean(0)) and batch.pooled[1] is None and batch.rows[1] is None
     assert torch.equal(batch.window[1].hidden, window) and batch.window[0] is None
-    assert len(stage.slots[0]) == 5 * 4 * 2 + 4 * 4 + 8 * 4 * 4  # fp16 rows + fp32 pooled + the fp32 window
+    assert len(stage.slots[0]) == 32 + 16 + 96  # fp16 rows (30 bytes, padded), fp32 pooled (12, padded), the fp32 window
