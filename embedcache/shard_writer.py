@@ -2,8 +2,8 @@
 
 A unit owns whole shards of `tokens` (plan.cut_units), so writing each shard as soon as it fills is
 safe and never a partial-shard write (slow, and unsafe under concurrency). The crc32 of the rows is
-chained shard by shard as they are written: the digests `embedcache.commits.shard_digests` would
-compute over the whole block, without holding the block.
+chained shard by shard as they are written, on the writer threads: the digests
+`embedcache.commits.shard_digests` would compute over the whole block, without holding the block.
 
 A filled shard goes to a writer thread, so its encoding (chunk checksums, laying out the shard:
 embedcache.shard_image, or zarr for layouts it does not cover) and its write overlap the filling of
@@ -71,7 +71,8 @@ class ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="embedcache-shard-write")
         layout = ShardLayout.of(array)
         self.layout = layout if layout is not None and layout.shard_rows == shard_rows else None
-        self.room, self.filled, self.crc, self.digests, self.written = first_end - start, 0, 0, [], 0
+        self.room, self.filled, self.written = first_end - start, 0, 0
+        self.digests: list[Future] = []  # each written shard's chained crc32 (embedcache.commits.shard_digests)
 
     def add(self, rows: np.ndarray | torch.Tensor) -> None:
         """Append rows (n, k, d): a numpy array in the stored dtype, or a torch tensor of any dtype on any
@@ -93,10 +94,10 @@ class ShardWriter:
         if self.filled:
             block = self.buffer[: self.filled]
             at = self.start + self.written
-            self.crc = zlib.crc32(block.reshape(-1).view(np.uint8), self.crc)
-            self.digests.append(self.crc)
+            digest: Future = Future()  # this shard's chained crc32, computed on the writer thread
+            previous, self.digests = (self.digests[-1] if self.digests else None), [*self.digests, digest]
             self.written += self.filled
-            self.in_flight.append((self.pool.submit(self._write, at, block), self.buffer))
+            self.in_flight.append((self.pool.submit(self._write, at, block, previous, digest), self.buffer))
             while len(self.in_flight) > IN_FLIGHT:  # wait for the oldest write; its buffer is free again
                 done, buffer = self.in_flight.popleft()
                 done.result()
@@ -104,7 +105,14 @@ class ShardWriter:
             self.buffer = self.buffers.take_rows(self.buffer.shape, self.buffer.dtype)
         self.room, self.filled = self.shard_rows, 0
 
-    def _write(self, at: int, block: np.ndarray) -> None:
+    def _write(self, at: int, block: np.ndarray, previous: Future | None, digest: Future) -> None:
+        # The digests chain shard to shard: this one's starts from the last one's, which the writer thread
+        # before it (started first: the pool runs in order) computes before its own write.
+        try:
+            digest.set_result(zlib.crc32(block.reshape(-1).view(np.uint8), previous.result() if previous is not None else 0))
+        except BaseException as e:
+            digest.set_exception(e)
+            raise
         if self.layout is not None and at % self.shard_rows == 0:  # a whole shard: laid out here, one store call
             image = self.buffers.take_image(self.layout)
             try:
@@ -123,7 +131,7 @@ class ShardWriter:
                 self.buffers.give_rows(buffer)
         finally:
             self.close()
-        return np.asarray(self.digests, np.int64)
+        return np.asarray([d.result() for d in self.digests], np.int64)
 
     def close(self) -> None:
         """Wait for the writes under way and stop the writer threads (after an error, nothing is kept)."""
