@@ -20,7 +20,6 @@ from typing import Callable, Iterable
 
 from embedcache.errors import EmbedcacheError, StoreError
 from embedcache.location import Location
-from embedcache.shard_writer import ShardBuffers
 from embedcache.partition import (
     RunningUnit,
     UnitInterrupted,
@@ -33,6 +32,7 @@ from embedcache.partition import (
     prepare_unit,
     run_unit,
 )
+from embedcache.shard_writer import ShardBuffers
 
 logger = logging.getLogger("embedcache")
 
