@@ -2,16 +2,17 @@
 
 A sequence in one window (most proteins and transcripts) is reduced where its output was computed: its
 stored rows (the central `--token-bins`, `--token-pool` means) cast to the stored dtype, and its pooled
-vector in float32, from the same float32 values as `embedcache.embed.assemble`, so the rows are bit
-for bit those the host would make and the pooled vectors equal within float32 rounding (with the
-default reductions, the batch's sequences are averaged together by one segment reduction). A windowed sequence's windows leave as
-float32 outputs: the host stage stitches them once all have run.
+vector in float32, by `embedcache.embed.assemble` from the same float32 values, so the rows are bit for
+bit those the host would make and the pooled vectors equal within float32 rounding (with the default
+reductions, the batch's sequences are averaged together by one segment reduction). A windowed
+sequence's windows leave as float32 outputs: the host stage stitches them once all have run.
 
 On a CUDA device the batch's pieces are copied into pinned host buffers, reused batch after batch, with
 an asynchronous copy: the forward thread queues the next batch's work without waiting for the copy,
 and the host stage waits for the copy's event before it reads them. Should the device run out of
-memory for the reduction, that batch's outputs go to the host stage as they are. On the CPU there is nothing to copy: the outputs are handed over as they are and
-the host stage reduces them on its own thread (`on_host`), casting rows straight into the shard.
+memory for the reduction, that batch's outputs go to the host stage as they are. On the CPU there is
+nothing to copy: the outputs are handed over as they are and the host stage reduces them on its own
+thread (`on_host`), casting rows straight into the shard.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from embedcache.config import BuildConfig
-from embedcache.embed import STORED_DTYPES, pool
+from embedcache.embed import STORED_DTYPES, assemble
 from embedcache.encoders import WindowOutput
-from embedcache.reduce import pool_rows
-from embedcache.windows import SequencePlan, central
+from embedcache.windows import SequencePlan
 
 
 def reduces_on_device(device: torch.device) -> bool:
@@ -165,15 +165,11 @@ def _reduce(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[
                 pooled[k] = m
     for k, ((i, _), out) in enumerate(zip(items, outs)):
         if len(plans[i].windows) > 1:
-            window[k] = WindowOutput(out.hidden.float(), None if out.cls is None else out.cls.float())
+            window[k] = _as_float(out)
         elif not together:
-            hidden = out.hidden.float()  # (n, k, d): as the host path has it
-            kept = pool_rows(central(hidden, config.token_bins), config.token_pool) if config.tokens else None
-            rows[k] = None if kept is None else kept.to(dtype) if on_device else kept
-            if on_device and config.pooling == "cls" and out.cls is not None:  # one window: its CLS (pool() would
-                pooled[k] = out.cls.float()  # weigh it by its length, in a tensor made on the device each time)
-            else:
-                pooled[k] = pool(hidden, [None if out.cls is None else out.cls.float()], plans[i], config)
+            kept, pooled[k] = assemble(plans[i], [_as_float(out)], config)  # as the host path has them
+            if config.tokens:
+                rows[k] = kept.to(dtype) if on_device else kept
     return rows, pooled, window
 
 
@@ -181,7 +177,13 @@ def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()
 
 
+def _as_float(out: WindowOutput) -> WindowOutput:
+    return WindowOutput(out.hidden.float(), None if out.cls is None else out.cls.float())
+
+
 def _to_host(out: WindowOutput) -> WindowOutput:
+    """A window's output on the CPU: copied first, converted there (after an out-of-memory error on the device,
+    nothing more is allocated on it)."""
     if out.hidden.device.type == "cpu":
         return out
-    return WindowOutput(out.hidden.float().cpu(), None if out.cls is None else out.cls.float().cpu())
+    return WindowOutput(out.hidden.cpu().float(), None if out.cls is None else out.cls.cpu().float())

@@ -49,6 +49,8 @@ def pool(hidden: torch.Tensor, cls: list[torch.Tensor | None], plan: SequencePla
                 f"--pooling cls needs a tokenizer that adds a leading special token (CLS/BOS); "
                 f"model {config.model!r} adds none. Use --pooling mean."
             )
+        if len(cls) == 1:  # one window: its CLS (no weights to make on the device for every sequence)
+            return cls[0].float()
         # A windowed sequence has one CLS per window: average them, weighted by the tokens each saw.
         weights = torch.tensor([float(e - s) for s, e in plan.windows], device=hidden.device)  # (w,)
         return einsum(torch.stack(cls).float(), weights, "w k d, w -> k d") / weights.sum()

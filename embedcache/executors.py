@@ -94,7 +94,7 @@ class InProcess(Executor):
             failed = lambda: committing is not None and committing.done() and committing.exception() is not None  # noqa: E731
             try:
                 for i, task in enumerate(tasks):
-                    prepared = next_unit.result() if next_unit is not None else named(task, prepare_unit, task, encoder)
+                    prepared = (next_unit or prepare(task)).result()
                     # A lone record (a chromosome) is prepared in its turn: its token ids alone may be gigabytes.
                     next_unit = prepare(tasks[i + 1]) if i + 1 < len(tasks) and tasks[i + 1].unit.n_sequences > 1 else None
                     running = named(task, forward_unit, prepared, encoder, self.log, told(task), failed, buffers)

@@ -86,21 +86,20 @@ class ShardImage:
         self.buffer[self.index_at : -_CRC] = index_bytes
         self.buffer[-_CRC:] = _crc32c(index_bytes)
         self.bodies = self.buffer[: self.index_at].reshape(layout.n_chunks, slot)[:, : layout.chunk_bytes]  # (chunks, bytes)
+        # (row block, layer) -> that chunk's rows (chunk_rows, d), in the buffer itself
+        self.chunks = self.bodies.view(layout.dtype).reshape(layout.n_chunks // layout.k, layout.k, layout.chunk_rows, layout.d)
+        if not np.shares_memory(self.chunks, self.buffer):  # reshape copies where it cannot view; this layout never needs to
+            raise AssertionError(f"the chunks of {layout} are not a view of the shard buffer")
 
     def write(self, array: zarr.Array, shard: int, rows: np.ndarray) -> None:
         layout = self.layout
         n = len(rows)
         if n > layout.shard_rows or rows.shape[1:] != (layout.k, layout.d) or rows.dtype != layout.dtype:
             raise AssertionError(f"rows {rows.shape} {rows.dtype} do not fit a shard of {layout}")
-        per_layer = layout.n_chunks // layout.k
-        # (row block, layer) -> that chunk's rows (chunk_rows, d), in the buffer itself
-        chunks = self.bodies.view(layout.dtype).reshape(per_layer, layout.k, layout.chunk_rows, layout.d)
-        if not np.shares_memory(chunks, self.buffer):  # reshape copies where it cannot view; this layout never needs to
-            raise AssertionError(f"the chunks of {layout} are not a view of the shard buffer")
-        for c in range(per_layer):
+        for c in range(len(self.chunks)):
             lo, hi = c * layout.chunk_rows, min(n, (c + 1) * layout.chunk_rows)
             for j in range(layout.k):
-                into = chunks[c, j]
+                into = self.chunks[c, j]
                 if hi > lo:
                     into[: hi - lo] = rows[lo:hi, j]
                 into[max(hi - lo, 0) :] = 0
