@@ -32,8 +32,10 @@ every window through the stand-in; otherwise the run fails rather than report a 
 
 The same run writes shard-sized files (the per-token store's shard size at the widest width, ~32 MiB)
 of random bytes, about as many bytes as that build's per-token rows, each fsynced, to the stores'
-filesystem: the disk's raw sequential write bandwidth. The build itself does not fsync (its last
-shards may still be in the page cache when it returns). Cases and the raw write alternate
+filesystem: the disk's raw sequential write bandwidth; then the same files as the build writes its
+shards (embedcache.direct_io: O_DIRECT, past the page cache), and one sync ("% direct"). The build
+itself does not sync (the last block of each shard file may still be in the page cache when it
+returns). Cases and the raw writes alternate
 `--repeats` times (the order reversed every other round); each row reports its fastest run.
 
 Per row: tokens/s (content tokens / body seconds), store MB/s (bytes of per-token rows / body
@@ -249,18 +251,28 @@ class RawWrite:
         return self.bytes / MB / self.seconds
 
 
-def raw_write(directory: Path, shard_bytes: int, total_bytes: int, seed: int) -> RawWrite:
-    """Sequential writes of shard-sized files of random bytes, each fsynced: the filesystem's write bandwidth."""
+def raw_write(directory: Path, shard_bytes: int, total_bytes: int, seed: int, direct: bool = False) -> RawWrite:
+    """Sequential writes of shard-sized files of random bytes, each fsynced: the filesystem's write bandwidth.
+    `direct`: written as the build writes its shards (embedcache.direct_io: O_DIRECT where the filesystem takes
+    it), then one sync."""
+    from embedcache.direct_io import aligned_empty, write_file
+
     directory.mkdir(parents=True, exist_ok=True)
-    block = bytearray(np.random.default_rng(seed).bytes(shard_bytes))
+    block = aligned_empty(shard_bytes)
+    block[:] = np.frombuffer(np.random.default_rng(seed).bytes(shard_bytes), np.uint8)
     n = max(1, -(-total_bytes // shard_bytes))
     started = time.perf_counter()
     for i in range(n):
-        block[:8] = i.to_bytes(8, "little")  # no two files alike
+        block[:8] = np.frombuffer(i.to_bytes(8, "little"), np.uint8)  # no two files alike
+        if direct:
+            write_file(directory / f"shard_{i:05d}", block)
+            continue
         with open(directory / f"shard_{i:05d}", "wb") as f:
             f.write(block)
             f.flush()
             os.fsync(f.fileno())
+    if direct:
+        os.sync()
     seconds = time.perf_counter() - started
     shutil.rmtree(directory)
     return RawWrite(seconds, n * shard_bytes, n)
@@ -483,13 +495,16 @@ def run(args: argparse.Namespace, work: Path) -> dict:
           f"{-(-raw_total // shard_bytes)} files of {shard_bytes / MB:.1f} MB, fsync each)")  # fmt: skip
     runs: dict[str, list[Run]] = {c.name: [] for c in cases}
     raws: list[RawWrite] = []
+    directs: list[RawWrite] = []  # as the build writes shards: past the page cache
     for r in range(args.repeats):
         order = [*cases, "raw"] if r % 2 == 0 else ["raw", *reversed(cases)]
         for item in order:
             if item == "raw":
                 raws.append(raw_write(work / "raw", shard_bytes, raw_total, args.seed + r))
                 os.sync()
-                print(f"  round {r + 1}  raw write{'':<27}{raws[-1].seconds:7.2f} s  {raws[-1].mb_s:9,.0f} MB/s")
+                directs.append(raw_write(work / "raw", shard_bytes, raw_total, args.seed + r, direct=True))
+                print(f"  round {r + 1}  raw write{'':<27}{raws[-1].seconds:7.2f} s  {raws[-1].mb_s:9,.0f} MB/s"
+                      f"  (direct, as the build writes shards: {directs[-1].mb_s:,.0f} MB/s)")  # fmt: skip
                 continue
             result = run_case(item, args, model_dirs, fasta, ids, n_residues, work / f"store_{item.name}.zarr")
             runs[item.name].append(result)
@@ -499,6 +514,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     load_end = load_average()
 
     raw_best = max(raws, key=lambda x: x.mb_s)
+    direct_best = max(directs, key=lambda x: x.mb_s)
     cuda = "model" in args.forms and torch.device(args.device).type == "cuda"
     peak = (args.peak_tflops or gpu_peak_tflops(torch.cuda.get_device_name())) if cuda else None
     rows = []
@@ -510,6 +526,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             "best_seconds": best.seconds, "seconds": [x.seconds for x in runs[case.name]],
             "tokens_per_s": best.tokens / best.seconds, "store_mb_s": mb_s,
             "share_of_raw_write": mb_s / raw_best.mb_s if mb_s is not None else None,
+            "share_of_direct_write": mb_s / direct_best.mb_s if mb_s is not None else None,
             "stand_in_share": best.stand_in_seconds / best.seconds, "slept_share": best.slept_seconds / best.seconds,
             "host_seconds": best.seconds - best.stand_in_seconds, "cpu_per_wall": best.cpu_seconds / best.seconds,
             "outside_units_seconds": best.seconds - best.units_seconds, "ideal_tokens_per_s": case.rate,
@@ -519,11 +536,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         })  # fmt: skip
 
     print(f"== result (best of {args.repeats}; raw write {raw_best.mb_s:,.0f} MB/s, best of {len(raws)}: "
-          f"{', '.join(f'{x.mb_s:,.0f}' for x in raws)})")  # fmt: skip
-    print(f"  {'case':<38}{'body s':>8}{'tokens/s':>11}{'store MB/s':>12}{'% of raw':>10}{'forward':>10}{'% of rate':>11}"
-          f"{'MFU':>7}{'cpu/wall':>10}")  # fmt: skip
+          f"{', '.join(f'{x.mb_s:,.0f}' for x in raws)}; direct {direct_best.mb_s:,.0f} MB/s, best of "
+          f"{', '.join(f'{x.mb_s:,.0f}' for x in directs)})")  # fmt: skip
+    print(f"  {'case':<38}{'body s':>8}{'tokens/s':>11}{'store MB/s':>12}{'% of raw':>10}{'% direct':>10}{'forward':>10}"
+          f"{'% of rate':>11}{'MFU':>7}{'cpu/wall':>10}")  # fmt: skip
     for row in rows:
-        mbs = f"{row['store_mb_s']:12,.0f}{row['share_of_raw_write']:10.0%}" if row["tokens"] else f"{'-':>12}{'-':>10}"
+        mbs = (f"{row['store_mb_s']:12,.0f}{row['share_of_raw_write']:10.0%}{row['share_of_direct_write']:10.0%}"
+               if row["tokens"] else f"{'-':>12}{'-':>10}{'-':>10}")  # fmt: skip"
         of_rate = f"{row['share_of_rate']:11.0%}" if row["rate"] else f"{'-':>11}"
         mfu = f"{row['mfu']:7.1%}" if row["mfu"] is not None else f"{'-':>7}"
         print(f"  {row['label']:<38}{row['best_seconds']:8.2f}{row['tokens_per_s']:11,.0f}{mbs}{row['stand_in_share']:10.1%}"
@@ -545,7 +564,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "stand_in": "encoder.unpadded replaced: rows from a preallocated random float32 buffer ("
                     + ("copied into a fresh tensor" if args.fresh_outputs else "a view") + "); sleep = padded positions / rate",
         "raw_write": {"shard_bytes": shard_bytes, "files": raw_best.files, "bytes": raw_best.bytes, "fsync": True,
-                      "mb_s": [x.mb_s for x in raws], "best_mb_s": raw_best.mb_s},  # fmt: skip
+                      "mb_s": [x.mb_s for x in raws], "best_mb_s": raw_best.mb_s,
+                      "direct_mb_s": [x.mb_s for x in directs], "best_direct_mb_s": direct_best.mb_s},  # fmt: skip
         "rows": rows,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }

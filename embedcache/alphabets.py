@@ -30,9 +30,9 @@ def check_sequence(seq: str, alphabet: Alphabet | None, *, record: str, source: 
     if alphabet is None:
         return seq
     upper = seq.upper()
-    bad = [(i, c) for i, c in enumerate(upper) if c not in alphabet.letters]
-    if not bad:
+    if alphabet.letters.issuperset(upper):  # a set operation in C: the common case costs no Python per residue
         return upper
+    bad = [(i, c) for i, c in enumerate(upper) if c not in alphabet.letters]
     pos, char = bad[0]
     hint = _guess_hint(upper, alphabet)
     raise AlphabetError(

@@ -32,20 +32,23 @@ class MemoryGuard:
         """Outputs in the order of `windows` (`Encoder.forward`'s, `to_host` as there); `records[i]` names the
         record window i belongs to."""
         out: list[WindowOutput] = []
-        for part in self._split_to_budget(list(range(len(windows))), windows):
+        for part in self._split_to_budget(windows):
             out += self._run([windows[i] for i in part], [records[i] for i in part], to_host)
         return out
 
     def _padded(self, windows: list[np.ndarray]) -> int:
         return len(windows) * max(self.encoder.cost(len(w)) for w in windows)
 
-    def _split_to_budget(self, order: list[int], windows: list[np.ndarray]) -> list[list[int]]:
-        parts, current = [], []
-        for i in order:
-            if current and self._padded([windows[j] for j in current + [i]]) > self.max_tokens:
+    def _split_to_budget(self, windows: list[np.ndarray]) -> list[list[int]]:
+        """Consecutive runs of window indices, each within the budget (padded: count x the widest)."""
+        parts, current, widest = [], [], 0
+        for i, w in enumerate(windows):
+            cost = self.encoder.cost(len(w))
+            if current and (len(current) + 1) * max(widest, cost) > self.max_tokens:
                 parts.append(current)
-                current = []
+                current, widest = [], 0
             current.append(i)
+            widest = max(widest, cost)
         return parts + [current] if current else parts
 
     def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool) -> list[WindowOutput]:

@@ -7,7 +7,7 @@ buffers fault in their pages at ~0.7 GB/s, which made zarr's encoding the build'
 whole shards) and its chunks are uncompressed, so every chunk has the same size and the shard index
 is the same for every shard: each chunk's rows and crc32c are copied into a buffer that is reused
 from shard to shard, the index appended, and the bytes handed to the store (any zarr store: a local
-disk, S3, ...). Only the layout `embedcache.store` creates qualifies (`ShardLayout.of`); anything
+disk, S3, ...); a local directory's file is written past the page cache (embedcache.direct_io). Only the layout `embedcache.store` creates qualifies (`ShardLayout.of`); anything
 else (lz4 chunks, rows that do not start on a shard boundary) goes through zarr. Every chunk is
 written, the rows past a short shard's end as zeros (zarr leaves chunks beyond the array's extent
 out; both read the same). Tests compare the bytes with zarr's own.
@@ -24,7 +24,9 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import MemoryStore
+from zarr.storage import LocalStore, MemoryStore
+
+from embedcache.direct_io import aligned_empty, write_file
 
 _PLAIN = (BytesCodec(endian="little"), Crc32cCodec())  # raw little-endian bytes, then the crc32c
 _CRC = 4  # bytes of a crc32c, after what it covers
@@ -82,7 +84,7 @@ class ShardImage:
         index[:, 1] = slot
         index_bytes = index.view(np.uint8).reshape(-1)
         self.index_at = layout.n_chunks * slot
-        self.buffer = np.empty(self.index_at + len(index_bytes) + _CRC, np.uint8)
+        self.buffer = aligned_empty(self.index_at + len(index_bytes) + _CRC)  # aligned for direct writes
         self.buffer[self.index_at : -_CRC] = index_bytes
         self.buffer[-_CRC:] = _crc32c(index_bytes)
         self.bodies = self.buffer[: self.index_at].reshape(layout.n_chunks, slot)[:, : layout.chunk_bytes]  # (chunks, bytes)
@@ -104,11 +106,14 @@ class ShardImage:
                     into[: hi - lo] = rows[lo:hi, j]
                 into[max(hi - lo, 0) :] = 0
                 self._seal(c * layout.k + j)
-        key = array.metadata.encode_chunk_key((shard, 0, 0))
+        where = array.store_path / array.metadata.encode_chunk_key((shard, 0, 0))
+        store = where.store
+        if type(store) is LocalStore and not store.read_only:  # past the page cache (embedcache.direct_io), as LocalStore would name the file
+            write_file(store.root / where.path, self.buffer)
+            return
         # zarr's MemoryStore keeps the buffer it is given rather than writing it anywhere: give it its own
-        data = self.buffer.copy() if isinstance(array.store_path.store, MemoryStore) else self.buffer
-        buffer = default_buffer_prototype().buffer.from_array_like(data)
-        sync((array.store_path / key).set(buffer))
+        data = self.buffer.copy() if isinstance(store, MemoryStore) else self.buffer
+        sync(where.set(default_buffer_prototype().buffer.from_array_like(data)))
 
     def _seal(self, slot: int) -> None:
         """Write chunk `slot`'s crc32c after its bytes."""

@@ -192,7 +192,7 @@ def test_bench_build_host_runs_every_case_through_the_stand_in(tmp_path: Path) -
         assert (row["slept_share"] > 0) == (row["rate"] is not None)
         assert (row["runs"][0]["model_flops"] or 0) > 0 if row["case"].endswith("model") else row["runs"][0]["model_flops"] is None
         assert row["mfu"] is None  # MFU on CUDA only
-    assert result["raw_write"]["best_mb_s"] > 0 and result["raw_write"]["fsync"]
+    assert result["raw_write"]["best_mb_s"] > 0 and result["raw_write"]["fsync"] and result["raw_write"]["best_direct_mb_s"] > 0
 
 
 def test_bench_integrity_measures_open_and_epoch_checks(tmp_path: Path) -> None:

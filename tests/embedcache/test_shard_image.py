@@ -15,9 +15,9 @@ from embedcache.shard_image import ShardImage, ShardLayout
 SHARD, CHUNK, D = 64, 16, 8
 
 
-def _tokens(path: Path, k: int, compressors=(Crc32cCodec(),), dtype: str = "float16") -> zarr.Array:
+def _tokens(path: Path, k: int, compressors=(Crc32cCodec(),), dtype: str = "float16", d: int = D) -> zarr.Array:
     """An array shaped and encoded like a store's `tokens` (embedcache.store.create_store)."""
-    return zarr.create_array(path, shape=(3 * SHARD, k, D), chunks=(CHUNK, 1, D), shards=(SHARD, k, D), dtype=dtype,
+    return zarr.create_array(path, shape=(3 * SHARD, k, d), chunks=(CHUNK, 1, d), shards=(SHARD, k, d), dtype=dtype,
                              compressors=compressors, fill_value=0, config={"write_empty_chunks": True})  # fmt: skip
 
 
@@ -27,9 +27,10 @@ def _shard_file(array_path: Path, shard: int) -> bytes:
 
 @pytest.mark.parametrize("n", [SHARD, 50], ids=["whole", "short"])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_one_layer_shards_are_the_bytes_zarr_writes(tmp_path, n, dtype):
-    ours, zarrs = _tokens(tmp_path / "a", 1, dtype=dtype), _tokens(tmp_path / "b", 1, dtype=dtype)
-    rows = np.random.default_rng(0).standard_normal((n, 1, D)).astype(dtype)
+@pytest.mark.parametrize("d", [D, 64], ids=["within-a-block", "several-blocks"])  # 64: the file's whole blocks go direct
+def test_one_layer_shards_are_the_bytes_zarr_writes(tmp_path, n, dtype, d):
+    ours, zarrs = _tokens(tmp_path / "a", 1, dtype=dtype, d=d), _tokens(tmp_path / "b", 1, dtype=dtype, d=d)
+    rows = np.random.default_rng(0).standard_normal((n, 1, d)).astype(dtype)
     ShardImage(ShardLayout.of(ours)).write(ours, 1, rows)
     zarrs[SHARD : SHARD + n] = rows
     assert _shard_file(tmp_path / "a", 1) == _shard_file(tmp_path / "b", 1)
