@@ -52,8 +52,8 @@ H100_PEAK_FLOPS = 989e12
 MFU = {"nucleotide-transformer": 0.40, "esm2": 0.40, "enformer": 0.30}
 # MEASURED (benchmarks/README.md, bench_build_host: a build's host side writing per-token fp16 rows, its forward a
 # free stand-in, at width 640, the recipe's narrowest (the most per-token work per byte); the median of 3 runs,
-# 567-631 MB/s, 2-core VM).
-STORE_WRITE_BPS = 606e6
+# 881-969 MB/s, 2-core VM).
+STORE_WRITE_BPS = 905e6
 # MEASURED (benchmarks/README.md, bench_fusion_pace at the recipe's shapes, 2-core VM): training samples per
 # second the loader delivers from the reduced arrays (512 rows), streamed from disk (a cold first epoch: the
 # median of 12 runs, 337-595) and gathered from memory.
