@@ -536,13 +536,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         })  # fmt: skip
 
     print(f"== result (best of {args.repeats}; raw write {raw_best.mb_s:,.0f} MB/s, best of {len(raws)}: "
-          f"{', '.join(f'{x.mb_s:,.0f}' for x in raws)}; direct {direct_best.mb_s:,.0f} MB/s, best of "
+          f"{', '.join(f'{x.mb_s:,.0f}' for x in raws)}; direct {direct_best.mb_s:,.0f} MB/s, best of {len(directs)}: "
           f"{', '.join(f'{x.mb_s:,.0f}' for x in directs)})")  # fmt: skip
     print(f"  {'case':<38}{'body s':>8}{'tokens/s':>11}{'store MB/s':>12}{'% of raw':>10}{'% direct':>10}{'forward':>10}"
           f"{'% of rate':>11}{'MFU':>7}{'cpu/wall':>10}")  # fmt: skip
     for row in rows:
         mbs = (f"{row['store_mb_s']:12,.0f}{row['share_of_raw_write']:10.0%}{row['share_of_direct_write']:10.0%}"
-               if row["tokens"] else f"{'-':>12}{'-':>10}{'-':>10}")  # fmt: skip"
+               if row["tokens"] else f"{'-':>12}{'-':>10}{'-':>10}")  # fmt: skip
         of_rate = f"{row['share_of_rate']:11.0%}" if row["rate"] else f"{'-':>11}"
         mfu = f"{row['mfu']:7.1%}" if row["mfu"] is not None else f"{'-':>7}"
         print(f"  {row['label']:<38}{row['best_seconds']:8.2f}{row['tokens_per_s']:11,.0f}{mbs}{row['stand_in_share']:10.1%}"

@@ -36,7 +36,7 @@ def check_sequence(seq: str, alphabet: Alphabet | None, *, record: str, source: 
     pos, char = bad[0]
     hint = _guess_hint(upper, alphabet)
     raise AlphabetError(
-        f"{source}: record {record!r}: character {seq[pos]!r} at position {pos + 1} is not in the "
+        f"{source}: record {record!r}: character {upper[pos]!r} at position {pos + 1} is not in the "
         f"{alphabet.name} alphabet ({''.join(sorted(alphabet.letters))}) of encoder {encoder!r}; "
         f"{len(bad)} such character(s) in this record.{hint}"
     )

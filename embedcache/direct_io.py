@@ -9,23 +9,29 @@ again soon, so caching them would only push out what was cached.
 A file is written as zarr's LocalStore writes one: into `<name>.<uuid>.partial` beside it, renamed
 over `<name>` when whole, so a reader never sees half a file. The buffer must start on a BLOCK
 boundary (`aligned_empty`); its whole blocks go direct, the last partial block through the page
-cache. Filesystems that refuse O_DIRECT (tmpfs, some network and FUSE filesystems) and systems
-without it (macOS) get an ordinary buffered write, decided once per directory.
+cache. A filesystem that refuses O_DIRECT (ramfs, tmpfs before Linux 6.6, some network and FUSE
+filesystems) gets an ordinary buffered write, decided once per filesystem. `AVAILABLE` is False
+where the platform has no O_DIRECT (macOS, Windows): callers then write as they would without this.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import uuid
 from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 BLOCK = 4096  # alignment of buffer, offsets and lengths: every Linux block device's logical block or a multiple of it
-_O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none
-_refused: set[Path] = set()  # directories whose filesystem refused O_DIRECT
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+AVAILABLE = bool(_O_DIRECT) and fcntl is not None
+_refused: set[int] = set()  # devices (st_dev) whose filesystem refused O_DIRECT
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -36,29 +42,27 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 
 def write_file(path: Path, data: np.ndarray) -> None:
-    """Write `data` (contiguous uint8) as the file `path`, replacing it whole; O_DIRECT where the filesystem allows."""
+    """Write `data` (contiguous uint8) as the file `path`, replacing it whole; past the page cache where the
+    filesystem allows (needs AVAILABLE)."""
+    if not AVAILABLE:
+        raise RuntimeError("direct writes need O_DIRECT and fcntl, which this platform lacks (check AVAILABLE)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    direct = _O_DIRECT and path.parent not in _refused and data.ctypes.data % BLOCK == 0
+    view = memoryview(data).cast("B")
     try:
-        fd = _open(tmp, direct)
-        if fd is None:  # refused: this directory's filesystem does not do O_DIRECT
-            _refused.add(path.parent)
-            direct, fd = False, _open(tmp, False)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            view = memoryview(data).cast("B")
-            whole = 0
-            if direct:
-                whole = len(view) // BLOCK * BLOCK
+            done = 0
+            if data.ctypes.data % BLOCK == 0 and _set_direct(fd, True):
                 try:
-                    _write_all(fd, view, 0, whole)
-                except OSError as e:  # some filesystems take the flag at open and refuse the write
+                    done = _write_all(fd, view, 0, len(view) // BLOCK * BLOCK)
+                except OSError as e:  # some filesystems take the flag and refuse the write: all of it buffered
                     if e.errno != errno.EINVAL:
                         raise
-                    _refused.add(path.parent)
-                    whole = 0
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            _write_all(fd, view, whole, len(view))  # the last partial block (or all of it) through the page cache
+                    _refused.add(os.fstat(fd).st_dev)
+                    done = 0
+                _set_direct(fd, False)
+            _write_all(fd, view, done, len(view))  # the last partial block (or all of it) through the page cache
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -67,16 +71,26 @@ def write_file(path: Path, data: np.ndarray) -> None:
         raise
 
 
-def _open(path: Path, direct: bool) -> int | None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | (_O_DIRECT if direct else 0)
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; False where its filesystem refuses it (remembered per device)."""
+    if on and os.fstat(fd).st_dev in _refused:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     try:
-        return os.open(path, flags, 0o666)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
     except OSError as e:
-        if direct and e.errno == errno.EINVAL:
-            return None
-        raise
+        if not on or e.errno != errno.EINVAL:
+            raise
+        _refused.add(os.fstat(fd).st_dev)
+        return False
+    return True
 
 
-def _write_all(fd: int, view: memoryview, start: int, end: int) -> None:
-    while start < end:  # a write may take fewer bytes than asked (a signal, a full pipe); direct ones in whole blocks
-        start += os.pwrite(fd, view[start:end], start)
+def _write_all(fd: int, view: memoryview, start: int, end: int) -> int:
+    """Write view[start:end] at offset `start`; returns `end`."""
+    while start < end:  # a write may take fewer bytes than asked (a signal); direct ones in whole blocks
+        n = os.pwrite(fd, view[start:end], start)
+        if n == 0:
+            raise OSError(errno.EIO, f"a write of {end - start} bytes wrote none")
+        start += n
+    return end

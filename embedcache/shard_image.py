@@ -26,7 +26,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
-from embedcache.direct_io import aligned_empty, write_file
+from embedcache import direct_io
 
 _PLAIN = (BytesCodec(endian="little"), Crc32cCodec())  # raw little-endian bytes, then the crc32c
 _CRC = 4  # bytes of a crc32c, after what it covers
@@ -84,7 +84,7 @@ class ShardImage:
         index[:, 1] = slot
         index_bytes = index.view(np.uint8).reshape(-1)
         self.index_at = layout.n_chunks * slot
-        self.buffer = aligned_empty(self.index_at + len(index_bytes) + _CRC)  # aligned for direct writes
+        self.buffer = direct_io.aligned_empty(self.index_at + len(index_bytes) + _CRC)  # aligned for direct writes
         self.buffer[self.index_at : -_CRC] = index_bytes
         self.buffer[-_CRC:] = _crc32c(index_bytes)
         self.bodies = self.buffer[: self.index_at].reshape(layout.n_chunks, slot)[:, : layout.chunk_bytes]  # (chunks, bytes)
@@ -108,8 +108,8 @@ class ShardImage:
                 self._seal(c * layout.k + j)
         where = array.store_path / array.metadata.encode_chunk_key((shard, 0, 0))
         store = where.store
-        if type(store) is LocalStore and not store.read_only:  # past the page cache (embedcache.direct_io), as LocalStore would name the file
-            write_file(store.root / where.path, self.buffer)
+        if direct_io.AVAILABLE and type(store) is LocalStore and not store.read_only:  # the file LocalStore would write
+            direct_io.write_file(store.root / where.path, self.buffer)
             return
         # zarr's MemoryStore keeps the buffer it is given rather than writing it anywhere: give it its own
         data = self.buffer.copy() if isinstance(store, MemoryStore) else self.buffer

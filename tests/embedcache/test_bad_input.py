@@ -148,3 +148,11 @@ def test_table_errors_name_column_and_row(tmp_path):
 def test_exact_repeats_are_collapsed(tmp_path):
     (tmp_path / "in.fa").write_text(">a\nMKT\n>a\nmkt\n")
     assert [r.id for r in unique_records(read_records(tmp_path / "in.fa"))] == ["a"]
+
+
+def test_a_letter_that_upper_cases_to_two_is_named_not_an_index_error():
+    from embedcache.alphabets import PROTEIN, check_sequence
+    from embedcache.errors import AlphabetError
+
+    with pytest.raises(AlphabetError, match="character 'J' at position 4"):  # "ßAJ".upper() is "SSAJ"
+        check_sequence("ßAJ", PROTEIN, record="r", source="in.fa:1", encoder="esm2")

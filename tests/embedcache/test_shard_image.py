@@ -70,3 +70,16 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     unsharded = zarr.create_array(tmp_path / "u", shape=(8, 1, D), chunks=(4, 1, D), dtype="float16", compressors=(Crc32cCodec(),))
     assert ShardLayout.of(unsharded) is None
     assert ShardLayout.of(_tokens(tmp_path / "ok", 2)) == ShardLayout(SHARD, CHUNK, 2, D, np.dtype("float16"))
+
+
+def test_an_array_inside_a_group_under_a_relative_root_is_written_where_zarr_reads_it(tmp_path, monkeypatch):
+    from zarr.storage import LocalStore
+
+    monkeypatch.chdir(tmp_path)
+    group = zarr.open_group(LocalStore("rel"), mode="w")
+    array = group.create_array("x/tokens", shape=(3 * SHARD, 1, 64), chunks=(CHUNK, 1, 64), shards=(SHARD, 1, 64), dtype="float16",
+                               compressors=(Crc32cCodec(),), fill_value=0, config={"write_empty_chunks": True})  # fmt: skip
+    rows = np.random.default_rng(2).standard_normal((SHARD, 1, 64)).astype(np.float16)
+    ShardImage(ShardLayout.of(array)).write(array, 1, rows)
+    assert (tmp_path / "rel" / "x" / "tokens" / "c" / "1" / "0" / "0").is_file()
+    np.testing.assert_array_equal(zarr.open_array(LocalStore("rel"), path="x/tokens", mode="r")[SHARD : 2 * SHARD], rows)
