@@ -77,7 +77,10 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def build_model(batches: StoreBatches, aggregator: str, model_options: dict) -> FusionModel:
-    """A fusion model whose input dimensions come from the stores, never from flags."""
+    """A fusion model whose input dimensions come from the stores, never from flags. Per-token rows read from
+    or live encoders get the pooled probe (`FusionModelConfig.pooled_probe`); pooled vectors (one token,
+    standardised between samples already) do not."""
+    pooled_probe = batches.config.features == "tokens"
     config = checked_config(
         FusionModelConfig,
         "model options",
@@ -86,7 +89,7 @@ def build_model(batches: StoreBatches, aggregator: str, model_options: dict) -> 
         n_targets=len(batches.target_names),
         target_names=tuple(batches.target_names),
         aggregator=aggregator,
-        **model_options,
+        **{"pooled_probe": pooled_probe, **model_options},
     )
     return FusionModel(config)
 

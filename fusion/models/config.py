@@ -43,6 +43,7 @@ class FusionModelConfig:
     head_hidden: int = 256  # hidden width of the MLP head (unused by the 'linear' aggregator)
     input_norm: bool = False  # LayerNorm after each modality's input projection (off: it rescales each pooled vector by its own norm and cost the sweep 0.02-0.03 R^2)
     head: str = "residual"  # residual (mlp + a linear skip from h_multi: contains a linear probe on h_multi) | mlp | linear; the 'linear' aggregator always uses linear
+    pooled_probe: bool = False  # add a linear map of each modality's token mean, standardised between samples, to the predictions (FusionModel)
 
     def __post_init__(self) -> None:
         # Normalise lists (e.g. straight from JSON) to tuples so the frozen config stays hashable.

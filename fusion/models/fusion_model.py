@@ -11,6 +11,7 @@ from torch import nn
 from fusion.batch import Batch, ModalityBatch
 from fusion.models import get_aggregator
 from fusion.models.config import HEADS, FusionModelConfig
+from fusion.models.pooling import masked_mean
 
 
 class FeatureStandardizer(nn.Module):
@@ -98,6 +99,11 @@ class FusionModel(nn.Module):
     single Linear for the 'linear' aggregator; the head predicts standardised targets, which
     `target_norm` maps back to the targets' units.
 
+    With config.pooled_probe (per-token inputs), a linear map of each modality's mean token, standardised
+    by how such means spread between samples (`standardize_mean`), is added to the head's output: the
+    between-sample part of the rows, which standardising over all rows can shrink below use, reaches the
+    predictions at full scale (docs/fusion.md).
+
     A token counts only where `mask & present`; values of x elsewhere never enter (they
     may be anything, NaN included). An absent modality contributes zeros to h_multi.
     """
@@ -116,6 +122,11 @@ class FusionModel(nn.Module):
         h = self.aggregator.out_dim
         head = config.head if self.aggregator.mlp_head else "linear"
         self.head = make_head(head, h, config.head_hidden, config.n_targets, config.dropout)
+        if config.pooled_probe:
+            self.standardize_mean = nn.ModuleDict({m: FeatureStandardizer(d_in) for m, d_in in config.input_dims})
+            self.pooled_probe = nn.Linear(sum(d for _, d in config.input_dims), config.n_targets)
+            nn.init.zeros_(self.pooled_probe.weight)  # at initialisation the model is what it is without it
+            nn.init.zeros_(self.pooled_probe.bias)
 
     def forward(self, features: dict[str, ModalityBatch]) -> torch.Tensor:
         """features keyed by exactly the configured modalities -> predictions (b, n_targets)."""
@@ -131,7 +142,16 @@ class FusionModel(nn.Module):
             tokens[m] = torch.where(keep, h, 0.0)  # (b, n, d): zero where masked, as ModalityBatch promises
             masks[m] = mask
         h_multi = self.aggregator(tokens, masks)  # (b, out_dim)
-        return self.target_norm.decode(self.head(h_multi))  # (b, n_targets), in the targets' units
+        out = self.head(h_multi)  # (b, n_targets), standardised
+        if self.config.pooled_probe:
+            out = out + self.pooled_probe(torch.cat([self._standard_mean(m, features[m], masks[m]) for m in self.config.modalities], dim=-1))
+        return self.target_norm.decode(out)  # (b, n_targets), in the targets' units
+
+    def _standard_mean(self, m: str, f: ModalityBatch, mask: torch.Tensor) -> torch.Tensor:
+        """Modality m's mean token (b, d_m), standardised by the spread of such means between samples (zero where absent)."""
+        # Detached: through live encoders, a gradient scaled up by that (small) spread would be scaled up as much.
+        mean = masked_mean(f.x.detach().float(), mask)  # (b, d_m)
+        return torch.where(rearrange(mask.any(-1), "b -> b 1"), self.standardize_mean[m](mean), 0.0)
 
     def _check_features(self, features: dict[str, ModalityBatch]) -> None:
         expected = set(self.config.modalities)
@@ -163,6 +183,7 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
     total: dict[str, torch.Tensor] = {}
     total_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
+    means: dict[str, list[torch.Tensor]] = {}  # per modality, each present sample's mean token
     y_sum = y_sq = y_n = 0
     for batch in batches:
         valid = batch.target_mask.bool()  # (b, t)
@@ -173,6 +194,8 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
                 continue
             keep = f.mask & rearrange(f.present, "b -> b 1")  # (b, n)
             x = f.x[keep].double()  # (k, d): real tokens only
+            if model.config.pooled_probe:
+                means.setdefault(m, []).append(masked_mean(f.x.double(), keep)[keep.any(-1)])  # (present, d)
             total[m] = total.get(m, 0) + x.sum(0)
             total_sq[m] = total_sq.get(m, 0) + (x * x).sum(0)
             count[m] = count.get(m, 0) + len(x)
@@ -187,6 +210,13 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
         # float16 rounding of stored features into visible noise once divided by its std: floor it.
         std = var.sqrt().float()
         norm.std.copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.median()))))
+    for m, parts in means.items():
+        sample_means = torch.cat(parts)  # (samples, d)
+        if len(sample_means) >= 2:
+            norm = model.standardize_mean[m]
+            norm.mean.copy_(sample_means.mean(0).float())
+            std = sample_means.std(0).float()
+            norm.std.copy_(std.clamp_min(max(1e-12, 1e-2 * float(std.median()))))
     _fit_target_stats_(model.target_norm, y_sum, y_sq, y_n)
     return count
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.batch import ModalityBatch
+from fusion.batch import Batch, ModalityBatch
 from fusion.models import (
     AGGREGATORS,
     FusionModel,
@@ -20,7 +20,7 @@ from fusion.models import (
     masked_mean,
 )
 from fusion.models.c_abstractor import masked_adaptive_avg_pool
-from fusion.models.fusion_model import ResidualHead
+from fusion.models.fusion_model import ResidualHead, fit_feature_stats_
 from fusion.models.cross_attention import CrossAttentionAggregator, MaskedAttention
 
 ALL = ("dna", "rna", "protein")
@@ -33,7 +33,8 @@ PER_MODALITY = ["c-abstractor", "cross-attention", "linear", "mean-concat"]
 
 
 def make_config(aggregator: str, modalities: tuple[str, ...] = ALL, **overrides) -> FusionModelConfig:
-    kwargs = dict(d_model=16, n_layers=2, n_heads=2, n_latents=3, dropout=0.0, head_hidden=16)
+    # pooled_probe on: every test below (masks, garbage, absent modalities, gradients) covers its path too
+    kwargs = dict(d_model=16, n_layers=2, n_heads=2, n_latents=3, dropout=0.0, head_hidden=16, pooled_probe=True)
     kwargs.update(overrides)
     return FusionModelConfig(
         modalities=modalities,
@@ -427,3 +428,24 @@ def test_heads_build_and_run(head: str) -> None:
     assert model(make_features(pooled=True)).shape == (4, model.config.n_targets)
     with pytest.raises(ValueError, match="unknown head 'big'"):
         make_config("mean-concat", head="big")
+
+
+def test_the_pooled_probe_starts_at_zero_and_reads_means_standardised_between_samples() -> None:
+    """At initialisation the model predicts what it does without the probe; fitted, the probe reads each
+    modality's mean token, standardised by the mean and spread of those means over samples (not over tokens)."""
+    features = make_features(b=6)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = FusionModel(make_config("cross-attention", pooled_probe=False)).eval()
+        torch.manual_seed(0)
+        probed = FusionModel(make_config("cross-attention")).eval()
+        torch.testing.assert_close(probed(features), plain(features), atol=0, rtol=0)
+
+    batch = Batch(sample_ids=[str(i) for i in range(6)], features=features, targets=torch.randn(6, 3),
+                  target_mask=torch.ones(6, 3, dtype=torch.bool))
+    fit_feature_stats_(probed, [batch])
+    for m, f in features.items():
+        means = (f.x * f.mask[..., None]).sum(1) / f.mask.sum(1, keepdim=True)  # (b, d): each sample's mean token
+        torch.testing.assert_close(probed.standardize_mean[m].mean, means.mean(0))
+        torch.testing.assert_close(probed.standardize_mean[m].std, means.std(0).clamp_min(1e-2 * float(means.std(0).median())))
+        assert not torch.allclose(probed.standardize_mean[m].std, probed.standardize[m].std)  # not the spread over tokens

@@ -38,6 +38,7 @@ def test_train_evaluate_predict(demo_data, tmp_path, features, capsys):
     run_json = json.loads((run / "run.json").read_text())
     dna_dim = 48 if demo_data["models"]["dna"][0] == "enformer" else 16  # Enformer: 2 x dim 24; NT without the extra
     assert run_json["model"]["input_dims"] == {"dna": dna_dim, "rna": 16, "protein": 16}  # from the stores' attrs
+    assert run_json["model"]["pooled_probe"] == (features == "tokens")  # pooled vectors: one token, nothing to add
     assert fusion_main(["evaluate", str(run), "--out", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["splits"]["test"] == metrics["test"]
     evaluated = (tmp_path / "eval" / "report.md").read_text()  # an evaluation's report says what it saw, from its run
