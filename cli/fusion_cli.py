@@ -95,6 +95,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="dropout in the aggregator and head")
     p.add_argument("--head-hidden", type=int, default=MODEL_DEFAULTS["head_hidden"], help="hidden width of the MLP head")
     p.add_argument("--head", choices=HEADS, default=MODEL_DEFAULTS["head"], help="residual = MLP + a linear skip (contains a linear probe on the fused vector)")
+    p.add_argument("--pooled-probe", choices=("auto", "on", "off"), default="auto",
+                   help="add a linear map of each modality's mean row, standardised between samples, to the predictions; "
+                        "auto: on for --features tokens, off for pooled vectors (docs/fusion.md)")  # fmt: skip
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -301,7 +304,10 @@ def data_config(args: argparse.Namespace, seed: int = 0) -> DataConfig:
 
 
 def model_options(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in MODEL_OPTIONS}
+    options = {k: getattr(args, k) for k in MODEL_OPTIONS}
+    if args.pooled_probe != "auto":  # else build_model decides from the features
+        options["pooled_probe"] = args.pooled_probe == "on"
+    return options
 
 
 def train_config(args: argparse.Namespace, seed: int) -> TrainConfig:

@@ -77,6 +77,8 @@ class FusionModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.n_layers < 0:
             raise ValueError(f"n_layers must be >= 0, got {self.n_layers}")
+        if not isinstance(self.pooled_probe, bool):
+            raise ValueError(f"pooled_probe must be true or false, got {self.pooled_probe!r}")
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}; valid heads are {list(HEADS)}")
         if not 0.0 <= self.dropout < 1.0:

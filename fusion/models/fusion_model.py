@@ -14,6 +14,10 @@ from fusion.models.config import HEADS, FusionModelConfig
 from fusion.models.pooling import masked_mean
 
 
+PROBE_BOUND = 10.0  # the pooled probe's standardised inputs are clipped to +-this
+MAX_MEAN_GAIN = 100.0  # the pooled probe's standardiser divides by at least the token standardiser's spread / this
+
+
 class FeatureStandardizer(nn.Module):
     """(x - mean) / std per feature, with statistics fitted on the training split (buffers, not learned).
 
@@ -151,7 +155,9 @@ class FusionModel(nn.Module):
         """Modality m's mean token (b, d_m), standardised by the spread of such means between samples (zero where absent)."""
         # Detached: through live encoders, a gradient scaled up by that (small) spread would be scaled up as much.
         mean = masked_mean(f.x.detach().float(), mask)  # (b, d_m)
-        return torch.where(rearrange(mask.any(-1), "b -> b 1"), self.standardize_mean[m](mean), 0.0)
+        # Bounded: a trainable encoder's drift reaches it scaled up too; beyond PROBE_BOUND spreads it is no sample seen in training.
+        standard = self.standardize_mean[m](mean).clamp(-PROBE_BOUND, PROBE_BOUND)  # (b, d_m)
+        return torch.where(rearrange(mask.any(-1), "b -> b 1"), standard, 0.0)
 
     def _check_features(self, features: dict[str, ModalityBatch]) -> None:
         expected = set(self.config.modalities)
@@ -183,7 +189,7 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
     total: dict[str, torch.Tensor] = {}
     total_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
-    means: dict[str, list[torch.Tensor]] = {}  # per modality, each present sample's mean token
+    means: dict[str, list] = {}  # per modality: present samples, and the sums of their mean tokens (shifted) and squares
     y_sum = y_sq = y_n = 0
     for batch in batches:
         valid = batch.target_mask.bool()  # (b, t)
@@ -195,7 +201,10 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
             keep = f.mask & rearrange(f.present, "b -> b 1")  # (b, n)
             x = f.x[keep].double()  # (k, d): real tokens only
             if model.config.pooled_probe:
-                means.setdefault(m, []).append(masked_mean(f.x.double(), keep)[keep.any(-1)])  # (present, d)
+                sample_means = masked_mean(f.x.float(), keep)[keep.any(-1)].double()  # (present, d)
+                if len(sample_means):
+                    n_m, shift, s1, s2 = means.setdefault(m, [0, sample_means[0], 0.0, 0.0])  # shifted: no cancellation
+                    means[m] = [n_m + len(sample_means), shift, s1 + (sample_means - shift).sum(0), s2 + ((sample_means - shift) ** 2).sum(0)]
             total[m] = total.get(m, 0) + x.sum(0)
             total_sq[m] = total_sq.get(m, 0) + (x * x).sum(0)
             count[m] = count.get(m, 0) + len(x)
@@ -210,13 +219,16 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
         # float16 rounding of stored features into visible noise once divided by its std: floor it.
         std = var.sqrt().float()
         norm.std.copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.median()))))
-    for m, parts in means.items():
-        sample_means = torch.cat(parts)  # (samples, d)
-        if len(sample_means) >= 2:
-            norm = model.standardize_mean[m]
-            norm.mean.copy_(sample_means.mean(0).float())
-            std = sample_means.std(0).float()
-            norm.std.copy_(std.clamp_min(max(1e-12, 1e-2 * float(std.median()))))
+    for m, (n, shift, s1, s2) in means.items():
+        if n < 2:
+            continue
+        norm = model.standardize_mean[m]
+        norm.mean.copy_((shift + s1 / n).float())
+        std = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0).sqrt().float()  # between samples
+        # Floored, as the token standardiser is, and at most MAX_MEAN_GAIN times finer than it: below that, float16
+        # rounding of the stored rows (and a live encoder's drift) would be scaled up into the probe's input.
+        floor = torch.maximum(torch.full_like(std, 1e-2 * float(std.median())), model.standardize[m].std / MAX_MEAN_GAIN)
+        norm.std.copy_(torch.maximum(std, floor.clamp_min(1e-12)))
     _fit_target_stats_(model.target_norm, y_sum, y_sq, y_n)
     return count
 

@@ -449,3 +449,51 @@ def test_the_pooled_probe_starts_at_zero_and_reads_means_standardised_between_sa
         torch.testing.assert_close(probed.standardize_mean[m].mean, means.mean(0))
         torch.testing.assert_close(probed.standardize_mean[m].std, means.std(0).clamp_min(1e-2 * float(means.std(0).median())))
         assert not torch.allclose(probed.standardize_mean[m].std, probed.standardize[m].std)  # not the spread over tokens
+
+
+def test_the_pooled_probe_reads_only_real_tokens_of_present_samples() -> None:
+    """forward = the model without the probe + W @ clip((mean - mu) / sigma) + b, the mean over real tokens of
+    present samples only: zero for an absent one even with True mask positions and garbage (NaN, 1e6) under it."""
+    torch.manual_seed(0)
+    model = make_model("cross-attention")  # every parameter off its init, the probe's too
+    with torch.no_grad():
+        for m, d in DIMS.items():
+            model.standardize_mean[m].mean.copy_(torch.randn(d))
+            model.standardize_mean[m].std.copy_(torch.rand(d) + 0.05)
+    features = with_garbage_padding(make_features(b=5))
+    f = features["rna"]  # sample 3: rna absent, its mask left True and its values garbage
+    x = f.x.clone()
+    x[3] = 1e6
+    x[3, 0, 0] = float("nan")
+    features["rna"] = ModalityBatch(x=x, mask=f.mask, present=torch.tensor([True, True, True, False, True]))
+    with torch.no_grad():
+        got = model(features)
+        parts = []
+        for m in ALL:
+            keep = features[m].mask & features[m].present[:, None]  # (b, n)
+            mean = torch.where(keep[..., None], features[m].x, 0.0).sum(1) / keep.sum(1, keepdim=True).clamp_min(1)
+            z = ((mean - model.standardize_mean[m].mean) / model.standardize_mean[m].std).clamp(-10, 10)
+            parts.append(torch.where(keep.any(1, keepdim=True), z, 0.0))
+        probe = model.pooled_probe(torch.cat(parts, dim=-1))
+        model.pooled_probe.weight.zero_()
+        model.pooled_probe.bias.zero_()
+        without = model(features)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, model.target_norm.decode(model.target_norm.encode(without) + probe))
+
+
+def test_the_pooled_probe_is_fitted_on_present_samples_and_floored_by_the_token_spread() -> None:
+    torch.manual_seed(0)
+    model = FusionModel(make_config("mean-concat", ("dna",)))
+    b, n, d = 8, 5, DIMS["dna"]
+    x = torch.randn(b, n, d)
+    x[:, :, 0] = torch.arange(b)[:, None] * 1e-6 + torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0])  # feature 0: rows differ, means barely
+    present = torch.tensor([True] * 6 + [False] * 2)
+    x[~present] = float("nan")  # absent samples: never read
+    batch = Batch(sample_ids=list(map(str, range(b))), features={"dna": ModalityBatch(x=x, mask=torch.ones(b, n, dtype=torch.bool), present=present)},
+                  targets=torch.randn(b, 3), target_mask=torch.ones(b, 3, dtype=torch.bool))  # fmt: skip
+    fit_feature_stats_(model, [batch])
+    norm, means = model.standardize_mean["dna"], x[present].double().mean(1)  # (6, d)
+    torch.testing.assert_close(norm.mean, means.mean(0).float())
+    assert torch.isfinite(norm.std).all() and (norm.std >= model.standardize["dna"].std / 100 - 1e-7).all()
+    assert norm.std[0] >= model.standardize["dna"].std[0] / 100 - 1e-7 > 1e-2 * float(norm.std.median())  # this floor binds

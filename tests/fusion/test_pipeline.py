@@ -168,3 +168,11 @@ def test_probe_refuses_too_few_gene_groups(demo_data, tmp_path, capsys):
     code = fusion_main(["probe", "--manifest", demo_data["prep"], *store_args(demo_data["stores"]), "--folds", "500", "--out", str(tmp_path / "p")])
     assert code != 0
     assert "fewer than folds=500" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, want", [("auto", None), ("on", True), ("off", False)])
+def test_the_pooled_probe_flag_leaves_auto_to_the_features(flag, want):
+    from cli.fusion_cli import create_parser, model_options
+
+    args = create_parser().parse_args(["train", "--manifest", "m", "--store", "dna=s", "--pooled-probe", flag])
+    assert model_options(args).get("pooled_probe") == want
