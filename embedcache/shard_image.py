@@ -7,8 +7,9 @@ buffers fault in their pages at ~0.7 GB/s, which made zarr's encoding the build'
 whole shards) and its chunks are uncompressed, so every chunk has the same size and the shard index
 is the same for every shard: each chunk's rows and crc32c are copied into a buffer that is reused
 from shard to shard, the index appended, and the bytes handed to the store (any zarr store: a local
-disk, S3, ...); a local directory's file is written past the page cache (embedcache.direct_io). Only the layout `embedcache.store` creates qualifies (`ShardLayout.of`); anything
-else (lz4 chunks, rows that do not start on a shard boundary) goes through zarr. Every chunk is
+disk, S3, ...); a local directory's file is written past the page cache (embedcache.direct_io).
+Only the layout `embedcache.store` creates qualifies (`ShardLayout.of`); anything else (lz4 chunks,
+rows that do not start on a shard boundary) goes through zarr. Every chunk is
 written, the rows past a short shard's end as zeros (zarr leaves chunks beyond the array's extent
 out; both read the same). Tests compare the bytes with zarr's own.
 """

@@ -77,9 +77,9 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def build_model(batches: StoreBatches, aggregator: str, model_options: dict) -> FusionModel:
-    """A fusion model whose input dimensions come from the stores, never from flags. Per-token rows read from
-    or live encoders get the pooled probe (`FusionModelConfig.pooled_probe`); pooled vectors (one token,
-    standardised between samples already) do not."""
+    """A fusion model whose input dimensions come from the stores, never from flags. Per-token rows (from stores
+    or live encoders) get the pooled probe (`FusionModelConfig.pooled_probe`) unless `model_options` says otherwise;
+    pooled vectors (one token, standardised between samples already) do not."""
     pooled_probe = batches.config.features == "tokens"
     config = checked_config(
         FusionModelConfig,

@@ -189,7 +189,7 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
     total: dict[str, torch.Tensor] = {}
     total_sq: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
-    means: dict[str, list] = {}  # per modality: present samples, and the sums of their mean tokens (shifted) and squares
+    means: dict[str, _Moments] = {}  # per modality: its present samples' mean tokens
     y_sum = y_sq = y_n = 0
     for batch in batches:
         valid = batch.target_mask.bool()  # (b, t)
@@ -203,8 +203,7 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
             if model.config.pooled_probe:
                 sample_means = masked_mean(f.x.float(), keep)[keep.any(-1)].double()  # (present, d)
                 if len(sample_means):
-                    n_m, shift, s1, s2 = means.setdefault(m, [0, sample_means[0], 0.0, 0.0])  # shifted: no cancellation
-                    means[m] = [n_m + len(sample_means), shift, s1 + (sample_means - shift).sum(0), s2 + ((sample_means - shift) ** 2).sum(0)]
+                    means.setdefault(m, _Moments(sample_means[0])).add(sample_means)
             total[m] = total.get(m, 0) + x.sum(0)
             total_sq[m] = total_sq.get(m, 0) + (x * x).sum(0)
             count[m] = count.get(m, 0) + len(x)
@@ -219,18 +218,38 @@ def fit_feature_stats_(model: FusionModel, batches: Iterable[Batch]) -> dict[str
         # float16 rounding of stored features into visible noise once divided by its std: floor it.
         std = var.sqrt().float()
         norm.std.copy_(std.clamp_min(max(1e-6, 1e-2 * float(std.median()))))
-    for m, (n, shift, s1, s2) in means.items():
-        if n < 2:
+    for m, moments in means.items():
+        if moments.n < 2:
             continue
         norm = model.standardize_mean[m]
-        norm.mean.copy_((shift + s1 / n).float())
-        std = ((s2 - s1 * s1 / n) / (n - 1)).clamp_min(0).sqrt().float()  # between samples
+        norm.mean.copy_(moments.mean.float())
+        std = moments.std.float()  # between samples
         # Floored, as the token standardiser is, and at most MAX_MEAN_GAIN times finer than it: below that, float16
         # rounding of the stored rows (and a live encoder's drift) would be scaled up into the probe's input.
         floor = torch.maximum(torch.full_like(std, 1e-2 * float(std.median())), model.standardize[m].std / MAX_MEAN_GAIN)
         norm.std.copy_(torch.maximum(std, floor.clamp_min(1e-12)))
     _fit_target_stats_(model.target_norm, y_sum, y_sq, y_n)
     return count
+
+
+class _Moments:
+    """Mean and sample std per feature of rows added batch by batch, as float64 sums shifted by a first row
+    (no cancellation when the rows' spread is far below their mean), holding no row."""
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        self.shift, self.n, self.s1, self.s2 = shift, 0, torch.zeros_like(shift), torch.zeros_like(shift)
+
+    def add(self, rows: torch.Tensor) -> None:
+        d = rows - self.shift  # (k, d)
+        self.n, self.s1, self.s2 = self.n + len(rows), self.s1 + d.sum(0), self.s2 + (d * d).sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.shift + self.s1 / self.n
+
+    @property
+    def std(self) -> torch.Tensor:
+        return ((self.s2 - self.s1 * self.s1 / self.n) / (self.n - 1)).clamp_min(0).sqrt()
 
 
 def _fit_target_stats_(norm: TargetStandardizer, y_sum, y_sq, y_n) -> None:
