@@ -19,6 +19,7 @@ import hashlib
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from embedcache import __version__
 from embedcache.config import BuildConfig, fingerprint, fingerprint_fields
 from embedcache.embed import resolve_overlap
 from embedcache.encoders import Encoder, load_encoder
-from embedcache.encoders.base import transformers_progress
+from embedcache.encoders.base import transformers_progress, weights_changed
 from embedcache.commits import read_log
 from embedcache.errors import Interrupted, StoreError
 from embedcache.executors import InProcess, check_store_reach, make_executor
@@ -59,8 +60,10 @@ from embedcache.store import (
 Log = Callable[[str], None]
 UNIT_SEQUENCES = 4096  # the most sequences of a unit: a pooled-only unit on Dask (per-token units: --unit-mb)
 # Sequences of a pooled-only unit in this process: few enough that its pipeline reads and plans the next
-# unit, and commits the last, while this one runs the model (one unit would do both with the model idle).
+# unit, and commits the last, while this one runs the model (one unit would do both with the model idle);
+# the first is smaller still: the model waits for it to be read (plan.cut_units).
 POOLED_UNIT_SEQUENCES = 512
+POOLED_FIRST_SEQUENCES = 64
 
 
 @dataclass
@@ -124,13 +127,15 @@ def _read_stored(location: Location, fp: str, fp_fields: dict) -> tuple[dict, di
     return _stored_digests(index.content_keys, index.committed_content, index.ids, index.content_index)
 
 
-def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int, in_process: bool) -> tuple[int, int]:
-    """(token rows, sequences) per unit: whole shards of about `config.unit_mb`."""
+def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int, in_process: bool) -> dict:
+    """The planner's unit sizes (plan.cut_units): per-token units of whole shards of about `config.unit_mb`."""
+    if not config.tokens and in_process:
+        return dict(unit_rows=1 << 62, unit_sequences=POOLED_UNIT_SEQUENCES, first_sequences=POOLED_FIRST_SEQUENCES)
     if not config.tokens:
-        return 1 << 62, POOLED_UNIT_SEQUENCES if in_process else UNIT_SEQUENCES
+        return dict(unit_rows=1 << 62, unit_sequences=UNIT_SEQUENCES)
     row = _row_bytes(config, encoder) * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
-    return shards * shard_tokens, UNIT_SEQUENCES
+    return dict(unit_rows=shards * shard_tokens, unit_sequences=UNIT_SEQUENCES)
 
 
 @dataclass(frozen=True)
@@ -159,21 +164,34 @@ class StoreSpec:
 
     @classmethod
     def of(cls, config: BuildConfig, progress: bool, id_column: str, sequence_column: str, in_process: bool) -> "StoreSpec":
-        # The weights are loaded when the first unit runs (by each Dask worker for its own units), so a
-        # build with nothing new to embed never loads them.
-        with transformers_progress(progress):
-            encoder = load_encoder(config.encoder, config.encoder_settings(), weights=False)
+        encoder = _planning_encoder(config, progress)
         overlap = resolve_overlap(config, encoder)
         fields = fingerprint_fields(config, encoder.provenance(), overlap)
         fp = fingerprint(fields)
         _, shard = _token_layout(config, encoder)
-        unit_rows, unit_sequences = _unit_sizes(config, encoder, shard, in_process)
-        plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard, unit_rows=unit_rows,
-                         unit_sequences=unit_sequences)  # fmt: skip
+        plan_args = dict(id_column=id_column, sequence_column=sequence_column, shard_tokens=shard,
+                         **_unit_sizes(config, encoder, shard, in_process))  # fmt: skip
         return cls(encoder, fp, fields, _store_attrs(config, encoder, fp, fields, overlap), plan_args)
 
     def plan(self, job: BuildJob, stored_keys: dict, stored_ids: dict, spool: SpoolWriter) -> BuildPlan:
         return plan_build(job.config, list(job.inputs), self.encoder, job.location.url, stored_keys, stored_ids, spool, **self.plan_args)
+
+
+_PLANNERS: dict[str, Encoder] = {}  # the last planning encoder of this process, kept for its next build
+
+
+def _planning_encoder(config: BuildConfig, progress: bool) -> Encoder:
+    """The encoder's tokenizer and config, without weights: those are loaded when the first unit runs (by
+    each Dask worker for its own units), so a build with nothing new to embed never loads them. Kept for
+    the next build of the same config in this process (a notebook's, a benchmark's) while its weights
+    are the same."""
+    key = str(config.to_dict())
+    kept = _PLANNERS.get(key)
+    if kept is None or weights_changed(kept):
+        _PLANNERS.clear()
+        with transformers_progress(progress):
+            _PLANNERS[key] = kept = load_encoder(config.encoder, config.encoder_settings(), weights=False)
+    return kept
 
 
 def build(
@@ -227,7 +245,7 @@ def _dry_run(job: BuildJob, spec: StoreSpec) -> BuildReport:
 
 
 def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> BuildReport:
-    """open the store (if any) -> plan -> create the store (if none) -> embed and commit -> complete."""
+    """open the store (if any) -> plan -> create the store (if none; beside the first unit) -> embed and commit -> complete."""
     location, log = job.location, job.log
     state = store_state(location)
     if state == "foreign":
@@ -246,12 +264,16 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
         except KeyboardInterrupt:
             raise Interrupted("while planning, before anything was written: " + (
                 "the store is as it was" if writer is not None else "no store was created")) from None
-        if writer is None:
-            if state == "partial":
-                log(f"{location.url}: a store creation was interrupted before; creating it again")
-            writer = _create(job, spec)
-        writer.set_status("incomplete")
-        report = _embed_and_commit(job, lease, writer, plan)
+        with ThreadPoolExecutor(1, thread_name_prefix="embedcache-create") as creating:  # its exit waits for it
+            if writer is None:
+                if state == "partial":
+                    log(f"{location.url}: a store creation was interrupted before; creating it again")
+                opened = creating.submit(_create, job, spec)  # beside the first unit's forward (_embed_and_commit)
+            else:
+                writer.set_status("incomplete")
+                opened = Future()
+                opened.set_result(writer)
+            report = _embed_and_commit(job, lease, opened, plan)
     finally:
         delete_spool(store)
     lease.check()
@@ -270,21 +292,23 @@ def _create(job: BuildJob, spec: StoreSpec) -> StoreWriter:
     create_store(job.location, attrs=spec.attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
                  pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
                  shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
-    return open_writer(job.location)
+    writer = open_writer(job.location)
+    writer.set_status("incomplete")
+    return writer
 
 
-def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan) -> BuildReport:
-    """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete."""
+def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: BuildPlan) -> BuildReport:
+    """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete.
+
+    `opened` gives the store's writer. A new store is created on a thread of its own meanwhile: units
+    that keep per-token rows write them into it, so they wait for it; pooled-only units first need it
+    at their commit, so the first one's forward runs beside the creation."""
     config, location, log = job.config, job.location, job.log
     started = time.time()
-    base = -(-writer.token_end // writer.shard_tokens) * writer.shard_tokens if writer.shard_tokens else 0
-    for unit in plan.units:  # the plan's token regions start at 0: place them after what the store holds
-        unit.token_start += base
-        unit.token_end += base
-    if writer.has_tokens and plan.units:
-        writer.reserve_tokens(max(u.token_end for u in plan.units))
+    if config.tokens:
+        _place_token_regions(opened.result(), plan)
     tasks = [UnitTask(unit, config, location) for unit in plan.units]
-    n_tokens, content_before = 0, writer.content_end
+    n_tokens, content_before = 0, opened.result().content_end if opened.done() else 0  # a store being created holds none
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)
     shown: dict[int, int] = {}  # sequences of each running unit the bar already counts
     counting = threading.Lock()  # a unit's host stage and the last unit's commit tell the bar from their own threads
@@ -297,7 +321,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, pl
     def commit(results: list[UnitResult]) -> None:
         nonlocal n_tokens
         lease.check()
-        writer.commit_units(results)
+        opened.result().commit_units(results)
         with counting:
             n_tokens += sum(r.n_tokens for r in results)
             bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
@@ -310,8 +334,9 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, pl
                 with transformers_progress(job.progress):
                     encoder_for(config)
             executor.run(tasks, commit, finished)
-        _commit_records(writer, plan, lease)
+        _commit_records(opened.result(), plan, lease)
     except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
+        opened.result()  # a store being created is finished first (Ctrl-C reaches this thread only)
         _, root = open_root(location, mode="r")
         kept = read_log(root, location.url).content_end - content_before
         raise Interrupted(
@@ -322,7 +347,17 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, writer: StoreWriter, pl
         bar.close()
         if executor is not None:
             executor.close()
-    return _complete(job, lease, writer, plan, executor, time.time() - started, n_tokens)
+    return _complete(job, lease, opened.result(), plan, executor, time.time() - started, n_tokens)
+
+
+def _place_token_regions(writer: StoreWriter, plan: BuildPlan) -> None:
+    """The plan's token regions start at 0: place them after what the store holds, and grow `tokens` to hold them."""
+    base = -(-writer.token_end // writer.shard_tokens) * writer.shard_tokens if writer.shard_tokens else 0
+    for unit in plan.units:
+        unit.token_start += base
+        unit.token_end += base
+    if writer.has_tokens and plan.units:
+        writer.reserve_tokens(max(u.token_end for u in plan.units))
 
 
 def _complete(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan, executor, seconds: float,

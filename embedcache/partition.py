@@ -21,6 +21,7 @@ import numpy as np
 from embedcache.config import BuildConfig
 from embedcache.embed import make_batches, plan_windows
 from embedcache.encoders import Encoder, load_encoder
+from embedcache.encoders.base import weights_changed
 from embedcache.errors import EmbedcacheError, SpoolError
 from embedcache.device_stage import DeviceStage, reduces_on_device
 from embedcache.host_stage import QUEUE, HostStage
@@ -116,7 +117,7 @@ def _device_for_worker(config: BuildConfig) -> str:
 def encoder_for(config: BuildConfig) -> Encoder:
     device = _device_for_worker(config)
     key = f"{config.to_dict()}|{device}"
-    if key not in _ENCODERS:
+    if key not in _ENCODERS or weights_changed(_ENCODERS[key]):
         _ENCODERS.clear()  # one model per process: a new config replaces the old one
         _GUARDS.clear()
         _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))

@@ -532,15 +532,18 @@ class StoreWriter:
         return Committed(self.head.records, self.content_end, self.token_end)
 
     def _trim(self) -> None:
-        """Cut arrays back to the committed sizes: leftovers of a killed build are never read or kept."""
+        """Cut arrays back to the committed sizes: leftovers of a killed build are never read or kept.
+        The arrays are resized concurrently (on an object store each resize is a request)."""
         trim_log(self.root, self.head)
-        for name in RECORD_ARRAYS:
-            self._resize(name, self.head.records)
-        for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"):
-            if name in self.root:
-                self._resize(name, self.content_end)
+        rows = {name: self.head.records for name in RECORD_ARRAYS}
+        rows.update({name: self.content_end for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled") if name in self._arrays})
         if self.has_tokens:
-            self._resize("tokens", self.token_end)
+            rows["tokens"] = self.token_end
+
+        async def trim_all() -> None:
+            await asyncio.gather(*(self._resize(name, n) for name, n in rows.items() if self._arrays[name].shape[0] != n))
+
+        sync(trim_all())
 
     def _add_shard_digests(self) -> None:
         """A store written before shard digests gets them: each commit's token rows are read once, and
@@ -579,15 +582,15 @@ class StoreWriter:
             if fault:
                 raise StoreError(f"{fault}; refusing to extend the store (run embedcache verify)")
 
-    def _resize(self, name: str, rows: int) -> None:
+    async def _resize(self, name: str, rows: int) -> None:
         arr = self._arrays[name]
-        if arr.shape[0] != rows:
-            # zarr's resize deletes every chunk position past the new end, present or not: for a shape
-            # edited to 10^12 rows that list alone exhausts memory. Delete the objects that exist instead.
-            sync(arr.resize((rows, *arr.shape[1:]), delete_outside_chunks=False))
-            if rows < arr.shape[0]:
-                sync(_delete_chunks_from(self.store, arr, rows))
-            self._arrays[name] = self.root[name]._async_array.with_config(_WRITE_CONFIG)
+        before = arr.shape[0]
+        # zarr's resize deletes every chunk position past the new end, present or not: for a shape edited
+        # to 10^12 rows that list alone exhausts memory. Delete the objects that exist instead.
+        await arr.resize((rows, *arr.shape[1:]), delete_outside_chunks=False)
+        if rows < before:
+            await _delete_chunks_from(self.store, arr, rows)
+        self._arrays[name] = (await self.root._async_group.getitem(name)).with_config(_WRITE_CONFIG)
 
     def reserve_tokens(self, rows: int) -> None:
         """Grow `tokens` to `rows` before units write their own regions (array metadata is the client's)."""

@@ -253,6 +253,16 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
     return {"source": "hub", "hub_id": model, "revision": commit_hash or cached_commit(model, revision) or revision or "unknown"}
 
 
+def weights_changed(encoder: "Encoder") -> bool:
+    """Whether the local model directory `encoder` was loaded from holds other weights now (rewritten in
+    place), so that a process keeping an encoder between builds loads it again. A hub id's files are
+    those of its cached commit, which a running process does not see change."""
+    settings = encoder.settings
+    if not Path(settings.model).expanduser().is_dir():
+        return False
+    return encoder.provenance()["weights"] != weights_identity(settings.model, settings.revision, None)
+
+
 # A build loads its encoder twice (to plan, without weights; to embed): hashing a 650M model's 2.6 GB
 # once per process is enough while its files are unchanged (the same path, files, sizes, times, inodes).
 _HASHED: dict[tuple, str] = {}

@@ -626,3 +626,87 @@ def test_a_commit_that_fails_beside_the_next_units_forward_stops_the_build_clean
     monkeypatch.setattr(StoreWriter, "_commit_units", real_commit)
     assert run_build(config, [fasta], store).plan.n_new == 4
     assert_holds(store, seqs)
+
+
+def _first_forward_beside_creation(monkeypatch) -> tuple[dict, "threading.Event"]:
+    """Wraps the build's store creation and the executor's forward: `seen` tells whether the first forward
+    started while the store was being created (creation waits up to 30 s for it), and whether the store
+    existed when it did."""
+    import threading
+
+    import embedcache.build as build_module
+    import embedcache.executors as executors
+    from embedcache.store import store_state
+
+    forwarded, seen = threading.Event(), {}
+    real_create, real_forward = build_module.create_store, executors.forward_unit
+
+    def create_store(location, **kw):
+        seen["beside"] = forwarded.wait(timeout=30)
+        return real_create(location, **kw)
+
+    def forward_unit(prepared, *rest):
+        if not forwarded.is_set():
+            seen["existed"] = store_state(prepared.task.location) == "created"
+            forwarded.set()
+        return real_forward(prepared, *rest)
+
+    monkeypatch.setattr(build_module, "create_store", create_store)
+    monkeypatch.setattr(executors, "forward_unit", forward_unit)
+    return seen, forwarded
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled-only", "per-token"])
+def test_a_new_pooled_only_store_is_created_beside_the_first_forward(tmp_path, models, monkeypatch, tokens):
+    """The model does not wait for a new store's creation where units first need it at their commit
+    (pooled only); units that write token shards find it created."""
+    seqs = random_seqs(AA, [30 + i for i in range(12)], seed=21)
+    seen, _ = _first_forward_beside_creation(monkeypatch)
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models, tokens=tokens), [write_fasta(tmp_path / "a.fa", seqs)], store)
+    assert seen == ({"beside": True, "existed": False} if not tokens else {"beside": False, "existed": True})
+    assert_holds(store, seqs)
+
+
+def test_a_store_that_cannot_be_created_beside_the_first_forward_fails_the_build_with_its_error(tmp_path, models, monkeypatch):
+    import threading
+
+    import embedcache.build as build_module
+
+    def create_store(location, **kw):
+        raise StoreError(f"store {location.url!r}: permission denied")
+
+    monkeypatch.setattr(build_module, "create_store", create_store)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreError, match="permission denied"):
+        run_build(esm2_config(models, tokens=False), [write_fasta(tmp_path / "a.fa", random_seqs(AA, [30, 40], seed=22))], store)
+    assert not any(t.name.startswith(("embedcache-create", "embedcache-prepare", "embedcache-commit")) for t in threading.enumerate())
+    with pytest.raises(StoreError, match="no embedcache store"):
+        open_store(store)
+
+
+def test_ctrl_c_while_the_store_is_created_beside_the_first_forward_says_what_is_kept(tmp_path, models, monkeypatch):
+    """Ctrl-C in the first unit's forward, its store still being created: the build waits for the creation,
+    then says truly that nothing was committed, and the same command builds the store."""
+    from embedcache import partition
+    from embedcache.errors import Interrupted
+
+    seqs = random_seqs(AA, [30 + i for i in range(12)], seed=23)
+    fasta = write_fasta(tmp_path / "a.fa", seqs)
+    seen, forwarded = _first_forward_beside_creation(monkeypatch)
+    real_guard = partition.guard_for
+
+    class Interrupting:
+        max_tokens = 10**6
+
+        def __call__(self, windows, records, to_host=True):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(partition, "guard_for", lambda *a: Interrupting())
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted, match=f"0 of 12 new sequences were committed to {re.escape(str(store))} and are kept"):
+        run_build(esm2_config(models, tokens=False), [fasta], store)
+    assert seen["beside"] and not open_store(store).complete
+    monkeypatch.setattr(partition, "guard_for", real_guard)
+    assert run_build(esm2_config(models, tokens=False), [fasta], store).plan.n_new == 12
+    assert_holds(store, seqs)

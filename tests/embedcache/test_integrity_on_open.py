@@ -154,6 +154,21 @@ def test_an_interrupted_store_grown_to_an_absurd_shape_is_trimmed_by_the_next_bu
     assert s.root["tokens"].shape[0] == s.committed.tokens
 
 
+def test_chunks_a_killed_build_wrote_past_the_log_are_deleted_by_the_next_build(tmp_path, models, store):
+    from embedcache.store import RECORD_CHUNK
+
+    committed = len(open_store(store).ids)
+    edit_head(store, status="incomplete")  # as a killed build leaves it, with rows of an uncommitted chunk
+    arr = group(store)["content_index"]
+    arr.resize((3 * RECORD_CHUNK,))
+    arr[2 * RECORD_CHUNK :] = 7
+    assert (store / "content_index" / "c" / "2").exists()
+    run_build(esm2_config(models, shard_mb=0.02), [write_fasta(tmp_path / "b.fa", {"late": "MKVL" * 10})], store)
+    s = open_store(store)
+    assert len(s.ids) == committed + 1 and s.root["content_index"].shape[0] == committed + 1
+    assert sorted(p.name for p in (store / "content_index" / "c").iterdir()) == ["0"]
+
+
 def test_readers_opening_while_a_build_commits_never_see_its_temporary_files(tmp_path, models):
     """zarr writes each object to a temporary `.partial` file and renames it: a reader listing the store
     meanwhile may see a name that is gone when it looks closer. Every open must either succeed (seeing
