@@ -60,10 +60,8 @@ from embedcache.store import (
 Log = Callable[[str], None]
 UNIT_SEQUENCES = 4096  # the most sequences of a unit: a pooled-only unit on Dask (per-token units: --unit-mb)
 # Sequences of a pooled-only unit in this process: few enough that its pipeline reads and plans the next
-# unit, and commits the last, while this one runs the model (one unit would do both with the model idle);
-# the first is smaller still: the model waits for it to be read (plan.cut_units).
+# unit, and commits the last, while this one runs the model (one unit would do both with the model idle).
 POOLED_UNIT_SEQUENCES = 512
-POOLED_FIRST_SEQUENCES = 64
 
 
 @dataclass
@@ -129,10 +127,8 @@ def _read_stored(location: Location, fp: str, fp_fields: dict) -> tuple[dict, di
 
 def _unit_sizes(config: BuildConfig, encoder: Encoder, shard_tokens: int, in_process: bool) -> dict:
     """The planner's unit sizes (plan.cut_units): per-token units of whole shards of about `config.unit_mb`."""
-    if not config.tokens and in_process:
-        return dict(unit_rows=1 << 62, unit_sequences=POOLED_UNIT_SEQUENCES, first_sequences=POOLED_FIRST_SEQUENCES)
     if not config.tokens:
-        return dict(unit_rows=1 << 62, unit_sequences=UNIT_SEQUENCES)
+        return dict(unit_rows=1 << 62, unit_sequences=POOLED_UNIT_SEQUENCES if in_process else UNIT_SEQUENCES)
     row = _row_bytes(config, encoder) * len(encoder.layer_indices)  # every layer of a token
     shards = max(1, round(config.unit_mb * (1 << 20) / (shard_tokens * row)))
     return dict(unit_rows=shards * shard_tokens, unit_sequences=UNIT_SEQUENCES)

@@ -141,7 +141,6 @@ def plan_build(
     shard_tokens: int,
     unit_rows: int,
     unit_sequences: int,
-    first_sequences: int = 0,
 ) -> BuildPlan:
     """Plan a build in one pass over `inputs`.
 
@@ -227,7 +226,7 @@ def plan_build(
         out = encoder.n_output_rows(p.n_tokens)
         rows[j] = pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
     units = cut_units(order, rows, tokens, locators, shard_tokens=shard_tokens if config.tokens else 0,
-                      unit_rows=unit_rows, unit_sequences=unit_sequences, first_sequences=first_sequences)  # fmt: skip
+                      unit_rows=unit_rows, unit_sequences=unit_sequences)  # fmt: skip
     itemsize = np.dtype(config.dtype).itemsize
     new_records = ~already
     width = encoder.embed_dim * len(encoder.layer_indices)  # values per row, every layer
@@ -260,20 +259,15 @@ def plan_build(
 
 
 def cut_units(order: np.ndarray, rows: np.ndarray, tokens: np.ndarray, locators: np.ndarray, *, shard_tokens: int,
-              unit_rows: int, unit_sequences: int, first_sequences: int = 0) -> list[Unit]:
+              unit_rows: int, unit_sequences: int) -> list[Unit]:
     """Consecutive runs of the length-sorted new sequences, each up to `unit_rows` token rows and
-    `unit_sequences` sequences, each starting its token rows on a shard boundary.
-
-    `first_sequences` (0: as the others): the first unit holds at most this many sequences. The model
-    waits for the first unit to be read and planned (each later one is read during the forward of the
-    one before), so a small one shortens that wait."""
+    `unit_sequences` sequences, each starting its token rows on a shard boundary."""
     units: list[Unit] = []
     start, t = 0, 0
     n = len(order)
     while start < n:
-        cap = first_sequences if first_sequences and not units else unit_sequences
         end, total = start, 0
-        while end < n and end - start < cap and (end == start or total + rows[end] <= unit_rows):
+        while end < n and end - start < unit_sequences and (end == start or total + rows[end] <= unit_rows):
             total += int(rows[end])
             end += 1
         t0 = -(-t // shard_tokens) * shard_tokens if shard_tokens else 0

@@ -143,22 +143,6 @@ def test_enformer_without_its_extra_says_which_to_install(tmp_path, capsys):
     assert "pip install 'embedcache[enformer]'" in capsys.readouterr().err
 
 
-def test_units_are_cut_in_order_with_a_smaller_first_one():
-    import numpy as np
-
-    from embedcache.plan import cut_units
-
-    n = 23
-    order = np.arange(n)[::-1]
-    rows = np.full(n, 10, np.int64)
-    locators = np.stack([np.zeros(n, np.int64), np.arange(n), np.ones(n, np.int64)], axis=1)
-    cut = lambda **kw: cut_units(order, rows, rows, locators, shard_tokens=0, unit_rows=1 << 62, unit_sequences=8, **kw)  # noqa: E731
-    assert [u.n_sequences for u in cut()] == [8, 8, 7]
-    units = cut(first_sequences=3)
-    assert [u.n_sequences for u in units] == [3, 8, 8, 4] and [u.index for u in units] == [0, 1, 2, 3]
-    assert np.concatenate([u.locators[:, 1] for u in units]).tolist() == order.tolist()  # every sequence once, longest first
-
-
 def test_a_second_build_plans_with_the_same_encoder_until_its_weights_change(tmp_path, models, monkeypatch):
     """The tokenizer and config are loaded once per process for a config (a notebook's second build starts
     at once), and again when the model directory's weights changed (the fingerprint must see them)."""
