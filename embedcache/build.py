@@ -264,9 +264,9 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
             if writer is None:
                 if state == "partial":
                     log(f"{location.url}: a store creation was interrupted before; creating it again")
-                opened = creating.submit(_create, job, spec)  # beside the first unit's forward (_embed_and_commit)
+                opened = creating.submit(_create, job, spec, plan)  # beside the first unit's forward (_embed_and_commit)
             else:
-                writer.set_status("incomplete")
+                _prepare_writer(writer, plan)
                 opened = Future()
                 opened.set_result(writer)
             report = _embed_and_commit(job, lease, opened, plan)
@@ -283,14 +283,26 @@ def _open_existing(location: Location, fp: str, fp_fields: dict) -> StoreWriter:
     return open_writer(location)  # validates the log and trims leftovers of an interrupted build
 
 
-def _create(job: BuildJob, spec: StoreSpec) -> StoreWriter:
+def _create(job: BuildJob, spec: StoreSpec, plan: BuildPlan) -> StoreWriter:
     config, encoder = job.config, spec.encoder
     create_store(job.location, attrs=spec.attrs, embed_dim=encoder.embed_dim, layers=encoder.layer_indices,
                  pooled=config.pooling != "none", tokens=config.tokens, token_dtype=config.dtype,
                  shard_mb=config.shard_mb, token_codec=config.token_codec)  # fmt: skip
     writer = open_writer(job.location)
-    writer.set_status("incomplete")
+    _prepare_writer(writer, plan)
     return writer
+
+
+def _prepare_writer(writer: StoreWriter, plan: BuildPlan) -> None:
+    """Mark the store incomplete, place the plan's token regions after what it holds (they start at 0), and
+    size its arrays for what the plan will commit."""
+    writer.set_status("incomplete")
+    base = -(-writer.token_end // writer.shard_tokens) * writer.shard_tokens if writer.shard_tokens else 0
+    for unit in plan.units if writer.has_tokens else ():
+        unit.token_start += base
+        unit.token_end += base
+    writer.reserve(records=writer.committed.records + plan.n_new_records, contents=writer.content_end + plan.n_new,
+                   tokens=max([writer.token_end, *(u.token_end for u in plan.units)]))  # fmt: skip
 
 
 def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: BuildPlan) -> BuildReport:
@@ -302,7 +314,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: B
     config, location, log = job.config, job.location, job.log
     started = time.time()
     if config.tokens:
-        _place_token_regions(opened.result(), plan)
+        opened.result()
     tasks = [UnitTask(unit, config, location) for unit in plan.units]
     n_tokens, content_before = 0, opened.result().content_end if opened.done() else 0  # a store being created holds none
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)
@@ -344,16 +356,6 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: B
         if executor is not None:
             executor.close()
     return _complete(job, lease, opened.result(), plan, executor, time.time() - started, n_tokens)
-
-
-def _place_token_regions(writer: StoreWriter, plan: BuildPlan) -> None:
-    """The plan's token regions start at 0: place them after what the store holds, and grow `tokens` to hold them."""
-    base = -(-writer.token_end // writer.shard_tokens) * writer.shard_tokens if writer.shard_tokens else 0
-    for unit in plan.units:
-        unit.token_start += base
-        unit.token_end += base
-    if writer.has_tokens and plan.units:
-        writer.reserve_tokens(max(u.token_end for u in plan.units))
 
 
 def _complete(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan, executor, seconds: float,

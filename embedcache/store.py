@@ -592,12 +592,20 @@ class StoreWriter:
             await _delete_chunks_from(self.store, arr, rows)
         self._arrays[name] = (await self.root._async_group.getitem(name)).with_config(_WRITE_CONFIG)
 
-    def reserve_tokens(self, rows: int) -> None:
-        """Grow `tokens` to `rows` before units write their own regions (array metadata is the client's)."""
-        arr = self._arrays["tokens"]
-        if arr.shape[0] < rows:
-            sync(arr.resize((rows, *arr.shape[1:])))
-            self._arrays["tokens"] = self.root["tokens"]._async_array.with_config(_WRITE_CONFIG)
+    def reserve(self, *, records: int, contents: int, tokens: int = 0) -> None:
+        """Grow the arrays to at least these rows before a build commits into them (array metadata is the
+        client's): one round of concurrent metadata writes, rather than commits growing them on the way
+        and completion trimming them back. Rows past the log are never read; `set_status("complete")`
+        trims whatever was reserved but not committed."""
+        rows = {name: records for name in RECORD_ARRAYS}
+        rows.update({name: contents for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled") if name in self._arrays})
+        if self.has_tokens:
+            rows["tokens"] = tokens
+
+        async def grow_all() -> None:
+            await asyncio.gather(*(self._resize(name, n) for name, n in rows.items() if self._arrays[name].shape[0] < n))
+
+        sync(grow_all())
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         if status == "complete":

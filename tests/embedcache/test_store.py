@@ -241,3 +241,40 @@ def test_token_arrays_skip_the_gaps_between_groups(tmp_path, models):
     assert len(flat) == sum(len(v) for k, v in records.items() if k != "alias")  # no unused rows loaded
     for rid, o, n in zip(s.ids, offsets, lengths):
         np.testing.assert_array_equal(flat[o : o + n], s.tokens(rid))
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["pooled-only", "per-token"])
+def test_a_build_sizes_its_arrays_once_so_commits_and_completion_resize_nothing(tmp_path, models, monkeypatch, tokens):
+    """StoreWriter.reserve grows every array to the plan's rows before the first commit: the commits and the
+    completion write no array metadata (on an object store each resize is a request), in new and extended stores."""
+    from zarr.core.array import AsyncArray
+
+    from embedcache.store import StoreWriter
+
+    resized, inside = [], type("Step", (), {"step": None})()  # not thread-local: zarr resizes on its own event loop's thread
+    real_resize = AsyncArray.resize
+
+    async def resize(self, *args, **kwargs):
+        if inside.step and not self.path.startswith("_commits/"):  # the log grows 4,096 rows at a time: once per 4,096 commits
+            resized.append((inside.step, self.path))
+        return await real_resize(self, *args, **kwargs)
+
+    def during(step: str, method):
+        def wrapped(self, *args, **kwargs):
+            inside.step = step
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                inside.step = None
+        return wrapped
+
+    monkeypatch.setattr(AsyncArray, "resize", resize)
+    for name in ("commit_units", "commit_records", "set_status"):
+        monkeypatch.setattr(StoreWriter, name, during(name, getattr(StoreWriter, name)))
+    config = esm2_config(models, tokens=tokens, shard_mb=0.01)
+    store = tmp_path / "s.zarr"
+    run_build(config, [write_fasta(tmp_path / "a.fa", random_seqs(AA, [30 + 7 * i for i in range(20)], seed=31))], store)
+    run_build(config, [write_fasta(tmp_path / "b.fa", random_seqs(AA, [35 + 5 * i for i in range(9)], seed=32))], store)
+    assert resized == []
+    s = open_store(store)
+    assert len(s.ids) == 29 and s.complete and s.verify() == []
