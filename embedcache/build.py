@@ -19,7 +19,7 @@ import hashlib
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -253,6 +253,7 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
         stored_keys, stored_ids = _stored_digests(index.content_keys, index.committed_content, index.ids, index.content_index)
     store = open_location(location, read_only=False)
     delete_spool(store)  # a killed build's spool is stale
+    opening = None
     try:
         # Plan before creating anything: bad input stops the build with no store made.
         try:
@@ -260,17 +261,20 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
         except KeyboardInterrupt:
             raise Interrupted("while planning, before anything was written: " + (
                 "the store is as it was" if writer is not None else "no store was created")) from None
-        with ThreadPoolExecutor(1, thread_name_prefix="embedcache-create") as creating:  # its exit waits for it
-            if writer is None:
-                if state == "partial":
-                    log(f"{location.url}: a store creation was interrupted before; creating it again")
-                opened = creating.submit(_create, job, spec, plan)  # beside the first unit's forward (_embed_and_commit)
-            else:
-                _prepare_writer(writer, plan)
-                opened = Future()
-                opened.set_result(writer)
-            report = _embed_and_commit(job, lease, opened, plan)
+        if writer is None:
+            if state == "partial":
+                log(f"{location.url}: a store creation was interrupted before; creating it again")
+            opening = _Opening(create=lambda: _create(job, spec, plan))  # beside the first unit's forward
+        else:
+            _prepare_writer(writer, plan)
+            opening = _Opening(writer)
+        report = _embed_and_commit(job, lease, opening, plan)
     finally:
+        if opening is not None:
+            try:
+                opening.ended()  # the build leaves neither the store nor its lease while the creation writes
+            except KeyboardInterrupt:
+                pass  # an error or an interruption is on its way out already
         delete_spool(store)
     lease.check()
     consolidate(location)  # for xarray; after the spool is gone, which is no part of the store
@@ -305,18 +309,56 @@ def _prepare_writer(writer: StoreWriter, plan: BuildPlan) -> None:
                    tokens=max([writer.token_end, *(u.token_end for u in plan.units)]))  # fmt: skip
 
 
-def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: BuildPlan) -> BuildReport:
+class _Opening:
+    """The store's writer: ready (a store that exists), or being created on a thread of its own (a new one).
+
+    `writer()` waits for it. Ctrl-C while waiting is held until the creation has ended, then raised: the
+    build never leaves the store, nor its lease, while the creation still writes."""
+
+    def __init__(self, writer: StoreWriter | None = None, create: Callable[[], StoreWriter] | None = None):
+        self.creating = create is not None
+        self.future: Future = Future()
+        if create is None:
+            self.future.set_result(writer)
+        else:
+            threading.Thread(target=self._create, args=(create,), name="embedcache-create", daemon=True).start()
+
+    def _create(self, create: Callable[[], StoreWriter]) -> None:
+        try:
+            self.future.set_result(create())
+        except BaseException as e:  # raised by writer() in the build's thread
+            self.future.set_exception(e)
+
+    def ended(self) -> None:
+        """Wait until the creation has ended, whichever way (its error is writer()'s to raise)."""
+        interrupted = False
+        while not self.future.done():
+            try:
+                wait([self.future])
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def writer(self) -> StoreWriter:
+        self.ended()
+        return self.future.result()
+
+    def failed(self) -> bool:
+        return self.future.done() and self.future.exception() is not None
+
+
+def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan: BuildPlan) -> BuildReport:
     """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete.
 
-    `opened` gives the store's writer. A new store is created on a thread of its own meanwhile: units
-    that keep per-token rows write them into it, so they wait for it; pooled-only units first need it
-    at their commit, so the first one's forward runs beside the creation."""
+    A new store is created meanwhile (`opening`): units that keep per-token rows write them into it, so
+    they wait for it; pooled-only units first need it at their commit, so the first one's forward runs
+    beside the creation."""
     config, location, log = job.config, job.location, job.log
     started = time.time()
-    if config.tokens:
-        opened.result()
-    tasks = [UnitTask(unit, config, location) for unit in plan.units]
-    n_tokens, content_before = 0, opened.result().content_end if opened.done() else 0  # a store being created holds none
+    weights = plan.fingerprint_fields["weights"]  # what units must compute with: the store's fingerprint names it
+    tasks = [UnitTask(unit, config, location, weights) for unit in plan.units]
+    n_tokens, content_before = 0, 0 if opening.creating else opening.writer().content_end
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)
     shown: dict[int, int] = {}  # sequences of each running unit the bar already counts
     counting = threading.Lock()  # a unit's host stage and the last unit's commit tell the bar from their own threads
@@ -329,7 +371,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: B
     def commit(results: list[UnitResult]) -> None:
         nonlocal n_tokens
         lease.check()
-        opened.result().commit_units(results)
+        opening.writer().commit_units(results)
         with counting:
             n_tokens += sum(r.n_tokens for r in results)
             bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
@@ -337,14 +379,18 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: B
 
     executor = make_executor(job.scheduler, job.scheduler_file, log) if tasks else None
     try:
+        if config.tokens:
+            opening.writer()
         if executor is not None:
             if executor.name == InProcess.name:  # loaded here, so --no-progress silences transformers' bar too
                 with transformers_progress(job.progress):
-                    encoder_for(config)
+                    encoder_for(config, weights)
+            if opening.failed():  # said now, not after a unit's forward
+                opening.writer()
             executor.run(tasks, commit, finished)
-        _commit_records(opened.result(), plan, lease)
+        _commit_records(opening.writer(), plan, lease)
     except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
-        opened.result()  # a store being created is finished first (Ctrl-C reaches this thread only)
+        opening.writer()
         _, root = open_root(location, mode="r")
         kept = read_log(root, location.url).content_end - content_before
         raise Interrupted(
@@ -355,7 +401,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opened: Future, plan: B
         bar.close()
         if executor is not None:
             executor.close()
-    return _complete(job, lease, opened.result(), plan, executor, time.time() - started, n_tokens)
+    return _complete(job, lease, opening.writer(), plan, executor, time.time() - started, n_tokens)
 
 
 def _complete(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: BuildPlan, executor, seconds: float,

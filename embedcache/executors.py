@@ -72,7 +72,7 @@ class InProcess(Executor):
         tasks = list(tasks)
         if not tasks:
             return
-        encoder = encoder_for(tasks[0].config)  # every task of a build has the same config
+        encoder = encoder_for(tasks[0].config, tasks[0].weights)  # every task of a build has the same config and weights
         buffers = ShardBuffers()  # each unit's shard writer takes over the buffers of the one before
 
         def told(task: UnitTask) -> Callable[[int], None] | None:

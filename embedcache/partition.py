@@ -22,7 +22,7 @@ from embedcache.config import BuildConfig
 from embedcache.embed import make_batches, plan_windows
 from embedcache.encoders import Encoder, load_encoder
 from embedcache.encoders.base import weights_changed
-from embedcache.errors import EmbedcacheError, SpoolError
+from embedcache.errors import EmbedcacheError, EncoderError, SpoolError
 from embedcache.device_stage import DeviceStage, reduces_on_device
 from embedcache.host_stage import QUEUE, HostStage
 from embedcache.long_record import StreamedRecord, embed_long_record, stored_bytes
@@ -42,6 +42,7 @@ class UnitTask:
     unit: Unit
     config: BuildConfig
     location: Location
+    weights: dict | None = None  # the identity of the weights the build planned with (the store's fingerprint names it)
 
 
 @dataclass
@@ -114,14 +115,24 @@ def _device_for_worker(config: BuildConfig) -> str:
     return f"cuda:{int(name) % torch.cuda.device_count()}" if isinstance(name, int) or str(name).isdigit() else config.device
 
 
-def encoder_for(config: BuildConfig) -> Encoder:
+def encoder_for(config: BuildConfig, weights: dict | None = None) -> Encoder:
+    """This process's encoder for `config`, loaded once and kept between units and builds while its weights
+    are those its model names. `weights`: the identity the build planned with; a unit must not compute with
+    others (a model directory rewritten during a build), since the store's fingerprint names the planned ones."""
     device = _device_for_worker(config)
     key = f"{config.to_dict()}|{device}"
     if key not in _ENCODERS or weights_changed(_ENCODERS[key]):
         _ENCODERS.clear()  # one model per process: a new config replaces the old one
         _GUARDS.clear()
         _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
-    return _ENCODERS[key]
+    encoder = _ENCODERS[key]
+    if weights is not None and encoder.provenance()["weights"] != weights:
+        raise EncoderError(
+            f"the weights of {config.model!r} are not those this build planned with ({encoder.provenance()['weights']} now, "
+            f"{weights} then): the model changed during the build; committed units are kept, and the same command "
+            f"builds only with the weights the store was fingerprinted with (new weights need a new store)"
+        )
+    return encoder
 
 
 def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None]) -> MemoryGuard:
@@ -140,7 +151,7 @@ def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str]
     `log` takes what the unit has to say (an out-of-memory split); on a Dask worker it goes to the worker's log.
     `on_sequences(n)` is told as each batch finishes n more sequences (a progress bar that moves within a unit).
     """
-    encoder = encoder or named(task, encoder_for, task.config)
+    encoder = encoder or named(task, encoder_for, task.config, task.weights)
     prepared = named(task, prepare_unit, task, encoder)
     return named(task, finish_unit, named(task, forward_unit, prepared, encoder, log, on_sequences))
 

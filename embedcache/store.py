@@ -391,6 +391,8 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
                    "tokens": t_end}
         for name, rows in counted.items():
             if name in root and root[name].shape[0] != rows:
+                if read_log(root, where).head.status != "complete":
+                    break  # a build began extending the store after its head was read here: it sizes the arrays first
                 raise StoreError(
                     f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, but the commit log of this complete "
                     f"store counts {rows}; its metadata was edited or damaged (run embedcache verify)"
@@ -587,10 +589,9 @@ class StoreWriter:
         before = arr.shape[0]
         # zarr's resize deletes every chunk position past the new end, present or not: for a shape edited
         # to 10^12 rows that list alone exhausts memory. Delete the objects that exist instead.
-        await arr.resize((rows, *arr.shape[1:]), delete_outside_chunks=False)
+        await arr.resize((rows, *arr.shape[1:]), delete_outside_chunks=False)  # (zarr updates arr's metadata in place)
         if rows < before:
             await _delete_chunks_from(self.store, arr, rows)
-        self._arrays[name] = (await self.root._async_group.getitem(name)).with_config(_WRITE_CONFIG)
 
     def reserve(self, *, records: int, contents: int, tokens: int = 0) -> None:
         """Grow the arrays to at least these rows before a build commits into them (array metadata is the

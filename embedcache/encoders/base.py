@@ -254,12 +254,10 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
 
 
 def weights_changed(encoder: "Encoder") -> bool:
-    """Whether the local model directory `encoder` was loaded from holds other weights now (rewritten in
-    place), so that a process keeping an encoder between builds loads it again. A hub id's files are
-    those of its cached commit, which a running process does not see change."""
+    """Whether the weights `encoder`'s model names now are not those it was loaded with (a local directory
+    rewritten in place, a hub revision that now resolves to another cached commit), so that a process
+    keeping an encoder between builds loads it again."""
     settings = encoder.settings
-    if not Path(settings.model).expanduser().is_dir():
-        return False
     return encoder.provenance()["weights"] != weights_identity(settings.model, settings.revision, None)
 
 

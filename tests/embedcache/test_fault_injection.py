@@ -30,7 +30,7 @@ from cli.embedcache_cli import main
 from embedcache import open_store
 from embedcache.build import build
 from embedcache.config import BuildConfig
-from embedcache.errors import SpoolError, StoreError
+from embedcache.errors import EncoderError, SpoolError, StoreError
 from embedcache.location import Location
 from embedcache.partition import UnitError, UnitTask, run_unit, what_next
 from embedcache.plan import Unit
@@ -628,9 +628,9 @@ def test_a_commit_that_fails_beside_the_next_units_forward_stops_the_build_clean
     assert_holds(store, seqs)
 
 
-def _first_forward_beside_creation(monkeypatch) -> tuple[dict, "threading.Event"]:
+def _first_forward_beside_creation(monkeypatch, wait: float = 30) -> tuple[dict, "threading.Event"]:
     """Wraps the build's store creation and the executor's forward: `seen` tells whether the first forward
-    started while the store was being created (creation waits up to 30 s for it), and whether the store
+    started while the store was being created (creation waits up to `wait` s for it), and whether the store
     existed when it did."""
     import threading
 
@@ -642,7 +642,7 @@ def _first_forward_beside_creation(monkeypatch) -> tuple[dict, "threading.Event"
     real_create, real_forward = build_module.create_store, executors.forward_unit
 
     def create_store(location, **kw):
-        seen["beside"] = forwarded.wait(timeout=30)
+        seen["beside"] = forwarded.wait(timeout=wait)
         return real_create(location, **kw)
 
     def forward_unit(prepared, *rest):
@@ -661,7 +661,7 @@ def test_a_new_pooled_only_store_is_created_beside_the_first_forward(tmp_path, m
     """The model does not wait for a new store's creation where units first need it at their commit
     (pooled only); units that write token shards find it created."""
     seqs = random_seqs(AA, [30 + i for i in range(12)], seed=21)
-    seen, _ = _first_forward_beside_creation(monkeypatch)
+    seen, _ = _first_forward_beside_creation(monkeypatch, wait=30 if not tokens else 0.5)  # per-token: no forward to wait for
     store = tmp_path / "s.zarr"
     run_build(esm2_config(models, tokens=tokens), [write_fasta(tmp_path / "a.fa", seqs)], store)
     assert seen == ({"beside": True, "existed": False} if not tokens else {"beside": False, "existed": True})
@@ -710,3 +710,18 @@ def test_ctrl_c_while_the_store_is_created_beside_the_first_forward_says_what_is
     monkeypatch.setattr(partition, "guard_for", real_guard)
     assert run_build(esm2_config(models, tokens=False), [fasta], store).plan.n_new == 12
     assert_holds(store, seqs)
+
+
+def test_a_unit_refuses_weights_other_than_those_the_build_planned_with(tmp_path, models):
+    """A model directory rewritten during a build (a trainer saving into it): a unit that would compute with
+    the new weights under the store's fingerprint of the old ones fails instead, naming both."""
+    from embedcache.partition import encoder_for
+    from embedcache.tiny_models import make_tiny_esm2
+
+    model = make_tiny_esm2(tmp_path / "m", seed=1)
+    config = BuildConfig.create("esm2", str(model))
+    planned = encoder_for(config).provenance()["weights"]
+    assert encoder_for(config, planned).provenance()["weights"] == planned
+    make_tiny_esm2(tmp_path / "m", seed=2)
+    with pytest.raises(EncoderError, match=r"are not those this build planned with .* the model changed during the build"):
+        encoder_for(config, planned)

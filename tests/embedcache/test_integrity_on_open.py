@@ -199,3 +199,24 @@ def test_readers_opening_while_a_build_commits_never_see_its_temporary_files(tmp
     assert proc.wait() == 0, proc.stderr.read()
     assert opens > 20 and len(seen) > 2, (opens, seen)  # it really raced a build that committed (commit counts seen)
     assert len(open_store(store).ids) == 80
+
+
+def test_a_reader_opening_a_complete_store_as_a_build_starts_extending_it_sees_the_committed_store(store, monkeypatch):
+    """A build marks the store incomplete and then sizes its arrays for what it will add; a reader that read
+    the head just before (complete: exact sizes expected) reads it again rather than call the store damaged."""
+    import embedcache.store as store_module
+    from embedcache.store import open_writer
+
+    ids = open_store(store).ids
+    real = store_module.read_log
+
+    def extended_meanwhile(root, where):
+        log = real(root, where)
+        monkeypatch.setattr(store_module, "read_log", real)
+        writer = open_writer(store)  # what the next build does right after planning
+        writer.set_status("incomplete")
+        writer.reserve(records=writer.committed.records + 3, contents=writer.content_end + 3, tokens=writer.token_end + 50)
+        return log
+
+    monkeypatch.setattr(store_module, "read_log", extended_meanwhile)
+    assert open_store(store).ids == ids
