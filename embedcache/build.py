@@ -356,7 +356,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
     beside the creation."""
     config, location, log = job.config, job.location, job.log
     started = time.time()
-    weights = plan.fingerprint_fields["weights"]  # what units must compute with: the store's fingerprint names it
+    weights = plan.fingerprint_fields.get("weights")  # what units must compute with: the store's fingerprint names it
     tasks = [UnitTask(unit, config, location, weights) for unit in plan.units]
     n_tokens, content_before = 0, 0 if opening.creating else opening.writer().content_end
     bar = tqdm(total=plan.n_new, unit="seq", desc="embedding", disable=not job.progress, dynamic_ncols=True)

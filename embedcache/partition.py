@@ -126,9 +126,9 @@ def encoder_for(config: BuildConfig, weights: dict | None = None) -> Encoder:
         _GUARDS.clear()
         _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
     encoder = _ENCODERS[key]
-    if weights is not None and encoder.provenance()["weights"] != weights:
+    if weights is not None and encoder.provenance().get("weights") != weights:
         raise EncoderError(
-            f"the weights of {config.model!r} are not those this build planned with ({encoder.provenance()['weights']} now, "
+            f"the weights of {config.model!r} are not those this build planned with ({encoder.provenance().get('weights')} now, "
             f"{weights} then): the model changed during the build; committed units are kept, and the same command "
             f"builds only with the weights the store was fingerprinted with (new weights need a new store)"
         )

@@ -256,9 +256,12 @@ def weights_identity(model: str, revision: str | None, commit_hash: str | None) 
 def weights_changed(encoder: "Encoder") -> bool:
     """Whether the weights `encoder`'s model names now are not those it was loaded with (a local directory
     rewritten in place, a hub revision that now resolves to another cached commit), so that a process
-    keeping an encoder between builds loads it again."""
-    settings = encoder.settings
-    return encoder.provenance()["weights"] != weights_identity(settings.model, settings.revision, None)
+    keeping an encoder between builds loads it again. An encoder naming no weights identity (a registered
+    encoder without weights files) never changes."""
+    kept = encoder.provenance().get("weights")
+    if kept is None:
+        return False
+    return kept != weights_identity(encoder.settings.model, encoder.settings.revision, None)
 
 
 # A build loads its encoder twice (to plan, without weights; to embed): hashing a 650M model's 2.6 GB
