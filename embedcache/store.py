@@ -626,8 +626,8 @@ class StoreWriter:
         arr = self._arrays[name]
         end = start + len(values)
         if arr.shape[0] < end:
-            # Grow geometrically, in whole chunks: most commits then write no array metadata at all.
-            # Rows past the log are never read; `set_status` trims them when the build ends.
+            # Past what `reserve` sized (a writer used without a plan): grow geometrically, in whole chunks,
+            # so most commits write no array metadata. Rows past the log are never read; `set_status` trims them.
             step = arr.metadata.chunk_grid.chunk_shape[0]
             grown = max(end, math.ceil(arr.shape[0] * 1.5 / step) * step)
             await arr.resize((grown, *arr.shape[1:]))
