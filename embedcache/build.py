@@ -344,9 +344,6 @@ class _Opening:
         self.ended()
         return self.future.result()
 
-    def failed(self) -> bool:
-        return self.future.done() and self.future.exception() is not None
-
 
 def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan: BuildPlan) -> BuildReport:
     """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete.
@@ -385,7 +382,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             if executor.name == InProcess.name:  # loaded here, so --no-progress silences transformers' bar too
                 with transformers_progress(job.progress):
                     encoder_for(config, weights)
-            if opening.failed():  # said now, not after a unit's forward
+            if opening.future.done():  # a failed creation is said now, not after a unit's forward
                 opening.writer()
             executor.run(tasks, commit, finished)
         _commit_records(opening.writer(), plan, lease)

@@ -534,18 +534,9 @@ class StoreWriter:
         return Committed(self.head.records, self.content_end, self.token_end)
 
     def _trim(self) -> None:
-        """Cut arrays back to the committed sizes: leftovers of a killed build are never read or kept.
-        The arrays are resized concurrently (on an object store each resize is a request)."""
+        """Cut arrays back to the committed sizes: leftovers of a killed build are never read or kept."""
         trim_log(self.root, self.head)
-        rows = {name: self.head.records for name in RECORD_ARRAYS}
-        rows.update({name: self.content_end for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled") if name in self._arrays})
-        if self.has_tokens:
-            rows["tokens"] = self.token_end
-
-        async def trim_all() -> None:
-            await asyncio.gather(*(self._resize(name, n) for name, n in rows.items() if self._arrays[name].shape[0] != n))
-
-        sync(trim_all())
+        self._resize_all(records=self.head.records, contents=self.content_end, tokens=self.token_end, grow_only=False)
 
     def _add_shard_digests(self) -> None:
         """A store written before shard digests gets them: each commit's token rows are read once, and
@@ -595,18 +586,25 @@ class StoreWriter:
 
     def reserve(self, *, records: int, contents: int, tokens: int = 0) -> None:
         """Grow the arrays to at least these rows before a build commits into them (array metadata is the
-        client's): one round of concurrent metadata writes, rather than commits growing them on the way
-        and completion trimming them back. Rows past the log are never read; `set_status("complete")`
-        trims whatever was reserved but not committed."""
+        client's): one round of metadata writes, rather than commits growing them on the way and completion
+        trimming them back. Rows past the log are never read; `set_status("complete")` trims whatever was
+        reserved but not committed."""
+        self._resize_all(records=records, contents=contents, tokens=tokens, grow_only=True)
+
+    def _resize_all(self, *, records: int, contents: int, tokens: int, grow_only: bool) -> None:
+        """Every array of the store to its rows (record, content or token rows), concurrently: on an object
+        store each resize is a request. `grow_only`: leave longer arrays as they are."""
         rows = {name: records for name in RECORD_ARRAYS}
         rows.update({name: contents for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled") if name in self._arrays})
         if self.has_tokens:
             rows["tokens"] = tokens
+        now = {name: self._arrays[name].shape[0] for name in rows}
+        wanted = [(name, n) for name, n in rows.items() if now[name] < n or (now[name] > n and not grow_only)]
 
-        async def grow_all() -> None:
-            await asyncio.gather(*(self._resize(name, n) for name, n in rows.items() if self._arrays[name].shape[0] < n))
+        async def resize_all() -> None:
+            await asyncio.gather(*(self._resize(name, n) for name, n in wanted))
 
-        sync(grow_all())
+        sync(resize_all())
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         if status == "complete":
