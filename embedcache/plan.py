@@ -12,6 +12,7 @@ object per record. The residues go to the store's spool (embedcache.spool). The 
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -28,24 +29,6 @@ from embedcache.inputs import Record, iter_records
 from embedcache.spool import SpoolEntry, SpoolWriter, iter_entries, read_entries
 
 Log = Callable[[str], None]
-
-
-class _Growing:
-    """An append-only numpy column that grows by doubling (amortised O(1), no Python object per row)."""
-
-    def __init__(self, dtype, width: int | None = None):
-        self.shape_tail = () if width is None else (width,)
-        self.data = np.zeros((1024, *self.shape_tail), dtype)
-        self.n = 0
-
-    def append(self, value) -> None:
-        if self.n == len(self.data):
-            self.data = np.concatenate([self.data, np.zeros_like(self.data)])
-        self.data[self.n] = value
-        self.n += 1
-
-    def array(self) -> np.ndarray:
-        return self.data[: self.n]
 
 
 @dataclass
@@ -152,14 +135,14 @@ def plan_build(
         raise InputError(f"--overlap {overlap} must be in 0..{encoder.window - 1} for a window of {encoder.window}")
     fp_fields = fingerprint_fields(config, encoder.provenance(), overlap)
 
-    digest, id_digest, n_tokens = _Growing("V32"), _Growing("V16"), _Growing(np.int64)
-    locator = _Growing(np.int64, 3)
+    # Per record, appended to flat buffers (a few bytes each, no Python object per record).
+    digest, id_digest, n_tokens, locator = bytearray(), bytearray(), array("q"), array("q")
     molecule = MoleculeTally(encoder.alphabet, encoder=config.encoder)
     for r in stream_records(inputs, id_column, sequence_column):
         seq = check_sequence(r.sequence, encoder.alphabet, record=r.id, source=r.source, encoder=config.encoder)
         molecule.add(r.id, seq, r.source)
-        digest.append(hashlib.sha256(seq.encode()).digest())
-        id_digest.append(_id_digest(r.id))
+        digest += hashlib.sha256(seq.encode()).digest()
+        id_digest += _id_digest(r.id)
         n = encoder.count_tokens(seq)
         if n == 0:
             raise InputError(
@@ -167,12 +150,13 @@ def plan_build(
                 f"(characters outside its vocabulary?)"
             )
         n_tokens.append(n)
-        locator.append(spool.append(r.id, r.source, seq))
+        locator.extend(spool.append(r.id, r.source, seq))
     spool.flush()
     molecule.check()
-    digests, id_digests, tokens, locators = digest.array(), id_digest.array(), n_tokens.array(), locator.array()
-    if not len(digests):
+    if not n_tokens:
         raise InputError("the inputs hold no records")
+    digests, id_digests = np.frombuffer(digest, "V32"), np.frombuffer(id_digest, "V16")  # (n,) each
+    tokens, locators = np.frombuffer(n_tokens, np.int64), np.frombuffer(locator, np.int64).reshape(-1, 3)  # (n,), (n, 3)
 
     # Distinct records: one id, one sequence (exact repeats dropped, conflicting ones refused).
     _, first_of_id = np.unique(id_digests, return_index=True)
@@ -210,21 +194,21 @@ def plan_build(
     reused = int((record_in_store & record_in_use & ~already).sum())
     resumed = int((record_in_store & ~record_in_use & ~already).sum())
 
-    # Windows and output rows of each new sequence, longest first (as batches are formed).
+    # Windows and output rows of each new sequence, longest first (as batches are formed): planned once
+    # per distinct token count (a proteome has about a thousand), which is all a plan depends on.
     order = new_seq[np.argsort(-tokens[new_seq], kind="stable")]
-    rows = np.zeros(len(order), np.int64)
-    n_windows = n_cropped = n_kept = 0
-    for j, i in enumerate(order.tolist()):
+    counts, which = np.unique(tokens[order], return_inverse=True)  # (c,), (len(order),)
+    per_count = np.zeros((len(counts), 4), np.int64)  # windows, cropped, kept tokens, stored rows
+    for c, n in enumerate(counts.tolist()):
         try:
-            p = plan_windows(encoder, int(tokens[i]), config)
+            p = plan_windows(encoder, n, config)
         except ValueError as e:
-            entry = _entry(spool, locators[i])
+            entry = _entry(spool, locators[order[np.flatnonzero(which == c)[0]]])
             raise InputError(f"{entry.source}: record {entry.id!r}: {e}") from e
-        n_windows += len(p.windows)
-        n_cropped += p.n_cropped > 0
-        n_kept += p.n_tokens
         out = encoder.n_output_rows(p.n_tokens)
-        rows[j] = pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
+        per_count[c] = len(p.windows), p.n_cropped > 0, p.n_tokens, pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
+    n_windows, n_cropped, n_kept, _ = per_count[which].sum(0).tolist() if len(order) else (0, 0, 0, 0)
+    rows = per_count[which, 3] if len(order) else np.zeros(0, np.int64)  # (len(order),)
     units = cut_units(order, rows, tokens, locators, shard_tokens=shard_tokens if config.tokens else 0,
                       unit_rows=unit_rows, unit_sequences=unit_sequences)  # fmt: skip
     itemsize = np.dtype(config.dtype).itemsize

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,10 @@ class VocabLookup:
     k: int  # length of the multi-letter tokens (1: single letters only)
     letter_index: np.ndarray  # (256,) int64: index of each k-mer letter in the alphabet, -1 = not one
     kmer_ids: np.ndarray  # (len(alphabet) ** k,) int64: id of each k-mer by its base-len(alphabet) code
+    letters: bytes = field(init=False, repr=False)  # the characters with a token of their own, for bytes.translate
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "letters", bytes(np.flatnonzero(self.single_ids >= 0).tolist()))
 
     @classmethod
     def of(cls, tokenizer) -> "VocabLookup | None":
@@ -101,11 +105,12 @@ class VocabLookup:
         planning a chromosome-long record needs (it only counts). None where `self(seq)` is None."""
         if not seq.isascii():
             return None
-        codes = np.frombuffer(seq.encode("ascii"), dtype=np.uint8)
-        if not (self.single_ids >= 0)[codes].all():
+        data = seq.encode("ascii")
+        if data.translate(None, self.letters):  # a character without a token of its own (one pass in C)
             return None
         if self.k == 1:
-            return len(codes)
+            return len(data)
+        codes = np.frombuffer(data, dtype=np.uint8)
         in_run = (self.letter_index >= 0)[codes].view(np.int8)  # (n,) 1 inside runs of k-mer letters
         edges = np.flatnonzero(np.diff(in_run, prepend=np.int8(0), append=np.int8(0)))  # (2 * runs,) starts and ends
         lengths = edges[1::2] - edges[::2]  # (runs,)

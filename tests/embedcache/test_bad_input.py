@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import random
+import re
 
 import pandas as pd
 import pytest
 
 from cli.embedcache_cli import create_parser, main
 from embedcache import open_store
+from embedcache import inputs
+from embedcache.errors import InputError
 from embedcache.inputs import read_records, unique_records
 
 from .conftest import write_fasta
@@ -135,6 +139,48 @@ def test_fasta_gzip_csv_tsv_parquet_read_the_same(tmp_path):
                      ("x.tsv", dict(id_column="name", sequence_column="seq")), ("x.parquet", dict(id_column="name", sequence_column="seq"))]:  # fmt: skip
         got = {r.id: r.sequence for r in read_records(tmp_path / name, **kw)}
         assert got == records, name
+
+
+# FASTA layouts, each read as a text-mode file's lines would be: (records as (id, sequence, line)) or an error.
+FASTA_LAYOUTS = {
+    "plain": (">a desc\nMKT\nAYI\n>b\nGGG\n", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
+    "crlf": (">a desc\r\nMKT\r\nAYI\r\n>b\r\nGGG\r\n", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
+    "lone CR": (">a\rMKT\rAYI\r>b\rGGG\r", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
+    "comments": (";c\n>a\nMK;x\n;comment\nTT\n>b\nG\n", [("a", "MK;xTT", 2), ("b", "G", 6)]),
+    "indented header": (">a\nMK\n  >b\nGG\n", [("a", "MK", 1), ("b", "GG", 3)]),
+    "blank lines, spaces": ("\n\n>a\n\nMK T\n\n>b\n G G\n", [("a", "MKT", 3), ("b", "GG", 7)]),
+    "unicode spaces": (">a\nMK\u00a0T\u2003\n>b\nGG\n", [("a", "MKT", 1), ("b", "GG", 3)]),
+    "ASCII separators": (">a\nMK\x1fT\n", [("a", "MKT", 1)]),
+    "no final newline": (">a;b c\nMKT", [("a;b", "MKT", 1)]),
+    "text before the first header": ("hello\n>a\nMK\n", "1: expected a FASTA header line starting with '>', got 'hello'"),
+    "record without sequence": (">a\n>b\nMK\n", "1: record 'a' has no sequence"),
+    "header without id": (">x\nM\n> \nMK\n", "3: FASTA header has no id"),
+}
+
+
+@pytest.mark.parametrize("layout", FASTA_LAYOUTS)
+def test_fasta_layouts(tmp_path, layout):
+    text, expected = FASTA_LAYOUTS[layout]
+    (tmp_path / "in.fa").write_bytes(text.encode())
+    if isinstance(expected, str):
+        line, message = expected.split(": ", 1)
+        with pytest.raises(InputError, match=re.escape(f"in.fa:{line}: {message}")):
+            read_records(tmp_path / "in.fa")
+    else:
+        assert [(r.id, r.sequence, int(r.source.rsplit(":", 1)[1])) for r in read_records(tmp_path / "in.fa")] == expected
+
+
+def test_fasta_reads_the_same_whatever_its_read_size(tmp_path, monkeypatch):
+    """Records cut across reads (a header or a line split between two) come out whole, lines counted right."""
+    rng = random.Random(0)
+    text = "".join(f">r{i} x\n" + "".join("".join(rng.choice("ACDEFGHIK") for _ in range(rng.randint(1, 70))) + rng.choice(["\n", "\r\n"])
+                                          for _ in range(rng.randint(1, 5))) for i in range(300))  # fmt: skip
+    (tmp_path / "in.fa").write_text(text, newline="")
+    expected = [(r.id, r.sequence, r.source) for r in read_records(tmp_path / "in.fa")]
+    assert len(expected) == 300 and expected[-1][2].endswith(f":{text.count(chr(10)) - text.rsplit('>', 1)[1].count(chr(10)) + 1}")
+    for size in (1, 2, 3, 7, 64, 1000):
+        monkeypatch.setattr(inputs, "READ_BYTES", size)
+        assert [(r.id, r.sequence, r.source) for r in read_records(tmp_path / "in.fa")] == expected, size
 
 
 def test_table_errors_name_column_and_row(tmp_path):
