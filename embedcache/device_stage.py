@@ -17,6 +17,7 @@ thread (`on_host`), casting rows straight into the shard.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -58,7 +59,7 @@ class HostBatch:
                          [None if window is None else WindowOutput(window.hidden.clone(), _clone(window.cls))])  # fmt: skip
 
 
-def on_host(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[SequencePlan], config: BuildConfig) -> HostBatch:
+def on_host(items: list[tuple[int, int]], outs: Sequence[WindowOutput], plans: list[SequencePlan], config: BuildConfig) -> HostBatch:
     """The CPU's way: float32 CPU outputs, reduced on the host stage's thread; rows stay float32 views, cast
     into the shard buffer by the writer (no array of their own, whose fresh pages cost more than the cast)."""
     rows, pooled, window = _reduce(items, [_to_host(o) for o in outs], plans, config, on_device=False)
@@ -81,7 +82,7 @@ class DeviceStage:
         self.slots: list[torch.Tensor | None] = [None] * (queued + 2)
         self.n = 0
 
-    def __call__(self, items: list[tuple[int, int]], outs: list[WindowOutput]) -> HostBatch | list[WindowOutput]:
+    def __call__(self, items: list[tuple[int, int]], outs: Sequence[WindowOutput]) -> HostBatch | Sequence[WindowOutput]:
         """The batch's HostBatch, or, when the device has no memory left for the reduction, its outputs as they
         are (the host stage then reduces them on the CPU, as it does for a CPU build)."""
         try:
@@ -92,7 +93,7 @@ class DeviceStage:
                 torch.cuda.empty_cache()
             return outs
 
-    def _reduce_and_copy(self, items: list[tuple[int, int]], outs: list[WindowOutput]) -> HostBatch:
+    def _reduce_and_copy(self, items: list[tuple[int, int]], outs: Sequence[WindowOutput]) -> HostBatch:
         rows, pooled, window = _reduce(items, outs, self.plans, self.config, on_device=True)
         pieces = [t for t in rows if t is not None] + [t for t in pooled if t is not None]
         pieces += [t for w in window if w is not None for t in (w.hidden, w.cls) if t is not None]
@@ -138,7 +139,7 @@ class DeviceStage:
         return slot
 
 
-def _reduce(items: list[tuple[int, int]], outs: list[WindowOutput], plans: list[SequencePlan], config: BuildConfig,
+def _reduce(items: list[tuple[int, int]], outs: Sequence[WindowOutput], plans: list[SequencePlan], config: BuildConfig,
             on_device: bool) -> tuple[list, list, list]:  # fmt: skip
     """Per item: (stored rows, pooled) of a one-window sequence, else its float32 window output.
 

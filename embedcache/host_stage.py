@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -50,7 +51,7 @@ class HostStage:
         self.thread.start()
         return self
 
-    def put(self, items: list[tuple[int, int]], batch: HostBatch | list[WindowOutput]) -> None:
+    def put(self, items: list[tuple[int, int]], batch: HostBatch | Sequence[WindowOutput]) -> None:
         """A batch's (sequence, window) items and their outputs: a HostBatch from the device stage, or the
         forward's outputs on the CPU as they are (reduced on this thread)."""
         self._raise()

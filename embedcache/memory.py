@@ -5,6 +5,7 @@ rest of the run (saying so once). A single window that cannot fit is an error na
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import numpy as np
@@ -28,11 +29,14 @@ class MemoryGuard:
         self.log = log
         self.lowered = False  # whether the budget was lowered (and said so)
 
-    def __call__(self, windows: list[np.ndarray], records: list[str], to_host: bool = True) -> list[WindowOutput]:
+    def __call__(self, windows: list[np.ndarray], records: list[str], to_host: bool = True) -> Sequence[WindowOutput]:
         """Outputs in the order of `windows` (`Encoder.forward`'s, `to_host` as there); `records[i]` names the
         record window i belongs to."""
+        parts = self._split_to_budget(windows)
+        if len(parts) == 1:  # the outputs as the encoder gave them (a packed forward's are sliced when read)
+            return self._run(windows, records, to_host)
         out: list[WindowOutput] = []
-        for part in self._split_to_budget(windows):
+        for part in parts:
             out += self._run([windows[i] for i in part], [records[i] for i in part], to_host)
         return out
 
@@ -51,7 +55,7 @@ class MemoryGuard:
             widest = max(widest, cost)
         return parts + [current] if current else parts
 
-    def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool) -> list[WindowOutput]:
+    def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool) -> Sequence[WindowOutput]:
         try:
             return self.encoder.forward(windows, to_host)
         except torch.OutOfMemoryError as e:
@@ -74,4 +78,4 @@ class MemoryGuard:
                 )
             self.lowered, self.max_tokens = True, budget
         half = len(windows) // 2
-        return self._run(windows[:half], records[:half], to_host) + self._run(windows[half:], records[half:], to_host)
+        return [*self._run(windows[:half], records[:half], to_host), *self._run(windows[half:], records[half:], to_host)]

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -77,14 +77,14 @@ class Encoder(ABC):
     model: torch.nn.Module
 
     @abstractmethod
-    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+    def encode_windows(self, windows: list[np.ndarray]) -> Sequence[WindowOutput]:
         """Run the model on a batch of windows (each a slice of `tokenize` output), under autocast.
 
         Outputs stay on the device in the compute dtype, and gradients flow when enabled: the
         end-to-end finetune mode trains through this exact function.
         """
 
-    def forward(self, windows: list[np.ndarray], to_host: bool = True) -> list[WindowOutput]:
+    def forward(self, windows: list[np.ndarray], to_host: bool = True) -> Sequence[WindowOutput]:
         """`encode_windows` for building stores: no autograd; float32 outputs on the CPU, or (`to_host=False`)
         left on the device for `embedcache.device_stage` to reduce there."""
         with torch.inference_mode():
@@ -159,7 +159,7 @@ class Encoder(ABC):
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
 
-def windows_to_host(outs: list[WindowOutput]) -> list[WindowOutput]:
+def windows_to_host(outs: Sequence[WindowOutput]) -> Sequence[WindowOutput]:
     """Window outputs as float32 CPU tensors: as they are when they already are, else in one transfer.
 
     The outputs of one batch are views of one tensor; a GPU batch comes back in one copy, not one per window.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,26 @@ from embedcache.encoders.unpadded import UnpaddedEsm, use_unpadded
 from embedcache.errors import EncoderError
 
 _HUGE = 10**8  # tokenizers without a limit report model_max_length ~1e30
+
+
+class PackedOutputs(Sequence[WindowOutput]):
+    """The WindowOutputs of one packed forward ((T, k, d) rows of windows back to back, `cu_seqlens` their
+    bounds, special tokens included), each sliced when it is read."""
+
+    def __init__(self, hidden: torch.Tensor, cu_seqlens: np.ndarray, prefix: int, suffix: int, has_cls: bool):
+        self.hidden, self.cu_seqlens, self.prefix, self.suffix, self.has_cls = hidden, cu_seqlens, prefix, suffix, has_cls
+
+    def __len__(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")
+        i %= len(self)
+        s, e = int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])
+        return WindowOutput(hidden=self.hidden[s + self.prefix : e - self.suffix], cls=self.hidden[s] if self.has_cls else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +437,7 @@ class HFTokenEncoder(Encoder):
         with self.autocast():
             return self.model(**inputs, output_hidden_states=output_hidden_states, return_dict=True)
 
-    def encode_windows(self, windows: list[np.ndarray]) -> list[WindowOutput]:
+    def encode_windows(self, windows: list[np.ndarray]) -> Sequence[WindowOutput]:
         if self.planning_only:
             raise EncoderError(f"encoder {self.name} for {self.settings.model!r} was loaded without weights (planning only)")
         if self.unpadded is not None and not torch.is_grad_enabled():
@@ -435,27 +456,23 @@ class HFTokenEncoder(Encoder):
             for i, w in enumerate(windows)
         ]
 
-    def _encode_unpadded(self, windows: list[np.ndarray]) -> list[WindowOutput]:
-        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`)."""
-        prefix = np.asarray(self.layout.prefix, dtype=np.int64)
-        suffix = np.asarray(self.layout.suffix, dtype=np.int64)
-        input_ids = np.concatenate([piece for w in windows for piece in (prefix, w, suffix)]).astype(np.int64)  # (T,)
-        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows)) + self.layout.n_special
-        cu_seqlens = np.concatenate([[0], np.cumsum(lengths)])  # (b + 1,)
+    def _encode_unpadded(self, windows: list[np.ndarray]) -> Sequence[WindowOutput]:
+        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`). The build's
+        forward thread runs this between model calls, so it does as little as it can: each window's output is
+        sliced when read (`PackedOutputs`, on the host stage's thread)."""
+        layout, device = self.layout, self.device
+        prefix, suffix = np.array(layout.prefix, np.int64), np.array(layout.suffix, np.int64)
+        input_ids = np.concatenate([piece for w in windows for piece in (prefix, w, suffix)])  # (T,)
+        lengths = np.fromiter(map(len, windows), np.int64, len(windows)) + layout.n_special  # (b,)
+        cu_seqlens = np.zeros(len(windows) + 1, np.int32)  # (b + 1,)
+        np.cumsum(lengths, out=cu_seqlens[1:])
+        ids, cu = torch.from_numpy(input_ids), torch.from_numpy(cu_seqlens)
+        if device.type != "cpu":  # queued behind the work already on the device, not waited for
+            ids, cu = ids.to(device, non_blocking=True), cu.to(device, non_blocking=True)
         with self.autocast():
-            last, states = self.unpadded(
-                # queued behind the work already on the device, not waited for (the copy stages the arrays at once)
-                torch.from_numpy(input_ids).to(self.device, non_blocking=True),
-                torch.from_numpy(cu_seqlens.astype(np.int32)).to(self.device, non_blocking=True),
-                int(lengths.max()),
-                output_hidden_states=self.layer_indices != (self.n_layers,),
-            )
+            last, states = self.unpadded(ids, cu, int(lengths.max()), output_hidden_states=self.layer_indices != (self.n_layers,))
         hidden = stack_layers([last if i == self.n_layers else states[i] for i in self.layer_indices], dim=1)  # (T, k, d)
-        p = len(self.layout.prefix)
-        return [
-            WindowOutput(hidden=hidden[s + p : s + p + len(w)], cls=hidden[s] if self.has_cls else None)
-            for s, w in zip(cu_seqlens[:-1].tolist(), windows)
-        ]
+        return PackedOutputs(hidden, cu_seqlens, len(layout.prefix), len(layout.suffix), self.has_cls)
 
     # -- what fine-tuning needs
 

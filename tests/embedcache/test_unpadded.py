@@ -98,7 +98,8 @@ def test_encoder_uses_the_padded_path_when_gradients_flow(models):
         assert calls == ["padded"]
     finally:
         handle.remove()
-    for u, p in zip(unpadded, padded):
+    assert len(unpadded) == len(padded) == 2 and unpadded[-1].hidden.shape == unpadded[1].hidden.shape == (2, 1, encoder.embed_dim)
+    for u, p in zip(unpadded, padded):  # each window's output, sliced out of the packed rows when read
         torch.testing.assert_close(u.hidden, p.hidden.detach(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(u.cls, p.cls.detach(), rtol=1e-4, atol=1e-5)
 
