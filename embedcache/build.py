@@ -19,10 +19,10 @@ import hashlib
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -375,6 +375,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
     executor = make_executor(job.scheduler, job.scheduler_file, log) if tasks else None
+    records = _RecordsAhead(open_location(location, read_only=False), plan)
     try:
         if config.tokens:
             opening.writer()
@@ -385,7 +386,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             if opening.future.done():  # a failed creation is said now, not after a unit's forward
                 opening.writer()
             executor.run(tasks, commit, finished)
-        _commit_records(opening.writer(), plan, lease)
+        _commit_records(opening.writer(), records, lease)
     except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
         opening.writer()
         _, root = open_root(location, mode="r")
@@ -396,6 +397,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
         ) from None
     finally:
         bar.close()
+        records.close()
         if executor is not None:
             executor.close()
     return _complete(job, lease, opening.writer(), plan, executor, time.time() - started, n_tokens)
@@ -433,19 +435,43 @@ def _complete(job: BuildJob, lease: WriterLease, writer: StoreWriter, plan: Buil
     return BuildReport(plan=plan, seconds=seconds, tokens_per_second=rate, committed_units=len(plan.units), summary=summary)
 
 
-def _commit_records(writer: StoreWriter, plan: BuildPlan, lease: WriterLease) -> None:
-    """Commit every new record, in input order, RECORD_CHUNK at a time, from the spool."""
-    ids: list[str] = []
-    rows: list[int] = []
-    for i, entry in record_entries(writer.store, plan):
-        if not plan.record_is_new[i]:
-            continue
-        ids.append(entry.id)
-        rows.append(writer.keys[plan.record_digest[i].tobytes().hex()])
-        if len(ids) == RECORD_CHUNK:
-            lease.check()
-            writer.commit_records(ids, rows)
-            ids, rows = [], []
-    if ids:
+def _commit_records(writer: StoreWriter, records: Iterable[tuple[list[str], list[str]]], lease: WriterLease) -> None:
+    """Commit every new record, in input order, a chunk of (ids, content keys) at a time."""
+    for ids, keys in records:
         lease.check()
-        writer.commit_records(ids, rows)
+        writer.commit_records(ids, [writer.keys[k] for k in keys])
+
+
+def _new_records(store, plan: BuildPlan) -> Iterator[tuple[list[str], list[str]]]:
+    """The new records' ids and content keys, in input order, RECORD_CHUNK at a time, from the spool."""
+    ids: list[str] = []
+    keys: list[str] = []
+    for i, entry in record_entries(store, plan):
+        if plan.record_is_new[i]:
+            ids.append(entry.id)
+            keys.append(plan.record_digest[i].tobytes().hex())
+            if len(ids) == RECORD_CHUNK:
+                yield ids, keys
+                ids, keys = [], []
+    if ids:
+        yield ids, keys
+
+
+class _RecordsAhead:
+    """`_new_records`, each chunk read from the spool on a thread of its own before it is asked for: the first
+    while the units run (reading it back was half of the records' commit, after the model's last batch)."""
+
+    def __init__(self, store, plan: BuildPlan):
+        self.chunks = _new_records(store, plan)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embedcache-records")
+        self.next: Future = self.pool.submit(next, self.chunks, None)
+
+    def __iter__(self) -> Iterator[tuple[list[str], list[str]]]:
+        while (chunk := self.next.result()) is not None:
+            self.next = self.pool.submit(next, self.chunks, None)
+            yield chunk
+
+    def close(self) -> None:
+        """Stop reading ahead (waits for a read under way: the spool is deleted after this)."""
+        self.next.cancel()
+        self.pool.shutdown(wait=True)
