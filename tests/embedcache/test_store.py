@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 import xarray as xr
 
 from embedcache import open_store
+import embedcache.build as build_module
 from embedcache.build import build
 from embedcache.config import BuildConfig
 from embedcache.errors import EncoderError, FingerprintMismatch, InputError, StoreError
@@ -48,6 +50,21 @@ def test_duplicates_are_embedded_once(tmp_path, models):
     np.testing.assert_array_equal(s.tokens("alias_of_s0"), s.tokens("s0_10"))
     np.testing.assert_array_equal(s.pooled(["lower_alias"]), s.pooled(["s1_20"]))
     assert s.sequence("lower_alias") == seqs["s1_20"]  # stored upper-cased
+
+
+def test_records_read_ahead_commit_in_input_order_chunk_by_chunk(tmp_path, models, monkeypatch):
+    """The records' ids are read back from the spool a chunk ahead of their commits: every chunk lands, in
+    input order, each under its own sequence (repeats and aliases included)."""
+    monkeypatch.setattr(build_module, "RECORD_CHUNK", 3)
+    seqs = random_seqs(AA, [12, 7, 30, 9, 21, 15, 8], seed=3)
+    records = {**seqs, "alias": seqs["s2_30"]}
+    fasta = write_fasta(tmp_path / "in.fa", records)
+    fasta.write_text(fasta.read_text() + f">s0_12\n{seqs['s0_12']}\n")  # an exact repeat: dropped
+    run_build(esm2_config(models), [fasta], tmp_path / "s.zarr")
+    s = open_store(tmp_path / "s.zarr")
+    assert list(s.ids) == list(records) and s.committed.content == 7
+    assert [s.sequence(r) for r in records] == list(records.values())
+    assert not any(t.name.startswith("embedcache-records") for t in threading.enumerate())
 
 
 def test_superset_build_computes_only_new_sequences(tmp_path, models):
