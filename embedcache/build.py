@@ -62,6 +62,9 @@ UNIT_SEQUENCES = 4096  # the most sequences of a unit: a pooled-only unit on Das
 # Sequences of a pooled-only unit in this process: few enough that its pipeline reads and plans the next
 # unit, and commits the last, while this one runs the model (one unit would do both with the model idle).
 POOLED_UNIT_SEQUENCES = 512
+# Records a commit holds: whole chunks of the record arrays, written concurrently; each commit costs about as
+# much (a few ms) whatever its size, and its ids, about 5 MB here, are the memory it holds (two, read ahead).
+RECORDS_PER_COMMIT = 16 * RECORD_CHUNK
 
 
 @dataclass
@@ -443,14 +446,14 @@ def _commit_records(writer: StoreWriter, records: Iterable[tuple[list[str], list
 
 
 def _new_records(store, plan: BuildPlan) -> Iterator[tuple[list[str], list[str]]]:
-    """The new records' ids and content keys, in input order, RECORD_CHUNK at a time, from the spool."""
+    """The new records' ids and content keys, in input order, RECORDS_PER_COMMIT at a time, from the spool."""
     ids: list[str] = []
     keys: list[str] = []
     for i, entry in record_entries(store, plan):
         if plan.record_is_new[i]:
             ids.append(entry.id)
             keys.append(plan.record_digest[i].tobytes().hex())
-            if len(ids) == RECORD_CHUNK:
+            if len(ids) == RECORDS_PER_COMMIT:
                 yield ids, keys
                 ids, keys = [], []
     if ids:

@@ -55,7 +55,7 @@ def test_duplicates_are_embedded_once(tmp_path, models):
 def test_records_read_ahead_commit_in_input_order_chunk_by_chunk(tmp_path, models, monkeypatch):
     """The records' ids are read back from the spool a chunk ahead of their commits: every chunk lands, in
     input order, each under its own sequence (repeats and aliases included)."""
-    monkeypatch.setattr(build_module, "RECORD_CHUNK", 3)
+    monkeypatch.setattr(build_module, "RECORDS_PER_COMMIT", 3)
     seqs = random_seqs(AA, [12, 7, 30, 9, 21, 15, 8], seed=3)
     records = {**seqs, "alias": seqs["s2_30"]}
     fasta = write_fasta(tmp_path / "in.fa", records)
