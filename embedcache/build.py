@@ -378,8 +378,9 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             bar.set_postfix(tok_s=f"{n_tokens / max(time.time() - started, 1e-9):,.0f}", refresh=False)
 
     executor = make_executor(job.scheduler, job.scheduler_file, log) if tasks else None
-    records = _RecordsAhead(open_location(location, read_only=False), plan)
+    records: _RecordsAhead | None = None
     try:
+        records = _RecordsAhead(open_location(location, read_only=False), plan)
         if config.tokens:
             opening.writer()
         if executor is not None:
@@ -400,9 +401,12 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
         ) from None
     finally:
         bar.close()
-        records.close()
-        if executor is not None:
-            executor.close()
+        try:
+            if records is not None:
+                records.close()  # before the spool is deleted
+        finally:
+            if executor is not None:
+                executor.close()
     return _complete(job, lease, opening.writer(), plan, executor, time.time() - started, n_tokens)
 
 

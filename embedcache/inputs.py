@@ -105,10 +105,10 @@ def _read_fasta(path: Path) -> Iterator[Record]:
         for block, line in _fasta_blocks(f):
             header, _, body = block.partition(b"\n")
             if header[:1] == b">" and b">" not in body and b";" not in body and b"\r" not in header[:-1]:
-                sequence = body.translate(None, _ASCII_SPACE).decode()
-                if not sequence.isascii():  # Unicode spaces too, as str.split() removes them
-                    sequence = "".join(sequence.split())
-                yield _fasta_record(name, header.decode()[1:].strip(), line, sequence)
+                sequence = body.translate(None, _ASCII_SPACE)
+                # Not ASCII: decoded first (a character split by a line break is no character), Unicode spaces too.
+                text = sequence.decode() if sequence.isascii() else "".join(body.decode().split())
+                yield _fasta_record(name, header.decode()[1:].strip(), line, text)
             else:  # comments, an indented header, text before the first header, lines ended by a lone CR
                 yield from _read_fasta_lines(name, block.decode(), line)
 
@@ -123,17 +123,23 @@ def _fasta_blocks(f) -> Iterator[tuple[bytes, int]]:
         if at_line_start and chunk[:1] == b">" and pieces:
             block = b"".join(pieces)
             yield block, line
-            line, pieces = line + block.count(b"\n"), []
+            line, pieces = line + _line_breaks(block), []
         while (cut := chunk.find(b"\n>", at)) >= 0:
             pieces.append(chunk[at : cut + 1])
             block = b"".join(pieces)
             yield block, line
-            line, pieces, at = line + block.count(b"\n"), [], cut + 1
+            line, pieces, at = line + _line_breaks(block), [], cut + 1
         pieces.append(chunk[at:])
         at_line_start = chunk[-1:] == b"\n"
     block = b"".join(pieces)
     if block:
         yield block, line
+
+
+def _line_breaks(block: bytes) -> int:
+    """Lines a block ends, as text mode counts them: \\n, \\r\\n or a lone \\r (a block ends after a \\n, so
+    no \\r\\n is split between two)."""
+    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
 
 
 def _read_fasta_lines(name: str, text: str, first_line: int) -> Iterator[Record]:

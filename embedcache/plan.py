@@ -199,7 +199,8 @@ def plan_build(
     order = new_seq[np.argsort(-tokens[new_seq], kind="stable")]
     counts, which = np.unique(tokens[order], return_inverse=True)  # (c,), (len(order),)
     per_count = np.zeros((len(counts), 4), np.int64)  # windows, cropped, kept tokens, stored rows
-    for c, n in enumerate(counts.tolist()):
+    for c in range(len(counts) - 1, -1, -1):  # longest first, as batches run: an error names the longest record
+        n = int(counts[c])
         try:
             p = plan_windows(encoder, n, config)
         except ValueError as e:

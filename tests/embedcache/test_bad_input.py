@@ -101,7 +101,8 @@ def test_remote_code_needs_the_flag(tmp_path, models, capsys, dry_run):
 
 
 def test_enformer_sequence_longer_than_window_needs_a_crop(tmp_path, models, capsys):
-    write_fasta(tmp_path / "g.fa", {"short": "ACGT" * 100, "gene7": "ACGT" * 300})
+    # Two records too long: the longest is named, as the batches would reach it first.
+    write_fasta(tmp_path / "g.fa", {"short": "ACGT" * 100, "gene6": "ACGT" * 275, "gene7": "ACGT" * 300})
     args = build_args(models, tmp_path / "g.fa", tmp_path / "s.zarr", "--window", "1024", encoder="enformer")
     code, err = cli(capsys, *args)
     assert code == 2 and "record 'gene7'" in err and "1200 tokens is longer than the encoder's fixed window of 1024" in err
@@ -109,6 +110,7 @@ def test_enformer_sequence_longer_than_window_needs_a_crop(tmp_path, models, cap
     code, _ = cli(capsys, *args, "--crop", "center")
     assert code == 0
     assert open_store(tmp_path / "s.zarr").record_info("gene7")["n_cropped"] == 176
+    assert open_store(tmp_path / "s.zarr").record_info("gene6")["n_cropped"] == 76
 
 
 def test_max_length_without_crop_is_refused(tmp_path, models, capsys):
@@ -146,6 +148,7 @@ FASTA_LAYOUTS = {
     "plain": (">a desc\nMKT\nAYI\n>b\nGGG\n", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
     "crlf": (">a desc\r\nMKT\r\nAYI\r\n>b\r\nGGG\r\n", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
     "lone CR": (">a\rMKT\rAYI\r>b\rGGG\r", [("a", "MKTAYI", 1), ("b", "GGG", 4)]),
+    "a lone CR in one record": (">a\nMK\rTT\n>b\nGG\n>c\nM\n", [("a", "MKTT", 1), ("b", "GG", 4), ("c", "M", 6)]),
     "comments": (";c\n>a\nMK;x\n;comment\nTT\n>b\nG\n", [("a", "MK;xTT", 2), ("b", "G", 6)]),
     "indented header": (">a\nMK\n  >b\nGG\n", [("a", "MK", 1), ("b", "GG", 3)]),
     "blank lines, spaces": ("\n\n>a\n\nMK T\n\n>b\n G G\n", [("a", "MKT", 3), ("b", "GG", 7)]),
@@ -168,6 +171,14 @@ def test_fasta_layouts(tmp_path, layout):
             read_records(tmp_path / "in.fa")
     else:
         assert [(r.id, r.sequence, int(r.source.rsplit(":", 1)[1])) for r in read_records(tmp_path / "in.fa")] == expected
+
+
+def test_a_character_split_by_a_line_break_is_not_utf8(tmp_path):
+    """The bytes of one character split by a line break are two bad bytes, not the character (joining lines
+    before decoding would make U+00A0, a space, out of them)."""
+    (tmp_path / "in.fa").write_bytes(b">a\nMK\xc2\n\xa0TT\n")
+    with pytest.raises(InputError, match=re.escape("in.fa: byte b'\\xc2' is not UTF-8 text")):
+        read_records(tmp_path / "in.fa")
 
 
 def test_fasta_reads_the_same_whatever_its_read_size(tmp_path, monkeypatch):
