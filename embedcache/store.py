@@ -453,7 +453,6 @@ def _chunk_keys(arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[str, tuple[
 
 def missing_objects(store: Store, root: zarr.Group, index: StoreIndex) -> list[str]:
     """Every chunk or shard that committed rows live in but the store lacks: each one a fault."""
-    present = set(sync(_list_all(store)))
     log = index.log
     needed: dict[str, list[tuple[int, int]]] = {}
     if log.head.records:
@@ -465,6 +464,9 @@ def missing_objects(store: Store, root: zarr.Group, index: StoreIndex) -> list[s
             needed[name] = content_spans
     if "tokens" in root and token_spans:
         needed["tokens"] = token_spans
+    # Only the checked arrays are listed: the rest of the store may change meanwhile (a finishing build removes
+    # its spool directory, which a listing of everything could be walking: FileNotFoundError).
+    present = set(sync(_list_prefixes(store, [f"{name}/" for name in needed])))
     faults = []
     for name, spans in needed.items():
         arr = root[name]
@@ -479,6 +481,14 @@ def missing_objects(store: Store, root: zarr.Group, index: StoreIndex) -> list[s
 
 async def _list_all(store: Store) -> list[str]:
     return [k async for k in store.list_prefix("")]
+
+
+async def _list_prefixes(store: Store, prefixes: list[str]) -> list[str]:
+    async def one(prefix: str) -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    listed = await asyncio.gather(*(one(p) for p in prefixes))
+    return [k for keys in listed for k in keys]
 
 
 async def _delete_chunks_from(store: Store, arr, rows: int) -> None:
