@@ -1,7 +1,8 @@
 """`embedcache build`: plan -> units -> workers -> commits. Only what the store lacks is embedded.
 
 1. plan (embedcache.plan): one streamed pass over the inputs, in bounded memory; records spooled
-   into the store; new sequences cut into length-sorted units with their own token regions;
+   into the store; new sequences cut into length-sorted units with their own token regions (a
+   pooled-only build in this process begins its first unit's forward meanwhile: embedcache.head_start);
 2. units run in this process or on Dask workers (embedcache.executors, embedcache.partition),
    each writing its token shards straight into the store as they fill, from a host stage that runs
    beside the forward (embedcache.host_stage);
@@ -19,7 +20,7 @@ import hashlib
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,11 +37,12 @@ from embedcache.encoders.base import transformers_progress, weights_changed
 from embedcache.commits import read_log
 from embedcache.errors import Interrupted, StoreError
 from embedcache.executors import InProcess, check_store_reach, make_executor
+from embedcache.head_start import HEAD_START_SEQUENCES, HeadStartRun, wait_holding_ctrl_c
 from embedcache.inputs import check_input_file
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
 from embedcache.location import Location, open_location
 from embedcache.partition import UnitResult, UnitTask, encoder_for
-from embedcache.plan import BuildPlan, plan_build, record_entries
+from embedcache.plan import BuildPlan, HeadStart, plan_build, record_entries
 from embedcache.spool import SpoolWriter, delete_spool
 from embedcache.store import (
     FORMAT,
@@ -172,8 +174,10 @@ class StoreSpec:
                          **_unit_sizes(config, encoder, shard, in_process))  # fmt: skip
         return cls(encoder, fp, fields, _store_attrs(config, encoder, fp, fields, overlap), plan_args)
 
-    def plan(self, job: BuildJob, stored_keys: dict, stored_ids: dict, spool: SpoolWriter) -> BuildPlan:
-        return plan_build(job.config, list(job.inputs), self.encoder, job.location.url, stored_keys, stored_ids, spool, **self.plan_args)
+    def plan(self, job: BuildJob, stored_keys: dict, stored_ids: dict, spool: SpoolWriter, head: HeadStartRun | None = None) -> BuildPlan:
+        head_start = HeadStart(HEAD_START_SEQUENCES, head.begin) if head is not None else None
+        return plan_build(job.config, list(job.inputs), self.encoder, job.location.url, stored_keys, stored_ids, spool,
+                          head_start=head_start, **self.plan_args)  # fmt: skip
 
 
 _PLANNERS: dict[str, Encoder] = {}  # the last planning encoder of this process, kept for its next build
@@ -257,10 +261,13 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
     store = open_location(location, read_only=False)
     delete_spool(store)  # a killed build's spool is stale
     opening = None
+    # A pooled-only build in this process begins its first unit's forward while it plans the rest (head_start).
+    head = HeadStartRun(job.config, location, spec.fields.get("weights"), spec.encoder, job.progress, log) \
+        if not job.config.tokens and job.scheduler is None and job.scheduler_file is None else None  # fmt: skip
     try:
         # Plan before creating anything: bad input stops the build with no store made.
         try:
-            plan = spec.plan(job, stored_keys or {}, stored_ids or {}, SpoolWriter(store))
+            plan = spec.plan(job, stored_keys or {}, stored_ids or {}, SpoolWriter(store), head)
         except KeyboardInterrupt:
             raise Interrupted("while planning, before anything was written: " + (
                 "the store is as it was" if writer is not None else "no store was created")) from None
@@ -271,13 +278,15 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
         else:
             _prepare_writer(writer, plan)
             opening = _Opening(writer)
-        report = _embed_and_commit(job, lease, opening, plan)
+        report = _embed_and_commit(job, lease, opening, plan, head if head is not None and head.begun else None)
     finally:
-        if opening is not None:
-            try:
+        try:
+            if head is not None:
+                head.abort()  # planning failed: its forward is dropped (once the executor took it, nothing to do)
+            if opening is not None:
                 opening.ended()  # the build leaves neither the store nor its lease while the creation writes
-            except KeyboardInterrupt:
-                pass  # an error or an interruption is on its way out already
+        except KeyboardInterrupt:
+            pass  # an error or an interruption is on its way out already
         delete_spool(store)
     lease.check()
     consolidate(location)  # for xarray; after the spool is gone, which is no part of the store
@@ -334,26 +343,19 @@ class _Opening:
 
     def ended(self) -> None:
         """Wait until the creation has ended, whichever way (its error is writer()'s to raise)."""
-        interrupted = False
-        while not self.future.done():
-            try:
-                wait([self.future])
-            except KeyboardInterrupt:
-                interrupted = True
-        if interrupted:
-            raise KeyboardInterrupt
+        wait_holding_ctrl_c(self.future)
 
     def writer(self) -> StoreWriter:
         self.ended()
         return self.future.result()
 
 
-def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan: BuildPlan) -> BuildReport:
+def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan: BuildPlan, head: HeadStartRun | None) -> BuildReport:
     """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete.
 
     A new store is created meanwhile (`opening`): units that keep per-token rows write them into it, so
     they wait for it; pooled-only units first need it at their commit, so the first one's forward runs
-    beside the creation."""
+    beside the creation. `head`: unit 0's forward, begun while the build planned."""
     config, location, log = job.config, job.location, job.log
     started = time.time()
     weights = plan.fingerprint_fields.get("weights")  # what units must compute with: the store's fingerprint names it
@@ -389,7 +391,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
                     encoder_for(config, weights)
             if opening.future.done():  # a failed creation is said now, not after a unit's forward
                 opening.writer()
-            executor.run(tasks, commit, finished)
+            executor.run(tasks, commit, finished, first=head)
         _commit_records(opening.writer(), records, lease)
     except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
         opening.writer()

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
 from embedcache.errors import EmbedcacheError, StoreError
+from embedcache.head_start import HeadStartRun
 from embedcache.location import Location
 from embedcache.partition import (
     RunningUnit,
@@ -46,9 +47,11 @@ class Executor(ABC):
     name: str
 
     @abstractmethod
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None,
+            first: HeadStartRun | None = None) -> None:  # fmt: skip
         """Run every task; call `on_results` in this process with the units that finished, in completion order,
-        and `on_sequences(task, n)` as n more sequences of a running unit finish, where the executor can tell."""
+        and `on_sequences(task, n)` as n more sequences of a running unit finish, where the executor can tell.
+        `first`: the first task's forward, begun while the build planned (embedcache.head_start; in-process only)."""
 
     def close(self) -> None:
         pass
@@ -60,15 +63,20 @@ class InProcess(Executor):
     finished (its last shard writes) and committed on another, so the model never waits for a unit to
     start or end. One unit ahead and one behind: memory holds at most three units' work.
 
+    A pooled-only build's first unit may have begun while the build planned (`first`, embedcache.head_start):
+    it is taken as the first forward, finished and committed like the others.
+
     Ctrl-C: the unit being finished is committed, then the running unit's finished sequences (as a
-    smaller unit), then the build stops; a rerun recomputes at most the batches in flight."""
+    smaller unit), then the build stops; a rerun recomputes at most the batches in flight (or, while the
+    build waits for a head start's forward, that unit)."""
 
     name = "in-process"
 
     def __init__(self, log: Log = print):
         self.log = log
 
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None,
+            first: HeadStartRun | None = None) -> None:  # fmt: skip
         tasks = list(tasks)
         if not tasks:
             return
@@ -87,17 +95,19 @@ class InProcess(Executor):
 
         with ThreadPoolExecutor(1, thread_name_prefix="embedcache-prepare") as ahead, \
                 ThreadPoolExecutor(1, thread_name_prefix="embedcache-commit") as behind:  # fmt: skip
-            next_unit: Future | None = prepare(tasks[0])
+            next_unit: Future | None = None if first is not None else prepare(tasks[0])
             committing: Future | None = None
             running: RunningUnit | None = None
             # The forward stops early when the unit being committed failed: its error ends the build at once.
             failed = lambda: committing is not None and committing.done() and committing.exception() is not None  # noqa: E731
             try:
                 for i, task in enumerate(tasks):
-                    prepared = (next_unit or prepare(task)).result()
+                    begun = first if i == 0 else None
+                    prepared = None if begun is not None else (next_unit or prepare(task)).result()
                     # A lone record (a chromosome) is prepared in its turn: its token ids alone may be gigabytes.
                     next_unit = prepare(tasks[i + 1]) if i + 1 < len(tasks) and tasks[i + 1].unit.n_sequences > 1 else None
-                    running = named(task, forward_unit, prepared, encoder, self.log, told(task), failed, buffers)
+                    running = begun.running() if begun is not None else \
+                        named(task, forward_unit, prepared, encoder, self.log, told(task), failed, buffers)  # fmt: skip
                     _settle(committing)  # the previous unit, finished and committed beside this forward
                     committing, running = behind.submit(commit, running), None
                 _settle(committing)
@@ -111,10 +121,14 @@ class InProcess(Executor):
                 finally:
                     if running is not None and running.claim():  # not committed, nor being committed elsewhere
                         running.abort()
+                    if first is not None:
+                        first.abort()  # interrupted while waiting for it: its forward is dropped
                 raise
             except BaseException:
                 if running is not None:
                     running.abort()
+                if first is not None:
+                    first.abort()
                 if next_unit is not None:
                     next_unit.cancel()
                 raise
@@ -139,7 +153,10 @@ class DaskExecutor(Executor):
         self.resources = {RESOURCE: 1} if declared else None
         log(f"dask: {len(workers)} workers at {client.scheduler.address}" + (f"; dashboard {link}" if link else ""))
 
-    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None) -> None:
+    def run(self, tasks: Iterable[UnitTask], on_results: OnResults, on_sequences: OnSequences | None = None,
+            first: HeadStartRun | None = None) -> None:  # fmt: skip
+        if first is not None:
+            raise AssertionError("a head start runs in the build's process, not on Dask workers")
         from distributed import as_completed  # progress moves as units finish: workers report no batches
 
         futures = [

@@ -85,6 +85,7 @@ class UnitError(EmbedcacheError):
 
 _ENCODERS: dict[str, Encoder] = {}  # one loaded encoder per process, kept across units
 _GUARDS: dict[str, MemoryGuard] = {}  # and its out-of-memory guard: a lowered token budget stays lowered
+_LOADING = threading.Lock()  # a head start loads it on a thread of its own while the build plans (embedcache.head_start)
 
 
 def _worker_name() -> str:
@@ -121,11 +122,15 @@ def encoder_for(config: BuildConfig, weights: dict | None = None) -> Encoder:
     others (a model directory rewritten during a build), since the store's fingerprint names the planned ones."""
     device = _device_for_worker(config)
     key = f"{config.to_dict()}|{device}"
-    if key not in _ENCODERS or weights_changed(_ENCODERS[key]):
-        _ENCODERS.clear()  # one model per process: a new config replaces the old one
-        _GUARDS.clear()
-        _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
-    encoder = _ENCODERS[key]
+    with _LOADING:
+        kept = _ENCODERS.get(key)
+        # Kept while its weights are the planned ones (the build checked their files when it began), else while
+        # its files are unchanged.
+        if kept is None or (kept.provenance().get("weights") != weights if weights is not None else weights_changed(kept)):
+            _ENCODERS.clear()  # one model per process: a new config replaces the old one
+            _GUARDS.clear()
+            _ENCODERS[key] = load_encoder(config.encoder, replace(config.encoder_settings(), device=device))
+        encoder = _ENCODERS[key]
     if weights is not None and encoder.provenance().get("weights") != weights:
         raise EncoderError(
             f"the weights of {config.model!r} are not those this build planned with ({encoder.provenance().get('weights')} now, "
@@ -226,11 +231,13 @@ class RunningUnit:
             self.writer.close()
 
 
-def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
+def prepare_unit(task: UnitTask, encoder: Encoder, entries: list[SpoolEntry] | None = None) -> PreparedUnit:
     """The unit's sequences from the spool, their token ids and windows (no model call: it may run on a
-    thread of its own while the previous unit's forward runs)."""
+    thread of its own while the previous unit's forward runs). `entries`: its records, when the caller
+    holds them already (a head start: the planner has just read them)."""
     store = open_location(task.location, read_only=False)
-    entries = read_entries(store, task.unit.locators)
+    if entries is None:
+        entries = read_entries(store, task.unit.locators)
     token_ids = [encoder.tokenize(e.residues) for e in entries]
     plans = [plan_windows(encoder, len(ids), task.config) for ids in token_ids]
     array = _tokens_array(store) if task.config.tokens and entries else None

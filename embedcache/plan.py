@@ -7,11 +7,18 @@ object per record. The residues go to the store's spool (embedcache.spool). The 
 - compares with the store: records already there, and sequences it holds under other ids;
 - cuts the NEW unique sequences, longest first, into units (embedcache.partition) of whole
   shards of token rows, each with its own token region, so units can run anywhere in any order.
+
+A build may ask for a head start: the first new sequences read become unit 0 as soon as there are
+enough of them, handed over while the rest of the input is still read, so that their forward runs
+beside the planning (a pooled-only build in this process: such a unit writes nothing before its
+commit, and nothing is committed before the plan is complete, so bad input still stops the build
+with nothing written).
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +109,15 @@ def _id_digest(record_id: str) -> bytes:
     return hashlib.blake2b(record_id.encode(), digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class HeadStart:
+    """Unit 0, cut from the first `sequences` new sequences read (in input order, then longest first) and
+    handed to `begin` with their records (as the spool holds them) while the rest of the input is planned."""
+
+    sequences: int
+    begin: Callable[[Unit, list[SpoolEntry]], None]
+
+
 def stream_records(inputs: Iterable[str | Path], id_column: str, sequence_column: str) -> Iterator[Record]:
     inputs = list(inputs)
     if not inputs:
@@ -124,11 +140,13 @@ def plan_build(
     shard_tokens: int,
     unit_rows: int,
     unit_sequences: int,
+    head_start: HeadStart | None = None,
 ) -> BuildPlan:
     """Plan a build in one pass over `inputs`.
 
     `stored_keys`: the store's content digests (32 bytes); `stored_ids`: id digest -> content digest of
-    its records. Every record is spooled (a dry run spools to a temporary local directory).
+    its records. Every record is spooled (a dry run spools to a temporary local directory). `head_start`:
+    unit 0 is cut and begun early (module docstring); the plan's units then start with it.
     """
     overlap = resolve_overlap(config, encoder)
     if not encoder.fixed_window and not 0 <= overlap < encoder.window:
@@ -138,10 +156,13 @@ def plan_build(
     # Per record, appended to flat buffers (a few bytes each, no Python object per record).
     digest, id_digest, n_tokens, locator = bytearray(), bytearray(), array("q"), array("q")
     molecule = MoleculeTally(encoder.alphabet, encoder=config.encoder)
+    head: dict[bytes, tuple[int, SpoolEntry]] | None = {} if head_start is not None else None  # new digest -> its first record
+    head_unit, head_seq = None, np.zeros(0, np.int64)  # unit 0, the records of its sequences
     for r in stream_records(inputs, id_column, sequence_column):
         seq = check_sequence(r.sequence, encoder.alphabet, record=r.id, source=r.source, encoder=config.encoder)
         molecule.add(r.id, seq, r.source)
-        digest += hashlib.sha256(seq.encode()).digest()
+        d = hashlib.sha256(seq.encode()).digest()
+        digest += d
         id_digest += _id_digest(r.id)
         n = encoder.count_tokens(seq)
         if n == 0:
@@ -151,6 +172,19 @@ def plan_build(
             )
         n_tokens.append(n)
         locator.extend(spool.append(r.id, r.source, seq))
+        if head_unit is not None and len(n_tokens) % 32 == 0:
+            # Let unit 0's forward have the interpreter: a thread waiting for it gets it only when the holder
+            # blocks, or after sys.getswitchinterval() (5 ms), and the forward waits for it at every batch.
+            time.sleep(0)
+        if head is not None and d not in stored_keys and d not in head:
+            head[d] = len(n_tokens) - 1, SpoolEntry(r.id, r.source, seq)
+            if len(head) == head_start.sequences:  # unit 0 is full: begin it
+                spool.flush()  # its locators name its records in errors
+                cut = _head_unit(list(head.values()), n_tokens, locator, encoder, config)
+                if cut is not None:
+                    head_unit, head_seq, entries = cut
+                    head_start.begin(head_unit, entries)
+                head = None
     spool.flush()
     molecule.check()
     if not n_tokens:
@@ -196,22 +230,22 @@ def plan_build(
 
     # Windows and output rows of each new sequence, longest first (as batches are formed): planned once
     # per distinct token count (a proteome has about a thousand), which is all a plan depends on.
-    order = new_seq[np.argsort(-tokens[new_seq], kind="stable")]
+    rest = new_seq[~np.isin(new_seq, head_seq)]
+    order = np.concatenate([head_seq, rest[np.argsort(-tokens[rest], kind="stable")]])
     counts, which = np.unique(tokens[order], return_inverse=True)  # (c,), (len(order),)
     per_count = np.zeros((len(counts), 4), np.int64)  # windows, cropped, kept tokens, stored rows
     for c in range(len(counts) - 1, -1, -1):  # longest first, as batches run: an error names the longest record
-        n = int(counts[c])
         try:
-            p = plan_windows(encoder, n, config)
+            per_count[c] = _count_plan(encoder, int(counts[c]), config)
         except ValueError as e:
             entry = _entry(spool, locators[order[np.flatnonzero(which == c)[0]]])
             raise InputError(f"{entry.source}: record {entry.id!r}: {e}") from e
-        out = encoder.n_output_rows(p.n_tokens)
-        per_count[c] = len(p.windows), p.n_cropped > 0, p.n_tokens, pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
     n_windows, n_cropped, n_kept, _ = per_count[which].sum(0).tolist() if len(order) else (0, 0, 0, 0)
     rows = per_count[which, 3] if len(order) else np.zeros(0, np.int64)  # (len(order),)
-    units = cut_units(order, rows, tokens, locators, shard_tokens=shard_tokens if config.tokens else 0,
-                      unit_rows=unit_rows, unit_sequences=unit_sequences)  # fmt: skip
+    h = len(head_seq)
+    units = [head_unit] if head_unit is not None else []
+    units += cut_units(order[h:], rows[h:], tokens, locators, shard_tokens=shard_tokens if config.tokens else 0,
+                       unit_rows=unit_rows, unit_sequences=unit_sequences, first_index=len(units))  # fmt: skip
     itemsize = np.dtype(config.dtype).itemsize
     new_records = ~already
     width = encoder.embed_dim * len(encoder.layer_indices)  # values per row, every layer
@@ -243,10 +277,35 @@ def plan_build(
     )
 
 
+def _count_plan(encoder: Encoder, n: int, config: BuildConfig) -> tuple[int, int, int, int]:
+    """(windows, cropped or not, kept tokens, stored rows) of a sequence of `n` tokens; ValueError when it cannot be windowed."""
+    p = plan_windows(encoder, n, config)
+    out = encoder.n_output_rows(p.n_tokens)
+    return len(p.windows), p.n_cropped > 0, p.n_tokens, pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
+
+
+def _head_unit(first: list[tuple[int, SpoolEntry]], n_tokens: array, locator: array, encoder: Encoder, config: BuildConfig
+               ) -> tuple[Unit, np.ndarray, list[SpoolEntry]] | None:  # fmt: skip
+    """Unit 0 of a head start, of the sequences of `first` (the index and entry of each one's first record),
+    longest first, with those records' indices and entries in its order; None when one of them cannot be
+    windowed (the plan names it, as it names any)."""
+    records = np.fromiter((i for i, _ in first), np.int64, len(first))
+    tokens = np.frombuffer(n_tokens, np.int64)[records]
+    order = np.argsort(-tokens, kind="stable")
+    try:
+        rows = {n: _count_plan(encoder, n, config)[3] for n in set(tokens.tolist())}
+    except ValueError:
+        return None
+    locators = np.frombuffer(locator, np.int64).reshape(-1, 3)[records[order]]
+    n_rows = np.fromiter((rows[n] for n in tokens[order].tolist()), np.int64, len(order))
+    unit = Unit(0, locators, n_rows, int(tokens.sum()), 0, 0)  # pooled-only: no token rows
+    return unit, records[order], [first[i][1] for i in order.tolist()]
+
+
 def cut_units(order: np.ndarray, rows: np.ndarray, tokens: np.ndarray, locators: np.ndarray, *, shard_tokens: int,
-              unit_rows: int, unit_sequences: int) -> list[Unit]:
+              unit_rows: int, unit_sequences: int, first_index: int = 0) -> list[Unit]:
     """Consecutive runs of the length-sorted new sequences, each up to `unit_rows` token rows and
-    `unit_sequences` sequences, each starting its token rows on a shard boundary."""
+    `unit_sequences` sequences, each starting its token rows on a shard boundary; numbered from `first_index`."""
     units: list[Unit] = []
     start, t = 0, 0
     n = len(order)
@@ -258,7 +317,7 @@ def cut_units(order: np.ndarray, rows: np.ndarray, tokens: np.ndarray, locators:
         t0 = -(-t // shard_tokens) * shard_tokens if shard_tokens else 0
         t1 = t0 + total if shard_tokens else 0
         idx = order[start:end]
-        units.append(Unit(len(units), locators[idx], rows[start:end].copy(), int(tokens[idx].sum()), t0, t1))
+        units.append(Unit(first_index + len(units), locators[idx], rows[start:end].copy(), int(tokens[idx].sum()), t0, t1))
         t = t1
         start = end
     return units

@@ -712,9 +712,11 @@ def test_ctrl_c_while_the_store_is_created_beside_the_first_forward_says_what_is
     assert_holds(store, seqs)
 
 
-def test_a_unit_refuses_weights_other_than_those_the_build_planned_with(tmp_path, models):
-    """A model directory rewritten during a build (a trainer saving into it): a unit that would compute with
-    the new weights under the store's fingerprint of the old ones fails instead, naming both."""
+def test_a_unit_refuses_weights_other_than_those_the_build_planned_with(tmp_path, models, monkeypatch):
+    """A model directory rewritten during a build (a trainer saving into it): a process that holds the planned
+    weights keeps computing with them (what the store's fingerprint names); one that would load the new
+    ones (a new Dask worker) fails instead, naming both."""
+    from embedcache import partition
     from embedcache.partition import encoder_for
     from embedcache.tiny_models import make_tiny_esm2
 
@@ -723,5 +725,153 @@ def test_a_unit_refuses_weights_other_than_those_the_build_planned_with(tmp_path
     planned = encoder_for(config).provenance()["weights"]
     assert encoder_for(config, planned).provenance()["weights"] == planned
     make_tiny_esm2(tmp_path / "m", seed=2)
+    assert encoder_for(config, planned).provenance()["weights"] == planned
+    monkeypatch.setattr(partition, "_ENCODERS", {})  # as a new process: nothing loaded yet
     with pytest.raises(EncoderError, match=r"are not those this build planned with .* the model changed during the build"):
         encoder_for(config, planned)
+
+
+# -- 5. a pooled-only build in this process begins its first unit while it plans the rest ---------------
+
+
+def _head_start_of(monkeypatch, sequences: int) -> dict:
+    """Head starts of `sequences` sequences; `seen` gets the unit each one began with, and whether its first
+    forward ran before the planning returned (the planner waits up to 30 s for it, after handing it over)."""
+    import threading
+
+    import embedcache.build as build_module
+    import embedcache.head_start as head_start
+    from embedcache.plan import plan_build
+
+    seen: dict = {"units": [], "forward_while_planning": []}
+    forwarded, planned = threading.Event(), threading.Event()
+    real_begin, real_forward = head_start.HeadStartRun.begin, head_start.forward_unit
+
+    def begin(self, unit, entries):
+        seen["units"].append(unit)
+        real_begin(self, unit, entries)
+        forwarded.wait(timeout=30)
+
+    def forward_unit(prepared, *rest):
+        seen["forward_while_planning"].append(not planned.is_set())
+        forwarded.set()
+        return real_forward(prepared, *rest)
+
+    def planning(*args, **kw):
+        planned.clear()
+        forwarded.clear()
+        try:
+            return plan_build(*args, **kw)
+        finally:
+            planned.set()
+
+    monkeypatch.setattr(build_module, "HEAD_START_SEQUENCES", sequences)
+    monkeypatch.setattr(head_start.HeadStartRun, "begin", begin)
+    monkeypatch.setattr(head_start, "forward_unit", forward_unit)
+    monkeypatch.setattr(build_module, "plan_build", planning)
+    return seen
+
+
+def _no_head_start_threads() -> bool:
+    import threading
+
+    names = ("embedcache-head-start", "embedcache-host-stage", "embedcache-prepare", "embedcache-commit", "embedcache-create")
+    return not any(t.name.startswith(names) for t in threading.enumerate())
+
+
+def test_a_pooled_only_build_begins_its_first_unit_while_it_plans_and_stores_the_same(tmp_path, models, monkeypatch):
+    """Unit 0 is the first new sequences read (a repeat and a stored sequence skipped), longest first; its
+    forward runs before the plan is complete; the store equals one built without a head start, and the next
+    units hold the rest."""
+    stored = random_seqs(AA, [33], seed=30)
+    seqs = {**random_seqs(AA, [30 + (7 * i) % 23 for i in range(14)], seed=31), **stored}
+    order = list(seqs.items())
+    inputs = dict(order[:2] + [("stored-again", stored[next(iter(stored))]), ("repeat", order[0][1])] + order[2:])
+    fasta = write_fasta(tmp_path / "a.fa", inputs)
+    config = esm2_config(models, tokens=False, max_tokens=120)
+    reference = tmp_path / "ref.zarr"
+    run_build(config, [fasta], reference)  # no head start: fewer new sequences than it needs
+
+    store = tmp_path / "s.zarr"
+    run_build(config, [write_fasta(tmp_path / "stored.fa", stored)], store)
+    seen = _head_start_of(monkeypatch, sequences=4)
+    report = run_build(config, [fasta], store)
+    (unit,) = seen["units"]
+    assert seen["forward_while_planning"] == [True]
+    assert report.plan.units[0] is unit and unit.index == 0 and [u.index for u in report.plan.units] == list(range(len(report.plan.units)))
+    first_four = [s for rid, s in order[:5] if s not in stored.values()][:4]
+    assert unit.n_rows.tolist() == sorted((len(s) for s in first_four), reverse=True)  # one row per residue here
+    assert unit.n_tokens == sum(len(s) for s in first_four)
+    assert report.plan.n_new == len(seqs) - 1 and sum(u.n_sequences for u in report.plan.units) == report.plan.n_new
+    assert _no_head_start_threads()
+    assert_holds(store, inputs)
+    a, b = open_store(store), open_store(reference)
+    for rid in inputs:
+        np.testing.assert_allclose(a.pooled([rid])[0], b.pooled([rid])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_after_the_head_start_stops_the_build_with_nothing_written(tmp_path, models, monkeypatch):
+    """A bad record read after unit 0 began: the build fails naming it, its forward is dropped, no store is
+    left (it did not exist), and nothing keeps running."""
+    from embedcache.errors import InputError
+
+    seqs = random_seqs(AA, [30 + i for i in range(8)], seed=32)
+    fasta = write_fasta(tmp_path / "a.fa", {**seqs, "bad": "MKTZ1QL"})
+    seen = _head_start_of(monkeypatch, sequences=4)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(InputError, match=r"record 'bad'"):
+        run_build(esm2_config(models, tokens=False), [fasta], store)
+    assert len(seen["units"]) == 1 and seen["forward_while_planning"] == [True]
+    assert not store.exists() and _no_head_start_threads()
+
+
+def test_ctrl_c_while_planning_with_a_head_start_writes_nothing(tmp_path, models, monkeypatch):
+    """Ctrl-C while the rest of the input is planned, unit 0's forward under way: the build says nothing was
+    written, drops the forward, leaves no store; the same command builds it."""
+    import embedcache.plan as plan_module
+    from embedcache.errors import Interrupted
+
+    seqs = random_seqs(AA, [30 + i for i in range(8)], seed=33)
+    fasta = write_fasta(tmp_path / "a.fa", seqs)
+    seen = _head_start_of(monkeypatch, sequences=4)
+    real_check, checked = plan_module.check_sequence, []
+
+    def interrupted_at_record_7(seq, *a, **kw):
+        checked.append(seq)
+        if len(checked) == 7:
+            raise KeyboardInterrupt
+        return real_check(seq, *a, **kw)
+
+    monkeypatch.setattr(plan_module, "check_sequence", interrupted_at_record_7)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted, match="while planning, before anything was written: no store was created"):
+        run_build(esm2_config(models, tokens=False), [fasta], store)
+    assert len(seen["units"]) == 1 and not store.exists() and _no_head_start_threads()
+    monkeypatch.setattr(plan_module, "check_sequence", real_check)
+    run_build(esm2_config(models, tokens=False), [fasta], store)
+    assert_holds(store, seqs)
+
+
+def test_ctrl_c_while_waiting_for_the_head_start_keeps_the_store_resumable(tmp_path, models, monkeypatch):
+    """Ctrl-C after planning, while the build waits for unit 0's forward: it is dropped (at most one head start
+    is computed again), the message says truly what was kept, and the same command finishes the store."""
+    import embedcache.head_start as head_start
+    from embedcache.errors import Interrupted
+
+    seqs = random_seqs(AA, [30 + i for i in range(8)], seed=34)
+    fasta = write_fasta(tmp_path / "a.fa", seqs)
+    _head_start_of(monkeypatch, sequences=4)
+    real_running = head_start.HeadStartRun.running
+
+    def interrupted_while_waiting(self):
+        self.future.result()  # its forward ends; Ctrl-C lands as the build takes it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(head_start.HeadStartRun, "running", interrupted_while_waiting)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted, match=f"0 of 8 new sequences were committed to {re.escape(str(store))} and are kept"):
+        run_build(esm2_config(models, tokens=False), [fasta], store)
+    assert not open_store(store).complete and _no_head_start_threads()
+    monkeypatch.setattr(head_start.HeadStartRun, "running", real_running)
+    assert run_build(esm2_config(models, tokens=False), [fasta], store).plan.n_new == 8
+    assert_holds(store, seqs)
