@@ -7,8 +7,8 @@ unit's commit, and commits nothing before its plan is complete, so its unit 0 (p
 first new sequences read) is tokenised from the records the planner holds, and its weights loaded
 and its forward run on a thread of its own meanwhile. The executor then takes it as its first unit
 (executors.InProcess). When planning
-fails (bad input, Ctrl-C), the forward is stopped and its work dropped: at most one unit of
-`HEAD_START_SEQUENCES` sequences was computed for nothing.
+fails (bad input, Ctrl-C), the forward is stopped and its work dropped: at most one unit
+(build.HEAD_START_SEQUENCES) was computed for nothing.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ from embedcache.location import Location
 from embedcache.partition import PreparedUnit, RunningUnit, UnitTask, encoder_for, forward_unit, named, prepare_unit
 from embedcache.plan import Unit
 from embedcache.spool import SpoolEntry
-
-# Sequences of unit 0: enough that its forward (~120k tokens of a proteome: 0.1-0.3 s on an H100) outlasts the
-# planning of a few thousand more records and the reading of unit 1, which compete with it for the interpreter;
-# few enough that little is lost when the plan then finds bad input.
-HEAD_START_SEQUENCES = 256
-
 
 class HeadStartRun:
     """Unit 0's load, prepare and forward on a thread of its own: begun by the planner, taken by the executor."""
