@@ -155,6 +155,10 @@ class BuildJob:
     progress: bool
     log: Log
 
+    @property
+    def in_process(self) -> bool:
+        return self.scheduler is None and self.scheduler_file is None
+
 
 @dataclass(frozen=True)
 class StoreSpec:
@@ -229,7 +233,7 @@ def build(
     for path in inputs:  # a mistyped path is named before minutes of loading a model
         check_input_file(path)
     job = BuildJob(config, tuple(inputs), location, scheduler, scheduler_file, progress, log)
-    spec = StoreSpec.of(config, progress, id_column, sequence_column, in_process=scheduler is None and scheduler_file is None)
+    spec = StoreSpec.of(config, progress, id_column, sequence_column, in_process=job.in_process)
     if dry_run:
         return _dry_run(job, spec)
     existed = location.is_local and location.local_path.exists()
@@ -267,7 +271,7 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
     opening = None
     # A pooled-only build in this process begins its first unit's forward while it plans the rest (head_start).
     head = HeadStartRun(job.config, location, spec.fields.get("weights"), spec.encoder, job.progress, log) \
-        if not job.config.tokens and job.scheduler is None and job.scheduler_file is None else None  # fmt: skip
+        if not job.config.tokens and job.in_process else None  # fmt: skip
     try:
         # Plan before creating anything: bad input stops the build with no store made.
         try:
@@ -286,11 +290,14 @@ def _build_under_lease(job: BuildJob, spec: StoreSpec, lease: WriterLease) -> Bu
     finally:
         try:
             if head is not None:
-                head.abort()  # planning failed: its forward is dropped (once the executor took it, nothing to do)
+                head.abort()  # planning failed: its forward is dropped (once the executor claimed it, nothing to do)
+        except KeyboardInterrupt:
+            pass  # an error or an interruption is on its way out already
+        try:
             if opening is not None:
                 opening.ended()  # the build leaves neither the store nor its lease while the creation writes
         except KeyboardInterrupt:
-            pass  # an error or an interruption is on its way out already
+            pass
         delete_spool(store)
     lease.check()
     consolidate(location)  # for xarray; after the spool is gone, which is no part of the store

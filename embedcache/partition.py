@@ -231,13 +231,11 @@ class RunningUnit:
             self.writer.close()
 
 
-def prepare_unit(task: UnitTask, encoder: Encoder, entries: list[SpoolEntry] | None = None) -> PreparedUnit:
+def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
     """The unit's sequences from the spool, their token ids and windows (no model call: it may run on a
-    thread of its own while the previous unit's forward runs). `entries`: its records, when the caller
-    holds them already (a head start: the planner has just read them)."""
+    thread of its own while the previous unit's forward runs)."""
     store = open_location(task.location, read_only=False)
-    if entries is None:
-        entries = read_entries(store, task.unit.locators)
+    entries = read_entries(store, task.unit.locators)
     token_ids = [encoder.tokenize(e.residues) for e in entries]
     plans = [plan_windows(encoder, len(ids), task.config) for ids in token_ids]
     array = _tokens_array(store) if task.config.tokens and entries else None

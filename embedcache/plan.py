@@ -112,10 +112,10 @@ def _id_digest(record_id: str) -> bytes:
 @dataclass(frozen=True)
 class HeadStart:
     """Unit 0, cut from the first `sequences` new sequences read (in input order, then longest first) and
-    handed to `begin` with their records (as the spool holds them) while the rest of the input is planned."""
+    handed to `begin` while the rest of the input is planned (its records are in the spool by then)."""
 
     sequences: int
-    begin: Callable[[Unit, list[SpoolEntry]], None]
+    begin: Callable[[Unit], None]
 
 
 def stream_records(inputs: Iterable[str | Path], id_column: str, sequence_column: str) -> Iterator[Record]:
@@ -156,7 +156,7 @@ def plan_build(
     # Per record, appended to flat buffers (a few bytes each, no Python object per record).
     digest, id_digest, n_tokens, locator = bytearray(), bytearray(), array("q"), array("q")
     molecule = MoleculeTally(encoder.alphabet, encoder=config.encoder)
-    head: dict[bytes, tuple[int, SpoolEntry]] | None = {} if head_start is not None else None  # new digest -> its first record
+    head: dict[bytes, int] | None = {} if head_start is not None else None  # new digest -> its first record
     head_unit, head_seq = None, np.zeros(0, np.int64)  # unit 0, the records of its sequences
     for r in stream_records(inputs, id_column, sequence_column):
         seq = check_sequence(r.sequence, encoder.alphabet, record=r.id, source=r.source, encoder=config.encoder)
@@ -177,13 +177,13 @@ def plan_build(
             # blocks, or after sys.getswitchinterval() (5 ms), and the forward waits for it at every batch.
             time.sleep(0)
         if head is not None and d not in stored_keys and d not in head:
-            head[d] = len(n_tokens) - 1, SpoolEntry(r.id, r.source, seq)
+            head[d] = len(n_tokens) - 1
             if len(head) == head_start.sequences:  # unit 0 is full: begin it
-                spool.flush()  # its locators name its records in errors
-                cut = _head_unit(list(head.values()), n_tokens, locator, encoder, config)
+                spool.flush()  # it reads its records from there
+                cut = _head_unit(np.fromiter(head.values(), np.int64, len(head)), n_tokens, locator, encoder, config)
                 if cut is not None:
-                    head_unit, head_seq, entries = cut
-                    head_start.begin(head_unit, entries)
+                    head_unit, head_seq = cut
+                    head_start.begin(head_unit)
                 head = None
     spool.flush()
     molecule.check()
@@ -284,12 +284,10 @@ def _count_plan(encoder: Encoder, n: int, config: BuildConfig) -> tuple[int, int
     return len(p.windows), p.n_cropped > 0, p.n_tokens, pooled_rows(min(out, config.token_bins) if config.token_bins else out, config.token_pool)
 
 
-def _head_unit(first: list[tuple[int, SpoolEntry]], n_tokens: array, locator: array, encoder: Encoder, config: BuildConfig
-               ) -> tuple[Unit, np.ndarray, list[SpoolEntry]] | None:  # fmt: skip
-    """Unit 0 of a head start, of the sequences of `first` (the index and entry of each one's first record),
-    longest first, with those records' indices and entries in its order; None when one of them cannot be
-    windowed (the plan names it, as it names any)."""
-    records = np.fromiter((i for i, _ in first), np.int64, len(first))
+def _head_unit(records: np.ndarray, n_tokens: array, locator: array, encoder: Encoder, config: BuildConfig
+               ) -> tuple[Unit, np.ndarray] | None:  # fmt: skip
+    """Unit 0 of a head start, of the sequences whose first records are `records`, longest first, and those
+    records in its order; None when one of them cannot be windowed (the plan names it, as it names any)."""
     tokens = np.frombuffer(n_tokens, np.int64)[records]
     order = np.argsort(-tokens, kind="stable")
     try:
@@ -298,8 +296,7 @@ def _head_unit(first: list[tuple[int, SpoolEntry]], n_tokens: array, locator: ar
         return None
     locators = np.frombuffer(locator, np.int64).reshape(-1, 3)[records[order]]
     n_rows = np.fromiter((rows[n] for n in tokens[order].tolist()), np.int64, len(order))
-    unit = Unit(0, locators, n_rows, int(tokens.sum()), 0, 0)  # pooled-only: no token rows
-    return unit, records[order], [first[i][1] for i in order.tolist()]
+    return Unit(0, locators, n_rows, int(tokens.sum()), 0, 0), records[order]  # pooled-only: no token rows
 
 
 def cut_units(order: np.ndarray, rows: np.ndarray, tokens: np.ndarray, locators: np.ndarray, *, shard_tokens: int,

@@ -735,27 +735,33 @@ def test_a_unit_refuses_weights_other_than_those_the_build_planned_with(tmp_path
 
 
 def _head_start_of(monkeypatch, sequences: int) -> dict:
-    """Head starts of `sequences` sequences; `seen` gets the unit each one began with, and whether its first
-    forward ran before the planning returned (the planner waits up to 30 s for it, after handing it over)."""
+    """Head starts of `sequences` sequences. `seen` gets the unit each one began with, whether its forward ran
+    before the planning returned (the planner waits up to 30 s for it to start, after handing it over), and
+    the units whose forward the executor ran itself."""
     import threading
 
     import embedcache.build as build_module
+    import embedcache.executors as executors
     import embedcache.head_start as head_start
     from embedcache.plan import plan_build
 
-    seen: dict = {"units": [], "forward_while_planning": []}
+    seen: dict = {"units": [], "forward_while_planning": [], "executor_forwards": []}
     forwarded, planned = threading.Event(), threading.Event()
-    real_begin, real_forward = head_start.HeadStartRun.begin, head_start.forward_unit
+    real_begin, real_forward, executor_forward = head_start.HeadStartRun.begin, head_start.forward_unit, executors.forward_unit
 
-    def begin(self, unit, entries):
+    def begin(self, unit):
         seen["units"].append(unit)
-        real_begin(self, unit, entries)
+        real_begin(self, unit)
         forwarded.wait(timeout=30)
 
     def forward_unit(prepared, *rest):
         seen["forward_while_planning"].append(not planned.is_set())
         forwarded.set()
         return real_forward(prepared, *rest)
+
+    def forward_in_executor(prepared, *rest):
+        seen["executor_forwards"].append(prepared.task.unit.index)
+        return executor_forward(prepared, *rest)
 
     def planning(*args, **kw):
         planned.clear()
@@ -768,11 +774,12 @@ def _head_start_of(monkeypatch, sequences: int) -> dict:
     monkeypatch.setattr(build_module, "HEAD_START_SEQUENCES", sequences)
     monkeypatch.setattr(head_start.HeadStartRun, "begin", begin)
     monkeypatch.setattr(head_start, "forward_unit", forward_unit)
+    monkeypatch.setattr(executors, "forward_unit", forward_in_executor)
     monkeypatch.setattr(build_module, "plan_build", planning)
     return seen
 
 
-def _no_head_start_threads() -> bool:
+def _no_build_threads() -> bool:
     import threading
 
     names = ("embedcache-head-start", "embedcache-host-stage", "embedcache-prepare", "embedcache-commit", "embedcache-create")
@@ -781,8 +788,8 @@ def _no_head_start_threads() -> bool:
 
 def test_a_pooled_only_build_begins_its_first_unit_while_it_plans_and_stores_the_same(tmp_path, models, monkeypatch):
     """Unit 0 is the first new sequences read (a repeat and a stored sequence skipped), longest first; its
-    forward runs before the plan is complete; the store equals one built without a head start, and the next
-    units hold the rest."""
+    forward runs before the plan is complete, and the executor takes it over (it runs the other units'
+    forwards only); the store equals one built without a head start."""
     stored = random_seqs(AA, [33], seed=30)
     seqs = {**random_seqs(AA, [30 + (7 * i) % 23 for i in range(14)], seed=31), **stored}
     order = list(seqs.items())
@@ -798,12 +805,13 @@ def test_a_pooled_only_build_begins_its_first_unit_while_it_plans_and_stores_the
     report = run_build(config, [fasta], store)
     (unit,) = seen["units"]
     assert seen["forward_while_planning"] == [True]
-    assert report.plan.units[0] is unit and unit.index == 0 and [u.index for u in report.plan.units] == list(range(len(report.plan.units)))
-    first_four = [s for rid, s in order[:5] if s not in stored.values()][:4]
+    assert report.plan.units[0] is unit and [u.index for u in report.plan.units] == list(range(len(report.plan.units)))
+    assert seen["executor_forwards"] == [u.index for u in report.plan.units[1:]]
+    first_four = [s for rid, s in order[:4]]  # the stored sequence comes last, the repeat is order[0]'s
     assert unit.n_rows.tolist() == sorted((len(s) for s in first_four), reverse=True)  # one row per residue here
     assert unit.n_tokens == sum(len(s) for s in first_four)
     assert report.plan.n_new == len(seqs) - 1 and sum(u.n_sequences for u in report.plan.units) == report.plan.n_new
-    assert _no_head_start_threads()
+    assert _no_build_threads()
     assert_holds(store, inputs)
     a, b = open_store(store), open_store(reference)
     for rid in inputs:
@@ -821,13 +829,16 @@ def test_bad_input_after_the_head_start_stops_the_build_with_nothing_written(tmp
     store = tmp_path / "s.zarr"
     with pytest.raises(InputError, match=r"record 'bad'"):
         run_build(esm2_config(models, tokens=False), [fasta], store)
-    assert len(seen["units"]) == 1 and seen["forward_while_planning"] == [True]
-    assert not store.exists() and _no_head_start_threads()
+    assert len(seen["units"]) == 1 and seen["forward_while_planning"] == [True] and seen["executor_forwards"] == []
+    assert not store.exists() and _no_build_threads()
 
 
-def test_ctrl_c_while_planning_with_a_head_start_writes_nothing(tmp_path, models, monkeypatch):
-    """Ctrl-C while the rest of the input is planned, unit 0's forward under way: the build says nothing was
-    written, drops the forward, leaves no store; the same command builds it."""
+@pytest.mark.parametrize("where", ["planning", "reading unit 0"])
+def test_ctrl_c_while_planning_with_a_head_start_writes_nothing(tmp_path, models, monkeypatch, where):
+    """Ctrl-C while the rest of the input is planned (unit 0's forward under way), or while unit 0 is read on the
+    planning thread: the build says nothing was written, drops the forward, leaves no store and no thread;
+    the same command builds it."""
+    import embedcache.head_start as head_start
     import embedcache.plan as plan_module
     from embedcache.errors import Interrupted
 
@@ -842,36 +853,53 @@ def test_ctrl_c_while_planning_with_a_head_start_writes_nothing(tmp_path, models
             raise KeyboardInterrupt
         return real_check(seq, *a, **kw)
 
-    monkeypatch.setattr(plan_module, "check_sequence", interrupted_at_record_7)
+    def interrupted(*a):
+        raise KeyboardInterrupt
+
+    if where == "planning":
+        monkeypatch.setattr(plan_module, "check_sequence", interrupted_at_record_7)
+    else:
+        monkeypatch.setattr(head_start, "prepare_unit", interrupted)
     store = tmp_path / "s.zarr"
     with pytest.raises(Interrupted, match="while planning, before anything was written: no store was created"):
         run_build(esm2_config(models, tokens=False), [fasta], store)
-    assert len(seen["units"]) == 1 and not store.exists() and _no_head_start_threads()
-    monkeypatch.setattr(plan_module, "check_sequence", real_check)
+    assert len(seen["units"]) == 1 and not store.exists() and _no_build_threads()
+    monkeypatch.undo()
     run_build(esm2_config(models, tokens=False), [fasta], store)
     assert_holds(store, seqs)
 
 
-def test_ctrl_c_while_waiting_for_the_head_start_keeps_the_store_resumable(tmp_path, models, monkeypatch):
-    """Ctrl-C after planning, while the build waits for unit 0's forward: it is dropped (at most one head start
-    is computed again), the message says truly what was kept, and the same command finishes the store."""
+def test_ctrl_c_while_the_build_waits_for_the_head_start_says_what_is_kept(tmp_path, models, monkeypatch):
+    """A real SIGINT while the build, its plan done, waits for unit 0's forward: the forward stops, its work is
+    dropped (at most one head start is computed again), the message says truly that nothing was committed,
+    no thread is left, and the same command finishes the store."""
+    import threading
+
+    import embedcache.build as build_module
     import embedcache.head_start as head_start
     from embedcache.errors import Interrupted
 
     seqs = random_seqs(AA, [30 + i for i in range(8)], seed=34)
     fasta = write_fasta(tmp_path / "a.fa", seqs)
-    _head_start_of(monkeypatch, sequences=4)
-    real_running = head_start.HeadStartRun.running
+    monkeypatch.setattr(build_module, "HEAD_START_SEQUENCES", 4)
+    waiting = threading.Event()
+    real_running, real_forward = head_start.HeadStartRun.running, head_start.forward_unit
 
-    def interrupted_while_waiting(self):
-        self.future.result()  # its forward ends; Ctrl-C lands as the build takes it
-        raise KeyboardInterrupt
+    def running(self):
+        waiting.set()
+        return real_running(self)
 
-    monkeypatch.setattr(head_start.HeadStartRun, "running", interrupted_while_waiting)
+    def forward_unit(*args):
+        if waiting.wait(timeout=30):  # the build waits for this forward: Ctrl-C now
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(*args)
+
+    monkeypatch.setattr(head_start.HeadStartRun, "running", running)
+    monkeypatch.setattr(head_start, "forward_unit", forward_unit)
     store = tmp_path / "s.zarr"
     with pytest.raises(Interrupted, match=f"0 of 8 new sequences were committed to {re.escape(str(store))} and are kept"):
         run_build(esm2_config(models, tokens=False), [fasta], store)
-    assert not open_store(store).complete and _no_head_start_threads()
-    monkeypatch.setattr(head_start.HeadStartRun, "running", real_running)
+    assert waiting.is_set() and not open_store(store).complete and _no_build_threads()
+    monkeypatch.undo()
     assert run_build(esm2_config(models, tokens=False), [fasta], store).plan.n_new == 8
     assert_holds(store, seqs)
