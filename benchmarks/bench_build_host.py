@@ -11,7 +11,10 @@ CPU and, in bf16, on CUDA) is replaced by a stand-in defined here, which returns
     free        returns at once: the host's ceiling;
     sleep       first sleeps padded positions / rate (b windows x the longest, specials included), as
                 an accelerator of `rate` tokens/s would take (`--rates`, one per width; defaults
-                1M tokens/s at width 640 ~ ESM2-150M, 150k tokens/s at width 1280 ~ ESM2-650M, an H100).
+                1M tokens/s at width 640 ~ ESM2-150M, 150k tokens/s at width 1280 ~ ESM2-650M, an H100);
+                with `--charge packed`, the positions handed in instead: what the build's own forward
+                computes on CUDA in bf16 (flash-attention varlen, no padding anywhere), so that a change
+                to how batches are formed is not read as a change of the host's pace.
 
 On a GPU, `--forms model --device cuda` runs the real forward instead (a random ESM2 at the width's real
 depth: 30 layers at 640 ~ ESM2-150M, 33 at 1280 ~ ESM2-650M, in the build's bf16): the forward's busy
@@ -84,8 +87,9 @@ class StandInForward:
     (last hidden state (T, d), every hidden state or None), as `UnpaddedEsm.forward` does.
     """
 
-    def __init__(self, width: int, n_layers: int, rate: float | None, rows: int, seed: int = 0, fresh: bool = False):
-        self.width, self.n_layers, self.rate, self.fresh = width, n_layers, rate, fresh
+    def __init__(self, width: int, n_layers: int, rate: float | None, rows: int, seed: int = 0, fresh: bool = False,
+                 charge: str = "padded"):  # fmt: skip
+        self.width, self.n_layers, self.rate, self.fresh, self.charge = width, n_layers, rate, fresh, charge
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer = torch.randn(rows, width, generator=self.generator)  # the batch budget; grown if ever passed
         self.seconds = 0.0  # wall time inside the stand-in (sleep, and the copy of --fresh-outputs)
@@ -102,7 +106,7 @@ class StandInForward:
         padded = (len(cu_seqlens) - 1) * int(max_len)
         if self.rate:
             t = time.perf_counter()
-            time.sleep(padded / self.rate)
+            time.sleep((padded if self.charge == "padded" else n) / self.rate)
             self.slept += time.perf_counter() - t
         if n > len(self.buffer):  # not expected: allocated at the batch budget
             self.buffer = torch.randn(n, self.width, generator=self.generator)
@@ -120,7 +124,7 @@ class StandInForward:
         return hidden, states
 
 
-def load_with_stand_in(config, rate: float | None, seed: int, fresh: bool = False):
+def load_with_stand_in(config, rate: float | None, seed: int, fresh: bool = False, charge: str = "padded"):
     """The encoder `build(config, ...)` will use (its per-process cache's), its forward replaced."""
     from embedcache.partition import encoder_for
 
@@ -131,7 +135,7 @@ def load_with_stand_in(config, rate: float | None, seed: int, fresh: bool = Fals
             "the stand-in has nothing to replace"
         )
     rows = max(config.max_tokens, encoder.cost(encoder.window))  # a batch's positions: at most its budget or one window
-    stand_in = StandInForward(encoder.embed_dim, encoder.n_layers, rate, rows, seed, fresh)
+    stand_in = StandInForward(encoder.embed_dim, encoder.n_layers, rate, rows, seed, fresh, charge)
     encoder.unpadded = stand_in
     return encoder, stand_in
 
@@ -324,7 +328,7 @@ def run_case(case: Case, args, model_dirs: dict[int, Path], fasta: Path, ids: li
         **({"shard_mb": args.shard_mb} if args.shard_mb else {}),
     )  # fmt: skip
     started = time.perf_counter()
-    _, stand_in = load_with_timer(config) if model else load_with_stand_in(config, case.rate, args.seed, args.fresh_outputs)
+    _, stand_in = load_with_timer(config) if model else load_with_stand_in(config, case.rate, args.seed, args.fresh_outputs, args.charge)
     load_seconds = time.perf_counter() - started
     gc.collect()
     load = load_average()
@@ -390,6 +394,9 @@ def create_parser() -> argparse.ArgumentParser:
     a("--fresh-outputs", action="store_true",
       help="the stand-in copies its rows into a fresh tensor every call (a model's output, a GPU's device-to-host "
            "copy) instead of returning a view of its buffer")  # fmt: skip
+    a("--charge", choices=("padded", "packed"), default="padded",
+      help="what the sleeping stand-in sleeps for: padded (b windows x the longest: a padded model; the default) or "
+           "packed (the positions handed in: the build's forward on CUDA in bf16, which computes no padding)")  # fmt: skip
     a("--quick", action="store_true", help="toy size: 24 short proteins, widths 64,128, one round (for the tests)")
     a("--workdir", type=Path, default=None, help="input, models, stores and raw files here (default: a temp dir, removed)")
     a("--json", type=Path, default=None, help="also write every figure to this JSON file")
@@ -562,7 +569,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "load_average_at_end": load_end,
         "input": inputs,
         "stand_in": "encoder.unpadded replaced: rows from a preallocated random float32 buffer ("
-                    + ("copied into a fresh tensor" if args.fresh_outputs else "a view") + "); sleep = padded positions / rate",
+                    + ("copied into a fresh tensor" if args.fresh_outputs else "a view") + f"); sleep = {args.charge} positions / rate",
         "raw_write": {"shard_bytes": shard_bytes, "files": raw_best.files, "bytes": raw_best.bytes, "fsync": True,
                       "mb_s": [x.mb_s for x in raws], "best_mb_s": raw_best.mb_s,
                       "direct_mb_s": [x.mb_s for x in directs], "best_direct_mb_s": direct_best.mb_s},  # fmt: skip
