@@ -20,7 +20,7 @@ import hashlib
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -37,7 +37,7 @@ from embedcache.encoders.base import transformers_progress, weights_changed
 from embedcache.commits import read_log
 from embedcache.errors import Interrupted, StoreError
 from embedcache.executors import InProcess, check_store_reach, make_executor
-from embedcache.head_start import HeadStartRun, wait_holding_ctrl_c
+from embedcache.head_start import HeadStartRun
 from embedcache.inputs import check_input_file
 from embedcache.lease import DEFAULT_TTL_S, WriterLease
 from embedcache.location import Location, open_location
@@ -354,7 +354,14 @@ class _Opening:
 
     def ended(self) -> None:
         """Wait until the creation has ended, whichever way (its error is writer()'s to raise)."""
-        wait_holding_ctrl_c(self.future)
+        interrupted = False
+        while not self.future.done():
+            try:
+                wait([self.future])
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt
 
     def writer(self) -> StoreWriter:
         self.ended()

@@ -15,7 +15,7 @@ the build does not wait for it; its thread ends when it does, without a forward.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from typing import Callable
 
 from embedcache.config import BuildConfig
@@ -98,14 +98,3 @@ class HeadStartRun:
         if interrupted:
             raise KeyboardInterrupt
 
-
-def wait_holding_ctrl_c(future: Future) -> None:
-    """Wait until `future` is done, whichever way; a Ctrl-C meanwhile is held until then, and raised."""
-    interrupted = False
-    while not future.done():
-        try:
-            wait([future])
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
-        raise KeyboardInterrupt
