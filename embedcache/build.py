@@ -7,7 +7,7 @@
    each writing its token shards straight into the store as they fill, from a host stage that runs
    beside the forward (embedcache.host_stage);
 3. this process commits each unit as it finishes (resume is per unit; Ctrl-C commits the part of
-   the running unit that finished), then the records;
+   the running unit that finished), then the records (the first of them with the last units);
 4. the store is marked complete, the spool removed, and consolidated metadata written for xarray
    (embedcache's own readers never use it: the commit log decides what counts).
 
@@ -370,6 +370,7 @@ class _Opening:
 
 def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan: BuildPlan, head: HeadStartRun | None) -> BuildReport:
     """units -> executor (in this process or on Dask workers) -> a commit per finished unit -> the records -> complete.
+    The records are committed after every unit, the first of them in the last units' commit.
 
     A new store is created meanwhile (`opening`): units that keep per-token rows write them into it, so
     they wait for it; pooled-only units first need it at their commit, so the first one's forward runs
@@ -388,10 +389,14 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             shown[task.unit.index] = shown.get(task.unit.index, 0) + n
             bar.update(n)
 
+    left = plan.n_new  # new sequences not yet committed: the commit that ends them takes the first records along
+    chunks: Iterator[tuple[list[str], list[str]]] = iter(())  # the records, a chunk at a time
+
     def commit(results: list[UnitResult]) -> None:
-        nonlocal n_tokens
+        nonlocal n_tokens, left
         lease.check()
-        opening.writer().commit_units(results)
+        left -= sum(len(r.keys) for r in results)  # an interrupted unit's finished part: some of its sequences
+        opening.writer().commit_units(results, next(chunks, None) if left == 0 else None)
         with counting:
             n_tokens += sum(r.n_tokens for r in results)
             bar.update(sum(len(r.keys) - shown.pop(r.index, 0) for r in results))
@@ -401,6 +406,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
     records: _RecordsAhead | None = None
     try:
         records = _RecordsAhead(open_location(location, read_only=False), plan)
+        chunks = iter(records)
         if config.tokens:
             opening.writer()
         if executor is not None:
@@ -410,7 +416,7 @@ def _embed_and_commit(job: BuildJob, lease: WriterLease, opening: _Opening, plan
             if opening.future.done():  # a failed creation is said now, not after a unit's forward
                 opening.writer()
             executor.run(tasks, commit, finished, first=head)
-        _commit_records(opening.writer(), records, lease)
+        _commit_records(opening.writer(), chunks, lease)  # those the last units' commit did not take
     except KeyboardInterrupt:  # counted from the store: the signal may land between a commit and our count of it
         opening.writer()
         _, root = open_root(location, mode="r")

@@ -610,6 +610,8 @@ class StoreWriter:
             rows["tokens"] = tokens
         now = {name: self._arrays[name].shape[0] for name in rows}
         wanted = [(name, n) for name, n in rows.items() if now[name] < n or (now[name] > n and not grow_only)]
+        if not wanted:
+            return
 
         async def resize_all() -> None:
             await asyncio.gather(*(self._resize(name, n) for name, n in wanted))
@@ -618,7 +620,9 @@ class StoreWriter:
 
     def set_status(self, status: str, build_entry: dict | None = None) -> None:
         if status == "complete":
-            self._trim()  # drop the rows grown ahead of the log, so xarray sees exactly the committed arrays
+            # Drop the rows grown ahead of the log, so xarray sees exactly the committed arrays (the log's own
+            # rows past the head, in _commits, are no array of xarray's, never count, and are trimmed on open).
+            self._resize_all(records=self.head.records, contents=self.content_end, tokens=self.token_end, grow_only=False)
             if self.has_tokens:  # what the next build compares its listing with
                 stamps = current_stamps(self.store, self.root["tokens"], -(-self.token_end // self.shard_tokens))
                 if stamps is not None:
@@ -684,18 +688,20 @@ class StoreWriter:
         """Commit a unit a worker embedded: its token rows are already written (embedcache.partition)."""
         self.commit_units([result])
 
-    def commit_units(self, results: list) -> None:
+    def commit_units(self, results: list, records: tuple[list[str], list[str]] | None = None) -> None:
         """Commit units that finished together in one write of each array, one log row per unit and one
-        head: the client's cost per commit, not per unit, so many workers do not queue behind it."""
+        head: the client's cost per commit, not per unit, so many workers do not queue behind it.
+        `records`: (ids, content keys) of records to commit after the units in the same write (a build's
+        last units and its first records: one write and one head fewer after the model's last batch)."""
         try:
-            self._commit_units(results)
+            self._commit_units(results, records)
         except _io_errors() as e:
             raise StoreError(
                 f"writing to store {self.where!r} failed: {type(e).__name__}: {e}; everything committed before it is "
                 f"kept: run the same command again to resume"
             ) from e
 
-    def _commit_units(self, results: list) -> None:
+    def _commit_units(self, results: list, records: tuple[list[str], list[str]] | None) -> None:
         c0 = self.content_end
         parts = []
         for result in results:
@@ -718,12 +724,19 @@ class StoreWriter:
             start += n
         for name in parts[0]:
             self._write(name, c0, np.concatenate([p[name] for p in parts]))
+        new_keys = np.concatenate([p["content"] for p in parts]).tolist()
+        token_end = max([self.token_end, *(res.token_end for res in results)])
+        if records is not None:
+            ids, keys = records
+            added = {str(k): c0 + i for i, k in enumerate(new_keys)}
+            crc = self._write_records(r, ids, [added[k] if k in added else self.keys[k] for k in keys])
+            rows.append((r, r + len(ids), start, start, token_end, token_end))
+            crcs.append([crc.get(name, 0) for name in CHECKED_ARRAYS])
         self._flush_writes()
         self.head = append_commits(self.root, self.head, rows, crcs, shards)
         self.content_end = start
-        self.token_end = max([self.token_end, *(res.token_end for res in results)])
-        keys = np.concatenate([p["content"] for p in parts]).tolist()
-        self.keys.update({str(k): c0 + i for i, k in enumerate(keys)})
+        self.token_end = token_end
+        self.keys.update({str(k): c0 + i for i, k in enumerate(new_keys)})
 
     def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
         """Commit records whose sequences the store already holds."""
@@ -749,11 +762,7 @@ class StoreWriter:
             crc[name] = crc_of(values)
         r0 = self.head.records
         if ids:
-            index = np.asarray(content_rows, np.int64)
-            names = np.array(ids, dtype=object)
-            self._write("sequence", r0, names)
-            self._write("content_index", r0, index)
-            crc.update(sequence=crc_of(names), content_index=crc_of(index))
+            crc.update(self._write_records(r0, ids, content_rows))
         self._flush_writes()
         t0, t1 = token_range
         row = (r0, r0 + len(ids), c0, c0 + n_new, t0, t1)
@@ -761,6 +770,13 @@ class StoreWriter:
         self.content_end, self.token_end = c0 + n_new, max(self.token_end, t1)
         if n_new:
             self.keys.update({str(k): c0 + i for i, k in enumerate(columns["content"].tolist())})
+
+    def _write_records(self, r0: int, ids: list[str], content_rows: list[int]) -> dict[str, int]:
+        """Queue record rows from r0 (ids and the content row each uses); their crc32s."""
+        names, index = np.array(ids, dtype=object), np.asarray(content_rows, np.int64)
+        self._write("sequence", r0, names)
+        self._write("content_index", r0, index)
+        return {"sequence": crc_of(names), "content_index": crc_of(index)}
 
 
 def _content_columns(keys, residues, n_input_tokens, n_cropped, n_windows) -> dict[str, np.ndarray]:

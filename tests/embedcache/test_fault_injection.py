@@ -277,8 +277,9 @@ def test_a_unit_failure_a_rerun_cannot_fix_does_not_offer_one(tmp_path, models):
 
 @pytest.mark.parametrize("key, kept, rerun", [
     ("pooled/c/0/0/0", 0, "3 new"),  # the first unit's commit (StoreWriter.commit_units)
-    ("sequence/c/0", 3, "0 new, 0 already stored (0 of them under new ids), 3 resumed from an interrupted build"),  # the records' (_commit)
-], ids=["unit-commit", "record-commit"])  # fmt: skip
+    # the last unit's commit, which takes the records along: both fail, the first two units are kept
+    ("sequence/c/0", 2, "1 new, 0 already stored (0 of them under new ids), 2 resumed from an interrupted build"),
+], ids=["unit-commit", "last-commit-with-records"])  # fmt: skip
 def test_a_failed_commit_keeps_what_was_committed_and_resumes(tmp_path, models, capsys, key, kept, rerun):
     """store.StoreWriter: a commit that cannot be written says "run the same command again to resume", and it does."""
     seqs = random_seqs(AA, [60, 55, 50], seed=5)
@@ -609,11 +610,11 @@ def test_a_commit_that_fails_beside_the_next_units_forward_stops_the_build_clean
     real_commit = StoreWriter._commit_units
     calls = []
 
-    def failing_third(self, results):
+    def failing_third(self, results, records):
         calls.append(threading.current_thread().name)
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
-        return real_commit(self, results)
+        return real_commit(self, results, records)
 
     monkeypatch.setattr(StoreWriter, "_commit_units", failing_third)
     with pytest.raises(StoreError, match=f"writing to store .* failed: OSError: .*No space left on device.*{AGAIN} to resume"):

@@ -67,6 +67,29 @@ def test_records_read_ahead_commit_in_input_order_chunk_by_chunk(tmp_path, model
     assert not any(t.name.startswith("embedcache-records") for t in threading.enumerate())
 
 
+def test_the_last_units_commit_takes_the_first_records_along(tmp_path, models, monkeypatch):
+    """One head write fewer after the model's last batch: the last units' commit also commits the first chunk of
+    records (its own log row, after the units'); later chunks follow one commit each, and completion trims nothing."""
+    import embedcache.store as store_module
+    from embedcache.commits import read_log
+    from embedcache.store import as_location, open_root
+
+    monkeypatch.setattr(build_module, "RECORDS_PER_COMMIT", 3)
+    heads = []
+    for name in ("append_commits", "append_commit"):
+        real = getattr(store_module, name)
+        monkeypatch.setattr(store_module, name, lambda *a, real=real, **k: heads.append(real(*a, **k)) or heads[-1])
+    seqs = random_seqs(AA, [12, 7, 30, 9, 21, 15, 8], seed=3)
+    records = {**seqs, "alias": seqs["s2_30"]}  # 8 records of 7 sequences: record chunks of 3, 3 and 2
+    run_build(esm2_config(models), [write_fasta(tmp_path / "in.fa", records)], tmp_path / "s.zarr")
+    log = read_log(open_root(as_location(tmp_path / "s.zarr"), mode="r")[1], "s")
+    units = [r for r in log.ranges.tolist() if r[3] > r[2]]
+    assert [r[:4] for r in log.ranges.tolist()[len(units) - 1:]] == [[0, 0, units[-1][2], 7], [0, 3, 7, 7], [3, 6, 7, 7], [6, 8, 7, 7]]
+    assert len(heads) == len(units) + 2  # the records' first chunk came with the last unit
+    s = open_store(tmp_path / "s.zarr")
+    assert list(s.ids) == list(records) and s.complete and s.verify() == []
+
+
 def test_superset_build_computes_only_new_sequences(tmp_path, models):
     first = random_seqs(AA, [10, 20, 30], seed=1)
     more = random_seqs(AA, [15, 25], seed=2)

@@ -161,7 +161,8 @@ def test_edited_or_truncated_metadata_is_refused(damage, tmp_path, models):
         import zarr
 
         ranges = zarr.open_array(store / "_commits" / "ranges", mode="r+")
-        last = ranges.shape[0] - 1  # the records' commit
+        last = json.loads((store / "_commits" / "zarr.json").read_text())["attributes"]["head"]["n"] - 1  # the records'
+        # (the log grows 4,096 rows at a time: rows past the head's count are never read)
         row = ranges[last]
         row[0] += 1  # a commit that no longer starts where the last ended
         ranges[last] = row
