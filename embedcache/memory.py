@@ -29,12 +29,13 @@ class MemoryGuard:
         self.log = log
         self.lowered = False  # whether the budget was lowered (and said so)
 
-    def __call__(self, windows: list[np.ndarray], records: list[str], to_host: bool = True) -> Sequence[WindowOutput]:
-        """Outputs in the order of `windows` (`Encoder.forward`'s, `to_host` as there); `records[i]` names the
-        record window i belongs to."""
+    def __call__(self, windows: list[np.ndarray], records: list[str], to_host: bool = True,
+                 packed: object | None = None) -> Sequence[WindowOutput]:  # fmt: skip
+        """Outputs in the order of `windows` (`Encoder.forward`'s, `to_host` and `packed` as there); `records[i]`
+        names the record window i belongs to. A batch split to the budget is packed again, part by part."""
         parts = self._split_to_budget(windows)
         if len(parts) == 1:  # the outputs as the encoder gave them (a packed forward's are sliced when read)
-            return self._run(windows, records, to_host)
+            return self._run(windows, records, to_host, packed)
         out: list[WindowOutput] = []
         for part in parts:
             out += self._run([windows[i] for i in part], [records[i] for i in part], to_host)
@@ -55,9 +56,9 @@ class MemoryGuard:
             widest = max(widest, cost)
         return parts + [current] if current else parts
 
-    def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool) -> Sequence[WindowOutput]:
+    def _run(self, windows: list[np.ndarray], records: list[str], to_host: bool, packed: object | None = None) -> Sequence[WindowOutput]:
         try:
-            return self.encoder.forward(windows, to_host)
+            return self.encoder.forward(windows, to_host, packed)
         except torch.OutOfMemoryError as e:
             message = str(e).splitlines()[0] if str(e) else "out of memory"
         # Retry outside the except block, so the failed call's frames (and their tensors) are freed first.

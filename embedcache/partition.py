@@ -84,7 +84,7 @@ class UnitError(EmbedcacheError):
 
 
 _ENCODERS: dict[str, Encoder] = {}  # one loaded encoder per process, kept across units
-_GUARDS: dict[str, MemoryGuard] = {}  # and its out-of-memory guard: a lowered token budget stays lowered
+_GUARDS: dict[int, MemoryGuard] = {}  # and its out-of-memory guard: a lowered token budget stays lowered
 _LOADING = threading.Lock()  # a head start loads it on a thread of its own while the build plans (embedcache.head_start)
 
 
@@ -141,10 +141,9 @@ def encoder_for(config: BuildConfig, weights: dict | None = None) -> Encoder:
 
 
 def guard_for(encoder: Encoder, config: BuildConfig, log: Callable[[str], None]) -> MemoryGuard:
-    key = f"{id(encoder)}"
-    if key not in _GUARDS:
-        _GUARDS[key] = MemoryGuard(encoder, config.max_tokens, log)
-    return _GUARDS[key]
+    if id(encoder) not in _GUARDS:
+        _GUARDS[id(encoder)] = MemoryGuard(encoder, config.max_tokens, log)
+    return _GUARDS[id(encoder)]
 
 
 def run_unit(task: UnitTask, encoder: Encoder | None = None, log: Callable[[str], None] = print,
@@ -196,14 +195,27 @@ def what_next(e: BaseException) -> str:
 
 
 @dataclass
+class Batch:
+    """One model call of a unit: its (sequence, window) items, their token windows and records, and the
+    model's inputs made ahead of the call (`Encoder.pack`; None where the encoder makes them at the call)."""
+
+    items: list[tuple[int, int]]
+    windows: list[np.ndarray]
+    records: list[str]
+    packed: object | None
+
+
+@dataclass
 class PreparedUnit:
-    """A unit read from the spool and planned (spool -> token ids -> windows), ready for its forward."""
+    """A unit read from the spool and planned (spool -> token ids -> windows -> batches), ready for its forward."""
 
     task: UnitTask
     entries: list[SpoolEntry]
     token_ids: list[np.ndarray]
     plans: list[SequencePlan]
     array: object | None  # the store's `tokens` array (zarr), when the build keeps per-token rows
+    long: list[int]  # sequences too long to hold: streamed by their own forwards (embedcache.long_record)
+    batches: list[Batch]  # the other sequences' windows, length-sorted under the token budget
 
 
 @dataclass
@@ -235,11 +247,30 @@ def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
     """The unit's sequences from the spool, their token ids and windows (no model call: it may run on a
     thread of its own while the previous unit's forward runs)."""
     store = open_location(task.location, read_only=False)
+    config = task.config
     entries = read_entries(store, task.unit.locators)
     token_ids = [encoder.tokenize(e.residues) for e in entries]
-    plans = [plan_windows(encoder, len(ids), task.config) for ids in token_ids]
-    array = _tokens_array(store) if task.config.tokens and entries else None
-    return PreparedUnit(task, entries, token_ids, plans, array)
+    plans = [plan_windows(encoder, len(ids), config) for ids in token_ids]
+    array = _tokens_array(store) if config.tokens and entries else None
+    long = [i for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config, alone=len(plans) == 1)]
+    return PreparedUnit(task, entries, token_ids, plans, array, long, _batches(encoder, config, entries, token_ids, plans, long))
+
+
+def _batches(encoder: Encoder, config: BuildConfig, entries: list[SpoolEntry], token_ids: list[np.ndarray],
+             plans: list[SequencePlan], skip: list[int]) -> list[Batch]:  # fmt: skip
+    """The windows of every sequence but `skip`, in length-sorted batches under the token budget, each packed for
+    the model (`Encoder.pack`) on this thread rather than on the forward's."""
+    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in skip
+             for w, (s, e) in enumerate(p.windows)]  # fmt: skip
+    guard = _GUARDS.get(id(encoder))  # a budget lowered after running out of device memory stays lowered
+    batches = []
+    for batch in make_batches(items, guard.max_tokens if guard else config.max_tokens, encoder.equal_length_batches):
+        windows = []
+        for i, w in batch:
+            s, e = plans[i].windows[w]
+            windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
+        batches.append(Batch(batch, windows, [entries[i].id for i, _ in batch], encoder.pack(windows)))
+    return batches
 
 
 def forward_unit(prepared: PreparedUnit, encoder: Encoder, log: Callable[[str], None],
@@ -258,32 +289,26 @@ def forward_unit(prepared: PreparedUnit, encoder: Encoder, log: Callable[[str], 
     rows_per_shard = shard_rows(array) if array is not None else 1
     # A record larger than a unit (a chromosome) is streamed, so memory stays bounded (embedcache.long_record).
     # With per-token rows it is its unit's only record (plan.cut_units), so its rows start the unit's region.
-    streamed = {i: embed_long_record(encoder, guard, token_ids[i], p, config, array, unit.token_start, rows_per_shard, entries[i].id)
-                for i, p in enumerate(plans) if _too_long_to_hold(encoder, p, config, alone=len(plans) == 1)}  # fmt: skip
+    streamed = {i: embed_long_record(encoder, guard, token_ids[i], plans[i], config, array, unit.token_start, rows_per_shard,
+                                     entries[i].id) for i in prepared.long}  # fmt: skip
     writer = ShardWriter(array, unit.token_start, rows_per_shard, (len(encoder.layer_indices), encoder.embed_dim), config.dtype, buffers) \
         if config.tokens and not streamed else None  # fmt: skip
-    items = [(encoder.cost(e - s), e - s, (i, w)) for i, p in enumerate(plans) if i not in streamed
-             for w, (s, e) in enumerate(p.windows)]  # fmt: skip
     running = RunningUnit(prepared, HostStage(plans, config, writer, set(streamed), on_sequences).start(), writer, streamed)
     # Off the CPU, each batch is reduced on its device and only what is stored comes back (device_stage).
     device_stage = DeviceStage(plans, config, encoder.device, QUEUE) if reduces_on_device(encoder.device) else None
     try:
-        for batch in make_batches(items, guard.max_tokens, encoder.equal_length_batches):
+        for batch in prepared.batches:
             if stop is not None and stop():
                 break
-            windows = []
-            for i, w in batch:
-                s, e = plans[i].windows[w]
-                windows.append(token_ids[i][plans[i].keep_start + s : plans[i].keep_start + e])
-            outs = guard(windows, [entries[i].id for i, _ in batch], to_host=False)
-            running.host.put(batch, outs if device_stage is None else device_stage(batch, outs))
+            outs = guard(batch.windows, batch.records, to_host=False, packed=batch.packed)
+            running.host.put(batch.items, outs if device_stage is None else device_stage(batch.items, outs))
     except KeyboardInterrupt:  # the host stage finishes what was queued: keep the sequences it wrote
         running.host.stop(check=False)
         raise UnitInterrupted(None if streamed else _finished_part(unit, entries, plans, running.host, writer)) from None
     except BaseException:
         running.abort()
         raise
-    prepared.token_ids = []  # the forward's alone: not held while the unit is finished and committed
+    prepared.token_ids, prepared.batches = [], []  # the forward's alone: not held while the unit is finished and committed
     return running
 
 

@@ -84,11 +84,21 @@ class Encoder(ABC):
         end-to-end finetune mode trains through this exact function.
         """
 
-    def forward(self, windows: list[np.ndarray], to_host: bool = True) -> Sequence[WindowOutput]:
+    def pack(self, windows: list[np.ndarray]) -> object | None:
+        """The model's inputs for a batch of `windows`, made before its forward: a build makes them on the
+        thread that prepares a unit, beside the previous unit's forward, so the forward thread only calls the
+        model. None: this encoder makes its inputs in `encode_windows`."""
+        return None
+
+    def encode_packed(self, packed: object) -> Sequence[WindowOutput]:
+        """`encode_windows` of the windows that `pack` made `packed` of."""
+        raise NotImplementedError(f"the {self.name} encoder packs no batch ahead (its `pack` gives None)")
+
+    def forward(self, windows: list[np.ndarray], to_host: bool = True, packed: object | None = None) -> Sequence[WindowOutput]:
         """`encode_windows` for building stores: no autograd; float32 outputs on the CPU, or (`to_host=False`)
-        left on the device for `embedcache.device_stage` to reduce there."""
+        left on the device for `embedcache.device_stage` to reduce there. `packed`: `pack(windows)`, made ahead."""
         with torch.inference_mode():
-            outs = self.encode_windows(windows)
+            outs = self.encode_windows(windows) if packed is None else self.encode_packed(packed)
             return windows_to_host(outs) if to_host else outs
 
     @property

@@ -59,6 +59,16 @@ class PackedOutputs(Sequence[WindowOutput]):
 
 
 @dataclass(frozen=True, slots=True)
+class PackedWindows:
+    """A batch's windows back to back with their special tokens, on the CPU: `input_ids` (T,), `cu_seqlens`
+    (b + 1,) each window's bounds, `max_len` the longest (`HFTokenEncoder.pack`)."""
+
+    input_ids: torch.Tensor
+    cu_seqlens: np.ndarray
+    max_len: int
+
+
+@dataclass(frozen=True, slots=True)
 class SpecialTokenLayout:
     """Where the tokenizer puts special tokens around content: `prefix` ids before, `suffix` ids after."""
 
@@ -441,7 +451,7 @@ class HFTokenEncoder(Encoder):
         if self.planning_only:
             raise EncoderError(f"encoder {self.name} for {self.settings.model!r} was loaded without weights (planning only)")
         if self.unpadded is not None and not torch.is_grad_enabled():
-            return self._encode_unpadded(windows)
+            return self.encode_packed(self.pack(windows))
         # The last layer is last_hidden_state where the output has it (some models apply a final norm
         # to it but not to hidden_states[-1], e.g. HyenaDNA); task-head models (MaskedLM / CausalLM,
         # which some remote-code checkpoints map exclusively) give the states only through hidden_states.
@@ -456,23 +466,29 @@ class HFTokenEncoder(Encoder):
             for i, w in enumerate(windows)
         ]
 
-    def _encode_unpadded(self, windows: list[np.ndarray]) -> Sequence[WindowOutput]:
-        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`). The build's
-        forward thread runs this between model calls, so it does as little as it can: each window's output is
-        sliced when read (`PackedOutputs`, on the host stage's thread)."""
-        layout, device = self.layout, self.device
+    def pack(self, windows: list[np.ndarray]) -> "PackedWindows | None":
+        """The windows back to back with their special tokens: `UnpaddedEsm`'s inputs (None: padded batches)."""
+        if self.unpadded is None:
+            return None
+        layout = self.layout
         prefix, suffix = np.array(layout.prefix, np.int64), np.array(layout.suffix, np.int64)
         input_ids = np.concatenate([piece for w in windows for piece in (prefix, w, suffix)])  # (T,)
         lengths = np.fromiter(map(len, windows), np.int64, len(windows)) + layout.n_special  # (b,)
         cu_seqlens = np.zeros(len(windows) + 1, np.int32)  # (b + 1,)
         np.cumsum(lengths, out=cu_seqlens[1:])
-        ids, cu = torch.from_numpy(input_ids), torch.from_numpy(cu_seqlens)
-        if device.type != "cpu":  # queued behind the work already on the device, not waited for
-            ids, cu = ids.to(device, non_blocking=True), cu.to(device, non_blocking=True)
+        return PackedWindows(torch.from_numpy(input_ids), cu_seqlens, int(lengths.max()))
+
+    def encode_packed(self, packed: "PackedWindows") -> Sequence[WindowOutput]:
+        """The same outputs as the padded path, computed on the packed windows only (`UnpaddedEsm`). The build's
+        forward thread runs this between model calls, so it does as little as it can: each window's output is
+        sliced when read (`PackedOutputs`, on the host stage's thread)."""
+        ids, cu = packed.input_ids, torch.from_numpy(packed.cu_seqlens)
+        if self.device.type != "cpu":  # queued behind the work already on the device, not waited for
+            ids, cu = ids.to(self.device, non_blocking=True), cu.to(self.device, non_blocking=True)
         with self.autocast():
-            last, states = self.unpadded(ids, cu, int(lengths.max()), output_hidden_states=self.layer_indices != (self.n_layers,))
+            last, states = self.unpadded(ids, cu, packed.max_len, output_hidden_states=self.layer_indices != (self.n_layers,))
         hidden = stack_layers([last if i == self.n_layers else states[i] for i in self.layer_indices], dim=1)  # (T, k, d)
-        return PackedOutputs(hidden, cu_seqlens, len(layout.prefix), len(layout.suffix), self.has_cls)
+        return PackedOutputs(hidden, packed.cu_seqlens, len(self.layout.prefix), len(self.layout.suffix), self.has_cls)
 
     # -- what fine-tuning needs
 

@@ -413,11 +413,11 @@ def test_ctrl_c_inside_a_unit_commits_the_sequences_it_finished(tmp_path, models
             self.guard, self.calls = guard, 0
             self.max_tokens = guard.max_tokens
 
-        def __call__(self, windows, records, to_host=True):
+        def __call__(self, windows, records, to_host=True, packed=None):
             self.calls += 1
             if self.calls == 5:
                 raise KeyboardInterrupt
-            return self.guard(windows, records, to_host)
+            return self.guard(windows, records, to_host, packed)
 
     monkeypatch.setattr(partition, "guard_for", lambda *a: InterruptedAtBatch5(real_guard(*a)))
     store = tmp_path / "s.zarr"
@@ -700,7 +700,7 @@ def test_ctrl_c_while_the_store_is_created_beside_the_first_forward_says_what_is
     class Interrupting:
         max_tokens = 10**6
 
-        def __call__(self, windows, records, to_host=True):
+        def __call__(self, windows, records, to_host=True, packed=None):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(partition, "guard_for", lambda *a: Interrupting())

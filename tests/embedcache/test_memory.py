@@ -27,12 +27,12 @@ class LimitedMemoryEsm2(HFTokenEncoder):
         super().__init__("esm2", settings, PROTEIN, expect_model_type="esm", model_kwargs=_NO_POOLER)
         self.capacity, self.calls = capacity, []
 
-    def forward(self, windows, to_host=True):
+    def forward(self, windows, to_host=True, packed=None):
         padded = len(windows) * max(self.cost(len(w)) for w in windows)
         self.calls.append(padded)
         if padded > self.capacity:
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to hold {padded} positions (injected)")
-        return super().forward(windows, to_host)
+        return super().forward(windows, to_host, packed)
 
 
 def build_limited(tmp_path, models, monkeypatch, records, capacity, name="s", **config):

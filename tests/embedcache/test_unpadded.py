@@ -128,3 +128,47 @@ def test_cuda_unpadded_matches_padded(models, precision, attention):
     assert torch.isfinite(unpadded_rows).all()
     relative = (unpadded_rows - padded_rows).norm() / padded_rows.norm()
     assert relative < 2e-2, f"{attention} {precision}: relative L2 difference {relative:.2e} vs the padded path"
+
+
+def test_a_build_packs_each_batch_when_it_prepares_the_unit(models, tmp_path, monkeypatch):
+    """partition.prepare_unit packs every batch (`Encoder.pack`) beside the previous unit's forward: each forward
+    is handed the inputs made there, in order, and packs nothing itself."""
+    import threading
+
+    import embedcache.executors
+    import embedcache.partition
+    from embedcache import open_store
+    from embedcache.build import build
+    from embedcache.encoders.hf import HFTokenEncoder
+
+    from .conftest import write_fasta
+    from .test_parity import random_seqs
+
+    made, used, forwarding = [], [], threading.local()
+    real_pack, real_encode, real_forward = HFTokenEncoder.pack, HFTokenEncoder.encode_packed, embedcache.partition.forward_unit
+
+    def pack(self, windows):
+        assert not getattr(forwarding, "on", False), "a forward packed a batch"
+        made.append(real_pack(self, windows))
+        return made[-1]
+
+    def encode_packed(self, packed):
+        used.append(packed)
+        return real_encode(self, packed)
+
+    def forward_unit(*args, **kwargs):
+        forwarding.on = True
+        try:
+            return real_forward(*args, **kwargs)
+        finally:
+            forwarding.on = False
+
+    monkeypatch.setattr(HFTokenEncoder, "pack", pack)
+    monkeypatch.setattr(HFTokenEncoder, "encode_packed", encode_packed)
+    monkeypatch.setattr(embedcache.executors, "forward_unit", forward_unit)
+    seqs = random_seqs("ACDEFGHIKLMNPQRSTVWY", [20 + 3 * i for i in range(24)], seed=8)
+    config = BuildConfig.create("esm2", str(models["esm2"]), max_tokens=120, shard_mb=0.01, unit_mb=0.01)
+    report = build(config, [write_fasta(tmp_path / "a.fa", seqs)], tmp_path / "s.zarr", progress=False, log=lambda s: None)
+    assert len(report.plan.units) > 2 and len(used) > len(report.plan.units)  # several units of several batches
+    assert [id(p) for p in used] == [id(p) for p in made]
+    assert open_store(tmp_path / "s.zarr").verify() == []
