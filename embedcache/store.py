@@ -37,13 +37,14 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.api.asynchronous import consolidate_metadata
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.array import AsyncArray
 from zarr.core.sync import sync
 from zarr.errors import ZarrUserWarning
 
@@ -359,8 +360,27 @@ class StoreIndex:
         return Committed(self.log.head.records, self.log.content_end, self.log.token_end)
 
 
-def _read_rows(root: zarr.Group, name: str, end: int, where: str, start: int = 0) -> np.ndarray:
-    arr = root[name]
+ROOT_ARRAYS = (*CHECKED_ARRAYS, "layer")  # every array a store's root may hold
+
+
+def root_arrays(root: zarr.Group, names: Iterable[str] = ROOT_ARRAYS) -> dict[str, zarr.Array]:
+    """Those of `names` that the root holds, their metadata read concurrently. Each `name in root` or
+    `root[name]` reads that array's zarr.json: on an object store a request of its own."""
+
+    async def one(name: str):
+        try:
+            return name, await root._async_group.getitem(name)
+        except KeyError:
+            return name, None
+
+    async def every() -> list:
+        return await asyncio.gather(*(one(name) for name in names))
+
+    return {name: zarr.Array(node) for name, node in sync(every()) if isinstance(node, AsyncArray)}
+
+
+def _read_rows(arrays: dict[str, zarr.Array], name: str, end: int, where: str, start: int = 0) -> np.ndarray:
+    arr = arrays[name]
     if arr.shape[0] < end:
         raise StoreError(f"store {where!r}: array {name!r} has {arr.shape[0]} rows, the commit log counts {end}")
     try:
@@ -369,49 +389,51 @@ def _read_rows(root: zarr.Group, name: str, end: int, where: str, start: int = 0
         raise StoreError(f"store {where!r}: array {name!r} rows {start}..{end} cannot be read: {e}; run embedcache verify") from e
 
 
-def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
-    """Read and cross-check the commit log and the index arrays. Sizes are checked before reading."""
+def read_index(root: zarr.Group, where: str, attrs: dict, arrays: dict[str, zarr.Array] | None = None) -> StoreIndex:
+    """Read and cross-check the commit log and the index arrays. Sizes are checked before reading.
+    `arrays`: `root_arrays(root)`, where the caller has them already."""
     log = read_log(root, where)
+    arrays = root_arrays(root) if arrays is None else arrays
     config = attrs.get("config", {})
     required = [*RECORD_ARRAYS, *CONTENT_ARRAYS, "layer"]
     required += ["pooled"] if config.get("pooling", "mean") != "none" else []
     required += [*TOKEN_INDEX_ARRAYS, "tokens"] if config.get("tokens", True) else []
-    missing = [name for name in required if name not in root]
+    missing = [name for name in required if name not in arrays]
     if missing:
         raise StoreError(f"store {where!r}: array(s) {missing} are missing, but its config says they were built; the store is damaged")
     embed_dim = attrs.get("embed_dim")
     if not isinstance(embed_dim, int) or not 0 < embed_dim <= MAX_EMBED_DIM:
         raise StoreError(f"store {where!r}: embed_dim {embed_dim!r} is not a width in 1..{MAX_EMBED_DIM}")
     for name in ("pooled", "tokens"):
-        if name in root and root[name].shape[-1] != embed_dim:
-            raise StoreError(f"store {where!r}: array {name!r} is {root[name].shape[-1]} wide, attrs say embed_dim {embed_dim}")
+        if name in arrays and arrays[name].shape[-1] != embed_dim:
+            raise StoreError(f"store {where!r}: array {name!r} is {arrays[name].shape[-1]} wide, attrs say embed_dim {embed_dim}")
     c_end, t_end, r_end = log.content_end, log.token_end, log.head.records
     if log.head.status == "complete":  # a completed build trims every array to what its log counts
         counted = {**dict.fromkeys(RECORD_ARRAYS, r_end), **dict.fromkeys((*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"), c_end),
                    "tokens": t_end}
         for name, rows in counted.items():
-            if name in root and root[name].shape[0] != rows:
+            if name in arrays and arrays[name].shape[0] != rows:
                 if read_log(root, where).head.status != "complete":
                     break  # a build began extending the store after its head was read here: it sizes the arrays first
                 raise StoreError(
-                    f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, but the commit log of this complete "
+                    f"store {where!r}: array {name!r} has {arrays[name].shape[0]} rows, but the commit log of this complete "
                     f"store counts {rows}; its metadata was edited or damaged (run embedcache verify)"
                 )
     for name in (*CONTENT_ARRAYS, *TOKEN_INDEX_ARRAYS, "pooled"):
-        if name in root and root[name].shape[0] < c_end:
-            raise StoreError(f"store {where!r}: array {name!r} has {root[name].shape[0]} rows, the commit log counts {c_end}")
-    if "tokens" in root and root["tokens"].shape[0] < t_end:
-        raise StoreError(f"store {where!r}: array 'tokens' has {root['tokens'].shape[0]} rows, the commit log counts {t_end}")
+        if name in arrays and arrays[name].shape[0] < c_end:
+            raise StoreError(f"store {where!r}: array {name!r} has {arrays[name].shape[0]} rows, the commit log counts {c_end}")
+    if "tokens" in arrays and arrays["tokens"].shape[0] < t_end:
+        raise StoreError(f"store {where!r}: array 'tokens' has {arrays['tokens'].shape[0]} rows, the commit log counts {t_end}")
     # The index arrays are read whole here, so each commit's rows are checked against its crc32 too (a
     # crc32 over bytes already in memory): a swapped or overwritten row is refused even when its chunk's
     # crc32c holds.
-    names = _read_rows(root, "sequence", r_end, where)
+    names = _read_rows(arrays, "sequence", r_end, where)
     log.check_rows("sequence", names, where)
     ids = names.tolist()
-    content_index = _read_rows(root, "content_index", r_end, where)
+    content_index = _read_rows(arrays, "content_index", r_end, where)
     log.check_rows("content_index", content_index, where)
     content_index = content_index.astype(np.int64)
-    keys = _read_rows(root, "content", c_end, where)
+    keys = _read_rows(arrays, "content", c_end, where)
     log.check_rows("content", keys, where)
     committed = log.committed_content(c_end)
     if len(content_index) and (content_index.min() < 0 or content_index.max() >= c_end or not committed[content_index].all()):
@@ -419,9 +441,9 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
             (content_index < 0) | (content_index >= c_end)).any() else int(np.flatnonzero(~committed[content_index])[0])
         raise StoreError(f"store {where!r}: record {ids[bad]!r} points to content row {int(content_index[bad])}, which no commit wrote")
     offsets = lengths = None
-    if "tokens" in root:
-        offsets = _read_rows(root, "token_offset", c_end, where)
-        lengths = _read_rows(root, "token_length", c_end, where)
+    if "tokens" in arrays:
+        offsets = _read_rows(arrays, "token_offset", c_end, where)
+        lengths = _read_rows(arrays, "token_length", c_end, where)
         log.check_rows("token_offset", offsets, where)
         log.check_rows("token_length", lengths, where)
         offsets, lengths = offsets.astype(np.int64), lengths.astype(np.int64)
@@ -432,7 +454,7 @@ def read_index(root: zarr.Group, where: str, attrs: dict) -> StoreIndex:
                     f"store {where!r}: a sequence of commit {i} points outside that commit's token rows {t0}..{t1}; "
                     f"the index was edited or damaged (run embedcache verify)"
                 )
-    shards = token_shards(log, shard_rows(root["tokens"]), where) if "tokens" in root else None
+    shards = token_shards(log, shard_rows(arrays["tokens"]), where) if "tokens" in arrays else None
     return StoreIndex(log, ids, content_index, keys, committed, offsets, lengths, shards)
 
 
@@ -451,25 +473,27 @@ def _chunk_keys(arr: zarr.Array, lo: int, hi: int) -> Iterator[tuple[str, tuple[
             yield key, (i * outer[0], min((i + 1) * outer[0], arr.shape[0]))
 
 
-def missing_objects(store: Store, root: zarr.Group, index: StoreIndex) -> list[str]:
-    """Every chunk or shard that committed rows live in but the store lacks: each one a fault."""
+def missing_objects(store: Store, root: zarr.Group, index: StoreIndex, arrays: dict[str, zarr.Array] | None = None) -> list[str]:
+    """Every chunk or shard that committed rows live in but the store lacks: each one a fault. `arrays`: as
+    in `read_index`."""
     log = index.log
+    arrays = root_arrays(root) if arrays is None else arrays
     needed: dict[str, list[tuple[int, int]]] = {}
     if log.head.records:
         needed.update({name: [(0, log.head.records)] for name in RECORD_ARRAYS})
     content_spans = [(c0, c1) for _, _, c0, c1, _, _ in log.ranges.tolist() if c1 > c0]
     token_spans = [(t0, t1) for *_, t0, t1 in log.ranges.tolist() if t1 > t0]
     for name in (*CONTENT_ARRAYS, "pooled", *TOKEN_INDEX_ARRAYS):
-        if name in root and content_spans:
+        if name in arrays and content_spans:
             needed[name] = content_spans
-    if "tokens" in root and token_spans:
+    if "tokens" in arrays and token_spans:
         needed["tokens"] = token_spans
     # Only the checked arrays are listed: the rest of the store may change meanwhile (a finishing build removes
     # its spool directory, which a listing of everything could be walking: FileNotFoundError).
     present = set(sync(_list_prefixes(store, [f"{name}/" for name in needed])))
     faults = []
     for name, spans in needed.items():
-        arr = root[name]
+        arr = arrays[name]
         seen = set()
         for lo, hi in spans:
             for key, (r0, r1) in _chunk_keys(arr, lo, hi):
@@ -517,21 +541,21 @@ class StoreWriter:
                 f"store {where!r} has schema_version {self.attrs.get('schema_version')}, made by an older embedcache: "
                 f"it can be read but not extended; build into a new store"
             )
-        self.index = read_index(root, where, self.attrs)
-        faults = missing_objects(store, root, self.index)
+        arrays = root_arrays(root)
+        self.index = read_index(root, where, self.attrs, arrays)
+        faults = missing_objects(store, root, self.index, arrays)
         if faults:
             raise StoreError(f"store {where!r} is damaged, refusing to extend it: {faults[0]}" + (f" (and {len(faults) - 1} more)" if len(faults) > 1 else "") + "; run embedcache verify")
         self.head = self.index.log.head
-        self.has_tokens = "tokens" in root
-        self.has_pooled = "pooled" in root
-        self.n_layers = root["layer"].shape[0]
-        self.shard_tokens = shard_rows(root["tokens"]) if self.has_tokens else 0
+        self.has_tokens = "tokens" in arrays
+        self.has_pooled = "pooled" in arrays
+        self.n_layers = arrays["layer"].shape[0]
+        self.shard_tokens = shard_rows(arrays["tokens"]) if self.has_tokens else 0
         if self.has_tokens and self.index.shards is None:
             self._add_shard_digests()  # reads every kept token row once: checks them all
         elif self.has_tokens:
             self._check_changed_shards()
-        names = [n for n in CHECKED_ARRAYS if n in root]
-        self._arrays = {n: root[n]._async_array.with_config(_WRITE_CONFIG) for n in names}
+        self._arrays = {n: arrays[n]._async_array.with_config(_WRITE_CONFIG) for n in CHECKED_ARRAYS if n in arrays}
         self._pending: list[tuple[str, int, np.ndarray]] = []
         self.keys: dict[str, int] = {str(k): i for i, k in enumerate(self.index.content_keys.tolist()) if self.index.committed_content[i]}
         c = self.index.committed
@@ -558,7 +582,7 @@ class StoreWriter:
         shards = []
         for i, (t0, t1) in enumerate(log.spans("tokens")):
             if t1 > t0:
-                digests = shard_digests(_read_rows(self.root, "tokens", t1, self.where, start=t0), t0, self.shard_tokens)
+                digests = shard_digests(_read_rows({"tokens": self.root["tokens"]}, "tokens", t1, self.where, start=t0), t0, self.shard_tokens)
                 if int(digests[-1]) != int(log.crc[i, column]):
                     raise StoreError(f"store {self.where!r}: token rows {t0}..{t1} (commit {i}) do not match the checksum they "
                                      f"were committed with: the data was changed after the build (run embedcache verify)")

@@ -90,6 +90,30 @@ def test_the_last_units_commit_takes_the_first_records_along(tmp_path, models, m
     assert list(s.ids) == list(records) and s.complete and s.verify() == []
 
 
+def test_opening_a_store_for_writing_reads_each_arrays_metadata_a_few_times(tmp_path, models, monkeypatch):
+    """StoreWriter reads its arrays' metadata in one concurrent round (`root_arrays`), not at every lookup: on an
+    object store each read is a request."""
+    from collections import Counter
+
+    from zarr.storage import LocalStore
+
+    from embedcache.store import open_writer
+
+    store = tmp_path / "s.zarr"
+    run_build(esm2_config(models), [write_fasta(tmp_path / "a.fa", random_seqs(AA, [12, 30, 9], seed=2))], store)
+    reads, real_get = Counter(), LocalStore.get
+
+    async def get(self, key, *args, **kwargs):
+        reads[key] += 1
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", get)
+    writer = open_writer(store)
+    assert writer.committed.content == 3
+    metadata = {key: n for key, n in reads.items() if key.endswith("zarr.json")}
+    assert len(metadata) > 10 and max(metadata.values()) <= 4, metadata  # 19 before
+
+
 def test_superset_build_computes_only_new_sequences(tmp_path, models):
     first = random_seqs(AA, [10, 20, 30], seed=1)
     more = random_seqs(AA, [15, 25], seed=2)
