@@ -244,8 +244,8 @@ class RunningUnit:
 
 
 def prepare_unit(task: UnitTask, encoder: Encoder) -> PreparedUnit:
-    """The unit's sequences from the spool, their token ids and windows (no model call: it may run on a
-    thread of its own while the previous unit's forward runs)."""
+    """The unit's sequences from the spool, their token ids, windows and batches, each batch packed for the
+    model (no model call: it may run on a thread of its own while the previous unit's forward runs)."""
     store = open_location(task.location, read_only=False)
     config = task.config
     entries = read_entries(store, task.unit.locators)
