@@ -891,8 +891,9 @@ def test_ctrl_c_while_the_build_waits_for_the_head_start_says_what_is_kept(tmp_p
         return real_running(self)
 
     def forward_unit(*args):
-        if waiting.wait(timeout=30):  # the build waits for this forward: Ctrl-C now
-            os.kill(os.getpid(), signal.SIGINT)
+        if waiting.wait(timeout=30):  # the build waits for this forward: Ctrl-C now, at the thread that waits
+            # (os.kill may land on this thread, and the build's wait would then end only with the forward)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         return real_forward(*args)
 
     monkeypatch.setattr(head_start.HeadStartRun, "running", running)
