@@ -870,7 +870,7 @@ def test_ctrl_c_while_planning_with_a_head_start_writes_nothing(tmp_path, models
     assert_holds(store, seqs)
 
 
-def test_ctrl_c_while_the_build_waits_for_the_head_start_says_what_is_kept(tmp_path, models, monkeypatch):
+def test_ctrl_c_while_the_build_waits_for_the_head_start_says_what_is_kept(tmp_path, models, monkeypatch, request):
     """A real SIGINT while the build, its plan done, waits for unit 0's forward: the forward stops, its work is
     dropped (at most one head start is computed again), the message says truly that nothing was committed,
     no thread is left, and the same command finishes the store."""
@@ -891,13 +891,14 @@ def test_ctrl_c_while_the_build_waits_for_the_head_start_says_what_is_kept(tmp_p
         return real_running(self)
 
     def forward_unit(*args):
-        if waiting.wait(timeout=30):  # the build waits for this forward: Ctrl-C now, at the thread that waits
-            # (os.kill may land on this thread, and the build's wait would then end only with the forward)
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        if waiting.wait(timeout=30):  # the build waits for this forward: Ctrl-C now
+            os.kill(os.getpid(), signal.SIGINT)
         return real_forward(*args)
 
     monkeypatch.setattr(head_start.HeadStartRun, "running", running)
     monkeypatch.setattr(head_start, "forward_unit", forward_unit)
+    # Ctrl-C as in a terminal: a suite started as a shell's background job begins with SIGINT ignored
+    request.addfinalizer(lambda previous=signal.signal(signal.SIGINT, signal.default_int_handler): signal.signal(signal.SIGINT, previous))
     store = tmp_path / "s.zarr"
     with pytest.raises(Interrupted, match=f"0 of 8 new sequences were committed to {re.escape(str(store))} and are kept"):
         run_build(esm2_config(models, tokens=False), [fasta], store)
