@@ -748,11 +748,10 @@ class StoreWriter:
             start += n
         for name in parts[0]:
             self._write(name, c0, np.concatenate([p[name] for p in parts]))
-        new_keys = np.concatenate([p["content"] for p in parts]).tolist()
+        added = {str(k): c0 + i for i, k in enumerate(np.concatenate([p["content"] for p in parts]).tolist())}
         token_end = max([self.token_end, *(res.token_end for res in results)])
         if records is not None:
             ids, keys = records
-            added = {str(k): c0 + i for i, k in enumerate(new_keys)}
             crc = self._write_records(r, ids, [added[k] if k in added else self.keys[k] for k in keys])
             rows.append((r, r + len(ids), start, start, token_end, token_end))
             crcs.append([crc.get(name, 0) for name in CHECKED_ARRAYS])
@@ -760,7 +759,7 @@ class StoreWriter:
         self.head = append_commits(self.root, self.head, rows, crcs, shards)
         self.content_end = start
         self.token_end = token_end
-        self.keys.update({str(k): c0 + i for i, k in enumerate(new_keys)})
+        self.keys.update(added)
 
     def commit_records(self, ids: list[str], content_rows: list[int]) -> None:
         """Commit records whose sequences the store already holds."""
